@@ -1,0 +1,36 @@
+//! The runtime's error type: every variant says what failed and on which resource.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a migshim session table (bad magic or version {version})")]
+    BadSessionTable { path: PathBuf, version: u32 },
+    #[error("session table full: {0} slots used; start a new session")]
+    TableFull(usize),
+    #[error("invalid session name {0:?}: use 1-32 characters from A-Z a-z 0-9 . _ -, not starting with '.'")]
+    BadName(String),
+    #[error("wire: {0}")]
+    Wire(String),
+    #[error("encoding: {0}")]
+    Encode(#[from] postcard::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! migrt — everything of migshim that is not tied to being preloaded: the state-table model
+//! and its journal records, the session's shared process table, reading `/proc`, socket
+//! diagnostics and the wire protocol between `mig` and the shim.
+
+pub mod error;
+pub mod journal;
+pub mod link;
+pub mod paths;
+pub mod procfs;
+pub mod record;
+pub mod sessiontable;
+pub mod sockaddr;
+pub mod sockdiag;
+pub mod sys;
+pub mod table;
+pub mod wire;
+
+pub use error::{Error, Result};

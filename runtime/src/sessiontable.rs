@@ -1,0 +1,463 @@
+//! The session's shared process table.
+//!
+//! One file per session (`sessions/<name>/procs`), mapped `MAP_SHARED` by every shim process
+//! of the session and read by `mig`. It answers "which real pid is virtual pid V now" and
+//! "which virtual pid is real pid R" for every process and thread of the session, without a
+//! round trip to anybody. Reads are lock-free (atomics); changes (a process or thread joins
+//! or leaves) take a robust, process-shared mutex that lives in the file itself, so a member
+//! killed while holding it does not wedge the session.
+//!
+//! Virtual ids (pids, tids, pgids, sids share one space, as in the kernel) are
+//! `VPID_BASE + slot index`. `VPID_BASE` lies above the kernel's `PID_MAX_LIMIT` (4,194,304),
+//! so a virtual pid can never be mistaken for a real pid of any Linux host: a pid that is not
+//! a virtual one names a process outside the session and is passed through unchanged.
+//!
+//! The file is sparse: only touched pages take memory.
+
+use crate::{Error, Result};
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
+
+/// First virtual id minus one; above the kernel's PID_MAX_LIMIT (1 << 22).
+pub const VPID_BASE: i32 = 4_200_000;
+/// Processes and threads one session can ever have had.
+pub const MAX_SLOTS: usize = 1 << 18;
+/// Kernel objects (sockets, pipes) that can hold a session-unique id.
+pub const MAX_OBJECTS: usize = 1 << 16;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"MIGSESS\0");
+const VERSION: u32 = 1;
+const HEADER_SIZE: usize = 4096;
+const SLOTS_OFF: usize = HEADER_SIZE;
+const OBJECTS_OFF: usize = SLOTS_OFF + MAX_SLOTS * std::mem::size_of::<Slot>();
+/// Size of the table file.
+pub const FILE_SIZE: usize = OBJECTS_OFF + MAX_OBJECTS * std::mem::size_of::<ObjectEntry>();
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u32,
+    _pad: u32,
+    lock: libc::pthread_mutex_t,
+    /// Slots handed out so far; slot 0 is never used.
+    used: AtomicU32,
+    next_object: AtomicU64,
+}
+
+#[repr(C)]
+struct Slot {
+    state: AtomicU32,
+    kind: AtomicU32,
+    real: AtomicI32,
+    /// Process: the parent's vpid (0 when the parent is outside the session).
+    /// Thread: the vpid of the process it belongs to.
+    parent: AtomicI32,
+    /// Wait status once reaped.
+    status: AtomicI32,
+    /// Threads of this process that belong to the shim (its control thread), not the app.
+    hidden: AtomicU32,
+    _pad: [u32; 2],
+}
+
+#[repr(C)]
+struct ObjectEntry {
+    key: AtomicU64,
+    id: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum State {
+    Free = 0,
+    Running = 1,
+    /// Exited, not (yet) reaped by a parent inside the session.
+    Exited = 2,
+    /// Reaped by its parent; `status` holds the wait status.
+    Reaped = 3,
+}
+
+impl State {
+    fn from_u32(v: u32) -> State {
+        match v {
+            1 => State::Running,
+            2 => State::Exited,
+            3 => State::Reaped,
+            _ => State::Free,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Kind {
+    Process = 1,
+    Thread = 2,
+}
+
+/// A copy of one slot.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    pub vid: i32,
+    pub state: State,
+    pub kind: Kind,
+    pub real: i32,
+    pub parent: i32,
+    pub status: i32,
+    pub hidden: u32,
+}
+
+/// Kinds of kernel objects that get a session-unique id.
+#[derive(Clone, Copy, Debug)]
+pub enum ObjectKind {
+    Socket = 1,
+    Pipe = 2,
+}
+
+pub fn is_virtual(id: i32) -> bool {
+    id > VPID_BASE && ((id - VPID_BASE) as usize) < MAX_SLOTS
+}
+
+pub struct SessionTable {
+    base: *mut u8,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics and the process-shared
+// mutex; the pointer itself never changes after mapping.
+unsafe impl Send for SessionTable {}
+// SAFETY: as above.
+unsafe impl Sync for SessionTable {}
+
+impl SessionTable {
+    /// Creates a fresh table file (fails if it exists).
+    pub fn create(path: &Path) -> Result<SessionTable> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io("creating session table", path, e))?;
+        f.set_len(FILE_SIZE as u64)
+            .map_err(|e| Error::io("sizing session table", path, e))?;
+        let t = Self::map(&f, path)?;
+        let h = t.header_mut_ptr();
+        // SAFETY: the file is new and only this process maps it; the header region is
+        // zeroed, properly aligned (page start) and large enough for Header.
+        unsafe {
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            libc::pthread_mutexattr_init(&mut attr);
+            libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+            libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+            libc::pthread_mutex_init(&raw mut (*h).lock, &attr);
+            libc::pthread_mutexattr_destroy(&mut attr);
+            (*h).version = VERSION;
+            (*h).used.store(1, Release);
+            (*h).next_object.store(1, Release);
+            std::ptr::write_volatile(&raw mut (*h).magic, MAGIC);
+        }
+        Ok(t)
+    }
+
+    /// Maps an existing table.
+    pub fn open(path: &Path) -> Result<SessionTable> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("opening session table", path, e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| Error::io("reading session table", path, e))?
+            .len();
+        if len != FILE_SIZE as u64 {
+            return Err(Error::BadSessionTable {
+                path: path.into(),
+                version: 0,
+            });
+        }
+        let t = Self::map(&f, path)?;
+        let h = t.header();
+        if h.magic != MAGIC || h.version != VERSION {
+            return Err(Error::BadSessionTable {
+                path: path.into(),
+                version: h.version,
+            });
+        }
+        Ok(t)
+    }
+
+    fn map(f: &std::fs::File, path: &Path) -> Result<SessionTable> {
+        // SAFETY: mapping a file we hold open, shared, at an address the kernel chooses.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                FILE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::io(
+                "mapping session table",
+                path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(SessionTable { base: p.cast() })
+    }
+
+    /// The mapped range, so a checkpoint can leave it out.
+    pub fn mapping(&self) -> (usize, usize) {
+        (self.base as usize, FILE_SIZE)
+    }
+
+    fn header_mut_ptr(&self) -> *mut Header {
+        self.base.cast()
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping starts with a Header and lives as long as self.
+        unsafe { &*self.header_mut_ptr() }
+    }
+
+    fn slot(&self, index: usize) -> &Slot {
+        debug_assert!(index < MAX_SLOTS);
+        // SAFETY: index is within the slot array of the mapping.
+        unsafe { &*self.base.add(SLOTS_OFF).cast::<Slot>().add(index) }
+    }
+
+    fn object(&self, index: usize) -> &ObjectEntry {
+        // SAFETY: index < MAX_OBJECTS (callers take it modulo), inside the mapping.
+        unsafe {
+            &*self
+                .base
+                .add(OBJECTS_OFF)
+                .cast::<ObjectEntry>()
+                .add(index % MAX_OBJECTS)
+        }
+    }
+
+    fn used(&self) -> usize {
+        (self.header().used.load(Acquire) as usize).min(MAX_SLOTS)
+    }
+
+    fn with_lock<T>(&self, f: impl FnOnce() -> T) -> T {
+        // SAFETY: the header lives in the mapping for as long as self; the mutex in it was
+        // initialised by create(), robust and process-shared.
+        let m = unsafe { &raw mut (*self.header_mut_ptr()).lock };
+        // SAFETY: as above.
+        let r = unsafe { libc::pthread_mutex_lock(m) };
+        if r == libc::EOWNERDEAD {
+            // A member died holding the lock. Every change under it is a sequence of
+            // atomic stores that leaves the table readable, so it is consistent as is.
+            // SAFETY: we own the lock now.
+            unsafe { libc::pthread_mutex_consistent(m) };
+        }
+        let out = f();
+        // SAFETY: we hold the lock.
+        unsafe { libc::pthread_mutex_unlock(m) };
+        out
+    }
+
+    fn entry(&self, index: usize) -> Entry {
+        let s = self.slot(index);
+        Entry {
+            vid: VPID_BASE + index as i32,
+            state: State::from_u32(s.state.load(Acquire)),
+            kind: if s.kind.load(Relaxed) == Kind::Thread as u32 {
+                Kind::Thread
+            } else {
+                Kind::Process
+            },
+            real: s.real.load(Relaxed),
+            parent: s.parent.load(Relaxed),
+            status: s.status.load(Relaxed),
+            hidden: s.hidden.load(Relaxed),
+        }
+    }
+
+    fn find_running(&self, real: i32, kind: Kind) -> Option<usize> {
+        (1..self.used()).rev().find(|&i| {
+            let s = self.slot(i);
+            s.state.load(Acquire) == State::Running as u32
+                && s.real.load(Relaxed) == real
+                && s.kind.load(Relaxed) == kind as u32
+        })
+    }
+
+    /// The virtual id of real pid/tid `real`, registering it if it is new.
+    ///
+    /// Both sides of a fork (or spawn) call this with the child's real pid and converge on
+    /// one slot, whichever comes first. A running slot with the same real pid but another
+    /// parent is a leftover of a dead process whose pid the kernel reused: it is retired.
+    pub fn register(&self, real: i32, kind: Kind, parent: i32) -> Result<i32> {
+        self.with_lock(|| {
+            if let Some(i) = self.find_running(real, kind) {
+                let s = self.slot(i);
+                let p = s.parent.load(Relaxed);
+                if kind == Kind::Thread || parent == 0 || p == parent {
+                    return Ok(VPID_BASE + i as i32);
+                }
+                s.state.store(State::Exited as u32, Release);
+            }
+            let i = self.header().used.load(Acquire) as usize;
+            if i >= MAX_SLOTS {
+                return Err(Error::TableFull(i));
+            }
+            let s = self.slot(i);
+            s.kind.store(kind as u32, Relaxed);
+            s.real.store(real, Relaxed);
+            s.parent.store(parent, Relaxed);
+            s.status.store(0, Relaxed);
+            s.hidden.store(0, Relaxed);
+            s.state.store(State::Running as u32, Release);
+            self.header().used.store(i as u32 + 1, Release);
+            Ok(VPID_BASE + i as i32)
+        })
+    }
+
+    /// Current state of virtual id `vid`.
+    pub fn get(&self, vid: i32) -> Option<Entry> {
+        if !is_virtual(vid) {
+            return None;
+        }
+        let i = (vid - VPID_BASE) as usize;
+        (i < self.used()).then(|| self.entry(i))
+    }
+
+    /// Real pid/tid behind `vid`, if it is one of this session's.
+    pub fn real_of(&self, vid: i32) -> Option<i32> {
+        self.get(vid)
+            .filter(|e| e.state != State::Free)
+            .map(|e| e.real)
+    }
+
+    /// Virtual id of real pid/tid `real`: a running one first, else the newest that had it
+    /// (a process group whose leader has exited keeps the leader's id).
+    pub fn vid_of(&self, real: i32) -> Option<i32> {
+        let n = self.used();
+        let newest = |running: bool| {
+            (1..n).rev().find(|&i| {
+                let s = self.slot(i);
+                let st = s.state.load(Acquire);
+                s.real.load(Relaxed) == real
+                    && if running {
+                        st == State::Running as u32
+                    } else {
+                        st != State::Free as u32
+                    }
+            })
+        };
+        newest(true)
+            .or_else(|| newest(false))
+            .map(|i| VPID_BASE + i as i32)
+    }
+
+    pub fn set_state(&self, vid: i32, state: State, status: i32) {
+        if let Some(e) = self.get(vid) {
+            let s = self.slot((e.vid - VPID_BASE) as usize);
+            s.status.store(status, Relaxed);
+            s.state.store(state as u32, Release);
+        }
+    }
+
+    pub fn set_hidden(&self, vid: i32, hidden: u32) {
+        if self.get(vid).is_some() {
+            self.slot((vid - VPID_BASE) as usize)
+                .hidden
+                .store(hidden, Release);
+        }
+    }
+
+    /// Every slot handed out so far.
+    pub fn entries(&self) -> Vec<Entry> {
+        (1..self.used()).map(|i| self.entry(i)).collect()
+    }
+
+    /// The session-unique id of a kernel object known on this host by `ino`, assigned on
+    /// first sight. `None` when the object table is full.
+    pub fn object_id(&self, kind: ObjectKind, ino: u64) -> Option<u64> {
+        let key = ((kind as u64) << 56) | (ino & ((1 << 56) - 1));
+        let start = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize;
+        let probe = |insert: bool| {
+            for n in 0..MAX_OBJECTS {
+                let o = self.object(start + n);
+                match o.key.load(Acquire) {
+                    k if k == key => return Some(o.id.load(Acquire)),
+                    0 if insert => {
+                        let id = self.header().next_object.fetch_add(1, AcqRel);
+                        o.id.store(id, Release);
+                        o.key.store(key, Release);
+                        return Some(id);
+                    }
+                    0 => return None,
+                    _ => {}
+                }
+            }
+            None
+        };
+        probe(false).or_else(|| self.with_lock(|| probe(true)))
+    }
+}
+
+impl Drop for SessionTable {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping; no references outlive self.
+        unsafe { libc::munmap(self.base.cast(), FILE_SIZE) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("migrt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn register_converges_and_translates() {
+        let p = tmp("reg");
+        let t = SessionTable::create(&p).unwrap();
+        let root = t.register(100, Kind::Process, 0).unwrap();
+        assert_eq!(root, VPID_BASE + 1);
+        // parent side and child side of a fork land on one slot
+        let c1 = t.register(200, Kind::Process, root).unwrap();
+        let c2 = t.register(200, Kind::Process, root).unwrap();
+        assert_eq!(c1, c2);
+        assert_eq!(t.real_of(c1), Some(200));
+        assert_eq!(t.vid_of(200), Some(c1));
+        assert_eq!(t.vid_of(999), None);
+        assert_eq!(t.real_of(12345), None, "real pids are not virtual ones");
+        // a reused real pid under another parent is a new process
+        let c3 = t.register(200, Kind::Process, c1).unwrap();
+        assert_ne!(c3, c1);
+        assert_eq!(t.get(c1).unwrap().state, State::Exited);
+        // a second mapping sees the same table
+        let t2 = SessionTable::open(&p).unwrap();
+        assert_eq!(t2.vid_of(200), Some(c3));
+        assert_eq!(
+            t.object_id(ObjectKind::Socket, 77),
+            t2.object_id(ObjectKind::Socket, 77)
+        );
+        assert_ne!(
+            t.object_id(ObjectKind::Socket, 77),
+            t.object_id(ObjectKind::Pipe, 77)
+        );
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn refuses_foreign_file() {
+        let p = tmp("bad");
+        std::fs::write(&p, b"hello").unwrap();
+        assert!(matches!(
+            SessionTable::open(&p),
+            Err(Error::BadSessionTable { .. })
+        ));
+        std::fs::remove_file(&p).unwrap();
+    }
+}

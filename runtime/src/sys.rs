@@ -1,0 +1,140 @@
+//! The runtime's few raw calls into libc, each small and explained. Used by `mig` and by the
+//! shim's control thread (never from a signal handler).
+
+use crate::sockaddr::SockAddr;
+use std::io;
+
+pub fn getuid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+pub fn fstat(fd: i32) -> io::Result<libc::stat> {
+    // SAFETY: `st` is a properly sized out-buffer; an invalid fd yields EBADF.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) == 0 {
+            Ok(st)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+pub fn sockopt_int(fd: i32, opt: i32) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid out-pointers of the sizes given.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut v).cast(), &mut len) };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// getsockname (`peer` false) or getpeername (`peer` true); `None` when not bound/connected.
+pub fn sock_name(fd: i32, peer: bool) -> Option<SockAddr> {
+    // SAFETY: sockaddr_storage is large enough for any address; len tells the kernel so.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let p = (&raw mut ss).cast::<libc::sockaddr>();
+        let r = if peer {
+            libc::getpeername(fd, p, &mut len)
+        } else {
+            libc::getsockname(fd, p, &mut len)
+        };
+        if r != 0 {
+            return None;
+        }
+        let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+        let bytes = std::slice::from_raw_parts((&raw const ss).cast::<u8>(), len);
+        Some(SockAddr::from_bytes(bytes))
+    }
+}
+
+pub fn isatty(fd: i32) -> bool {
+    // SAFETY: isatty only queries the fd.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// The pty index behind a master fd (TIOCGPTN).
+pub fn pty_index(fd: i32) -> Option<u32> {
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCGPTN, &mut n) };
+    (r == 0).then_some(n)
+}
+
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Whether a process with this real pid exists (and we may see it).
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Sends one netlink dump request and returns the payload of every answer message
+/// (the bytes after each `nlmsghdr`) until NLMSG_DONE.
+pub fn netlink_dump(protocol: i32, msg_type: u16, request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+    const HDR: usize = 16;
+    // SAFETY: plain socket creation; the fd is closed by OwnedFd below.
+    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, protocol) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh fd we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    use std::os::fd::AsRawFd;
+    let mut msg = Vec::with_capacity(HDR + request.len());
+    msg.extend_from_slice(&((HDR + request.len()) as u32).to_ne_bytes());
+    msg.extend_from_slice(&msg_type.to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+    msg.extend_from_slice(request);
+    // SAFETY: msg is a valid buffer of its length; netlink to the kernel needs no address
+    // for a freshly created socket (send goes to pid 0).
+    if unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut rest = &buf[..n as usize];
+        while rest.len() >= HDR {
+            let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
+            if len < HDR || len > rest.len() {
+                return Ok(out);
+            }
+            match ty as i32 {
+                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(rest[HDR..HDR + 4].try_into().unwrap_or([0; 4]));
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ => out.push(rest[HDR..len].to_vec()),
+            }
+            rest = &rest[(len + 3) & !3..];
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+    }
+}

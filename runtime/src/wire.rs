@@ -1,0 +1,77 @@
+//! The control protocol between `mig` and each shim process: length-prefixed postcard
+//! frames over the process's unix control socket. One request, one response, repeatable on
+//! one connection. New commands (checkpoint, migrate) are new variants, not new channels.
+
+use crate::record::Record;
+use crate::table::ProcessTable;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::io::{Read, Write};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+const MAX_FRAME: usize = 256 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Hello { version: u32 },
+    /// The process's reconciled table, and with `journal` the records not yet folded.
+    Table { journal: bool },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Response {
+    Hello { version: u32, vpid: i32 },
+    Table {
+        table: ProcessTable,
+        journal: Option<JournalView>,
+    },
+    Error(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalView {
+    /// Records appended over the process's life (this image).
+    pub appended: u64,
+    /// Records since the last compaction, oldest first.
+    pub pending: Vec<Record>,
+}
+
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
+    let body = postcard::to_stdvec(msg)?;
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    w.write_all(&out)
+        .and_then(|_| w.flush())
+        .map_err(|e| Error::Wire(format!("sending: {e}")))
+}
+
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)
+        .map_err(|e| Error::Wire(format!("receiving: {e}")))?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(Error::Wire(format!("frame of {len} bytes is over the limit")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .map_err(|e| Error::Wire(format!("receiving {len} bytes: {e}")))?;
+    Ok(postcard::from_bytes(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Request::Table { journal: true }).unwrap();
+        write_frame(&mut buf, &Response::Error("x".into())).unwrap();
+        let mut r = &buf[..];
+        assert!(matches!(read_frame::<Request>(&mut r).unwrap(), Request::Table { journal: true }));
+        assert!(matches!(read_frame::<Response>(&mut r).unwrap(), Response::Error(s) if s == "x"));
+        assert!(read_frame::<Response>(&mut &buf[..3]).is_err());
+    }
+}
