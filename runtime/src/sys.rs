@@ -138,3 +138,13 @@ pub fn netlink_dump(protocol: i32, msg_type: u16, request: &[u8]) -> io::Result<
         }
     }
 }
+
+/// A launcher waiting for its child ignores the terminal's interrupt and quit keys, as a
+/// shell does: they reach the child (same process group), which decides.
+pub fn ignore_terminal_signals() {
+    // SAFETY: setting the disposition of two signals to SIG_IGN.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+}

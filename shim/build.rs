@@ -1,0 +1,10 @@
+// The exec functions that take a variable argument list (execl, execlp, execle) cannot be
+// defined in stable Rust; a few lines of C collect their arguments and call the Rust
+// wrappers of execv/execvp/execve.
+fn main() {
+    println!("cargo:rerun-if-changed=src/interpose/variadic.c");
+    cc::Build::new()
+        .file("src/interpose/variadic.c")
+        .flag("-fvisibility=default")
+        .compile("migshim_variadic");
+}

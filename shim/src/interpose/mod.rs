@@ -1,0 +1,138 @@
+//! The interposed libc functions.
+//!
+//! Each wrapper is a plain `#[unsafe(no_mangle)] extern "C"` function that calls the real
+//! libc function (found once with `dlsym(RTLD_NEXT)`, cached in an atomic) and journals the
+//! result. redhook was considered and left out: it has no re-entrancy guard (the shim's own
+//! libc use would journal itself), calls the real function again if a hook body panics (a
+//! side effect twice), and hides the real pointer we need for fork/exec tricks; a macro of
+//! a dozen lines does the same job as fast.
+//!
+//! Safety, for the whole module: every wrapper receives exactly the arguments its libc
+//! counterpart does and hands them on unchanged (or translated to an equivalent value of
+//! the same type), so the caller's obligations towards libc carry over; the few places that
+//! read or write through the caller's pointers say so. Variadic functions (open, fcntl,
+//! ioctl, syscall) take a fixed argument list: on x86-64 the optional arguments travel in
+//! registers (or the caller's stack area for a 6th syscall argument), so reading them
+//! unconditionally is harmless when the caller passed fewer.
+#![allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+#[macro_use]
+mod macros {
+    /// `real!(name: fn(T1, T2) -> R)` — the next definition of `name` after the shim.
+    macro_rules! real {
+        ($name:ident : fn($($t:ty),*) -> $r:ty) => {{
+            static SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let p = $crate::interpose::resolve(&SLOT, concat!(stringify!($name), "\0"));
+            std::mem::transmute::<usize, unsafe extern "C" fn($($t),*) -> $r>(p)
+        }};
+    }
+}
+
+mod exec;
+mod fds;
+mod paths;
+mod process;
+mod sockets;
+mod threads;
+
+pub use process::{real_pgid_sid, real_pid, real_ppid, real_tid, register_atfork};
+
+pub fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
+    let p = slot.load(Relaxed);
+    if p != 0 {
+        return p;
+    }
+    // SAFETY: name is NUL-terminated (the macro appends it); RTLD_NEXT asks for the next
+    // object after this one in the lookup order.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast()) } as usize;
+    if p == 0 {
+        let msg = format!("migshim: libc has no {}; cannot continue\n", name.trim_end_matches('\0'));
+        // SAFETY: writing a valid buffer to stderr, then aborting.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::abort();
+        }
+    }
+    slot.store(p, Relaxed);
+    p
+}
+
+/// Path of this library, for re-injecting LD_PRELOAD.
+pub fn own_path() -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: dladdr fills `info` for an address inside a loaded object; dli_fname then
+    // points at a NUL-terminated string owned by the loader.
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(own_path as *const libc::c_void, &mut info) != 0 && !info.dli_fname.is_null() {
+            let name = std::ffi::CStr::from_ptr(info.dli_fname);
+            let p = std::fs::canonicalize(std::ffi::OsStr::from_bytes(name.to_bytes()))
+                .unwrap_or_else(|_| std::ffi::OsStr::from_bytes(name.to_bytes()).into());
+            return p.into_os_string();
+        }
+    }
+    "libmigshim.so".into()
+}
+
+pub fn close_real(fd: i32) {
+    // SAFETY: closing an fd the shim owns.
+    unsafe { real!(close: fn(libc::c_int) -> libc::c_int)(fd) };
+}
+
+/// Allocation-free unlink of a NUL-terminated path.
+pub fn unlink_real(path: *const libc::c_char) {
+    // SAFETY: path is a leaked, NUL-terminated CString.
+    unsafe { libc::unlink(path) };
+}
+
+/// Moves a shim fd to a high number (out of the app's usual range), close-on-exec.
+pub fn move_fd_high(fd: i32) -> i32 {
+    // SAFETY: fcntl/close on an fd the shim owns.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            (lim.rlim_cur.min(1024) as i32 - 64).max(fd + 1)
+        } else {
+            fd + 1
+        };
+        let new = real!(fcntl: fn(libc::c_int, libc::c_int, libc::c_long) -> libc::c_int)(
+            fd,
+            libc::F_DUPFD_CLOEXEC,
+            top as libc::c_long,
+        );
+        if new < 0 {
+            return fd;
+        }
+        close_real(fd);
+        new
+    }
+}
+
+/// The uid of the process at the other end of a unix socket.
+pub fn peer_uid(fd: i32) -> Option<u32> {
+    // SAFETY: ucred is a valid out-buffer of the size given.
+    unsafe {
+        let mut c: libc::ucred = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        let r = real!(getsockopt: fn(libc::c_int, libc::c_int, libc::c_int, *mut libc::c_void, *mut libc::socklen_t) -> libc::c_int)(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut c).cast(),
+            &mut len,
+        );
+        (r == 0).then_some(c.uid)
+    }
+}
+
+/// The calling thread takes no signals (the control thread).
+pub fn block_all_signals() {
+    // SAFETY: a full set, applied to the calling thread only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}

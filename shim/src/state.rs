@@ -1,0 +1,253 @@
+//! The shim's process-wide state: the session it belongs to, its virtual pid, each thread's
+//! virtual tid, the journal, and the guard that keeps the shim's own libc use from being
+//! journaled (or re-entering a wrapper that holds a lock, e.g. from a signal handler).
+//!
+//! The journal sits behind a std `Mutex` rather than parking_lot's: across `fork` the child
+//! must be able to unlock the copy it inherits, and std's futex mutex has no process-global
+//! parking table that another parent thread could have held at the fork.
+
+use crate::interpose::{real_pid, real_ppid, real_tid};
+use migrt::journal::Journal;
+use migrt::paths::{ENV_SESSION, SessionDir};
+use migrt::record::Record;
+use migrt::sessiontable::{Kind, SessionTable, State};
+use migrt::table::Folded;
+use std::cell::{Cell, RefCell};
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStringExt;
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering::*};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+pub struct Shim {
+    pub table: SessionTable,
+    pub dir: SessionDir,
+    pub journal: Mutex<Journal>,
+    /// "LD_PRELOAD=<this library>" and "MIGSHIM_SESSION=<dir>", put back into the
+    /// environment of an exec or spawn that dropped them, so the session follows.
+    pub env_preload: CString,
+    pub env_session: CString,
+}
+
+static SHIM: OnceLock<Shim> = OnceLock::new();
+static VPID: AtomicI32 = AtomicI32::new(0);
+/// The control socket's path, leaked, so exit can unlink it without allocating.
+pub static CTL_PATH: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
+
+thread_local! {
+    static VTID: Cell<i32> = const { Cell::new(0) };
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+pub fn shim() -> Option<&'static Shim> {
+    SHIM.get()
+}
+
+/// This process's virtual pid, 0 when not in a session.
+pub fn vpid() -> i32 {
+    VPID.load(Relaxed)
+}
+
+/// Marks the current thread as inside the shim until the guard drops. `None` when it is
+/// already inside (the shim's own libc use, or a signal handler interrupting a wrapper).
+pub fn enter() -> Option<Busy> {
+    BUSY.try_with(|b| (!b.replace(true)).then_some(Busy))
+        .ok()
+        .flatten()
+}
+
+pub struct Busy;
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let _ = BUSY.try_with(|b| b.set(false));
+    }
+}
+
+/// Marks the current thread as the shim's own for good (the control thread).
+pub fn enter_forever() {
+    let _ = BUSY.try_with(|b| b.set(true));
+}
+
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(e: i32) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = e }
+}
+
+pub fn journal(s: &Shim) -> MutexGuard<'_, Journal> {
+    s.journal.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Appends the record `make` builds, unless the thread is already inside the shim (then
+/// the reconciliation with /proc is what catches the change). errno is preserved.
+pub fn record(make: impl FnOnce() -> Record) {
+    let Some(s) = shim() else { return };
+    let Some(_busy) = enter() else { return };
+    let e = errno();
+    journal(s).append(&make());
+    set_errno(e);
+}
+
+/// The current thread's virtual tid (registering a thread no wrapper saw being created).
+pub fn vtid() -> Option<i32> {
+    let v = VTID.try_with(Cell::get).ok()?;
+    if v != 0 {
+        return Some(v);
+    }
+    let s = shim()?;
+    let real = real_tid();
+    let v = if real == real_pid() {
+        vpid()
+    } else {
+        s.table.register(real, Kind::Thread, vpid()).ok()?
+    };
+    let _ = VTID.try_with(|c| c.set(v));
+    Some(v)
+}
+
+/// A thread started through the pthread_create wrapper joins the session.
+pub fn thread_started() {
+    if shim().is_some() {
+        let _ = vtid();
+        let _ = EXIT.try_with(|_| ());
+    }
+}
+
+/// Marks the thread's slot when the thread ends (thread-local destructor).
+struct ThreadExit;
+
+impl Drop for ThreadExit {
+    fn drop(&mut self) {
+        if let (Some(s), Ok(v)) = (shim(), VTID.try_with(Cell::get)) {
+            if v != 0 && v != vpid() {
+                s.table.set_state(v, State::Reaped, 0);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static EXIT: ThreadExit = const { ThreadExit };
+}
+
+fn warn(msg: &str) {
+    // Once per session tree: children inherit the marker.
+    if std::env::var_os("MIGSHIM_WARNED").is_none() {
+        eprintln!("migshim: {msg}; the program runs without checkpoint support");
+        // SAFETY: called from init, before the app's main: no other thread reads environ.
+        unsafe { std::env::set_var("MIGSHIM_WARNED", "1") };
+    }
+}
+
+/// Library load: join the session, start the control thread.
+pub fn init() {
+    let _busy = enter();
+    let Some(dir) = std::env::var_os(ENV_SESSION).filter(|d| !d.is_empty()) else {
+        warn("MIGSHIM_SESSION is not set (start programs with `mig run`)");
+        return;
+    };
+    let dir = SessionDir(dir.into());
+    let table = match SessionTable::open(&dir.procs()) {
+        Ok(t) => t,
+        Err(e) => return warn(&format!("session unusable: {e}")),
+    };
+    let real = real_pid();
+    let parent = table.vid_of(real_ppid()).unwrap_or(0);
+    let vpid = match table.register(real, Kind::Process, parent) {
+        Ok(v) => v,
+        Err(e) => return warn(&e.to_string()),
+    };
+    let journal = carried_journal(&dir, vpid);
+    let env = |k: &str, v: OsString| {
+        let mut b = k.as_bytes().to_vec();
+        b.extend(v.into_vec());
+        CString::new(b).unwrap_or_default()
+    };
+    let shim = Shim {
+        table,
+        env_preload: env("LD_PRELOAD=", crate::interpose::own_path()),
+        env_session: env(&format!("{ENV_SESSION}="), dir.0.clone().into_os_string()),
+        dir,
+        journal: Mutex::new(journal),
+    };
+    if SHIM.set(shim).is_err() {
+        return;
+    }
+    VPID.store(vpid, Relaxed);
+    let _ = VTID.try_with(|c| c.set(vpid));
+    crate::interpose::register_atfork();
+    crate::control::start();
+}
+
+/// The journal an exec'ing predecessor left for us (same vpid), else an empty one.
+fn carried_journal(dir: &SessionDir, vpid: i32) -> Journal {
+    let path = dir.exec_state(vpid);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Journal::default();
+    };
+    let _ = std::fs::remove_file(&path);
+    let base: Folded = postcard::from_bytes(&bytes).unwrap_or_default();
+    let mut j = Journal::from_base(base);
+    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+    j.append(&Record::Exec {
+        path: migrt::record::Bytes(exe.into_os_string().into_vec()),
+    });
+    j
+}
+
+/// Writes this process's table where the next image will look for it after exec.
+pub fn carry_across_exec() -> Option<std::path::PathBuf> {
+    let s = shim()?;
+    let _busy = enter()?;
+    let bytes = postcard::to_stdvec(&journal(s).folded()).ok()?;
+    let path = s.dir.exec_state(vpid());
+    std::fs::create_dir_all(s.dir.exec_dir()).ok()?;
+    std::fs::write(&path, bytes).ok()?;
+    Some(path)
+}
+
+thread_local! {
+    /// The journal lock (and the busy mark) held by the forking thread across fork.
+    static FORK_HOLD: RefCell<Option<(Busy, MutexGuard<'static, Journal>)>> = const { RefCell::new(None) };
+}
+
+/// Before fork: hold the journal so the child's copy is consistent (not mid-append).
+pub fn fork_prepare() {
+    let Some(s) = shim() else { return };
+    let Some(busy) = enter() else { return };
+    let guard = journal(s);
+    let _ = FORK_HOLD.try_with(|h| *h.borrow_mut() = Some((busy, guard)));
+}
+
+/// After fork, in parent and child alike.
+pub fn fork_release() {
+    let _ = FORK_HOLD.try_with(|h| h.borrow_mut().take());
+}
+
+/// In the child of a fork: take the child's own vpid and control socket.
+pub fn after_fork_child(parent_vpid: i32, start_control: bool) {
+    let Some(s) = shim() else { return };
+    let _busy = enter();
+    let v = s
+        .table
+        .register(real_pid(), Kind::Process, parent_vpid)
+        .unwrap_or(0);
+    VPID.store(v, Relaxed);
+    let _ = VTID.try_with(|c| c.set(v));
+    crate::control::after_fork(start_control);
+}
+
+/// Process exit: the slot says so, the control socket goes. Allocation-free.
+pub fn leave() {
+    if let Some(s) = shim() {
+        let v = vpid();
+        if v != 0 {
+            s.table.set_state(v, State::Exited, 0);
+        }
+        crate::control::unlink_socket();
+    }
+}
