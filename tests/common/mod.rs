@@ -1,0 +1,190 @@
+//! Shared by the end-to-end tests: a private runtime directory per test, `mig` with it,
+//! and helpers to start, inspect and stop sessions.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub use migshim_examples::c_program;
+
+pub const VPID_BASE: i64 = 4_200_000;
+
+pub fn mig_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mig"))
+}
+
+/// cargo builds libmigshim.so into deps/ for the tests (dev-dependency); put it beside
+/// `mig`, where `mig` looks by default.
+fn ensure_shim_beside_mig() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let dir = mig_bin().parent().unwrap().to_path_buf();
+        let built = dir.join("deps/libmigshim.so");
+        let beside = dir.join("libmigshim.so");
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if built.exists() && mtime(&built) > mtime(&beside) {
+            let tmp = dir.join(format!(".libmigshim.so.{}", std::process::id()));
+            std::fs::copy(&built, &tmp).unwrap();
+            std::fs::rename(&tmp, &beside).unwrap();
+        }
+        assert!(beside.exists(), "libmigshim.so not built at {}", beside.display());
+    });
+}
+
+pub fn shim_lib() -> PathBuf {
+    ensure_shim_beside_mig();
+    mig_bin().with_file_name("libmigshim.so")
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A private runtime directory (and scratch space) for one test.
+pub struct Env {
+    pub root: PathBuf,
+    pub rt: PathBuf,
+}
+
+impl Env {
+    pub fn new(tag: &str) -> Env {
+        ensure_shim_beside_mig();
+        let root = std::env::temp_dir().join(format!("migtest-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let rt = root.join("rt");
+        Env { root, rt }
+    }
+
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let p = self.root.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn mig(&self) -> Command {
+        let mut c = Command::new(mig_bin());
+        c.env("MIGSHIM_RUNTIME_DIR", &self.rt)
+            .env_remove("MIGSHIM_SESSION")
+            .env_remove("LD_PRELOAD")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `mig ARGS...`, waited for.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.mig().args(args).output().expect("running mig");
+        out
+    }
+
+    /// `mig run --detach --name NAME --log LOG -- CMD...`; returns the log path.
+    pub fn detach(&self, name: &str, cmd: &[&str]) -> PathBuf {
+        let log = self.root.join(format!("{name}.log"));
+        let log_s = log.to_str().unwrap().to_string();
+        let mut args = vec!["run", "--detach", "--name", name, "--log", &log_s, "--"];
+        args.extend_from_slice(cmd);
+        let out = self.run(&args);
+        assert!(out.status.success(), "mig run --detach failed: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), name);
+        log
+    }
+
+    pub fn ps(&self) -> Value {
+        let out = self.run(&["ps", "--json"]);
+        assert!(out.status.success(), "mig ps: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The live processes of one session, from `mig ps --json`.
+    pub fn processes(&self, session: &str) -> Vec<Value> {
+        self.ps()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == session)
+            .map(|s| s["processes"].as_array().unwrap().clone())
+            .unwrap_or_default()
+    }
+
+    pub fn table(&self, session: &str, journal: bool) -> Value {
+        let mut args = vec!["table", session, "--json"];
+        if journal {
+            args.push("--journal");
+        }
+        let out = self.run(&args);
+        assert!(out.status.success(), "mig table: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits until `pred` holds for the session's process list.
+    pub fn wait_processes(&self, session: &str, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let p = self.processes(session);
+            if pred(&p) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; processes: {p:#?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills every process of the session and waits until `mig ps` no longer lists it.
+    pub fn stop(&self, session: &str) {
+        for p in self.processes(session) {
+            // SAFETY: signalling a process of our own test session.
+            unsafe { libc::kill(p["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
+        }
+        self.wait_processes(session, "the session to end", |p| p.is_empty());
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Ok(v) = self.mig().args(["ps", "--json"]).output() {
+            if let Ok(Value::Array(sessions)) = serde_json::from_slice::<Value>(&v.stdout) {
+                for s in sessions {
+                    for p in s["processes"].as_array().into_iter().flatten() {
+                        // SAFETY: cleaning up our own test sessions.
+                        unsafe { libc::kill(p["pid"].as_i64().unwrap_or(0) as i32, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Waits until `path` contains `needle`; returns the whole content.
+pub fn wait_for_text(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let t = std::fs::read_to_string(path).unwrap_or_default();
+        if t.contains(needle) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {needle:?} in {}: {t}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn is_vpid(v: i64) -> bool {
+    v > VPID_BASE && v < VPID_BASE + (1 << 18)
+}
+
+/// All integers after "key=" in `s`, e.g. ints_after("children=1,2,3", "children").
+pub fn ints_after(s: &str, key: &str) -> Vec<i64> {
+    let k = format!("{key}=");
+    s.split_whitespace()
+        .filter_map(|w| w.strip_prefix(&k))
+        .flat_map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect::<Vec<_>>())
+        .collect()
+}
