@@ -92,7 +92,7 @@ int main(int argc, char **argv) {
     printf("fd %d socket domain=1 peer_fd=%d\n", us, uc);
 
     struct sockaddr_un ab = {.sun_family = AF_UNIX};
-    int abn = snprintf(ab.sun_path + 1, sizeof ab.sun_path - 1, "fdkinds-%d", getpid());
+    int abn = snprintf(ab.sun_path + 1, sizeof ab.sun_path - 1, "fdkinds:%s", dir);
     int abl = unix_listener(&ab, offsetof(struct sockaddr_un, sun_path) + 1 + abn);
     printf("fd %d socket domain=1 listening=1 local=@%s\n", abl, ab.sun_path + 1);
 
