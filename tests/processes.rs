@@ -8,7 +8,9 @@ use serde_json::Value;
 #[test]
 fn c_fork_tree_cross_checks_pids() {
     let env = Env::new("forktree");
-    let out = env.mig().args(["run", "--"]).arg(c_program("forktree")).output().unwrap();
+    let mut c = env.mig();
+    c.args(["run", "--"]).arg(c_program("forktree"));
+    let out = env.output(c);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "forktree failed: {stdout}{}", text(&out.stderr));
     assert!(stdout.contains("checks passed"), "{stdout}");
@@ -69,9 +71,8 @@ fn python_fork_subprocess_threading() {
     let env = Env::new("python");
     let mut c = env.mig();
     c.args(["run", "--", "python3", "-c", PY_PROCS]);
-    let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let mig_pid = child.id() as i64;
-    let out = child.wait_with_output().unwrap();
+    let (mig_pid, out) = env.output_pid(c);
+    let mig_pid = mig_pid as i64;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let v: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
@@ -207,7 +208,7 @@ print("forks", len(kids))
 "#;
     let mut c = env.mig();
     c.args(["run", "--", "python3", "-c", script]);
-    let out = run_with_timeout(c, 60);
+    let out = env.output(c);
     assert!(text(&out.stdout).contains("forks 60"), "{}{}", text(&out.stdout), text(&out.stderr));
 }
 
@@ -235,28 +236,14 @@ fn works_for_a_normal_user() {
         p = parent.to_path_buf();
     }
     std::process::Command::new("chown").args(["65534:65534"]).arg(&rt).status().unwrap();
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(mig_bin())
         .args(["run", "--"])
         .arg(c_program("forktree"))
-        .env("MIGSHIM_RUNTIME_DIR", &rt)
-        .output()
-        .unwrap();
+        .env("MIGSHIM_RUNTIME_DIR", &rt);
+    let out = env.output(c);
     let s = text(&out.stdout);
     assert!(out.status.success() && s.contains("checks passed"), "{s}{}", text(&out.stderr));
     assert!(ints_after(s.lines().find(|l| l.starts_with("pids")).unwrap(), "parent").iter().all(|&p| is_vpid(p)));
-}
-
-fn run_with_timeout(mut c: std::process::Command, secs: u64) -> std::process::Output {
-    let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let pid = child.id() as i32;
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(secs));
-        // SAFETY: killing our own child process group leader if it hangs.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    });
-    let out = child.wait_with_output().unwrap();
-    drop(watchdog);
-    out
 }

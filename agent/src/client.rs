@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use migrt::paths::SessionDir;
 use migrt::wire::{self, Request, Response};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct Client {
     stream: UnixStream,
@@ -12,15 +12,37 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn connect(dir: &SessionDir, vpid: i32) -> Result<Client> {
+    /// Connects to process `vpid` (real pid `pid`). Its control thread is started on
+    /// demand: if it is not listening yet, the session's signal wakes it, again every
+    /// 50 ms (the shim only starts it at a point where that is safe) for up to 5 s.
+    pub fn connect(dir: &SessionDir, vpid: i32, pid: i32, signal: i32) -> Result<Client> {
         let path = dir.ctl(vpid);
-        let stream = UnixStream::connect(&path).with_context(|| {
-            format!(
-                "cannot reach process {vpid} of session {} at {} (has it exited?)",
-                dir.name(),
-                path.display()
-            )
-        })?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last_wake: Option<Instant> = None;
+        let stream = loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "process {vpid} (pid {pid}) of session {} did not open its control socket {} within 5 s: is it stopped, or not running under the shim?",
+                            dir.name(),
+                            path.display()
+                        )
+                    });
+                }
+                Err(_) => {}
+            }
+            if !migrt::sys::alive(pid) {
+                bail!("process {vpid} (pid {pid}) of session {} has exited", dir.name());
+            }
+            if last_wake.is_none_or(|t| t.elapsed() > Duration::from_millis(50)) {
+                migrt::sys::sigqueue(pid, signal, migrt::wire::WAKE)
+                    .with_context(|| format!("waking process {vpid} (pid {pid})"))?;
+                last_wake = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         Ok(Client { stream, vpid })

@@ -88,7 +88,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             let live = sessions::find(&rt, &session)?;
             let mut tables = Vec::new();
             for p in live.processes() {
-                let mut c = match client::Client::connect(&live.dir, p.vpid) {
+                let mut c = match client::Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
                     Ok(c) => c,
                     // It may have exited since it was listed.
                     Err(_) if !migrt::sys::alive(p.pid) => continue,

@@ -38,6 +38,17 @@ pub fn shim_library() -> Result<PathBuf> {
     Ok(lib)
 }
 
+/// The real-time signal the session's shims reserve: `MIGSHIM_SIGNAL`, else the default.
+fn reserved_signal() -> Result<u32> {
+    let Ok(v) = std::env::var("MIGSHIM_SIGNAL") else {
+        return Ok(migrt::wire::DEFAULT_SIGNAL);
+    };
+    match v.parse::<u32>() {
+        Ok(n) if (34..=64).contains(&n) => Ok(n),
+        _ => bail!("MIGSHIM_SIGNAL={v}: give a real-time signal number from 34 to 64"),
+    }
+}
+
 /// The program as exec would find it, or None.
 fn find_program(cmd: &str) -> Option<PathBuf> {
     let executable = |p: &Path| {
@@ -74,7 +85,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
     }
     let lib = shim_library()?;
     let rt = sessions::runtime_dir()?;
-    let dir = sessions::create(&rt, a.name.as_deref(), &a.command)?;
+    let signal = reserved_signal()?;
+    let dir = sessions::create(&rt, a.name.as_deref(), &a.command, signal)?;
 
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(old) if !old.is_empty() => format!("{} {old}", lib.display()),
@@ -124,14 +136,13 @@ pub fn run(a: RunArgs) -> Result<i32> {
     Ok(exit_code(status))
 }
 
-/// Waits until the session's first process has joined and listens for `mig`.
+/// Waits until the session's first process has joined the session.
 fn wait_running(dir: &SessionDir, child: &mut std::process::Child, log: &Path) -> Result<()> {
     let table = SessionTable::open(&dir.procs())?;
     let root = VPID_BASE + 1;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let joined = table.get(root).is_some_and(|e| e.state == State::Running);
-        if joined && dir.ctl(root).exists() {
+        if table.get(root).is_some_and(|e| e.state == State::Running) {
             return Ok(());
         }
         if let Some(st) = child.try_wait()? {

@@ -140,7 +140,7 @@ pub fn find(rt: &Path, name: &str) -> Result<Live> {
 
 /// Creates the directory and table of a new session. Without a name, the smallest free
 /// number is taken.
-pub fn create(rt: &Path, name: Option<&str>, command: &[String]) -> Result<SessionDir> {
+pub fn create(rt: &Path, name: Option<&str>, command: &[String], signal: u32) -> Result<SessionDir> {
     let names: Vec<String> = match name {
         Some(n) => {
             paths::validate_name(n)?;
@@ -175,7 +175,7 @@ pub fn create(rt: &Path, name: Option<&str>, command: &[String]) -> Result<Sessi
             command: command.to_vec(),
             runner: std::process::id() as i32,
         };
-        SessionTable::create(&dir.procs())?;
+        SessionTable::create(&dir.procs(), signal)?;
         std::fs::create_dir(dir.ctl_dir())?;
         std::fs::create_dir(dir.exec_dir())?;
         std::fs::write(dir.meta(), serde_json::to_vec_pretty(&meta)?)?;

@@ -28,7 +28,7 @@ pub const MAX_SLOTS: usize = 1 << 18;
 pub const MAX_OBJECTS: usize = 1 << 16;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"MIGSESS\0");
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_SIZE: usize = 4096;
 const SLOTS_OFF: usize = HEADER_SIZE;
 const OBJECTS_OFF: usize = SLOTS_OFF + MAX_SLOTS * std::mem::size_of::<Slot>();
@@ -43,6 +43,8 @@ struct Header {
     lock: libc::pthread_mutex_t,
     /// Slots handed out so far; slot 0 is never used.
     used: AtomicU32,
+    /// The real-time signal reserved for the shim in this session.
+    signal: AtomicU32,
     next_object: AtomicU64,
 }
 
@@ -128,8 +130,9 @@ unsafe impl Send for SessionTable {}
 unsafe impl Sync for SessionTable {}
 
 impl SessionTable {
-    /// Creates a fresh table file (fails if it exists).
-    pub fn create(path: &Path) -> Result<SessionTable> {
+    /// Creates a fresh table file (fails if it exists). `signal` is the real-time signal
+    /// the session's shims reserve (to wake their control thread, later to freeze).
+    pub fn create(path: &Path, signal: u32) -> Result<SessionTable> {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -151,6 +154,7 @@ impl SessionTable {
             libc::pthread_mutexattr_destroy(&mut attr);
             (*h).version = VERSION;
             (*h).used.store(1, Release);
+            (*h).signal.store(signal, Release);
             (*h).next_object.store(1, Release);
             std::ptr::write_volatile(&raw mut (*h).magic, MAGIC);
         }
@@ -205,6 +209,11 @@ impl SessionTable {
             ));
         }
         Ok(SessionTable { base: p.cast() })
+    }
+
+    /// The session's reserved real-time signal.
+    pub fn signal(&self) -> i32 {
+        self.header().signal.load(Acquire) as i32
     }
 
     /// The mapped range, so a checkpoint can leave it out.
@@ -277,23 +286,35 @@ impl SessionTable {
         }
     }
 
-    fn find_running(&self, real: i32, kind: Kind) -> Option<usize> {
+    /// The newest slot of `kind` whose process or thread has real id `real` and is running
+    /// (or, with `exited`, has exited but not been reaped).
+    fn find(&self, real: i32, kind: Kind, exited: bool) -> Option<usize> {
         (1..self.used()).rev().find(|&i| {
             let s = self.slot(i);
-            s.state.load(Acquire) == State::Running as u32
+            let st = s.state.load(Acquire);
+            (st == State::Running as u32 || (exited && st == State::Exited as u32))
                 && s.real.load(Relaxed) == real
                 && s.kind.load(Relaxed) == kind as u32
         })
     }
 
-    /// The virtual id of real pid/tid `real`, registering it if it is new.
-    ///
-    /// Both sides of a fork (or spawn) call this with the child's real pid and converge on
-    /// one slot, whichever comes first. A running slot with the same real pid but another
-    /// parent is a leftover of a dead process whose pid the kernel reused: it is retired.
+    /// The virtual id of the calling process or thread (real id `real`, alive), registering
+    /// it if it is new. A running slot with the same real id but another parent is a
+    /// leftover of a dead process whose pid the kernel reused: it is retired.
     pub fn register(&self, real: i32, kind: Kind, parent: i32) -> Result<i32> {
+        self.register_as(real, kind, parent, false)
+    }
+
+    /// The virtual id of a child the caller just forked or spawned. Parent and child both
+    /// register and land on one slot, whichever comes first; the child may already have
+    /// exited (not yet reaped, so its pid is still its own).
+    pub fn register_child(&self, real: i32, parent: i32) -> Result<i32> {
+        self.register_as(real, Kind::Process, parent, true)
+    }
+
+    fn register_as(&self, real: i32, kind: Kind, parent: i32, exited: bool) -> Result<i32> {
         self.with_lock(|| {
-            if let Some(i) = self.find_running(real, kind) {
+            if let Some(i) = self.find(real, kind, exited) {
                 let s = self.slot(i);
                 let p = s.parent.load(Relaxed);
                 if kind == Kind::Thread || parent == 0 || p == parent {
@@ -421,7 +442,7 @@ mod tests {
     #[test]
     fn register_converges_and_translates() {
         let p = tmp("reg");
-        let t = SessionTable::create(&p).unwrap();
+        let t = SessionTable::create(&p, 63).unwrap();
         let root = t.register(100, Kind::Process, 0).unwrap();
         assert_eq!(root, VPID_BASE + 1);
         // parent side and child side of a fork land on one slot
@@ -432,6 +453,12 @@ mod tests {
         assert_eq!(t.vid_of(200), Some(c1));
         assert_eq!(t.vid_of(999), None);
         assert_eq!(t.real_of(12345), None, "real pids are not virtual ones");
+        // a child that exited before its parent registered it is still that child
+        let quick = t.register(300, Kind::Process, root).unwrap();
+        t.set_state(quick, State::Exited, 0);
+        assert_eq!(t.register_child(300, root).unwrap(), quick);
+        // but a live process registering itself never takes an exited slot
+        assert_ne!(t.register(300, Kind::Process, root).unwrap(), quick);
         // a reused real pid under another parent is a new process
         let c3 = t.register(200, Kind::Process, c1).unwrap();
         assert_ne!(c3, c1);
@@ -439,6 +466,7 @@ mod tests {
         // a second mapping sees the same table
         let t2 = SessionTable::open(&p).unwrap();
         assert_eq!(t2.vid_of(200), Some(c3));
+        assert_eq!(t2.signal(), 63);
         assert_eq!(
             t.object_id(ObjectKind::Socket, 77),
             t2.object_id(ObjectKind::Socket, 77)

@@ -148,3 +148,12 @@ pub fn ignore_terminal_signals() {
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
 }
+
+/// Sends `sig` with an integer value (sigqueue), to wake a shim process.
+pub fn sigqueue(pid: i32, sig: i32, value: usize) -> io::Result<()> {
+    // SAFETY: sigval is a plain union; the kernel copies it.
+    let r = unsafe {
+        libc::sigqueue(pid, sig, libc::sigval { sival_ptr: value as *mut libc::c_void })
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}

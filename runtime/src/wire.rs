@@ -9,6 +9,12 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
+pub const DEFAULT_SIGNAL: u32 = 63;
+
+/// sigqueue value asking a shim process to open its control channel.
+pub const WAKE: usize = 0x6d69_6701;
 const MAX_FRAME: usize = 256 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]

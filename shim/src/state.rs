@@ -180,7 +180,11 @@ pub fn init() {
     VPID.store(vpid, Relaxed);
     let _ = VTID.try_with(|c| c.set(vpid));
     crate::interpose::register_atfork();
-    crate::control::start();
+    crate::interpose::install_signal(shim_table_signal());
+}
+
+fn shim_table_signal() -> i32 {
+    shim().map_or(0, |s| s.table.signal())
 }
 
 /// The journal an exec'ing predecessor left for us (same vpid), else an empty one.
@@ -228,8 +232,8 @@ pub fn fork_release() {
     let _ = FORK_HOLD.try_with(|h| h.borrow_mut().take());
 }
 
-/// In the child of a fork: take the child's own vpid and control socket.
-pub fn after_fork_child(parent_vpid: i32, start_control: bool) {
+/// In the child of a fork: take the child's own vpid.
+pub fn after_fork_child(parent_vpid: i32) {
     let Some(s) = shim() else { return };
     let _busy = enter();
     let v = s
@@ -238,7 +242,7 @@ pub fn after_fork_child(parent_vpid: i32, start_control: bool) {
         .unwrap_or(0);
     VPID.store(v, Relaxed);
     let _ = VTID.try_with(|c| c.set(v));
-    crate::control::after_fork(start_control);
+    crate::control::after_fork();
 }
 
 /// Process exit: the slot says so, the control socket goes. Allocation-free.

@@ -75,10 +75,44 @@ impl Env {
         c
     }
 
-    /// `mig ARGS...`, waited for.
+    /// `mig ARGS...`, waited for (at most a minute: then it and every process of this
+    /// test's sessions are killed, so a hang fails the test instead of stalling the suite).
     pub fn run(&self, args: &[&str]) -> Output {
-        let out = self.mig().args(args).output().expect("running mig");
-        out
+        let mut c = self.mig();
+        c.args(args);
+        self.output(c)
+    }
+
+    /// Runs a command to completion under the same one-minute watchdog.
+    pub fn output(&self, c: Command) -> Output {
+        self.output_pid(c).1
+    }
+
+    /// As `output`, with the command's pid. The command gets a process group of its own, so
+    /// that the watchdog can kill it with everything it started.
+    pub fn output_pid(&self, mut c: Command) -> (i32, Output) {
+        use std::os::unix::process::CommandExt;
+        let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn().expect("starting");
+        let pid = child.id() as i32;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, rt) = (done.clone(), self.rt.clone());
+        let watchdog = std::thread::spawn(move || {
+            let t = Instant::now();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if t.elapsed() > Duration::from_secs(60) {
+                    eprintln!("watchdog: killing a command that ran over a minute");
+                    kill_sessions(&rt);
+                    // SAFETY: killing the process group of the child we started.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let out = child.wait_with_output().expect("waiting");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watchdog.join().unwrap();
+        (pid, out)
     }
 
     /// `mig run --detach --name NAME --log LOG -- CMD...`; returns the log path.
@@ -143,18 +177,22 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Ok(v) = self.mig().args(["ps", "--json"]).output() {
-            if let Ok(Value::Array(sessions)) = serde_json::from_slice::<Value>(&v.stdout) {
-                for s in sessions {
-                    for p in s["processes"].as_array().into_iter().flatten() {
-                        // SAFETY: cleaning up our own test sessions.
-                        unsafe { libc::kill(p["pid"].as_i64().unwrap_or(0) as i32, libc::SIGKILL) };
-                    }
-                }
+/// Kills every process of every session under runtime directory `rt`.
+fn kill_sessions(rt: &Path) {
+    let out = Command::new(mig_bin()).env("MIGSHIM_RUNTIME_DIR", rt).args(["ps", "--json"]).output();
+    if let Ok(Value::Array(sessions)) = out.map(|o| serde_json::from_slice::<Value>(&o.stdout).unwrap_or(Value::Null)) {
+        for s in sessions {
+            for p in s["processes"].as_array().into_iter().flatten() {
+                // SAFETY: cleaning up our own test sessions.
+                unsafe { libc::kill(p["pid"].as_i64().unwrap_or(0) as i32, libc::SIGKILL) };
             }
         }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        kill_sessions(&self.rt);
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }

@@ -5,7 +5,6 @@
 use super::process::to_virtual;
 use crate::state::{self, errno, set_errno, shim, vpid};
 use libc::{c_char, c_int, pid_t};
-use migrt::sessiontable::Kind;
 use std::ffi::{CStr, CString};
 
 type Argv = *const *const c_char;
@@ -138,7 +137,7 @@ unsafe fn spawned(real: SpawnFn, pid: *mut pid_t, path: *const c_char, fa: *cons
     let r = real(pid, path, fa, attr, argv, env.as_ref().map_or(envp, |e| e.ptrs.as_ptr()));
     if r == 0 && !pid.is_null() {
         if let Some(s) = shim() {
-            *pid = s.table.register(*pid, Kind::Process, vpid()).unwrap_or_else(|_| to_virtual(*pid));
+            *pid = s.table.register_child(*pid, vpid()).unwrap_or_else(|_| to_virtual(*pid));
         }
     }
     r

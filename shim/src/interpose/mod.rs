@@ -34,10 +34,12 @@ mod exec;
 mod fds;
 mod paths;
 mod process;
+mod signals;
 mod sockets;
 mod threads;
 
 pub use process::{real_pgid_sid, real_pid, real_ppid, real_tid, register_atfork};
+pub use signals::install as install_signal;
 
 pub fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
     let p = slot.load(Relaxed);
@@ -133,6 +135,10 @@ pub fn block_all_signals() {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        real!(pthread_sigmask: fn(libc::c_int, *const libc::sigset_t, *mut libc::sigset_t) -> libc::c_int)(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        );
     }
 }

@@ -5,8 +5,7 @@
 
 use crate::state::{self, shim, vpid};
 use libc::{c_int, c_long, c_void, pid_t};
-use migrt::sessiontable::{Kind, State, is_virtual};
-use std::cell::Cell;
+use migrt::sessiontable::{State, is_virtual};
 use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
 
 pub fn real_pid() -> pid_t {
@@ -97,29 +96,21 @@ pub extern "C" fn gettid() -> pid_t {
 
 // ---- fork ------------------------------------------------------------------------------
 
-thread_local! {
-    static VFORKING: Cell<bool> = const { Cell::new(false) };
-}
-
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fork() -> pid_t {
     let parent = vpid();
     let pid = real!(fork: fn() -> pid_t)();
     match shim() {
-        Some(s) if pid > 0 => s.table.register(pid, Kind::Process, parent).unwrap_or(pid),
+        Some(s) if pid > 0 => s.table.register_child(pid, parent).unwrap_or(pid),
         _ => pid,
     }
 }
 
 /// vfork becomes fork: a vfork child shares its parent's stack, and a wrapper must not
-/// return into a frame the child could clobber. The child skips its control thread (it is
-/// about to exec, and the new image starts its own).
+/// return into a frame the child could clobber.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vfork() -> pid_t {
-    let _ = VFORKING.try_with(|v| v.set(true));
-    let pid = fork();
-    let _ = VFORKING.try_with(|v| v.set(false));
-    pid
+    fork()
 }
 
 /// pthread_atfork handlers, registered at init (so ours run last before and first after
@@ -135,8 +126,7 @@ pub fn register_atfork() {
     unsafe extern "C" fn child() {
         let parent = vpid();
         crate::state::fork_release();
-        let vforked = VFORKING.try_with(|v| v.replace(false)).unwrap_or(false);
-        crate::state::after_fork_child(parent, !vforked);
+        crate::state::after_fork_child(parent);
         PPID_REAL.store(0, Relaxed);
     }
     // SAFETY: registering plain functions that live as long as the library.

@@ -1,0 +1,261 @@
+//! The session's reserved real-time signal (63 unless `MIGSHIM_SIGNAL` said otherwise at
+//! `mig run`): `mig` sends it to wake a process's control thread. The app can neither take
+//! it nor block it, and sees its own settings for it reported back unchanged: sigaction and
+//! signal on it are remembered, not installed; masks have it taken out and put back.
+//! Every app handler runs with it blocked, so it never lands inside an app handler that
+//! may have interrupted libc.
+//!
+//! The handler runs in signal context. It allocates and starts a thread only when the
+//! interrupted point holds no libc lock for sure: outside the text of libc, the loader,
+//! the malloc in use and the shim, or stopped at a blocking system call. Otherwise it
+//! does nothing and `mig` asks again a moment later.
+
+use crate::control;
+use crate::state::{errno, set_errno};
+use libc::{c_int, c_void, sigset_t};
+use std::cell::Cell;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering::Relaxed};
+
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+thread_local! {
+    /// Whether the app asked to block the reserved signal in this thread.
+    static APP_BLOCKS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// What the app installed for the reserved signal (never installed for real).
+static APP_ACTION: Mutex<Option<libc::sigaction>> = Mutex::new(None);
+
+const MAX_RANGES: usize = 32;
+/// Executable ranges where the interrupted thread may hold a libc lock.
+static UNSAFE_TEXT: [(AtomicUsize, AtomicUsize); MAX_RANGES] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RANGES];
+
+/// System calls that block without holding any libc lock (numbers as the kernel restarts them).
+const BLOCKING: &[i64] = &[
+    libc::SYS_read, libc::SYS_write, libc::SYS_readv, libc::SYS_writev, libc::SYS_pread64,
+    libc::SYS_pwrite64, libc::SYS_poll, libc::SYS_select, libc::SYS_pause, libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep, libc::SYS_accept, libc::SYS_accept4, libc::SYS_connect,
+    libc::SYS_recvfrom, libc::SYS_recvmsg, libc::SYS_sendto, libc::SYS_sendmsg, libc::SYS_wait4,
+    libc::SYS_waitid, libc::SYS_rt_sigsuspend, libc::SYS_rt_sigtimedwait, libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2, libc::SYS_pselect6, libc::SYS_ppoll,
+    libc::SYS_restart_syscall,
+];
+
+pub fn reserved() -> c_int {
+    SIGNAL.load(Relaxed)
+}
+
+/// Installs the handler (at library load, when the session is known).
+pub fn install(sig: c_int) {
+    if !(libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) {
+        return;
+    }
+    collect_unsafe_text();
+    // SAFETY: a zeroed sigaction with a valid handler and mask.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigfillset(&mut sa.sa_mask);
+        if real_sigaction(sig, &sa, std::ptr::null_mut()) == 0 {
+            SIGNAL.store(sig, Relaxed);
+        }
+    }
+}
+
+/// Signal context: see the module comment.
+extern "C" fn on_signal(_sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
+    // SAFETY: the kernel hands a valid siginfo and ucontext for an SA_SIGINFO handler.
+    let (value, safe) = unsafe { ((*info).si_value().sival_ptr as usize, safe_point(uc.cast())) };
+    if value != migrt::wire::WAKE || control::started() || !safe {
+        return;
+    }
+    let e = errno();
+    control::start();
+    set_errno(e);
+}
+
+/// Whether the interrupted point certainly holds no libc lock.
+unsafe fn safe_point(uc: *const libc::ucontext_t) -> bool {
+    let rip = (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
+    let rax = (*uc).uc_mcontext.gregs[libc::REG_RAX as usize];
+    let risky = UNSAFE_TEXT.iter().any(|(s, e)| {
+        let (s, e) = (s.load(Relaxed), e.load(Relaxed));
+        s != 0 && rip >= s && rip < e
+    });
+    if !risky {
+        return true;
+    }
+    // Stopped at a system call (the text is readable: rip is inside a mapped library).
+    // Restarted: rip points at `syscall` and rax holds its number again. Interrupted: rip
+    // follows `syscall` and rax holds -EINTR.
+    const SYSCALL: [u8; 2] = [0x0f, 0x05];
+    let at = std::ptr::read(rip as *const [u8; 2]);
+    let after = std::ptr::read((rip - 2) as *const [u8; 2]);
+    (at == SYSCALL && BLOCKING.contains(&rax)) || (after == SYSCALL && rax == -(libc::EINTR as i64))
+}
+
+/// The executable segments of libc, the loader, the shim and whatever provides malloc.
+fn collect_unsafe_text() {
+    struct Ctx {
+        malloc: usize,
+        own: usize,
+        n: usize,
+    }
+    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+        let ctx = &mut *data.cast::<Ctx>();
+        let info = &*info;
+        let name = if info.dlpi_name.is_null() { &[][..] } else { std::ffi::CStr::from_ptr(info.dlpi_name).to_bytes() };
+        let named = |n: &[u8]| name.windows(n.len()).any(|w| w == n);
+        let segs: Vec<(usize, usize)> = (0..info.dlpi_phnum as usize)
+            .map(|i| &*info.dlpi_phdr.add(i))
+            .filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0)
+            .map(|ph| {
+                let s = info.dlpi_addr as usize + ph.p_vaddr as usize;
+                (s, s + ph.p_memsz as usize)
+            })
+            .collect();
+        let holds = |a: usize| segs.iter().any(|&(s, e)| a >= s && a < e);
+        if named(b"libc.so") || named(b"ld-linux") || holds(ctx.malloc) || holds(ctx.own) {
+            for (s, e) in segs {
+                if ctx.n < MAX_RANGES {
+                    UNSAFE_TEXT[ctx.n].0.store(s, Relaxed);
+                    UNSAFE_TEXT[ctx.n].1.store(e, Relaxed);
+                    ctx.n += 1;
+                }
+            }
+        }
+        0
+    }
+    // SAFETY: dl_iterate_phdr calls `each` with valid entries; ctx outlives the call.
+    unsafe {
+        let mut ctx = Ctx {
+            malloc: libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) as usize,
+            own: collect_unsafe_text as *const () as usize,
+            n: 0,
+        };
+        libc::dl_iterate_phdr(Some(each), (&raw mut ctx).cast());
+    }
+}
+
+unsafe fn real_sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+    real!(sigaction: fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int)(sig, act, old)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+    let ours = reserved();
+    if ours == 0 {
+        return real_sigaction(sig, act, old);
+    }
+    if sig == ours {
+        let mut app = APP_ACTION.lock().unwrap_or_else(|p| p.into_inner());
+        if !old.is_null() {
+            *old = app.unwrap_or_else(|| std::mem::zeroed());
+        }
+        if !act.is_null() {
+            *app = Some(*act);
+        }
+        return 0;
+    }
+    if act.is_null() {
+        return real_sigaction(sig, act, old);
+    }
+    let mut copy = *act;
+    libc::sigaddset(&mut copy.sa_mask, ours);
+    let r = real_sigaction(sig, &copy, old);
+    if r == 0 && !old.is_null() {
+        libc::sigdelset(&mut (*old).sa_mask, ours);
+    }
+    r
+}
+
+/// signal()/bsd_signal(): BSD semantics, as glibc gives them, through the wrapper above.
+unsafe fn install_simple(sig: c_int, handler: libc::sighandler_t, flags: c_int) -> libc::sighandler_t {
+    let mut sa: libc::sigaction = std::mem::zeroed();
+    sa.sa_sigaction = handler;
+    sa.sa_flags = flags;
+    libc::sigemptyset(&mut sa.sa_mask);
+    if flags & libc::SA_NODEFER == 0 {
+        libc::sigaddset(&mut sa.sa_mask, sig);
+    }
+    let mut old: libc::sigaction = std::mem::zeroed();
+    if sigaction(sig, &sa, &mut old) < 0 {
+        return libc::SIG_ERR;
+    }
+    old.sa_sigaction
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    install_simple(sig, handler, libc::SA_RESTART)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    install_simple(sig, handler, libc::SA_RESTART)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    install_simple(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER)
+}
+
+/// A mask call with the reserved signal taken out of what is blocked, and the app's own
+/// wish for it reported back in `old`.
+unsafe fn masked(how: c_int, set: *const sigset_t, old: *mut sigset_t, real: impl FnOnce(*const sigset_t) -> c_int, ok: c_int) -> c_int {
+    let ours = reserved();
+    if ours == 0 {
+        return real(set);
+    }
+    let mut copy: sigset_t = if set.is_null() { std::mem::zeroed() } else { *set };
+    libc::sigdelset(&mut copy, ours);
+    let set2 = if set.is_null() || how == libc::SIG_UNBLOCK { set } else { &copy };
+    let before = APP_BLOCKS.try_with(Cell::get).unwrap_or(false);
+    let r = real(set2);
+    if r != ok {
+        return r;
+    }
+    if !old.is_null() {
+        if before {
+            libc::sigaddset(old, ours);
+        } else {
+            libc::sigdelset(old, ours);
+        }
+    }
+    if !set.is_null() {
+        let asked = libc::sigismember(set, ours) == 1;
+        let now = match how {
+            libc::SIG_BLOCK => before || asked,
+            libc::SIG_UNBLOCK => before && !asked,
+            _ => asked,
+        };
+        let _ = APP_BLOCKS.try_with(|b| b.set(now));
+    }
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sigprocmask(how: c_int, set: *const sigset_t, old: *mut sigset_t) -> c_int {
+    let f = real!(sigprocmask: fn(c_int, *const sigset_t, *mut sigset_t) -> c_int);
+    masked(how, set, old, |s| f(how, s, old), 0)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pthread_sigmask(how: c_int, set: *const sigset_t, old: *mut sigset_t) -> c_int {
+    let f = real!(pthread_sigmask: fn(c_int, *const sigset_t, *mut sigset_t) -> c_int);
+    masked(how, set, old, |s| f(how, s, old), 0)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sigsuspend(mask: *const sigset_t) -> c_int {
+    let f = real!(sigsuspend: fn(*const sigset_t) -> c_int);
+    let ours = reserved();
+    if ours == 0 || mask.is_null() {
+        return f(mask);
+    }
+    let mut copy = *mask;
+    libc::sigdelset(&mut copy, ours);
+    f(&copy)
+}
