@@ -7,4 +7,8 @@ fn main() {
         .file("src/interpose/variadic.c")
         .flag("-fvisibility=default")
         .compile("migshim_variadic");
+    // Bind every libc import at load: otherwise each fork child resolves anew (and faults
+    // in the symbol tables for) the functions only children call, which doubled the cost
+    // of fork+wait.
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,now");
 }

@@ -322,20 +322,38 @@ impl SessionTable {
                 }
                 s.state.store(State::Exited as u32, Release);
             }
-            let i = self.header().used.load(Acquire) as usize;
-            if i >= MAX_SLOTS {
-                return Err(Error::TableFull(i));
-            }
-            let s = self.slot(i);
-            s.kind.store(kind as u32, Relaxed);
-            s.real.store(real, Relaxed);
-            s.parent.store(parent, Relaxed);
-            s.status.store(0, Relaxed);
-            s.hidden.store(0, Relaxed);
-            s.state.store(State::Running as u32, Release);
-            self.header().used.store(i as u32 + 1, Release);
-            Ok(VPID_BASE + i as i32)
+            self.allocate(real, kind, parent)
         })
+    }
+
+    /// Takes the next slot (under the lock).
+    fn allocate(&self, real: i32, kind: Kind, parent: i32) -> Result<i32> {
+        let i = self.header().used.load(Acquire) as usize;
+        if i >= MAX_SLOTS {
+            return Err(Error::TableFull(i));
+        }
+        let s = self.slot(i);
+        s.kind.store(kind as u32, Relaxed);
+        s.real.store(real, Relaxed);
+        s.parent.store(parent, Relaxed);
+        s.status.store(0, Relaxed);
+        s.hidden.store(0, Relaxed);
+        s.state.store(State::Running as u32, Release);
+        self.header().used.store(i as u32 + 1, Release);
+        Ok(VPID_BASE + i as i32)
+    }
+
+    /// A vpid for a process about to be forked by `parent`: taken before the fork, so that
+    /// neither side has to search or lock afterwards; each side then `bind`s the real pid.
+    pub fn reserve(&self, parent: i32) -> Result<i32> {
+        self.with_lock(|| self.allocate(0, Kind::Process, parent))
+    }
+
+    /// Records the real pid behind a reserved vpid (parent and child both do, same value).
+    pub fn bind(&self, vid: i32, real: i32) {
+        if self.get(vid).is_some() {
+            self.slot((vid - VPID_BASE) as usize).real.store(real, Release);
+        }
     }
 
     /// Current state of virtual id `vid`.
@@ -459,6 +477,11 @@ mod tests {
         assert_eq!(t.register_child(300, root).unwrap(), quick);
         // but a live process registering itself never takes an exited slot
         assert_ne!(t.register(300, Kind::Process, root).unwrap(), quick);
+        // a reserved slot is bound by both sides of the fork
+        let r = t.reserve(root).unwrap();
+        assert_eq!(t.real_of(r), Some(0));
+        t.bind(r, 400);
+        assert_eq!(t.vid_of(400), Some(r));
         // a reused real pid under another parent is a new process
         let c3 = t.register(200, Kind::Process, c1).unwrap();
         assert_ne!(c3, c1);

@@ -96,6 +96,11 @@ fn listen() -> Option<i32> {
 /// In a fork child: the parent's control thread did not come along; drop the copy of its
 /// listener (the socket file stays the parent's).
 pub fn after_fork() {
+    // Nothing to undo unless the parent's thread had started (writes cost the child a
+    // copy-on-write fault each, so they are skipped when there is nothing to change).
+    if !STARTED.load(Acquire) {
+        return;
+    }
     CTL_PATH.store(std::ptr::null_mut(), Release);
     TID.store(0, Relaxed);
     CONN_FD.store(-1, Relaxed);
@@ -108,6 +113,9 @@ pub fn after_fork() {
 
 /// Removes this process's control socket (at exit). Allocation-free.
 pub fn unlink_socket() {
+    if CTL_PATH.load(Acquire).is_null() {
+        return;
+    }
     let p = CTL_PATH.swap(std::ptr::null_mut(), AcqRel);
     if !p.is_null() {
         crate::interpose::unlink_real(p);

@@ -180,6 +180,7 @@ pub fn init() {
     VPID.store(vpid, Relaxed);
     let _ = VTID.try_with(|c| c.set(vpid));
     crate::interpose::register_atfork();
+    crate::interpose::prefetch();
     crate::interpose::install_signal(shim_table_signal());
 }
 
@@ -217,29 +218,70 @@ pub fn carry_across_exec() -> Option<std::path::PathBuf> {
 thread_local! {
     /// The journal lock (and the busy mark) held by the forking thread across fork.
     static FORK_HOLD: RefCell<Option<(Busy, MutexGuard<'static, Journal>)>> = const { RefCell::new(None) };
+    /// The vpid reserved for the child of the fork this thread is making.
+    static FORK_CHILD: Cell<i32> = const { Cell::new(0) };
 }
 
-/// Before fork: hold the journal so the child's copy is consistent (not mid-append).
+unsafe extern "C" {
+    /// glibc's own "no thread was ever created" flag (glibc >= 2.32).
+    static __libc_single_threaded: libc::c_char;
+}
+
+fn single_threaded() -> bool {
+    // SAFETY: a byte glibc keeps for exactly this kind of question.
+    unsafe { std::ptr::read_volatile(&raw const __libc_single_threaded) != 0 }
+}
+
+/// Before fork: reserve the child's vpid, and (when other threads could be appending)
+/// hold the journal so the child's copy is consistent. A single-threaded process skips
+/// the lock: every page written after a fork costs a copy-on-write fault in the parent.
 pub fn fork_prepare() {
     let Some(s) = shim() else { return };
     let Some(busy) = enter() else { return };
+    let child = s.table.reserve(vpid()).unwrap_or(0);
+    let _ = FORK_CHILD.try_with(|c| c.set(child));
+    if single_threaded() {
+        return;
+    }
     let guard = journal(s);
     let _ = FORK_HOLD.try_with(|h| *h.borrow_mut() = Some((busy, guard)));
 }
 
 /// After fork, in parent and child alike.
 pub fn fork_release() {
-    let _ = FORK_HOLD.try_with(|h| h.borrow_mut().take());
+    if !single_threaded() {
+        let _ = FORK_HOLD.try_with(|h| h.borrow_mut().take());
+    }
 }
 
-/// In the child of a fork: take the child's own vpid.
-pub fn after_fork_child(parent_vpid: i32) {
+/// In the parent after fork: the child's vpid (0 when none was reserved), bound to its
+/// real pid — or given back when the fork failed.
+pub fn forked_child(real: i32) -> i32 {
+    if real == 0 {
+        return 0; // the child: after_fork_child took the reservation
+    }
+    let v = FORK_CHILD.try_with(|c| c.replace(0)).unwrap_or(0);
+    if let (Some(s), true) = (shim(), v != 0) {
+        if real > 0 {
+            s.table.bind(v, real);
+        } else {
+            s.table.set_state(v, State::Reaped, 0);
+        }
+    }
+    v
+}
+
+/// In the child of a fork: take the reserved vpid (a few stores: the child's path is kept
+/// short, every page it touches costs a fault).
+pub fn after_fork_child() {
     let Some(s) = shim() else { return };
-    let _busy = enter();
-    let v = s
-        .table
-        .register(real_pid(), Kind::Process, parent_vpid)
-        .unwrap_or(0);
+    let v = match FORK_CHILD.try_with(|c| c.replace(0)).unwrap_or(0) {
+        0 => s.table.register(real_pid(), Kind::Process, vpid()).unwrap_or(0),
+        v => {
+            s.table.bind(v, real_pid());
+            v
+        }
+    };
     VPID.store(v, Relaxed);
     let _ = VTID.try_with(|c| c.set(v));
     crate::control::after_fork();

@@ -96,12 +96,12 @@ pub extern "C" fn gettid() -> pid_t {
 
 // ---- fork ------------------------------------------------------------------------------
 
+/// The child's vpid was reserved by the prepare handler (below) and is bound here.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fork() -> pid_t {
-    let parent = vpid();
     let pid = real!(fork: fn() -> pid_t)();
-    match shim() {
-        Some(s) if pid > 0 => s.table.register_child(pid, parent).unwrap_or(pid),
+    match crate::state::forked_child(pid) {
+        v if v > 0 && pid > 0 => v,
         _ => pid,
     }
 }
@@ -124,10 +124,11 @@ pub fn register_atfork() {
         crate::state::fork_release();
     }
     unsafe extern "C" fn child() {
-        let parent = vpid();
         crate::state::fork_release();
-        crate::state::after_fork_child(parent);
-        PPID_REAL.store(0, Relaxed);
+        crate::state::after_fork_child();
+        if PPID_REAL.load(Relaxed) != 0 {
+            PPID_REAL.store(0, Relaxed);
+        }
     }
     // SAFETY: registering plain functions that live as long as the library.
     unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
