@@ -11,4 +11,7 @@ fn main() {
     // in the symbol tables for) the functions only children call, which doubled the cost
     // of fork+wait.
     println!("cargo:rustc-cdylib-link-arg=-Wl,-z,now");
+    // Keep the functions a fork child runs (section .text.hot.migshim_fork) together, so
+    // the child faults in one page of the shim's text rather than one per function.
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,keep-text-section-prefix");
 }

@@ -247,3 +247,53 @@ fn works_for_a_normal_user() {
     assert!(out.status.success() && s.contains("checks passed"), "{s}{}", text(&out.stderr));
     assert!(ints_after(s.lines().find(|l| l.starts_with("pids")).unwrap(), "parent").iter().all(|&p| is_vpid(p)));
 }
+
+fn threads_of(pid: i64) -> u32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn control_thread_starts_only_when_asked_even_in_busy_programs() {
+    let env = Env::new("wake");
+    env.detach("busy-sh", &["sh", "-c", "while :; do :; done"]);
+    env.detach("busy-py", &["python3", "-c", "while True: pass"]);
+    env.detach("sleeper", &[c_program("counter").to_str().unwrap(), "2", "1"]);
+    for s in ["busy-sh", "busy-py", "sleeper"] {
+        let p = env.wait_processes(s, "the program", |p| p.len() == 1);
+        let pid = p[0]["pid"].as_i64().unwrap();
+        assert_eq!(threads_of(pid), 1, "{s}: no shim thread until mig asks (the program stays single-threaded)");
+        let t = env.table(s, false);
+        assert_eq!(t["processes"][0]["vpid"], VPID_BASE + 1, "{s}");
+        assert_eq!(threads_of(pid), 2, "{s}: the control thread runs now");
+        assert_eq!(t["processes"][0]["threads"].as_array().unwrap().len(), 1, "{s}: and is hidden from the table");
+        assert_eq!(env.processes(s)[0]["threads"], 1, "{s}: and from mig ps");
+        env.stop(s);
+    }
+}
+
+#[test]
+fn the_app_can_neither_take_nor_block_the_reserved_signal() {
+    let env = Env::new("sig");
+    let script = r#"
+import signal, time
+signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+print("reported-blocked", 63 in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+old = signal.signal(63, lambda *a: print("app got 63", flush=True))
+print("was-default", old == signal.SIG_DFL, "now-app", signal.getsignal(63) not in (signal.SIG_DFL, signal.SIG_IGN))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {63})
+print("reported-unblocked", 63 not in signal.pthread_sigmask(signal.SIG_BLOCK, []), flush=True)
+time.sleep(60)
+"#;
+    let log = env.detach("sig", &["python3", "-c", script]);
+    let said = wait_for_text(&log, "reported-unblocked");
+    assert!(said.contains("reported-blocked True"), "{said}");
+    assert!(said.contains("was-default True now-app True"), "{said}");
+    assert!(said.contains("reported-unblocked True"), "{said}");
+    // Everything blocked, yet mig reaches it; the app's handler never runs.
+    let t = env.table("sig", false);
+    assert_eq!(t["processes"][0]["vpid"], VPID_BASE + 1);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("app got 63"));
+    env.stop("sig");
+}

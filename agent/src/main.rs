@@ -1,14 +1,15 @@
 //! mig — launch migshim sessions, list them, read their state tables.
 
 mod client;
+mod demo;
 mod elf;
 mod run;
 mod sessions;
 mod show;
+mod table;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use migrt::wire::{Request, Response};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -41,6 +42,16 @@ enum Cmd {
     Ps {
         #[arg(long)]
         json: bool,
+    },
+    /// A guided demo on this host: a counter run as a session, inspected, ended.
+    Demo,
+    /// The demo's subject: counts forever (used by `mig demo`).
+    #[command(hide = true)]
+    Counter {
+        #[arg(long, default_value_t = 5.0)]
+        hz: f64,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
     /// Show the state table of every process of a session.
     Table {
@@ -83,31 +94,15 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Demo => demo::demo(),
+        Cmd::Counter { hz, dir } => demo::counter(hz, &dir),
         Cmd::Table { session, json, journal } => {
             let rt = sessions::runtime_dir()?;
             let live = sessions::find(&rt, &session)?;
-            let mut tables = Vec::new();
-            for p in live.processes() {
-                let mut c = match client::Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
-                    Ok(c) => c,
-                    // It may have exited since it was listed.
-                    Err(_) if !migrt::sys::alive(p.pid) => continue,
-                    Err(e) => return Err(e),
-                };
-                match c.call(&Request::Table { journal })? {
-                    Response::Table { table, journal } => tables.push((table, journal)),
-                    other => bail!("process {}: unexpected answer {other:?}", p.vpid),
-                }
-            }
-            let mut plain: Vec<_> = tables.iter().map(|(t, _)| t.clone()).collect();
-            migrt::link::link_peers(&mut plain);
-            for ((t, _), linked) in tables.iter_mut().zip(plain) {
-                *t = linked;
-            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&show::table_json(&live, &tables))?);
+                println!("{}", serde_json::to_string_pretty(&table::json(&live, journal)?)?);
             } else {
-                print!("{}", show::table_text(&live, &tables));
+                print!("{}", table::text(&live, journal)?);
             }
             Ok(0)
         }

@@ -221,15 +221,18 @@ impl SessionTable {
         (self.base as usize, FILE_SIZE)
     }
 
+    #[inline]
     fn header_mut_ptr(&self) -> *mut Header {
         self.base.cast()
     }
 
+    #[inline]
     fn header(&self) -> &Header {
         // SAFETY: the mapping starts with a Header and lives as long as self.
         unsafe { &*self.header_mut_ptr() }
     }
 
+    #[inline]
     fn slot(&self, index: usize) -> &Slot {
         debug_assert!(index < MAX_SLOTS);
         // SAFETY: index is within the slot array of the mapping.
@@ -247,6 +250,7 @@ impl SessionTable {
         }
     }
 
+    #[inline]
     fn used(&self) -> usize {
         (self.header().used.load(Acquire) as usize).min(MAX_SLOTS)
     }
@@ -269,6 +273,7 @@ impl SessionTable {
         out
     }
 
+    #[inline]
     fn entry(&self, index: usize) -> Entry {
         let s = self.slot(index);
         Entry {
@@ -350,13 +355,16 @@ impl SessionTable {
     }
 
     /// Records the real pid behind a reserved vpid (parent and child both do, same value).
+    #[inline]
     pub fn bind(&self, vid: i32, real: i32) {
-        if self.get(vid).is_some() {
+        // No look at the header: in a fork child every page touched costs a fault.
+        if is_virtual(vid) {
             self.slot((vid - VPID_BASE) as usize).real.store(real, Release);
         }
     }
 
     /// Current state of virtual id `vid`.
+    #[inline]
     pub fn get(&self, vid: i32) -> Option<Entry> {
         if !is_virtual(vid) {
             return None;
@@ -393,6 +401,7 @@ impl SessionTable {
             .map(|i| VPID_BASE + i as i32)
     }
 
+    #[inline]
     pub fn set_state(&self, vid: i32, state: State, status: i32) {
         if let Some(e) = self.get(vid) {
             let s = self.slot((e.vid - VPID_BASE) as usize);

@@ -157,3 +157,9 @@ pub fn sigqueue(pid: i32, sig: i32, value: usize) -> io::Result<()> {
     };
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
+
+/// Asks a process to end (SIGTERM).
+pub fn terminate(pid: i32) {
+    // SAFETY: sending a signal; failure (gone already) is fine.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}

@@ -95,6 +95,7 @@ fn listen() -> Option<i32> {
 
 /// In a fork child: the parent's control thread did not come along; drop the copy of its
 /// listener (the socket file stays the parent's).
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn after_fork() {
     // Nothing to undo unless the parent's thread had started (writes cost the child a
     // copy-on-write fault each, so they are skipped when there is nothing to change).
@@ -112,6 +113,7 @@ pub fn after_fork() {
 }
 
 /// Removes this process's control socket (at exit). Allocation-free.
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn unlink_socket() {
     if CTL_PATH.load(Acquire).is_null() {
         return;

@@ -38,11 +38,13 @@ thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn shim() -> Option<&'static Shim> {
     SHIM.get()
 }
 
 /// This process's virtual pid, 0 when not in a session.
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn vpid() -> i32 {
     VPID.load(Relaxed)
 }
@@ -227,6 +229,7 @@ unsafe extern "C" {
     static __libc_single_threaded: libc::c_char;
 }
 
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 fn single_threaded() -> bool {
     // SAFETY: a byte glibc keeps for exactly this kind of question.
     unsafe { std::ptr::read_volatile(&raw const __libc_single_threaded) != 0 }
@@ -248,6 +251,7 @@ pub fn fork_prepare() {
 }
 
 /// After fork, in parent and child alike.
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn fork_release() {
     if !single_threaded() {
         let _ = FORK_HOLD.try_with(|h| h.borrow_mut().take());
@@ -256,6 +260,7 @@ pub fn fork_release() {
 
 /// In the parent after fork: the child's vpid (0 when none was reserved), bound to its
 /// real pid — or given back when the fork failed.
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn forked_child(real: i32) -> i32 {
     if real == 0 {
         return 0; // the child: after_fork_child took the reservation
@@ -273,6 +278,8 @@ pub fn forked_child(real: i32) -> i32 {
 
 /// In the child of a fork: take the reserved vpid (a few stores: the child's path is kept
 /// short, every page it touches costs a fault).
+/// (In the fork path's section: a fork child faults in one page of text, not several.)
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn after_fork_child() {
     let Some(s) = shim() else { return };
     let v = match FORK_CHILD.try_with(|c| c.replace(0)).unwrap_or(0) {
@@ -288,6 +295,7 @@ pub fn after_fork_child() {
 }
 
 /// Process exit: the slot says so, the control socket goes. Allocation-free.
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn leave() {
     if let Some(s) = shim() {
         let v = vpid();

@@ -44,8 +44,8 @@ pub use signals::install as install_signal;
 /// Functions a fork child commonly calls first (shells and spawners: redirect, set up
 /// signals and groups, exec or exit). Resolved once at load, so that each child does not
 /// pay for its own dlsym (measured: it was most of the shim's cost on fork+wait).
-const PREFETCH: [&str; 17] = [
-    "_exit\0", "execve\0", "execvpe\0", "dup2\0", "dup3\0", "close\0", "close_range\0",
+const PREFETCH: [&str; 16] = [
+    "execve\0", "execvpe\0", "dup2\0", "dup3\0", "close\0", "close_range\0",
     "open64\0", "openat64\0", "fcntl\0", "sigaction\0", "sigprocmask\0", "setpgid\0",
     "setsid\0", "kill\0", "tcsetpgrp\0", "chdir\0",
 ];

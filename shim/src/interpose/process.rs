@@ -98,6 +98,7 @@ pub extern "C" fn gettid() -> pid_t {
 
 /// The child's vpid was reserved by the prepare handler (below) and is bound here.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub unsafe extern "C" fn fork() -> pid_t {
     let pid = real!(fork: fn() -> pid_t)();
     match crate::state::forked_child(pid) {
@@ -123,6 +124,7 @@ pub fn register_atfork() {
     unsafe extern "C" fn parent() {
         crate::state::fork_release();
     }
+    #[unsafe(link_section = ".text.hot.migshim_fork")]
     unsafe extern "C" fn child() {
         crate::state::fork_release();
         crate::state::after_fork_child();
@@ -354,10 +356,14 @@ pub unsafe extern "C" fn timer_create(clock: libc::clockid_t, sev: *mut libc::si
     f(clock, &mut copy, timer)
 }
 
+/// Straight to exit_group, as glibc's _exit does: a fork child's exit path then touches no
+/// further page of libc or of the shim's symbol cache (each costs the child a fault).
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.hot.migshim_fork")]
 pub unsafe extern "C" fn _exit(status: c_int) -> ! {
     state::leave();
-    real!(_exit: fn(c_int) -> !)(status)
+    // SAFETY: exit_group takes one integer and does not return.
+    core::arch::asm!("syscall", in("rax") libc::SYS_exit_group, in("rdi") status, options(noreturn))
 }
 
 #[unsafe(no_mangle)]
