@@ -58,7 +58,7 @@ enum Cmd {
         session: String,
         #[arg(long)]
         json: bool,
-        /// Also show the journal records not yet folded into the table.
+        /// Also show the most recent journal records.
         #[arg(long)]
         journal: bool,
     },

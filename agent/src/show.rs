@@ -194,8 +194,8 @@ pub fn table_text(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]
             out += &format!("  note: {n}\n");
         }
         if let Some(j) = j {
-            out += &format!("  journal: {} records appended, {} not yet folded:\n", j.appended, j.pending.len());
-            for r in &j.pending {
+            out += &format!("  journal: {} records appended; the last {}:\n", j.appended, j.recent.len());
+            for r in &j.recent {
                 out += &format!("    {r:?}\n");
             }
         }

@@ -3,6 +3,7 @@
 //! diagnostics and the wire protocol between `mig` and the shim.
 
 pub mod error;
+pub mod fdmap;
 pub mod journal;
 pub mod link;
 pub mod paths;

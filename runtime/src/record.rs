@@ -15,6 +15,18 @@ impl Bytes {
     }
 }
 
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for BytesRef<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.0
+    }
+}
+
 impl From<&[u8]> for Bytes {
     fn from(b: &[u8]) -> Self {
         Bytes(b.to_vec())
@@ -75,14 +87,27 @@ impl<'de> Deserialize<'de> for Bytes {
     }
 }
 
+/// Borrowed bytes that encode exactly as [`Bytes`]: the wrappers journal a path without
+/// copying it first (the open+close hot path).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BytesRef<'a>(pub &'a [u8]);
+
+impl Serialize for BytesRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
 /// One journal record. Add new kinds at the end: the encoding numbers them in order.
+/// `B` is how paths and names are held: owned [`Bytes`] when decoded, [`BytesRef`] when a
+/// wrapper encodes one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Record {
+pub enum Record<B = Bytes> {
     /// open/openat/creat/fopen/freopen/opendir: `dirfd` is set for *at calls with a relative path.
     Open {
         fd: i32,
         dirfd: Option<i32>,
-        path: Bytes,
+        path: B,
         flags: i32,
         mode: u32,
     },
@@ -176,7 +201,7 @@ pub enum Record {
     },
     MemFd {
         fd: i32,
-        name: Bytes,
+        name: B,
         flags: u32,
     },
     Inotify {
@@ -186,7 +211,7 @@ pub enum Record {
     InotifyWatch {
         fd: i32,
         wd: i32,
-        path: Bytes,
+        path: B,
         mask: u32,
     },
     InotifyUnwatch {
@@ -213,6 +238,20 @@ pub enum Record {
     },
     /// The process image was replaced; the table was carried across.
     Exec {
-        path: Bytes,
+        path: B,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn borrowed_and_owned_encode_alike() {
+        let owned: Record = Record::Exec { path: "/bin/sh".into() };
+        let borrowed = Record::Exec { path: BytesRef(b"/bin/sh") };
+        let a = postcard::to_stdvec(&owned).unwrap();
+        assert_eq!(a, postcard::to_stdvec(&borrowed).unwrap());
+        assert_eq!(postcard::from_bytes::<Record>(&a).unwrap(), owned);
+    }
 }

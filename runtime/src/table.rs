@@ -5,6 +5,7 @@
 //! [`ProcessTable`] is what a reader gets, the folded journal reconciled with `/proc`
 //! (offsets, counters, addresses, and fds no wrapper saw).
 
+use crate::fdmap::FdMap;
 use crate::record::{Bytes, Record};
 use crate::sockaddr::SockAddr;
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Folded {
-    pub fds: BTreeMap<i32, FdIntent>,
+    pub fds: FdMap<FdIntent>,
     /// File-backed mappings by start address.
     pub maps: BTreeMap<u64, MapIntent>,
     /// Program of the last exec, if any.
@@ -91,7 +92,8 @@ pub struct MapIntent {
 
 impl Folded {
     /// Applies one record.
-    pub fn apply(&mut self, r: &Record) {
+    /// Applies one record (owned, as decoded, or borrowed, as a wrapper makes it).
+    pub fn apply<B: AsRef<[u8]>>(&mut self, r: &Record<B>) {
         use Record::*;
         let cloexec_of = |flags: i32| flags & libc::O_CLOEXEC != 0;
         match r {
@@ -106,7 +108,7 @@ impl Folded {
                 cloexec_of(*flags),
                 Opened::File {
                     dirfd: *dirfd,
-                    path: path.clone(),
+                    path: Bytes::from(path.as_ref()),
                     flags: *flags,
                     mode: *mode,
                 },
@@ -121,11 +123,10 @@ impl Folded {
             } => {
                 let range = (*first as i64)..=(*last as i64);
                 if *cloexec_only {
-                    for (_, i) in self.fds.range_mut(clamp(*first)..=clamp(*last)) {
-                        i.cloexec = true;
-                    }
+                    self.fds
+                        .for_range_mut(clamp(*first), clamp(*last), |i| i.cloexec = true);
                 } else {
-                    self.fds.retain(|fd, _| !range.contains(&(*fd as i64)));
+                    self.fds.retain(|fd, _| !range.contains(&(fd as i64)));
                 }
             }
             Dup { old, new, cloexec } => {
@@ -281,7 +282,7 @@ impl Folded {
                 *fd,
                 *flags & libc::MFD_CLOEXEC != 0,
                 Opened::MemFd {
-                    name: name.clone(),
+                    name: Bytes::from(name.as_ref()),
                     flags: *flags,
                 },
             ),
@@ -298,7 +299,7 @@ impl Folded {
                     ..
                 }) = self.fds.get_mut(fd)
                 {
-                    watches.insert(*wd, (path.clone(), *mask));
+                    watches.insert(*wd, (Bytes::from(path.as_ref()), *mask));
                 }
             }
             InotifyUnwatch { fd, wd } => {
@@ -344,7 +345,7 @@ impl Folded {
             Exec { path } => {
                 self.fds.retain(|_, i| !i.cloexec);
                 self.maps.clear();
-                self.exec = Some(path.clone());
+                self.exec = Some(Bytes::from(path.as_ref()));
             }
         }
     }
@@ -590,13 +591,13 @@ mod tests {
                 cloexec_only: false,
             },
         ] {
-            f.apply(&r);
+            f.apply::<Bytes>(&r);
         }
-        assert_eq!(f.fds.keys().copied().collect::<Vec<_>>(), vec![4, 5, 10]);
-        assert!(f.fds[&4].cloexec);
-        assert!(matches!(&f.fds[&10].opened, Opened::File { path, .. } if path.0 == b"/a"));
-        f.apply(&Record::Exec { path: "/bin/x".into() });
-        assert_eq!(f.fds.keys().copied().collect::<Vec<_>>(), vec![5, 10]);
+        assert_eq!(f.fds.keys().collect::<Vec<_>>(), vec![4, 5, 10]);
+        assert!(f.fds.get(&4).unwrap().cloexec);
+        assert!(matches!(&f.fds.get(&10).unwrap().opened, Opened::File { path, .. } if path.0 == b"/a"));
+        f.apply::<Bytes>(&Record::Exec { path: "/bin/x".into() });
+        assert_eq!(f.fds.keys().collect::<Vec<_>>(), vec![5, 10]);
     }
 
     #[test]
@@ -639,15 +640,15 @@ mod tests {
                 mask: 2,
             },
         ] {
-            f.apply(&r);
+            f.apply::<Bytes>(&r);
         }
-        let Opened::Socket(s) = &f.fds[&3].opened else { panic!() };
+        let Opened::Socket(s) = &f.fds.get(&3).unwrap().opened else { panic!() };
         assert_eq!((s.bound.as_ref(), s.backlog), (Some(&addr), Some(5)));
-        let Opened::Socket(a) = &f.fds[&4].opened else { panic!() };
+        let Opened::Socket(a) = &f.fds.get(&4).unwrap().opened else { panic!() };
         assert_eq!((a.domain, a.accepted_from), (libc::AF_INET, Some(3)));
-        let Opened::Epoll { interest } = &f.fds[&5].opened else { panic!() };
+        let Opened::Epoll { interest } = &f.fds.get(&5).unwrap().opened else { panic!() };
         assert_eq!(interest[&4], (1, 9));
-        let Opened::Inotify { watches } = &f.fds[&6].opened else { panic!() };
+        let Opened::Inotify { watches } = &f.fds.get(&6).unwrap().opened else { panic!() };
         assert_eq!(watches[&1].0 .0, b"/tmp");
     }
 }

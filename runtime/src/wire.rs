@@ -38,8 +38,8 @@ pub enum Response {
 pub struct JournalView {
     /// Records appended over the process's life (this image).
     pub appended: u64,
-    /// Records since the last compaction, oldest first.
-    pub pending: Vec<Record>,
+    /// The most recent records (a bounded window), oldest first.
+    pub recent: Vec<Record>,
 }
 
 pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {

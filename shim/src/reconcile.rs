@@ -18,9 +18,9 @@ pub fn table(with_journal: bool) -> (ProcessTable, Option<JournalView>) {
         let j = journal(s);
         let view = with_journal.then(|| JournalView {
             appended: j.appended(),
-            pending: j.pending(),
+            recent: j.recent(),
         });
-        (j.folded(), view)
+        (j.folded().clone(), view)
     };
     let me = vpid();
     let real = real_pid();
@@ -82,7 +82,7 @@ pub fn table(with_journal: bool) -> (ProcessTable, Option<JournalView>) {
             object,
         });
     }
-    for (fd, _) in folded.fds.iter().filter(|(fd, _)| !open.contains(fd)) {
+    for fd in folded.fds.keys().filter(|fd| !open.contains(fd)) {
         t.notes.push(format!(
             "fd {fd} was closed by a call no wrapper saw (inside libc)"
         ));

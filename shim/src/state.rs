@@ -9,12 +9,12 @@
 use crate::interpose::{real_pid, real_ppid, real_tid};
 use migrt::journal::Journal;
 use migrt::paths::{ENV_SESSION, SessionDir};
-use migrt::record::Record;
+use migrt::record::{BytesRef, Record};
 use migrt::sessiontable::{Kind, SessionTable, State};
 use migrt::table::Folded;
 use std::cell::{Cell, RefCell};
 use std::ffi::{CString, OsString};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering::*};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -86,7 +86,7 @@ pub fn journal(s: &Shim) -> MutexGuard<'_, Journal> {
 
 /// Appends the record `make` builds, unless the thread is already inside the shim (then
 /// the reconciliation with /proc is what catches the change). errno is preserved.
-pub fn record(make: impl FnOnce() -> Record) {
+pub fn record<'a>(make: impl FnOnce() -> Record<BytesRef<'a>>) {
     let Some(s) = shim() else { return };
     let Some(_busy) = enter() else { return };
     let e = errno();
@@ -198,10 +198,10 @@ fn carried_journal(dir: &SessionDir, vpid: i32) -> Journal {
     };
     let _ = std::fs::remove_file(&path);
     let base: Folded = postcard::from_bytes(&bytes).unwrap_or_default();
-    let mut j = Journal::from_base(base);
+    let mut j = Journal::from_table(base);
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
     j.append(&Record::Exec {
-        path: migrt::record::Bytes(exe.into_os_string().into_vec()),
+        path: BytesRef(exe.as_os_str().as_bytes()),
     });
     j
 }
@@ -210,7 +210,7 @@ fn carried_journal(dir: &SessionDir, vpid: i32) -> Journal {
 pub fn carry_across_exec() -> Option<std::path::PathBuf> {
     let s = shim()?;
     let _busy = enter()?;
-    let bytes = postcard::to_stdvec(&journal(s).folded()).ok()?;
+    let bytes = postcard::to_stdvec(journal(s).folded()).ok()?;
     let path = s.dir.exec_state(vpid());
     std::fs::create_dir_all(s.dir.exec_dir()).ok()?;
     std::fs::write(&path, bytes).ok()?;

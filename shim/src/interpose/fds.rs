@@ -7,16 +7,16 @@ use super::process::{to_real, to_virtual};
 use crate::control::{is_shim_fd, relocate_listener};
 use crate::state::{errno, record, set_errno, shim};
 use libc::{c_char, c_int, c_long, c_uint, c_void, mode_t, off_t, size_t, FILE};
-use migrt::record::{Bytes, Record};
+use migrt::record::{BytesRef, Record};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-/// Bytes of a C string (empty for NULL).
-pub unsafe fn bytes(p: *const c_char) -> Bytes {
+/// Bytes of a C string (empty for NULL), borrowed for the duration of the call.
+pub unsafe fn bytes<'a>(p: *const c_char) -> BytesRef<'a> {
     if p.is_null() {
-        Bytes::default()
+        BytesRef(&[])
     } else {
-        Bytes::from(CStr::from_ptr(p).to_bytes())
+        BytesRef(CStr::from_ptr(p).to_bytes())
     }
 }
 
@@ -364,7 +364,7 @@ pub unsafe extern "C" fn pipe2(fds: *mut c_int, flags: c_int) -> c_int {
     r
 }
 
-fn made(fd: c_int, rec: impl FnOnce(c_int) -> Record) -> c_int {
+fn made<'a>(fd: c_int, rec: impl FnOnce(c_int) -> Record<BytesRef<'a>>) -> c_int {
     if fd >= 0 {
         record(|| rec(fd));
     }
@@ -492,7 +492,7 @@ pub unsafe extern "C" fn openpty(master: *mut c_int, slave: *mut c_int, name: *m
         record(|| Record::PtyMaster { fd: m, flags });
         let path = std::fs::read_link(format!("/proc/self/fd/{s}")).unwrap_or_default();
         use std::os::unix::ffi::OsStrExt;
-        record(|| Record::Open { fd: s, dirfd: None, path: Bytes::from(path.as_os_str().as_bytes()), flags, mode: 0 });
+        record(|| Record::Open { fd: s, dirfd: None, path: BytesRef(path.as_os_str().as_bytes()), flags, mode: 0 });
     }
     r
 }

@@ -9,10 +9,17 @@ use std::ffi::{CStr, CString};
 
 /// The path with a virtual pid after /proc/ replaced by the real one; None when unchanged.
 pub fn translate(path: *const c_char) -> Option<CString> {
+    const PROC: &[u8] = b"/proc/";
     if path.is_null() || shim().is_none() {
         return None;
     }
-    // SAFETY: the caller passes a NUL-terminated path (libc's own contract).
+    // SAFETY: the caller passes a NUL-terminated path (libc's own contract); the loop stops
+    // at the first byte that differs, so it never reads past the NUL.
+    let is_proc = PROC.iter().enumerate().all(|(i, &b)| unsafe { *path.add(i) as u8 == b });
+    if !is_proc {
+        return None;
+    }
+    // SAFETY: as above.
     let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
     let rest = bytes.strip_prefix(b"/proc/")?;
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
