@@ -273,6 +273,24 @@ fn control_thread_starts_only_when_asked_even_in_busy_programs() {
 }
 
 #[test]
+fn processes_parked_in_lock_waits_can_be_reached() {
+    let env = Env::new("waits");
+    // Single-threaded, parked in a futex wait: woken (no libc lock can be held).
+    env.detach("waiter", &["python3", "-c", "import threading; threading.Event().wait()"]);
+    // Main thread parked in join: the control thread started with the app's first thread.
+    env.detach("joiner", &["python3", "-c", "import threading, time; t = threading.Thread(target=time.sleep, args=(60,)); t.start(); t.join()"]);
+    let w = env.wait_processes("waiter", "the waiter", |p| p.len() == 1);
+    assert_eq!(threads_of(w[0]["pid"].as_i64().unwrap()), 1);
+    let j = env.wait_processes("joiner", "the joiner's thread", |p| p.len() == 1 && p[0]["threads"] == 2);
+    assert_eq!(threads_of(j[0]["pid"].as_i64().unwrap()), 3, "main, worker, and the shim's thread");
+    for s in ["waiter", "joiner"] {
+        let t = env.table(s, false);
+        assert_eq!(t["processes"][0]["vpid"], VPID_BASE + 1, "{s}");
+        env.stop(s);
+    }
+}
+
+#[test]
 fn the_app_can_neither_take_nor_block_the_reserved_signal() {
     let env = Env::new("sig");
     let script = r#"

@@ -13,12 +13,14 @@ pub struct Client {
 
 impl Client {
     /// Connects to process `vpid` (real pid `pid`). Its control thread is started on
-    /// demand: if it is not listening yet, the session's signal wakes it, again every
-    /// 50 ms (the shim only starts it at a point where that is safe) for up to 5 s.
+    /// demand: if it is not listening yet, the session's signal wakes it — each of its
+    /// threads in turn, every 50 ms (the shim starts the thread only where the interrupted
+    /// code holds no libc lock, so another thread may be the one that can) for up to 5 s.
     pub fn connect(dir: &SessionDir, vpid: i32, pid: i32, signal: i32) -> Result<Client> {
         let path = dir.ctl(vpid);
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut last_wake: Option<Instant> = None;
+        let mut wakes = 0usize;
         let stream = loop {
             match UnixStream::connect(&path) {
                 Ok(s) => break s,
@@ -37,8 +39,11 @@ impl Client {
                 bail!("process {vpid} (pid {pid}) of session {} has exited", dir.name());
             }
             if last_wake.is_none_or(|t| t.elapsed() > Duration::from_millis(50)) {
-                migrt::sys::sigqueue(pid, signal, migrt::wire::WAKE)
-                    .with_context(|| format!("waking process {vpid} (pid {pid})"))?;
+                let tasks = migrt::procfs::list_tasks(&pid.to_string());
+                let tid = tasks.get(wakes % tasks.len().max(1)).copied().unwrap_or(pid);
+                wakes += 1;
+                // A thread that just ended is no error: the next try takes another.
+                let _ = migrt::sys::thread_sigqueue(pid, tid, signal, migrt::wire::WAKE);
                 last_wake = Some(Instant::now());
             }
             std::thread::sleep(Duration::from_millis(2));

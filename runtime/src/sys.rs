@@ -149,11 +149,21 @@ pub fn ignore_terminal_signals() {
     }
 }
 
-/// Sends `sig` with an integer value (sigqueue), to wake a shim process.
-pub fn sigqueue(pid: i32, sig: i32, value: usize) -> io::Result<()> {
-    // SAFETY: sigval is a plain union; the kernel copies it.
+/// Sends `sig` with a value to one thread `tid` of process `pid` (rt_tgsigqueueinfo):
+/// how `mig` wakes a shim process, a thread at a time.
+pub fn thread_sigqueue(pid: i32, tid: i32, sig: i32, value: usize) -> io::Result<()> {
+    // SAFETY: a zeroed siginfo filled as sigqueue(3) would (SI_QUEUE, our pid and uid,
+    // the value); the kernel copies it.
     let r = unsafe {
-        libc::sigqueue(pid, sig, libc::sigval { sival_ptr: value as *mut libc::c_void })
+        let mut si: libc::siginfo_t = std::mem::zeroed();
+        si.si_signo = sig;
+        si.si_code = libc::SI_QUEUE;
+        // The _rt member of the union: si_pid, si_uid, then the value, from byte 16.
+        let p = (&raw mut si).cast::<u8>().add(16);
+        *p.cast::<i32>() = libc::getpid();
+        *p.add(4).cast::<u32>() = libc::getuid();
+        *p.add(8).cast::<usize>() = value;
+        libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, sig, &raw const si)
     };
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }

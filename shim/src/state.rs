@@ -230,7 +230,7 @@ unsafe extern "C" {
 }
 
 #[unsafe(link_section = ".text.hot.migshim_fork")]
-fn single_threaded() -> bool {
+pub fn single_threaded() -> bool {
     // SAFETY: a byte glibc keeps for exactly this kind of question.
     unsafe { std::ptr::read_volatile(&raw const __libc_single_threaded) != 0 }
 }

@@ -93,7 +93,10 @@ unsafe fn safe_point(uc: *const libc::ucontext_t) -> bool {
     const SYSCALL: [u8; 2] = [0x0f, 0x05];
     let at = std::ptr::read(rip as *const [u8; 2]);
     let after = std::ptr::read((rip - 2) as *const [u8; 2]);
-    (at == SYSCALL && BLOCKING.contains(&rax)) || (after == SYSCALL && rax == -(libc::EINTR as i64))
+    // A futex wait in a process that never had a second thread cannot be a libc-internal
+    // lock wait (nothing to contend with): it is the app's (a process-shared semaphore).
+    let blocking = BLOCKING.contains(&rax) || (rax == libc::SYS_futex && crate::state::single_threaded());
+    (at == SYSCALL && blocking) || (after == SYSCALL && rax == -(libc::EINTR as i64))
 }
 
 /// The executable segments of libc, the loader, the shim and whatever provides malloc.

@@ -30,6 +30,12 @@ pub unsafe extern "C" fn pthread_create(thread: *mut pthread_t, attr: *const pth
     let r = real(thread, attr, trampoline as *const c_void, start.cast());
     if r != 0 {
         drop(Box::from_raw(start));
+        return r;
     }
+    // The app is multithreaded now, so a control thread costs it nothing more; started
+    // here, in plain context, it needs no wake-up later (a thread parked in a libc lock
+    // wait could not be woken safely).
+    drop(_busy);
+    crate::control::start();
     r
 }
