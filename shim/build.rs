@@ -7,10 +7,6 @@ fn main() {
         .file("src/interpose/variadic.c")
         .flag("-fvisibility=default")
         .compile("migshim_variadic");
-    // Bind every libc import at load: otherwise each fork child resolves anew (and faults
-    // in the symbol tables for) the functions only children call, which doubled the cost
-    // of fork+wait.
-    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,now");
     // Keep the functions a fork child runs (section .text.hot.migshim_fork) together, so
     // the child faults in one page of the shim's text rather than one per function.
     println!("cargo:rustc-cdylib-link-arg=-Wl,-z,keep-text-section-prefix");
