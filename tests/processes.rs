@@ -315,3 +315,14 @@ time.sleep(60)
     assert!(!std::fs::read_to_string(&log).unwrap().contains("app got 63"));
     env.stop("sig");
 }
+
+#[test]
+fn signal_handlers_may_call_wrapped_functions_while_main_code_allocates() {
+    let env = Env::new("handlers");
+    let mut c = env.mig();
+    c.args(["run", "--"]).arg(c_program("sighandler"));
+    let out = env.output(c);
+    let s = text(&out.stdout);
+    assert!(out.status.success(), "{s}{}", text(&out.stderr));
+    assert!(s.contains("handlers reported ok"), "{s}");
+}

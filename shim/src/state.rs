@@ -84,10 +84,14 @@ pub fn journal(s: &Shim) -> MutexGuard<'_, Journal> {
     s.journal.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Appends the record `make` builds, unless the thread is already inside the shim (then
-/// the reconciliation with /proc is what catches the change). errno is preserved.
+/// Appends the record `make` builds, unless the thread is already inside the shim or in an
+/// app signal handler (journaling allocates: not async-signal-safe). Then the
+/// reconciliation with /proc is what catches the change. errno is preserved.
 pub fn record<'a>(make: impl FnOnce() -> Record<BytesRef<'a>>) {
     let Some(s) = shim() else { return };
+    if crate::interpose::in_signal_handler() {
+        return;
+    }
     let Some(_busy) = enter() else { return };
     let e = errno();
     journal(s).append(&make());

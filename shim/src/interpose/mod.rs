@@ -39,7 +39,7 @@ mod sockets;
 mod threads;
 
 pub use process::{real_pgid_sid, real_pid, real_ppid, real_tid, register_atfork};
-pub use signals::install as install_signal;
+pub use signals::{in_handler as in_signal_handler, install as install_signal};
 
 /// Functions a fork child commonly calls first (shells and spawners: redirect, set up
 /// signals and groups, exec or exit). Resolved once at load, so that each child does not

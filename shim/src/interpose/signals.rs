@@ -5,7 +5,11 @@
 //! Every app handler runs with it blocked, so it never lands inside an app handler that
 //! may have interrupted libc.
 //!
-//! The handler runs in signal context. It allocates and starts a thread only when the
+//! App handlers are installed behind a trampoline that marks the thread as being in a
+//! signal handler: there the wrappers do not journal (journaling allocates, and the handler
+//! may have interrupted malloc); the table's reconciliation with /proc still sees the fds.
+//!
+//! The reserved signal's handler runs in signal context. It allocates and starts a thread only when the
 //! interrupted point holds no libc lock for sure: outside the text of libc, the loader,
 //! the malloc in use and the shim, or stopped at a blocking system call. Otherwise it
 //! does nothing and `mig` asks again a moment later.
@@ -26,6 +30,40 @@ thread_local! {
 
 /// What the app installed for the reserved signal (never installed for real).
 static APP_ACTION: Mutex<Option<libc::sigaction>> = Mutex::new(None);
+
+/// The app's handler for each signal, called by the trampoline; with its SA_SIGINFO flag.
+static APP_HANDLER: [AtomicUsize; 65] = [const { AtomicUsize::new(0) }; 65];
+static APP_SIGINFO: [std::sync::atomic::AtomicBool; 65] = [const { std::sync::atomic::AtomicBool::new(false) }; 65];
+
+thread_local! {
+    static IN_HANDLER: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether the calling thread is running an app signal handler.
+pub fn in_handler() -> bool {
+    IN_HANDLER.try_with(Cell::get).unwrap_or(0) > 0
+}
+
+/// Runs the app's handler for `sig`, marked. A handler that leaves by siglongjmp leaves
+/// the mark set: the thread then stops journaling (reconciliation still covers it).
+extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
+    let Some(i) = usize::try_from(sig).ok().filter(|&i| i < APP_HANDLER.len()) else { return };
+    let h = APP_HANDLER[i].load(Relaxed);
+    if h == libc::SIG_DFL || h == libc::SIG_IGN {
+        return;
+    }
+    let _ = IN_HANDLER.try_with(|c| c.set(c.get() + 1));
+    // SAFETY: h is the handler the app installed for sig, with the signature its
+    // SA_SIGINFO flag promised.
+    unsafe {
+        if APP_SIGINFO[i].load(Relaxed) {
+            std::mem::transmute::<usize, extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void)>(h)(sig, info, uc);
+        } else {
+            std::mem::transmute::<usize, extern "C" fn(c_int)>(h)(sig);
+        }
+    }
+    let _ = IN_HANDLER.try_with(|c| c.set(c.get().saturating_sub(1)));
+}
 
 const MAX_RANGES: usize = 32;
 /// Executable ranges where the interrupted thread may hold a libc lock.
@@ -162,14 +200,41 @@ pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old:
         }
         return 0;
     }
-    if act.is_null() {
-        return real_sigaction(sig, act, old);
-    }
-    let mut copy = *act;
-    libc::sigaddset(&mut copy.sa_mask, ours);
-    let r = real_sigaction(sig, &copy, old);
+    let slot = usize::try_from(sig).ok().filter(|&i| i < APP_HANDLER.len());
+    let before = slot.map(|i| (APP_HANDLER[i].load(Relaxed), APP_SIGINFO[i].load(Relaxed)));
+    let r = if act.is_null() {
+        real_sigaction(sig, act, old)
+    } else {
+        let mut copy = *act;
+        libc::sigaddset(&mut copy.sa_mask, ours);
+        let h = copy.sa_sigaction;
+        // SA_RESETHAND handlers run once, as the kernel would leave them: not behind the
+        // trampoline (which could not follow the reset).
+        let wrap = h != libc::SIG_DFL && h != libc::SIG_IGN && copy.sa_flags & libc::SA_RESETHAND == 0;
+        if let (Some(i), true) = (slot, wrap) {
+            APP_HANDLER[i].store(h, Relaxed);
+            APP_SIGINFO[i].store(copy.sa_flags & libc::SA_SIGINFO != 0, Relaxed);
+            copy.sa_sigaction = trampoline as *const () as usize;
+            copy.sa_flags |= libc::SA_SIGINFO;
+        }
+        let r = real_sigaction(sig, &copy, old);
+        if r != 0 {
+            if let (Some(i), Some((h, si))) = (slot, before) {
+                APP_HANDLER[i].store(h, Relaxed);
+                APP_SIGINFO[i].store(si, Relaxed);
+            }
+        }
+        r
+    };
     if r == 0 && !old.is_null() {
         libc::sigdelset(&mut (*old).sa_mask, ours);
+        // Report the app's own handler and flag, not the trampoline.
+        if let (Some((h, si)), true) = (before, (*old).sa_sigaction == trampoline as *const () as usize) {
+            (*old).sa_sigaction = h;
+            if !si {
+                (*old).sa_flags &= !libc::SA_SIGINFO;
+            }
+        }
     }
     r
 }
