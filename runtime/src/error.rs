@@ -17,6 +17,8 @@ pub enum Error {
     TableFull(usize),
     #[error("invalid session name {0:?}: use 1-32 characters from A-Z a-z 0-9 . _ -, not starting with '.'")]
     BadName(String),
+    #[error("image {path}: {what}")]
+    Image { path: PathBuf, what: String },
     #[error("wire: {0}")]
     Wire(String),
     #[error("encoding: {0}")]

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod fdmap;
+pub mod image;
 pub mod journal;
 pub mod link;
 pub mod paths;

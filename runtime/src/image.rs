@@ -1,0 +1,451 @@
+//! The image format: one file per process (and one for the session), written as a stream
+//! so that it can go to a file or straight to another host.
+//!
+//! ```text
+//! header   4096 bytes: magic "MIGSHIM\0", format version, kind, crc of those 16 bytes
+//! section  32-byte head: tag, flags, payload length, payload crc32, crc32 of the head
+//!          padding to the payload's alignment (4096 for page data, so it can be mapped)
+//!          payload
+//! ...
+//! END      payload: the number of sections before it
+//! ```
+//!
+//! Every byte is covered by a checksum; a reader refuses a damaged, truncated or foreign
+//! image before anything is used, naming the file, the section and the offset.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{IoSlice, Read, Write};
+use std::path::{Path, PathBuf};
+
+pub const MAGIC: [u8; 8] = *b"MIGSHIM\0";
+pub const VERSION: u32 = 1;
+pub const PAGE: usize = 4096;
+const HEAD: usize = 32;
+
+/// What an image file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Process = 1,
+    Session = 2,
+}
+
+/// Section tags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tag {
+    /// postcard(ProcessMeta) or postcard(SessionManifest)
+    Meta = 1,
+    /// postcard(table::Folded)
+    Table = 2,
+    /// postcard(Vec<ThreadState>)
+    Threads = 3,
+    /// postcard(Vec<Region>)
+    Regions = 4,
+    /// postcard(PageMap): which pages of a region follow
+    PageMap = 5,
+    /// the present pages of the preceding PageMap, page-aligned in the file
+    PageData = 6,
+    End = 0x454e44,
+}
+
+impl Tag {
+    fn from_u32(v: u32) -> Option<Tag> {
+        Some(match v {
+            1 => Tag::Meta,
+            2 => Tag::Table,
+            3 => Tag::Threads,
+            4 => Tag::Regions,
+            5 => Tag::PageMap,
+            6 => Tag::PageData,
+            0x454e44 => Tag::End,
+            _ => return None,
+        })
+    }
+
+    fn align(self) -> u64 {
+        if self == Tag::PageData { PAGE as u64 } else { 8 }
+    }
+}
+
+/// A process as the image describes it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessMeta {
+    pub vpid: i32,
+    pub parent_vpid: i32,
+    pub real_pid: i32,
+    pub host: String,
+    pub command: Vec<crate::record::Bytes>,
+    pub exe: crate::record::Bytes,
+    pub cwd: crate::record::Bytes,
+    pub umask: u32,
+    /// Seconds since the epoch.
+    pub taken: u64,
+}
+
+/// One thread, frozen.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThreadState {
+    pub vtid: i32,
+    pub tid: i32,
+    /// The `ucontext_t` the kernel saved when the freeze signal arrived.
+    pub ucontext: Vec<u8>,
+    /// The FPU/vector state it points to (xsave area).
+    pub fpstate: Vec<u8>,
+    pub fs_base: u64,
+    /// sigaltstack: (base, size, flags)
+    pub altstack: (u64, u64, i32),
+}
+
+/// One mapping of the address space.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    /// "rwxp" as /proc/PID/maps shows it.
+    pub perms: String,
+    pub offset: u64,
+    /// The file or the kernel's name ("[heap]", "[stack]"), empty for anonymous memory.
+    pub name: crate::record::Bytes,
+    pub inode: u64,
+    /// Whether the region's pages are in the image (else it is recreated from its file or
+    /// left empty).
+    pub stored: bool,
+}
+
+/// The pages of `region` from `first_page` on, for `count` pages: bit i of `present`
+/// says page i is in the PageData section that follows (zero pages are not stored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PageMap {
+    pub region: u32,
+    pub first_page: u64,
+    pub count: u64,
+    pub present: Vec<u64>,
+}
+
+impl PageMap {
+    pub fn is_present(&self, i: u64) -> bool {
+        self.present
+            .get((i / 64) as usize)
+            .is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    pub fn present_count(&self) -> u64 {
+        self.present.iter().map(|w| w.count_ones() as u64).sum()
+    }
+}
+
+/// The session image's manifest.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionManifest {
+    pub name: String,
+    pub host: String,
+    pub taken: u64,
+    /// (vpid, parent vpid, file name) of every process.
+    pub processes: Vec<(i32, i32, String)>,
+}
+
+fn pad(offset: u64, align: u64) -> u64 {
+    (align - offset % align) % align
+}
+
+/// Writes an image as a stream.
+pub struct ImageWriter<W: Write> {
+    w: W,
+    offset: u64,
+    sections: u64,
+}
+
+impl<W: Write> ImageWriter<W> {
+    pub fn new(mut w: W, kind: Kind) -> std::io::Result<Self> {
+        let mut head = [0u8; PAGE];
+        head[..8].copy_from_slice(&MAGIC);
+        head[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        head[12..16].copy_from_slice(&(kind as u32).to_le_bytes());
+        let crc = crc32fast::hash(&head[..16]);
+        head[16..20].copy_from_slice(&crc.to_le_bytes());
+        w.write_all(&head)?;
+        Ok(ImageWriter {
+            w,
+            offset: PAGE as u64,
+            sections: 0,
+        })
+    }
+
+    /// A section whose payload is `parts`, one after another (page data is written
+    /// straight from memory, without copying it together first).
+    pub fn section_parts(&mut self, tag: Tag, parts: &[&[u8]]) -> std::io::Result<()> {
+        let mut h = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        for p in parts {
+            h.update(p);
+            len += p.len() as u64;
+        }
+        let mut head = [0u8; HEAD];
+        head[0..4].copy_from_slice(&(tag as u32).to_le_bytes());
+        head[8..16].copy_from_slice(&len.to_le_bytes());
+        head[16..20].copy_from_slice(&h.finalize().to_le_bytes());
+        let hc = crc32fast::hash(&head[..20]);
+        head[20..24].copy_from_slice(&hc.to_le_bytes());
+        self.w.write_all(&head)?;
+        self.offset += HEAD as u64;
+        let gap = pad(self.offset, tag.align()) as usize;
+        self.w.write_all(&[0u8; PAGE][..gap])?;
+        self.offset += gap as u64;
+        write_all_vectored(&mut self.w, parts)?;
+        self.offset += len;
+        self.sections += 1;
+        Ok(())
+    }
+
+    pub fn section(&mut self, tag: Tag, payload: &[u8]) -> std::io::Result<()> {
+        self.section_parts(tag, &[payload])
+    }
+
+    pub fn postcard<T: Serialize>(&mut self, tag: Tag, value: &T) -> Result<()> {
+        let bytes = postcard::to_stdvec(value)?;
+        self.section(tag, &bytes)
+            .map_err(|e| Error::io("writing image section", PathBuf::new(), e))
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.offset
+    }
+
+    /// Writes the END section and hands back the writer (flushed).
+    pub fn finish(mut self) -> std::io::Result<W> {
+        let n = self.sections;
+        self.section(Tag::End, &n.to_le_bytes())?;
+        self.w.flush()?;
+        Ok(self.w)
+    }
+}
+
+/// write_all for many slices, in as few system calls as the writer allows.
+fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
+    const BATCH: usize = 512;
+    for chunk in parts.chunks(BATCH) {
+        let mut slices: Vec<IoSlice> = chunk.iter().map(|p| IoSlice::new(p)).collect();
+        let mut bufs = &mut slices[..];
+        while !bufs.is_empty() {
+            match w.write_vectored(bufs) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A verified section.
+#[derive(Debug)]
+pub struct Section {
+    pub tag: Tag,
+    pub offset: u64,
+    pub payload: Vec<u8>,
+}
+
+impl Section {
+    pub fn decode<'a, T: Deserialize<'a>>(&'a self, path: &Path) -> Result<T> {
+        postcard::from_bytes(&self.payload).map_err(|e| Error::Image {
+            path: path.into(),
+            what: format!("section {:?} at offset {} does not decode: {e}", self.tag, self.offset),
+        })
+    }
+}
+
+/// Reads an image, verifying every checksum as it goes.
+pub struct ImageReader<R: Read> {
+    r: R,
+    path: PathBuf,
+    offset: u64,
+    sections: u64,
+    pub kind: Kind,
+    done: bool,
+}
+
+impl ImageReader<std::io::BufReader<std::fs::File>> {
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = std::fs::File::open(path).map_err(|e| Error::io("opening image", path, e))?;
+        ImageReader::new(std::io::BufReader::with_capacity(1 << 20, f), path)
+    }
+}
+
+impl<R: Read> ImageReader<R> {
+    pub fn new(mut r: R, path: &Path) -> Result<Self> {
+        let bad = |what: String| Error::Image {
+            path: path.into(),
+            what,
+        };
+        let mut head = [0u8; PAGE];
+        read_exact(&mut r, &mut head).map_err(|_| bad("truncated: no complete header".into()))?;
+        if head[..8] != MAGIC {
+            return Err(bad("not a migshim image (bad magic)".into()));
+        }
+        if u32::from_le_bytes(head[16..20].try_into().unwrap()) != crc32fast::hash(&head[..16])
+            || head[20..].iter().any(|&b| b != 0)
+        {
+            return Err(bad("damaged header (checksum mismatch)".into()));
+        }
+        let version = u32::from_le_bytes(head[8..12].try_into().unwrap());
+        if version != VERSION {
+            return Err(bad(format!(
+                "format version {version}; this mig reads version {VERSION}: restore it with the mig that wrote it"
+            )));
+        }
+        let kind = match u32::from_le_bytes(head[12..16].try_into().unwrap()) {
+            1 => Kind::Process,
+            2 => Kind::Session,
+            k => return Err(bad(format!("unknown image kind {k}"))),
+        };
+        Ok(ImageReader {
+            r,
+            path: path.into(),
+            offset: PAGE as u64,
+            sections: 0,
+            kind,
+            done: false,
+        })
+    }
+
+    fn bad(&self, what: String) -> Error {
+        Error::Image {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    /// The next section, verified; None after a verified END.
+    pub fn next_section(&mut self) -> Result<Option<Section>> {
+        if self.done {
+            return Ok(None);
+        }
+        let at = self.offset;
+        let mut head = [0u8; HEAD];
+        read_exact(&mut self.r, &mut head)
+            .map_err(|_| self.bad(format!("truncated at offset {at}: section {} missing", self.sections + 1)))?;
+        let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
+        if u32_at(20) != crc32fast::hash(&head[..20]) || head[24..].iter().any(|&b| b != 0) {
+            return Err(self.bad(format!("damaged section head at offset {at} (checksum mismatch)")));
+        }
+        let tag = Tag::from_u32(u32_at(0))
+            .ok_or_else(|| self.bad(format!("unknown section tag {} at offset {at}", u32_at(0))))?;
+        let len = u64::from_le_bytes(head[8..16].try_into().unwrap());
+        self.offset += HEAD as u64;
+        let gap = pad(self.offset, tag.align());
+        let mut skip = [0u8; PAGE];
+        read_exact(&mut self.r, &mut skip[..gap as usize])
+            .map_err(|_| self.bad(format!("truncated in section {tag:?} at offset {at}")))?;
+        if skip[..gap as usize].iter().any(|&b| b != 0) {
+            return Err(self.bad(format!("damaged padding in section {tag:?} at offset {at}")));
+        }
+        self.offset += gap;
+        if len > 1 << 40 {
+            return Err(self.bad(format!("section {tag:?} at offset {at} claims {len} bytes")));
+        }
+        let mut payload = vec![0u8; len as usize];
+        read_exact(&mut self.r, &mut payload).map_err(|_| {
+            self.bad(format!("truncated in section {tag:?} at offset {at} ({len} bytes expected)"))
+        })?;
+        if crc32fast::hash(&payload) != u32_at(16) {
+            return Err(self.bad(format!(
+                "damaged section {tag:?} at offset {at} (checksum mismatch)"
+            )));
+        }
+        self.offset += len;
+        if tag == Tag::End {
+            let n = payload.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+            if n != Some(self.sections) {
+                return Err(self.bad(format!("END says {n:?} sections, {} were read", self.sections)));
+            }
+            self.done = true;
+            return Ok(None);
+        }
+        self.sections += 1;
+        Ok(Some(Section {
+            tag,
+            offset: at,
+            payload,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
+    r.read_exact(buf)
+}
+
+/// Reads a whole image, verifying it, and returns its sections.
+pub fn read_all(path: &Path) -> Result<(Kind, Vec<Section>)> {
+    let mut r = ImageReader::open(path)?;
+    let mut out = Vec::new();
+    while let Some(s) = r.next_section()? {
+        out.push(s);
+    }
+    Ok((r.kind, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut w = ImageWriter::new(Vec::new(), Kind::Process).unwrap();
+        w.postcard(Tag::Meta, &ProcessMeta { vpid: 4200001, ..Default::default() }).unwrap();
+        let page = [7u8; PAGE];
+        let map = PageMap { region: 0, first_page: 0, count: 3, present: vec![0b101] };
+        w.postcard(Tag::PageMap, &map).unwrap();
+        w.section_parts(Tag::PageData, &[&page, &page]).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_alignment() {
+        let img = sample();
+        let mut r = ImageReader::new(&img[..], Path::new("x")).unwrap();
+        assert_eq!(r.kind, Kind::Process);
+        let meta = r.next_section().unwrap().unwrap();
+        assert_eq!(meta.decode::<ProcessMeta>(Path::new("x")).unwrap().vpid, 4200001);
+        let map: PageMap = r.next_section().unwrap().unwrap().decode(Path::new("x")).unwrap();
+        assert!(map.is_present(0) && !map.is_present(1) && map.is_present(2));
+        assert_eq!(map.present_count(), 2);
+        let data = r.next_section().unwrap().unwrap();
+        assert_eq!(data.payload.len(), 2 * PAGE);
+        // The page data sits page-aligned in the file (so it can be mapped from there).
+        let pos = img.windows(PAGE).position(|w| w == [7u8; PAGE]).unwrap();
+        assert_eq!(pos % PAGE, 0);
+        assert!(r.next_section().unwrap().is_none());
+    }
+
+    #[test]
+    fn every_flipped_byte_and_every_truncation_is_refused() {
+        let img = sample();
+        let read = |b: &[u8]| -> Result<()> {
+            let mut r = ImageReader::new(b, Path::new("img"))?;
+            while r.next_section()?.is_some() {}
+            Ok(())
+        };
+        assert!(read(&img).is_ok());
+        // Every byte counts: header, heads, padding, payloads.
+        for i in 0..img.len() {
+            let mut bad = img.clone();
+            bad[i] ^= 0x40;
+            assert!(read(&bad).is_err(), "flipping byte {i} went unnoticed");
+        }
+        for cut in [0, 10, PAGE, PAGE + 5, img.len() / 2, img.len() - 1] {
+            let e = read(&img[..cut]).unwrap_err().to_string();
+            assert!(e.contains("img") && e.contains("truncated"), "{cut}: {e}");
+        }
+        let mut v2 = img.clone();
+        v2[8] = 2;
+        let crc = crc32fast::hash(&v2[..16]);
+        v2[16..20].copy_from_slice(&crc.to_le_bytes());
+        assert!(read(&v2).unwrap_err().to_string().contains("format version 2"));
+        assert!(read(b"hello").unwrap_err().to_string().contains("truncated"));
+    }
+}
