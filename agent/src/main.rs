@@ -1,5 +1,6 @@
 //! mig — launch migshim sessions, list them, read their state tables.
 
+mod checkpoint;
 mod client;
 mod demo;
 mod elf;
@@ -42,6 +43,16 @@ enum Cmd {
     Ps {
         #[arg(long)]
         json: bool,
+    },
+    /// Freeze a session, write its image to DIR, and let it run on (or end it).
+    Checkpoint {
+        session: String,
+        /// The image directory (created; must not hold anything yet).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// End the session once the image is complete and synced.
+        #[arg(long)]
+        stop: bool,
     },
     /// A guided demo on this host: a counter run as a session, inspected, ended.
     Demo,
@@ -94,6 +105,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Checkpoint { session, out, stop } => checkpoint::checkpoint(&session, &out, stop),
         Cmd::Demo => demo::demo(),
         Cmd::Counter { hz, dir } => demo::counter(hz, &dir),
         Cmd::Table { session, json, journal } => {

@@ -35,7 +35,8 @@ pub enum Kind {
 pub enum Tag {
     /// postcard(ProcessMeta) or postcard(SessionManifest)
     Meta = 1,
-    /// postcard(table::Folded)
+    /// postcard((table::ProcessTable, table::Folded)): the reconciled table and the
+    /// journal's intent behind it
     Table = 2,
     /// postcard(Vec<ThreadState>)
     Threads = 3,
@@ -221,12 +222,20 @@ impl<W: Write> ImageWriter<W> {
     }
 }
 
-/// write_all for many slices, in as few system calls as the writer allows.
+/// write_all for many slices, in as few system calls as the writer allows. Allocates
+/// nothing (a checkpoint writes pages while the app is frozen, and must not change memory
+/// it is still dumping).
 fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
-    const BATCH: usize = 512;
+    const BATCH: usize = 64;
+    if let [one] = parts {
+        return w.write_all(one);
+    }
     for chunk in parts.chunks(BATCH) {
-        let mut slices: Vec<IoSlice> = chunk.iter().map(|p| IoSlice::new(p)).collect();
-        let mut bufs = &mut slices[..];
+        let mut slices = [IoSlice::new(&[]); BATCH];
+        for (s, p) in slices.iter_mut().zip(chunk) {
+            *s = IoSlice::new(p);
+        }
+        let mut bufs = &mut slices[..chunk.len()];
         while !bufs.is_empty() {
             match w.write_vectored(bufs) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),

@@ -289,6 +289,45 @@ pub fn describe_own_fd(
     Some((info, object))
 }
 
+/// One line of `/proc/<pid>/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapsLine {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub offset: u64,
+    pub inode: u64,
+    pub name: Bytes,
+}
+
+/// Every mapping of `/proc/<pid>/maps`, in address order.
+pub fn all_mappings(pid: &str) -> Vec<MapsLine> {
+    let Ok(text) = std::fs::read(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    text.split(|&b| b == b'\n').filter_map(parse_maps_bytes).collect()
+}
+
+fn parse_maps_bytes(l: &[u8]) -> Option<MapsLine> {
+    // start-end perms offset dev inode [name, which may contain spaces]
+    let mut fields = l.splitn(6, |&b| b == b' ');
+    let range = std::str::from_utf8(fields.next()?).ok()?;
+    let perms = std::str::from_utf8(fields.next()?).ok()?.to_string();
+    let offset = u64::from_str_radix(std::str::from_utf8(fields.next()?).ok()?, 16).ok()?;
+    let _dev = fields.next()?;
+    let inode = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
+    let name = fields.next().map(|n| n.trim_ascii_start()).unwrap_or(&[]);
+    let (s, e) = range.split_once('-')?;
+    Some(MapsLine {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        perms,
+        offset,
+        inode,
+        name: Bytes::from(name),
+    })
+}
+
 /// File-backed mappings of `/proc/<pid>/maps`.
 pub fn file_mappings(pid: &str) -> Vec<Mapping> {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
@@ -350,6 +389,15 @@ mod tests {
         let ino = FdInfo::parse("inotify wd:1 ino:2a sdev:800001 mask:fff ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:0\n");
         let w = ino.inotify_watches();
         assert_eq!((w[0].wd, w[0].ino, w[0].mask), (1, 42, 0xfff));
+    }
+
+    #[test]
+    fn parses_all_maps_lines() {
+        let m = parse_maps_bytes(b"7f00-7f10 rw-p 00000000 00:00 0 ").unwrap();
+        assert_eq!((m.start, m.perms.as_str(), m.name.0.len()), (0x7f00, "rw-p", 0));
+        let m = parse_maps_bytes(b"7f00-7f10 r--s 00001000 08:01 99    /a b (deleted)").unwrap();
+        assert_eq!((m.inode, m.name.0.as_slice()), (99, &b"/a b (deleted)"[..]));
+        assert!(all_mappings("self").iter().any(|m| m.name.0 == b"[stack]"));
     }
 
     #[test]

@@ -20,8 +20,16 @@ const MAX_FRAME: usize = 256 << 20;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
     Hello { version: u32 },
-    /// The process's reconciled table, and with `journal` the records not yet folded.
+    /// The process's reconciled table, and with `journal` the most recent records.
     Table { journal: bool },
+    /// Park every app thread (until Thaw, Stop, or the connection ends).
+    Freeze,
+    /// While frozen: write the process image to `path` (fsync'd with `sync`).
+    Dump { path: String, sync: bool },
+    /// Let the app run on.
+    Thaw,
+    /// End the process (after a complete checkpoint).
+    Stop,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,6 +39,18 @@ pub enum Response {
         table: ProcessTable,
         journal: Option<JournalView>,
     },
+    Frozen {
+        threads: u32,
+        /// Time it took to park every thread.
+        micros: u64,
+    },
+    Dumped {
+        bytes: u64,
+        threads: u32,
+        regions: u32,
+        pages: u64,
+    },
+    Done,
     Error(String),
 }
 

@@ -13,7 +13,8 @@
 //! thread list of the table, and its fds are hidden from the app's close calls and from the
 //! table.
 
-use crate::interpose::{block_all_signals, close_real, move_fd_high, peer_uid, real_tid};
+use crate::interpose::{block_all_signals, close_real, freeze, move_fd_high, peer_uid, real_tid};
+use std::time::Duration;
 use crate::state::{CTL_PATH, enter_forever, shim, vpid};
 use migrt::wire::{self, PROTOCOL_VERSION, Request, Response};
 use std::ffi::CString;
@@ -146,10 +147,22 @@ fn serve() {
             continue;
         }
         CONN_FD.store(conn.as_raw_fd(), Relaxed);
+        let mut session = Session::default();
         while let Ok(req) = wire::read_frame::<Request>(&mut conn) {
-            if wire::write_frame(&mut conn, &handle(req)).is_err() {
+            let stop = matches!(req, Request::Stop);
+            let resp = session.handle(req);
+            // A frozen app waits at most this long for mig's next word.
+            let _ = conn.set_read_timeout(session.frozen.as_ref().map(|_| FROZEN_PATIENCE));
+            if wire::write_frame(&mut conn, &resp).is_err() {
                 break;
             }
+            if stop && matches!(resp, Response::Done) {
+                crate::interpose::raw::exit_group(0);
+            }
+        }
+        // mig went away (or gave up): whatever happened, the app runs on.
+        if session.frozen.take().is_some() {
+            freeze::thaw();
         }
         CONN_FD.store(-1, Relaxed);
     }
@@ -157,15 +170,79 @@ fn serve() {
     let _ = listener.into_raw_fd();
 }
 
-fn handle(req: Request) -> Response {
-    match req {
-        Request::Hello { .. } => Response::Hello {
-            version: PROTOCOL_VERSION,
-            vpid: vpid(),
-        },
-        Request::Table { journal } => {
-            let (table, journal) = crate::reconcile::table(journal);
-            Response::Table { table, journal }
+/// How long a frozen process waits for mig before it thaws on its own.
+const FROZEN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The app as it was parked: its threads, and its table at that instant.
+struct Frozen {
+    parked: Vec<freeze::Parked>,
+    table: migrt::table::ProcessTable,
+    folded: migrt::table::Folded,
+}
+
+/// One connection's state: whether it holds the app frozen.
+#[derive(Default)]
+struct Session {
+    frozen: Option<Frozen>,
+}
+
+impl Session {
+    fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Hello { .. } => Response::Hello {
+                version: PROTOCOL_VERSION,
+                vpid: vpid(),
+            },
+            Request::Table { journal } => {
+                let (table, journal) = crate::reconcile::table(journal);
+                Response::Table { table, journal }
+            }
+            Request::Freeze => self.freeze(),
+            Request::Dump { path, sync } => match (&self.frozen, shim()) {
+                (Some(f), Some(s)) => {
+                    match crate::dump::dump(s, std::path::Path::new(&path), &f.parked, &f.table, &f.folded, sync) {
+                        Ok(d) => Response::Dumped {
+                            bytes: d.bytes,
+                            threads: d.threads,
+                            regions: d.regions,
+                            pages: d.pages,
+                        },
+                        Err(e) => Response::Error(format!("writing {path}: {e}")),
+                    }
+                }
+                _ => Response::Error("not frozen: send Freeze first".into()),
+            },
+            Request::Thaw => {
+                if self.frozen.take().is_some() {
+                    freeze::thaw();
+                }
+                Response::Done
+            }
+            Request::Stop => match self.frozen {
+                Some(_) => Response::Done,
+                None => Response::Error("not frozen: a process is stopped only after its checkpoint".into()),
+            },
+        }
+    }
+
+    fn freeze(&mut self) -> Response {
+        if self.frozen.is_some() {
+            return Response::Error("already frozen".into());
+        }
+        let Some(s) = shim() else {
+            return Response::Error("not in a session".into());
+        };
+        let t0 = std::time::Instant::now();
+        match freeze::freeze(s.table.signal(), Duration::from_secs(10)) {
+            Ok(parked) => {
+                let micros = t0.elapsed().as_micros() as u64;
+                let (table, _) = crate::reconcile::table(false);
+                let folded = crate::state::journal(s).folded().clone();
+                let threads = parked.len() as u32;
+                self.frozen = Some(Frozen { parked, table, folded });
+                Response::Frozen { threads, micros }
+            }
+            Err(e) => Response::Error(format!("freezing: {e}")),
         }
     }
 }

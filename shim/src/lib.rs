@@ -7,6 +7,7 @@
 //! straight through to libc.
 
 mod control;
+mod dump;
 mod interpose;
 mod reconcile;
 mod state;

@@ -70,6 +70,11 @@ pub fn enter_forever() {
     let _ = BUSY.try_with(|b| b.set(true));
 }
 
+/// Whether the current thread is inside the shim (a wrapper, or the control thread).
+pub fn busy() -> bool {
+    BUSY.try_with(Cell::get).unwrap_or(true)
+}
+
 pub fn errno() -> i32 {
     // SAFETY: __errno_location returns this thread's errno slot.
     unsafe { *libc::__errno_location() }

@@ -32,8 +32,10 @@ mod macros {
 
 mod exec;
 mod fds;
+pub mod freeze;
 mod paths;
 mod process;
+pub mod raw;
 mod signals;
 mod sockets;
 mod threads;
@@ -150,6 +152,42 @@ pub fn peer_uid(fd: i32) -> Option<u32> {
             &mut len,
         );
         (r == 0).then_some(c.uid)
+    }
+}
+
+/// A private anonymous mapping of `len` bytes (the shim's own working memory, apart from
+/// the app's heap).
+pub fn map_anonymous(len: usize) -> std::io::Result<*mut u8> {
+    // SAFETY: asking the kernel for fresh memory at an address of its choosing.
+    let p = unsafe {
+        real!(mmap: fn(*mut libc::c_void, usize, libc::c_int, libc::c_int, libc::c_int, libc::off_t) -> *mut libc::c_void)(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+pub fn unmap(p: *mut u8, len: usize) {
+    // SAFETY: unmapping memory map_anonymous gave, which nothing uses any more.
+    unsafe { real!(munmap: fn(*mut libc::c_void, usize) -> libc::c_int)(p.cast(), len) };
+}
+
+/// The process's umask (read by setting and restoring it: only while the app is frozen).
+pub fn current_umask() -> u32 {
+    // SAFETY: umask cannot fail; the value is put back at once.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
     }
 }
 

@@ -362,8 +362,7 @@ pub unsafe extern "C" fn timer_create(clock: libc::clockid_t, sev: *mut libc::si
 #[unsafe(link_section = ".text.hot.migshim_fork")]
 pub unsafe extern "C" fn _exit(status: c_int) -> ! {
     state::leave();
-    // SAFETY: exit_group takes one integer and does not return.
-    core::arch::asm!("syscall", in("rax") libc::SYS_exit_group, in("rdi") status, options(noreturn))
+    super::raw::exit_group(status)
 }
 
 #[unsafe(no_mangle)]

@@ -68,6 +68,15 @@ extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void
 const MAX_RANGES: usize = 32;
 /// Executable ranges where the interrupted thread may hold a libc lock.
 static UNSAFE_TEXT: [(AtomicUsize, AtomicUsize); MAX_RANGES] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RANGES];
+/// Writable ranges of libc and the loader: a futex there is one of their internal locks.
+static LIBC_DATA: [(AtomicUsize, AtomicUsize); MAX_RANGES] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RANGES];
+
+fn in_ranges(ranges: &[(AtomicUsize, AtomicUsize)], a: usize) -> bool {
+    ranges.iter().any(|(s, e)| {
+        let (s, e) = (s.load(Relaxed), e.load(Relaxed));
+        s != 0 && a >= s && a < e
+    })
+}
 
 /// System calls that block without holding any libc lock (numbers as the kernel restarts them).
 const BLOCKING: &[i64] = &[
@@ -106,23 +115,32 @@ pub fn install(sig: c_int) {
 extern "C" fn on_signal(_sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
     // SAFETY: the kernel hands a valid siginfo and ucontext for an SA_SIGINFO handler.
     let (value, safe) = unsafe { ((*info).si_value().sival_ptr as usize, safe_point(uc.cast())) };
-    if value != migrt::wire::WAKE || control::started() || !safe {
-        return;
+    if !safe {
+        return; // mig (or the control thread) asks again in a moment
     }
     let e = errno();
-    control::start();
+    if value == migrt::wire::WAKE {
+        if !control::started() {
+            control::start();
+        }
+    } else {
+        // SAFETY: uc is this handler's ucontext, valid while the handler runs.
+        unsafe { super::freeze::park(value, uc.cast()) };
+    }
     set_errno(e);
 }
 
-/// Whether the interrupted point certainly holds no libc lock.
+/// Whether the interrupted point certainly holds no libc or shim lock: outside their code
+/// (and not in an app signal handler, which may have interrupted them), or stopped at a
+/// blocking system call, or waiting on a futex that is not one of libc's own locks.
 unsafe fn safe_point(uc: *const libc::ucontext_t) -> bool {
+    if in_handler() || crate::state::busy() {
+        return false;
+    }
     let rip = (*uc).uc_mcontext.gregs[libc::REG_RIP as usize] as usize;
     let rax = (*uc).uc_mcontext.gregs[libc::REG_RAX as usize];
-    let risky = UNSAFE_TEXT.iter().any(|(s, e)| {
-        let (s, e) = (s.load(Relaxed), e.load(Relaxed));
-        s != 0 && rip >= s && rip < e
-    });
-    if !risky {
+    let rdi = (*uc).uc_mcontext.gregs[libc::REG_RDI as usize] as usize;
+    if !in_ranges(&UNSAFE_TEXT, rip) {
         return true;
     }
     // Stopped at a system call (the text is readable: rip is inside a mapped library).
@@ -132,8 +150,13 @@ unsafe fn safe_point(uc: *const libc::ucontext_t) -> bool {
     let at = std::ptr::read(rip as *const [u8; 2]);
     let after = std::ptr::read((rip - 2) as *const [u8; 2]);
     // A futex wait in a process that never had a second thread cannot be a libc-internal
-    // lock wait (nothing to contend with): it is the app's (a process-shared semaphore).
-    let blocking = BLOCKING.contains(&rax) || (rax == libc::SYS_futex && crate::state::single_threaded());
+    // lock wait (nothing to contend with). Otherwise it is the app's (a condition variable,
+    // a join, a mutex of its own: the waiter holds no libc lock) unless the futex word is
+    // in libc's data or at the head of a malloc arena (arenas are 64 MiB aligned).
+    const ARENA: usize = 64 << 20;
+    let libc_lock = in_ranges(&LIBC_DATA, rdi) || rdi % ARENA < 4096;
+    let blocking = BLOCKING.contains(&rax)
+        || (rax == libc::SYS_futex && (crate::state::single_threaded() || !libc_lock));
     (at == SYSCALL && blocking) || (after == SYSCALL && rax == -(libc::EINTR as i64))
 }
 
@@ -143,27 +166,41 @@ fn collect_unsafe_text() {
         malloc: usize,
         own: usize,
         n: usize,
+        d: usize,
     }
     unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
         let ctx = &mut *data.cast::<Ctx>();
         let info = &*info;
         let name = if info.dlpi_name.is_null() { &[][..] } else { std::ffi::CStr::from_ptr(info.dlpi_name).to_bytes() };
         let named = |n: &[u8]| name.windows(n.len()).any(|w| w == n);
-        let segs: Vec<(usize, usize)> = (0..info.dlpi_phnum as usize)
-            .map(|i| &*info.dlpi_phdr.add(i))
-            .filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0)
-            .map(|ph| {
-                let s = info.dlpi_addr as usize + ph.p_vaddr as usize;
-                (s, s + ph.p_memsz as usize)
-            })
-            .collect();
-        let holds = |a: usize| segs.iter().any(|&(s, e)| a >= s && a < e);
-        if named(b"libc.so") || named(b"ld-linux") || holds(ctx.malloc) || holds(ctx.own) {
-            for (s, e) in segs {
+        let segs = |flag: u32| -> Vec<(usize, usize)> {
+            (0..info.dlpi_phnum as usize)
+                .map(|i| &*info.dlpi_phdr.add(i))
+                .filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & flag != 0)
+                .map(|ph| {
+                    let s = info.dlpi_addr as usize + ph.p_vaddr as usize;
+                    (s, s + ph.p_memsz as usize)
+                })
+                .collect()
+        };
+        let text = segs(libc::PF_X);
+        let holds = |a: usize| text.iter().any(|&(s, e)| a >= s && a < e);
+        let libc = named(b"libc.so") || named(b"ld-linux");
+        if libc || holds(ctx.malloc) || holds(ctx.own) {
+            for (s, e) in text.iter().copied() {
                 if ctx.n < MAX_RANGES {
                     UNSAFE_TEXT[ctx.n].0.store(s, Relaxed);
                     UNSAFE_TEXT[ctx.n].1.store(e, Relaxed);
                     ctx.n += 1;
+                }
+            }
+        }
+        if libc {
+            for (s, e) in segs(libc::PF_W) {
+                if ctx.d < MAX_RANGES {
+                    LIBC_DATA[ctx.d].0.store(s, Relaxed);
+                    LIBC_DATA[ctx.d].1.store(e, Relaxed);
+                    ctx.d += 1;
                 }
             }
         }
@@ -175,6 +212,7 @@ fn collect_unsafe_text() {
             malloc: libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) as usize,
             own: collect_unsafe_text as *const () as usize,
             n: 0,
+            d: 0,
         };
         libc::dl_iterate_phdr(Some(each), (&raw mut ctx).cast());
     }

@@ -1,0 +1,227 @@
+//! Writing this process's image while its app threads are parked (on the control thread).
+//!
+//! Memory is written straight from the address space: resident pages only (from
+//! /proc/self/pagemap), zero pages left out, in page-aligned chunks. Regions the restorer
+//! recreates ([vdso] and friends), the session table, unreadable regions and read-only
+//! file mappings (mapped again from their file) are described but not stored.
+
+use crate::interpose::freeze::{Parked, context_bytes};
+use crate::state::{Shim, vpid};
+use migrt::image::{ImageWriter, Kind, PAGE, ProcessMeta, Region, Tag, ThreadState};
+use migrt::record::Bytes;
+use migrt::table::{Folded, ProcessTable};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Pages per PageMap/PageData pair (16 MiB).
+const CHUNK: u64 = 4096;
+
+#[derive(Debug, Default)]
+pub struct Dumped {
+    pub bytes: u64,
+    pub threads: u32,
+    pub regions: u32,
+    pub pages: u64,
+}
+
+fn stored(m: &migrt::procfs::MapsLine, own: &[(u64, u64)]) -> bool {
+    let special = [&b"[vvar]"[..], b"[vvar_vclock]", b"[vdso]", b"[vsyscall]"];
+    let file = m.name.0.first() == Some(&b'/') && !m.name.0.starts_with(b"/memfd:");
+    let private = m.perms.as_bytes().get(3) == Some(&b'p');
+    let writable = m.perms.as_bytes().get(1) == Some(&b'w');
+    !(special.contains(&m.name.0.as_slice())
+        || own.iter().any(|&(s, e)| m.start >= s && m.end <= e)
+        || !m.perms.starts_with('r')
+        || (file && private && !writable))
+}
+
+fn link(p: &str) -> Bytes {
+    Bytes(std::fs::read_link(p).map(|p| p.as_os_str().as_bytes().to_vec()).unwrap_or_default())
+}
+
+pub fn dump(
+    s: &Shim,
+    path: &Path,
+    parked: &[Parked],
+    table: &ProcessTable,
+    folded: &Folded,
+    sync: bool,
+) -> std::io::Result<Dumped> {
+    let file = std::fs::File::create(path)?;
+    let scratch = Scratch::new()?;
+    let mut w = ImageWriter::new(&file, Kind::Process)?;
+    let enc = |e: migrt::Error| std::io::Error::other(e.to_string());
+    let meta = ProcessMeta {
+        vpid: vpid(),
+        parent_vpid: table.parent_vpid,
+        real_pid: table.real_pid,
+        host: migrt::sys::hostname(),
+        command: table.command.clone(),
+        exe: link("/proc/self/exe"),
+        cwd: link("/proc/self/cwd"),
+        umask: crate::interpose::current_umask(),
+        taken: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    w.postcard(Tag::Meta, &meta).map_err(enc)?;
+    w.postcard(Tag::Table, &(table, folded)).map_err(enc)?;
+    let threads: Vec<ThreadState> = parked
+        .iter()
+        .map(|p| {
+            let (ucontext, fpstate) = context_bytes(p);
+            ThreadState {
+                vtid: s.table.vid_of(p.tid).unwrap_or(p.tid),
+                tid: p.tid,
+                ucontext,
+                fpstate,
+                fs_base: p.fs_base,
+                altstack: p.altstack,
+            }
+        })
+        .collect();
+    w.postcard(Tag::Threads, &threads).map_err(enc)?;
+
+    let (shm, shm_len) = s.table.mapping();
+    let here = 0u8;
+    let own = [
+        (shm as u64, (shm + shm_len) as u64),
+        scratch.range(),
+        mapping_of(&here as *const u8 as u64, &migrt::procfs::all_mappings("self")),
+    ];
+    let maps = migrt::procfs::all_mappings("self");
+    let regions: Vec<Region> = maps
+        .iter()
+        .map(|m| Region {
+            start: m.start,
+            end: m.end,
+            perms: m.perms.clone(),
+            offset: m.offset,
+            name: m.name.clone(),
+            inode: m.inode,
+            stored: stored(m, &own),
+        })
+        .collect();
+    w.postcard(Tag::Regions, &regions).map_err(enc)?;
+
+    // From here on nothing is allocated or freed: every page written is first copied to the
+    // scratch mapping (left out of the image, as is this thread's stack), so that what is
+    // checksummed is what is written, and the heap the app will find again is the heap as
+    // it was when the app was parked.
+    let mut pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let mut pages = 0u64;
+    for (ri, r) in regions.iter().enumerate().filter(|(_, r)| r.stored) {
+        let total = (r.end - r.start) / PAGE as u64;
+        let mut first = 0;
+        while first < total {
+            let count = CHUNK.min(total - first);
+            let addr = r.start + first * PAGE as u64;
+            // Bit 63: present in memory; bit 62: swapped out. Either way the page has data.
+            pagemap.seek(SeekFrom::Start(addr / PAGE as u64 * 8))?;
+            let entries = &mut scratch.entries[..count as usize * 8];
+            pagemap.read_exact(entries)?;
+            let present = &mut scratch.present[..count.div_ceil(64) as usize];
+            present.fill(0);
+            let mut n = 0usize;
+            for i in 0..count {
+                let e = u64::from_le_bytes(entries[i as usize * 8..][..8].try_into().unwrap());
+                if e >> 62 & 3 == 0 {
+                    continue;
+                }
+                // SAFETY: the page lies in a readable mapping of this process, and every app
+                // thread is parked: nothing unmaps it while it is read.
+                let page = unsafe { std::slice::from_raw_parts((addr + i * PAGE as u64) as *const u8, PAGE) };
+                if is_zero(page) {
+                    continue;
+                }
+                scratch.data[n * PAGE..][..PAGE].copy_from_slice(page);
+                present[(i / 64) as usize] |= 1 << (i % 64);
+                n += 1;
+            }
+            if n > 0 {
+                pages += n as u64;
+                let map = PageMapRef { region: ri as u32, first_page: first, count, present };
+                let enc = postcard::to_slice(&map, &mut scratch.enc[..]).map_err(|e| std::io::Error::other(e.to_string()))?;
+                w.section(Tag::PageMap, enc)?;
+                w.section(Tag::PageData, &scratch.data[..n * PAGE])?;
+            }
+            first += count;
+        }
+    }
+    let bytes = w.written();
+    w.finish()?;
+    if sync {
+        file.sync_all()?;
+    }
+    Ok(Dumped {
+        bytes,
+        threads: threads.len() as u32,
+        regions: regions.len() as u32,
+        pages,
+    })
+}
+
+/// The range of the mapping that holds `addr` (this thread's stack, for one).
+fn mapping_of(addr: u64, maps: &[migrt::procfs::MapsLine]) -> (u64, u64) {
+    maps.iter()
+        .find(|m| addr >= m.start && addr < m.end)
+        .map_or((0, 0), |m| (m.start, m.end))
+}
+
+/// A PageMap encoded from borrowed parts (same encoding as `image::PageMap`).
+#[derive(serde::Serialize)]
+struct PageMapRef<'a> {
+    region: u32,
+    first_page: u64,
+    count: u64,
+    present: &'a [u64],
+}
+
+/// Working memory of the page loop: its own anonymous mapping, made before the loop.
+struct Scratch {
+    base: *mut u8,
+    len: usize,
+    data: &'static mut [u8],
+    entries: &'static mut [u8],
+    present: &'static mut [u64],
+    enc: &'static mut [u8],
+}
+
+impl Scratch {
+    fn new() -> std::io::Result<Scratch> {
+        let data = CHUNK as usize * PAGE;
+        let entries = CHUNK as usize * 8;
+        let present = CHUNK as usize / 8;
+        let enc = PAGE;
+        let len = data + entries + present + enc;
+        // SAFETY: a fresh private anonymous mapping, carved into disjoint slices below and
+        // unmapped in Drop, after which none of them is used.
+        unsafe {
+            let p = crate::interpose::map_anonymous(len)?;
+            Ok(Scratch {
+                base: p,
+                len,
+                data: std::slice::from_raw_parts_mut(p, data),
+                entries: std::slice::from_raw_parts_mut(p.add(data), entries),
+                present: std::slice::from_raw_parts_mut(p.add(data + entries).cast::<u64>(), present / 8),
+                enc: std::slice::from_raw_parts_mut(p.add(data + entries + present), enc),
+            })
+        }
+    }
+
+    fn range(&self) -> (u64, u64) {
+        (self.base as u64, self.base as u64 + self.len as u64)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        crate::interpose::unmap(self.base, self.len);
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}

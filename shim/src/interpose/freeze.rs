@@ -1,0 +1,197 @@
+//! Freezing the app's threads for a checkpoint.
+//!
+//! The control thread sends each app thread the reserved signal with the value
+//! `FREEZE + slot`. The handler (signals.rs) parks the thread here — only at a point where
+//! it holds no libc or shim lock, else it returns and is asked again a millisecond later —
+//! after noting where the kernel saved its registers (the `ucontext` on its own stack), its
+//! TLS base and its alternate signal stack. It then sleeps on a futex until the control
+//! thread thaws the process. Because no parked thread holds a lock the control thread
+//! could need, the control thread may allocate and do I/O freely while the app is frozen.
+//!
+//! The parking side runs in signal context: no allocation, no locks, raw system calls only.
+
+use super::raw::syscall6;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::time::{Duration, Instant};
+
+/// sigqueue values `FREEZE..FREEZE + MAX_THREADS` ask a thread to park in that slot.
+pub const FREEZE: usize = 0x6d69_6700_0000;
+pub const MAX_THREADS: usize = 4096;
+
+struct Slot {
+    /// 0 free, 1 asked, 2 parked
+    state: AtomicU32,
+    ucontext: AtomicUsize,
+    fs_base: AtomicU64,
+    alt_base: AtomicU64,
+    alt_size: AtomicU64,
+    alt_flags: AtomicI32,
+}
+
+static SLOTS: [Slot; MAX_THREADS] = [const {
+    Slot {
+        state: AtomicU32::new(0),
+        ucontext: AtomicUsize::new(0),
+        fs_base: AtomicU64::new(0),
+        alt_base: AtomicU64::new(0),
+        alt_size: AtomicU64::new(0),
+        alt_flags: AtomicI32::new(0),
+    }
+}; MAX_THREADS];
+
+/// The futex word parked threads sleep on; bumped to thaw them.
+static GENERATION: AtomicU32 = AtomicU32::new(0);
+static PARKED: AtomicU32 = AtomicU32::new(0);
+
+/// What the dump needs of one parked thread.
+pub struct Parked {
+    pub tid: i32,
+    pub ucontext: *const libc::ucontext_t,
+    pub fs_base: u64,
+    pub altstack: (u64, u64, i32),
+}
+
+const ARCH_GET_FS: usize = 0x1003;
+
+unsafe fn futex(word: &AtomicU32, op: libc::c_int, val: u32) {
+    syscall6(libc::SYS_futex, word.as_ptr() as usize, (op | libc::FUTEX_PRIVATE_FLAG) as usize, val as usize, 0, 0, 0);
+}
+
+/// Signal context: park the calling thread in slot `value - FREEZE` until thawed.
+pub unsafe fn park(value: usize, uc: *const libc::ucontext_t) {
+    let Some(i) = value.checked_sub(FREEZE).filter(|&i| i < MAX_THREADS) else { return };
+    let slot = &SLOTS[i];
+    if slot.state.load(Acquire) != 1 {
+        return; // stale request
+    }
+    let generation = GENERATION.load(Acquire);
+    let mut fs: u64 = 0;
+    syscall6(libc::SYS_arch_prctl, ARCH_GET_FS, (&raw mut fs) as usize, 0, 0, 0, 0);
+    let mut ss: libc::stack_t = std::mem::zeroed();
+    syscall6(libc::SYS_sigaltstack, 0, (&raw mut ss) as usize, 0, 0, 0, 0);
+    slot.ucontext.store(uc as usize, Relaxed);
+    slot.fs_base.store(fs, Relaxed);
+    slot.alt_base.store(ss.ss_sp as u64, Relaxed);
+    slot.alt_size.store(ss.ss_size as u64, Relaxed);
+    slot.alt_flags.store(ss.ss_flags, Relaxed);
+    slot.state.store(2, Release);
+    PARKED.fetch_add(1, AcqRel);
+    futex(&PARKED, libc::FUTEX_WAKE, 1);
+    while GENERATION.load(Acquire) == generation {
+        futex(&GENERATION, libc::FUTEX_WAIT, generation);
+    }
+    slot.state.store(0, Release);
+}
+
+/// Sends the freeze request to thread `tid` for slot `i` (SI_QUEUE with the value).
+fn ask(sig: i32, tid: i32, i: usize) {
+    // SAFETY: rt_tgsigqueueinfo with a siginfo filled as sigqueue would.
+    unsafe {
+        let mut si: libc::siginfo_t = std::mem::zeroed();
+        si.si_signo = sig;
+        si.si_code = libc::SI_QUEUE;
+        let p = (&raw mut si).cast::<u8>().add(16);
+        let pid = super::real_pid();
+        *p.cast::<i32>() = pid;
+        *p.add(4).cast::<u32>() = libc::getuid();
+        *p.add(8).cast::<usize>() = FREEZE + i;
+        syscall6(libc::SYS_rt_tgsigqueueinfo, pid as usize, tid as usize, sig as usize, (&raw const si) as usize, 0, 0);
+    }
+}
+
+/// Freezes every thread of the process but the caller (the control thread). Threads
+/// created meanwhile are caught by listing the tasks again until the list is stable.
+pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
+    let me = super::real_tid();
+    let t0 = Instant::now();
+    let mut asked: Vec<(i32, usize)> = Vec::new();
+    loop {
+        let tasks: Vec<i32> = migrt::procfs::list_tasks("self").into_iter().filter(|&t| t != me).collect();
+        for &t in &tasks {
+            if !asked.iter().any(|&(a, _)| a == t) {
+                if asked.len() >= MAX_THREADS {
+                    thaw();
+                    return Err(format!("more than {MAX_THREADS} threads"));
+                }
+                let i = asked.len();
+                SLOTS[i].state.store(1, Release);
+                asked.push((t, i));
+            }
+        }
+        // Threads that ended meanwhile are let go.
+        asked.retain(|&(t, i)| {
+            let alive = tasks.contains(&t);
+            if !alive {
+                SLOTS[i].state.store(0, Release);
+            }
+            alive
+        });
+        let waiting: Vec<(i32, usize)> =
+            asked.iter().copied().filter(|&(_, i)| SLOTS[i].state.load(Acquire) != 2).collect();
+        if waiting.is_empty() {
+            // Stable? One more listing finds no newcomer.
+            let again = migrt::procfs::list_tasks("self").into_iter().filter(|&t| t != me).count();
+            if again == asked.len() {
+                break;
+            }
+            continue;
+        }
+        if t0.elapsed() > deadline {
+            thaw();
+            return Err(format!(
+                "{} thread(s) did not reach a safe point within {deadline:?} (tids {:?})",
+                waiting.len(),
+                waiting.iter().map(|w| w.0).collect::<Vec<_>>()
+            ));
+        }
+        for &(t, i) in &waiting {
+            ask(sig, t, i);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(asked
+        .iter()
+        .map(|&(tid, i)| {
+            let s = &SLOTS[i];
+            Parked {
+                tid,
+                ucontext: s.ucontext.load(Acquire) as *const libc::ucontext_t,
+                fs_base: s.fs_base.load(Relaxed),
+                altstack: (s.alt_base.load(Relaxed), s.alt_size.load(Relaxed), s.alt_flags.load(Relaxed)),
+            }
+        })
+        .collect())
+}
+
+/// Lets every parked thread go.
+pub fn thaw() {
+    GENERATION.fetch_add(1, AcqRel);
+    PARKED.store(0, Release);
+    // SAFETY: waking every waiter on our own futex word.
+    unsafe { futex(&GENERATION, libc::FUTEX_WAKE, i32::MAX as u32) };
+    for s in &SLOTS {
+        if s.state.load(Relaxed) == 1 {
+            s.state.store(0, Release);
+        }
+    }
+}
+
+/// The registers' save area of a parked thread, copied: the `ucontext_t`, and the FPU and
+/// vector state it points to (its size read from the xsave header when there is one).
+pub fn context_bytes(p: &Parked) -> (Vec<u8>, Vec<u8>) {
+    const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+    // SAFETY: p.ucontext points at the kernel's signal frame on the parked thread's stack,
+    // which stays put while the thread is parked; fpregs points into the same frame.
+    unsafe {
+        let uc = std::slice::from_raw_parts(p.ucontext.cast::<u8>(), std::mem::size_of::<libc::ucontext_t>()).to_vec();
+        let fp = (*p.ucontext).uc_mcontext.fpregs as *const u8;
+        if fp.is_null() {
+            return (uc, Vec::new());
+        }
+        // struct _fpx_sw_bytes sits at byte 464 of the 512-byte legacy area.
+        let magic = std::ptr::read_unaligned(fp.add(464).cast::<u32>());
+        let extended = std::ptr::read_unaligned(fp.add(468).cast::<u32>()) as usize;
+        let len = if magic == FP_XSTATE_MAGIC1 && extended >= 512 && extended <= 64 * 1024 { extended } else { 512 };
+        (uc, std::slice::from_raw_parts(fp, len).to_vec())
+    }
+}
