@@ -2,6 +2,11 @@
 //! (`mig run`), medians of several runs, printed as a Markdown table with ratios.
 //!
 //!   cargo build --release && target/release/migbench [--runs 5]
+//!   cargo build --release && target/release/migbench --checkpoint [--runs 5] [--dir DIR]
+//!
+//! `--checkpoint`: checkpoint time, freeze time and image size of 64 MiB and 1 GiB
+//! sessions (the C counter subject), beside a plain memcpy and a file write of the same
+//! size measured in the same run, in the same directory.
 //!
 //! `migbench --worker` is the measured program: it times each operation in batches and
 //! prints JSON (nanoseconds per operation, the median batch).
@@ -98,6 +103,93 @@ fn run_once(exe: &std::path::Path, shim: bool) -> Value {
     serde_json::from_str(s.lines().last().unwrap_or("{}")).expect("worker output")
 }
 
+/// The counter subject, from the examples' build (OUT_DIR, recorded at compile time).
+fn counter() -> std::path::PathBuf {
+    migshim_examples::c_program("counter")
+}
+
+/// One checkpoint of a running session; (total ms, frozen ms, bytes) from mig's summary.
+fn checkpoint_once(mig: &std::path::Path, rt: &std::path::Path, dir: &std::path::Path) -> (f64, f64, f64) {
+    let _ = std::fs::remove_dir_all(dir);
+    let out = Command::new(mig)
+        .env("MIGSHIM_RUNTIME_DIR", rt)
+        .args(["checkpoint", "bench", "--out"])
+        .arg(dir)
+        .output()
+        .expect("mig checkpoint");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    let num_before = |tag: &str| -> f64 {
+        let i = s.find(tag).unwrap();
+        s[..i].split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let bytes = std::fs::metadata(dir.join("proc-4200001.img")).map(|m| m.len() as f64).unwrap_or(0.0);
+    let _ = std::fs::remove_dir_all(dir);
+    (num_before(" ms,"), {
+        let i = s.find("frozen ").unwrap() + 7;
+        s[i..].split_whitespace().next().unwrap().parse().unwrap()
+    }, bytes)
+}
+
+fn checkpoint_bench(runs: usize, base: &std::path::Path) {
+    let exe = std::env::current_exe().unwrap();
+    let mig = exe.with_file_name("mig");
+    let rt = base.join("migbench-rt");
+    println!("| session | checkpoint (total) | frozen | image | GB/s | memcpy | file write |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for mib in [64usize, 1024] {
+        let log = base.join("migbench-counter.log");
+        let st = Command::new(&mig)
+            .env("MIGSHIM_RUNTIME_DIR", &rt)
+            .args(["run", "--detach", "--name", "bench", "--log"])
+            .arg(&log)
+            .arg("--")
+            .arg(counter())
+            .args(["2", &mib.to_string()])
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("count 1 ") {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let dir = base.join("migbench-img");
+        let (mut total, mut frozen, mut size) = (vec![], vec![], 0.0);
+        for _ in 0..runs {
+            let (t, f, b) = checkpoint_once(&mig, &rt, &dir);
+            total.push(t);
+            frozen.push(f);
+            size = b;
+        }
+        let _ = Command::new("pkill").args(["-f", &format!("counter 2 {mib}")]).output();
+        // The same amount of memory copied, and written to a file in the same directory.
+        let n = mib << 20;
+        let src = vec![7u8; n];
+        let mut dst = vec![0u8; n];
+        let memcpy = median((0..runs).map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            t.elapsed().as_secs_f64() * 1e3
+        }).collect());
+        std::hint::black_box(&dst);
+        let f = base.join("migbench-write");
+        let write = median((0..runs).map(|_| {
+            let t = Instant::now();
+            std::fs::write(&f, &src).unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let _ = std::fs::remove_file(&f);
+            ms
+        }).collect());
+        let (t, fr) = (median(total), median(frozen));
+        println!(
+            "| {mib} MiB | {t:.1} ms | {fr:.1} ms | {:.1} MiB | {:.2} | {memcpy:.1} ms | {write:.1} ms |",
+            size / (1u64 << 20) as f64,
+            size / (t / 1e3) / 1e9
+        );
+    }
+    println!("\n(median of {runs} checkpoints per size; image in {})", base.display());
+    let _ = std::fs::remove_dir_all(&rt);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--worker") {
@@ -108,6 +200,14 @@ fn main() {
         .position(|a| a == "--runs")
         .and_then(|i| args.get(i + 1)?.parse().ok())
         .unwrap_or(5);
+    if args.iter().any(|a| a == "--checkpoint") {
+        let dir = args
+            .iter()
+            .position(|a| a == "--dir")
+            .and_then(|i| args.get(i + 1))
+            .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+        return checkpoint_bench(runs, &dir);
+    }
     let exe = std::env::current_exe().unwrap();
     let mut native = Vec::new();
     let mut shim = Vec::new();
