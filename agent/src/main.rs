@@ -4,6 +4,7 @@ mod checkpoint;
 mod client;
 mod demo;
 mod elf;
+mod restore;
 mod run;
 mod sessions;
 mod show;
@@ -53,6 +54,20 @@ enum Cmd {
         /// End the session once the image is complete and synced.
         #[arg(long)]
         stop: bool,
+    },
+    /// Bring a checkpointed session back and let it run on.
+    Restore {
+        /// The image directory `mig checkpoint` wrote.
+        dir: PathBuf,
+        /// Session name (default: the checkpointed session's).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the session's name and return once it runs again.
+        #[arg(long)]
+        detach: bool,
+        /// With --detach: where its output goes.
+        #[arg(long, requires = "detach")]
+        log: Option<PathBuf>,
     },
     /// A guided demo on this host: a counter run as a session, inspected, ended.
     Demo,
@@ -106,6 +121,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Checkpoint { session, out, stop } => checkpoint::checkpoint(&session, &out, stop),
+        Cmd::Restore { dir, name, detach, log } => restore::restore(restore::RestoreArgs { dir, name, detach, log }),
         Cmd::Demo => demo::demo(),
         Cmd::Counter { hz, dir } => demo::counter(hz, &dir),
         Cmd::Table { session, json, journal } => {

@@ -81,6 +81,20 @@ pub struct ProcessMeta {
     pub umask: u32,
     /// Seconds since the epoch.
     pub taken: u64,
+    /// Where the restorer hands over: the shim's restart path in the restored memory.
+    pub restart_entry: u64,
+    /// The main thread's saved context (its signal frame on its own stack) and TLS base.
+    pub main_ucontext: u64,
+    pub main_fs_base: u64,
+    /// Offset of glibc's cached tid from the TLS base (found against gettid at freeze).
+    pub tid_offset: u32,
+    /// The kernel's view of the address space (prctl_mm_map order: start_code, end_code,
+    /// start_data, end_data, start_brk, brk, start_stack, arg_start, arg_end, env_start,
+    /// env_end), so that ps shows the original command line again.
+    pub mm: Vec<u64>,
+    pub auxv: Vec<u8>,
+    /// The thread name (comm).
+    pub comm: String,
 }
 
 /// One thread, frozen.

@@ -354,6 +354,51 @@ impl SessionTable {
         self.with_lock(|| self.allocate(0, Kind::Process, parent))
     }
 
+    /// Takes slot `vid` for a process being restored (its real pid comes with `bind`).
+    pub fn restore_slot(&self, vid: i32, kind: Kind, parent: i32) -> Result<()> {
+        if !is_virtual(vid) {
+            return Err(Error::TableFull(0));
+        }
+        let i = (vid - VPID_BASE) as usize;
+        self.with_lock(|| {
+            let s = self.slot(i);
+            s.kind.store(kind as u32, Relaxed);
+            s.real.store(0, Relaxed);
+            s.parent.store(parent, Relaxed);
+            s.state.store(State::Running as u32, Release);
+            let used = &self.header().used;
+            if (used.load(Acquire) as usize) <= i {
+                used.store(i as u32 + 1, Release);
+            }
+        });
+        Ok(())
+    }
+
+    /// Maps the table file `path` where this table was mapped (a restored process finds
+    /// its new session's table at the address its memory remembers).
+    pub fn remap(&self, path: &Path) -> Result<()> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("opening session table", path, e))?;
+        // SAFETY: replacing our own mapping, same size, at the same address.
+        let p = unsafe {
+            libc::mmap(
+                self.base.cast(),
+                FILE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p != self.base.cast() {
+            return Err(Error::io("mapping session table", path, std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Records the real pid behind a reserved vpid (parent and child both do, same value).
     #[inline]
     pub fn bind(&self, vid: i32, real: i32) {

@@ -173,3 +173,25 @@ pub fn terminate(pid: i32) {
     // SAFETY: sending a signal; failure (gone already) is fine.
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }
+
+/// An anonymous in-memory file (memfd), close-on-exec unless `inherit`.
+pub fn memfd(name: &std::ffi::CStr, inherit: bool) -> io::Result<std::fs::File> {
+    let flags = if inherit { 0 } else { libc::MFD_CLOEXEC };
+    // SAFETY: name is NUL-terminated; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and ours.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Moves an open file to fd `min` or above, inheritable across exec; returns the new fd
+/// (the File keeps the old one, which stays close-on-exec).
+pub fn inheritable_fd(f: &std::fs::File, min: i32) -> io::Result<i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_DUPFD on an fd we hold; the duplicate is deliberately left open for the
+    // child to inherit (mig exits soon after).
+    let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD, min) };
+    if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(fd) }
+}

@@ -79,8 +79,9 @@ pub fn start() {
 fn listen() -> Option<i32> {
     let s = shim()?;
     let v = vpid();
-    let path = s.dir.ctl(v);
-    let _ = std::fs::create_dir_all(s.dir.ctl_dir());
+    let dir = s.dir();
+    let path = dir.ctl(v);
+    let _ = std::fs::create_dir_all(dir.ctl_dir());
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .map_err(|e| eprintln!("migshim: control socket {}: {e}; mig cannot reach this process", path.display()))
@@ -111,6 +112,15 @@ pub fn after_fork() {
     if fd >= 0 {
         close_real(fd);
     }
+}
+
+/// After a restore: the control thread and its sockets were the old process's.
+pub fn forget() {
+    CTL_PATH.store(std::ptr::null_mut(), Release);
+    TID.store(0, Relaxed);
+    CONN_FD.store(-1, Relaxed);
+    LISTEN_FD.store(-1, Relaxed);
+    STARTED.store(false, Release);
 }
 
 /// Removes this process's control socket (at exit). Allocation-free.

@@ -25,15 +25,22 @@ pub struct Dumped {
     pub pages: u64,
 }
 
+/// A mapping backed by a file the restore maps again (its unmodified pages come from there).
+fn file_backed(m: &migrt::procfs::MapsLine) -> bool {
+    m.name.0.first() == Some(&b'/') && !m.name.0.starts_with(b"/memfd:") && !m.name.0.ends_with(b" (deleted)")
+}
+
+/// Whether the image holds page data of this mapping: every readable mapping but the ones
+/// the restorer recreates, the shim's own working memory, and shared file mappings (their
+/// data is the file's). Of a private file mapping only the pages the process changed
+/// (copy-on-write, e.g. relocated RELRO) are stored.
 fn stored(m: &migrt::procfs::MapsLine, own: &[(u64, u64)]) -> bool {
     let special = [&b"[vvar]"[..], b"[vvar_vclock]", b"[vdso]", b"[vsyscall]"];
-    let file = m.name.0.first() == Some(&b'/') && !m.name.0.starts_with(b"/memfd:");
-    let private = m.perms.as_bytes().get(3) == Some(&b'p');
-    let writable = m.perms.as_bytes().get(1) == Some(&b'w');
+    let shared = m.perms.as_bytes().get(3) == Some(&b's');
     !(special.contains(&m.name.0.as_slice())
         || own.iter().any(|&(s, e)| m.start >= s && m.end <= e)
         || !m.perms.starts_with('r')
-        || (file && private && !writable))
+        || (file_backed(m) && shared))
 }
 
 fn link(p: &str) -> Bytes {
@@ -52,7 +59,17 @@ pub fn dump(
     let scratch = Scratch::new()?;
     let mut w = ImageWriter::new(&file, Kind::Process)?;
     let enc = |e: migrt::Error| std::io::Error::other(e.to_string());
+    let main = parked.iter().find(|p| p.tid == table.real_pid);
     let meta = ProcessMeta {
+        restart_entry: crate::restart::migshim_restart as *const () as u64,
+        main_ucontext: main.map_or(0, |p| p.ucontext as u64),
+        main_fs_base: main.map_or(0, |p| p.fs_base),
+        tid_offset: main
+            .and_then(|p| crate::interpose::freeze::tid_offset(p.fs_base, p.tid))
+            .unwrap_or(0),
+        mm: mm_layout(),
+        auxv: std::fs::read("/proc/self/auxv").unwrap_or_default(),
+        comm: std::fs::read_to_string("/proc/self/comm").unwrap_or_default().trim_end().to_string(),
         vpid: vpid(),
         parent_vpid: table.parent_vpid,
         real_pid: table.real_pid,
@@ -91,6 +108,9 @@ pub fn dump(
         mapping_of(&here as *const u8 as u64, &migrt::procfs::all_mappings("self")),
     ];
     let maps = migrt::procfs::all_mappings("self");
+    let from_file: Vec<bool> = maps.iter().map(file_backed).collect();
+    let own = own.to_vec();
+    let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
     let regions: Vec<Region> = maps
         .iter()
         .map(|m| Region {
@@ -98,7 +118,9 @@ pub fn dump(
             end: m.end,
             perms: m.perms.clone(),
             offset: m.offset,
-            name: m.name.clone(),
+            // The shim's own mappings (session table, scratch, control stack) are its
+            // business on restore: named so, they are placeholders.
+            name: if is_own(m) { Bytes::from("[migshim]") } else { m.name.clone() },
             inode: m.inode,
             stored: stored(m, &own),
         })
@@ -113,11 +135,13 @@ pub fn dump(
     let mut pages = 0u64;
     for (ri, r) in regions.iter().enumerate().filter(|(_, r)| r.stored) {
         let total = (r.end - r.start) / PAGE as u64;
+        let file = from_file[ri];
         let mut first = 0;
         while first < total {
             let count = CHUNK.min(total - first);
             let addr = r.start + first * PAGE as u64;
-            // Bit 63: present in memory; bit 62: swapped out. Either way the page has data.
+            // Bit 63: present in memory; bit 62: swapped out; bit 61: a page of the file (or
+            // shared), not one the process made its own.
             pagemap.seek(SeekFrom::Start(addr / PAGE as u64 * 8))?;
             let entries = &mut scratch.entries[..count as usize * 8];
             pagemap.read_exact(entries)?;
@@ -126,14 +150,16 @@ pub fn dump(
             let mut n = 0usize;
             for i in 0..count {
                 let e = u64::from_le_bytes(entries[i as usize * 8..][..8].try_into().unwrap());
-                if e >> 62 & 3 == 0 {
+                let swapped = e >> 62 & 1 == 1;
+                let own_page = e >> 63 == 1 && (e >> 61 & 1 == 0 || !file);
+                if !(swapped || own_page) {
                     continue;
                 }
                 // SAFETY: the page lies in a readable mapping of this process, and every app
                 // thread is parked: nothing unmaps it while it is read.
                 let page = unsafe { std::slice::from_raw_parts((addr + i * PAGE as u64) as *const u8, PAGE) };
-                if is_zero(page) {
-                    continue;
+                if !file && is_zero(page) {
+                    continue; // a zero page of a private file mapping may differ from the file's
                 }
                 scratch.data[n * PAGE..][..PAGE].copy_from_slice(page);
                 present[(i / 64) as usize] |= 1 << (i % 64);
@@ -160,6 +186,23 @@ pub fn dump(
         regions: regions.len() as u32,
         pages,
     })
+}
+
+/// prctl_mm_map's first eleven fields, from /proc/self/stat (brk: the end of [heap]).
+fn mm_layout() -> Vec<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<u64> = after.split_whitespace().map(|t| t.parse().unwrap_or(0)).collect();
+    // Field n of stat(5) is f[n - 3].
+    let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let brk = migrt::procfs::all_mappings("self")
+        .iter()
+        .find(|m| m.name.0 == b"[heap]")
+        .map_or(field(47), |m| m.end);
+    vec![
+        field(26), field(27), field(45), field(46), field(47), brk, field(28),
+        field(48), field(49), field(50), field(51),
+    ]
 }
 
 /// The range of the mapping that holds `addr` (this thread's stack, for one).

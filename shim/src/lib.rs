@@ -10,6 +10,7 @@ mod control;
 mod dump;
 mod interpose;
 mod reconcile;
+mod restart;
 mod state;
 
 /// Runs when the dynamic loader maps the library, before the app's `main`.

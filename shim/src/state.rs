@@ -16,16 +16,46 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering::*};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
 
 pub struct Shim {
     pub table: SessionTable,
-    pub dir: SessionDir,
     pub journal: Mutex<Journal>,
-    /// "LD_PRELOAD=<this library>" and "MIGSHIM_SESSION=<dir>", put back into the
-    /// environment of an exec or spawn that dropped them, so the session follows.
+    /// "LD_PRELOAD=<this library>", put back into the environment of an exec or spawn
+    /// that dropped it, so the session follows.
     pub env_preload: CString,
+    /// Where the session lives on this host (changes when the process is restored).
+    place: RwLock<Place>,
+}
+
+#[derive(Clone)]
+pub struct Place {
+    pub dir: SessionDir,
+    /// "MIGSHIM_SESSION=<dir>", for the environment of exec and spawn.
     pub env_session: CString,
+}
+
+impl Place {
+    fn new(dir: SessionDir) -> Place {
+        let mut b = format!("{ENV_SESSION}=").into_bytes();
+        b.extend(dir.0.as_os_str().as_bytes());
+        Place { dir, env_session: CString::new(b).unwrap_or_default() }
+    }
+}
+
+impl Shim {
+    pub fn place(&self) -> Place {
+        self.place.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn dir(&self) -> SessionDir {
+        self.place().dir
+    }
+
+    /// After a restore: the session's directory on this host.
+    pub fn move_to(&self, dir: SessionDir) {
+        *self.place.write().unwrap_or_else(|p| p.into_inner()) = Place::new(dir);
+    }
 }
 
 static SHIM: OnceLock<Shim> = OnceLock::new();
@@ -181,8 +211,7 @@ pub fn init() {
     let shim = Shim {
         table,
         env_preload: env("LD_PRELOAD=", crate::interpose::own_path()),
-        env_session: env(&format!("{ENV_SESSION}="), dir.0.clone().into_os_string()),
-        dir,
+        place: RwLock::new(Place::new(dir)),
         journal: Mutex::new(journal),
     };
     if SHIM.set(shim).is_err() {
@@ -220,8 +249,9 @@ pub fn carry_across_exec() -> Option<std::path::PathBuf> {
     let s = shim()?;
     let _busy = enter()?;
     let bytes = postcard::to_stdvec(journal(s).folded()).ok()?;
-    let path = s.dir.exec_state(vpid());
-    std::fs::create_dir_all(s.dir.exec_dir()).ok()?;
+    let dir = s.dir();
+    let path = dir.exec_state(vpid());
+    std::fs::create_dir_all(dir.exec_dir()).ok()?;
     std::fs::write(&path, bytes).ok()?;
     Some(path)
 }

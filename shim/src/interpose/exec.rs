@@ -15,7 +15,7 @@ unsafe extern "C" {
 
 /// An environment with the session's LD_PRELOAD and MIGSHIM_SESSION in it.
 struct Env {
-    _owned: Option<CString>,
+    _owned: (Option<CString>, CString),
     ptrs: Vec<*const c_char>,
 }
 
@@ -23,6 +23,7 @@ struct Env {
 /// carries the session.
 unsafe fn session_env(envp: Argv) -> Option<Env> {
     let s = shim()?;
+    let session = s.place().env_session;
     let ours = s.env_preload.to_bytes();
     let lib = &ours[b"LD_PRELOAD=".len()..];
     let mut entries = Vec::new();
@@ -33,7 +34,7 @@ unsafe fn session_env(envp: Argv) -> Option<Env> {
         if let Some(v) = e.strip_prefix(b"LD_PRELOAD=") {
             preload = Some(v);
         } else if e.starts_with(b"MIGSHIM_SESSION=") {
-            session_ok = e == s.env_session.to_bytes();
+            session_ok = e == session.to_bytes();
         } else {
             entries.push(*p);
         }
@@ -49,9 +50,9 @@ unsafe fn session_env(envp: Argv) -> Option<Env> {
         _ => None,
     };
     entries.push(owned.as_ref().map_or(s.env_preload.as_ptr(), |c| c.as_ptr()));
-    entries.push(s.env_session.as_ptr());
+    entries.push(session.as_ptr());
     entries.push(std::ptr::null());
-    Some(Env { _owned: owned, ptrs: entries })
+    Some(Env { _owned: (owned, session), ptrs: entries })
 }
 
 /// Runs an exec call with the session's environment and the table carried; on failure the

@@ -163,6 +163,27 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
         .collect())
 }
 
+/// glibc's cached tid: its offset from the TLS base, found at freeze time by looking for
+/// the main thread's tid in its thread descriptor (0x2d0 in glibc 2.36).
+pub fn tid_offset(fs_base: u64, tid: i32) -> Option<u32> {
+    let at = |off: usize| {
+        // SAFETY: the thread descriptor lies at the TLS base and spans more than 2 KiB.
+        unsafe { std::ptr::read_volatile((fs_base as usize + off) as *const i32) }
+    };
+    if at(0x2d0) == tid {
+        return Some(0x2d0);
+    }
+    (0x10..0x800).step_by(4).find(|&o| at(o) == tid).map(|o| o as u32)
+}
+
+/// After a restore: no thread is parked any more (they resumed from their saved contexts).
+pub fn forget() {
+    for s in &SLOTS {
+        s.state.store(0, Release);
+    }
+    PARKED.store(0, Release);
+}
+
 /// Lets every parked thread go.
 pub fn thaw() {
     GENERATION.fetch_add(1, AcqRel);

@@ -1,0 +1,261 @@
+//! `mig restore DIR [--name NAME] [--detach]`: bring a checkpointed session back.
+//!
+//! Every image is read and verified in full before anything is created. Then the session
+//! is made anew (same vpids), a restore plan is written for the restorer (which regions
+//! to map where, from which file at which offset), and the restorer — embedded in `mig`
+//! and run from a memfd — becomes the process again. Its stdio is `mig restore`'s own.
+//!
+//! Not yet: sessions of several processes, processes with several threads, and fds other
+//! than stdio (issue #4); they are refused with a clear message.
+
+use crate::run::exit_code;
+use crate::sessions;
+use anyhow::{Context, Result, bail};
+use migrt::image::{self, PAGE, PageMap, ProcessMeta, Region, SessionManifest, Tag, ThreadState};
+use migrt::sessiontable::{Kind, SessionTable, State};
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+static RESTORER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/migrestore"));
+
+const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
+/// The fds handed to the restorer sit at or above this number.
+const FD_BASE: i32 = 900;
+const SPECIAL: [&[u8]; 4] = [b"[vvar]", b"[vvar_vclock]", b"[vdso]", b"[vsyscall]"];
+
+pub struct RestoreArgs {
+    pub dir: PathBuf,
+    pub name: Option<String>,
+    pub detach: bool,
+    pub log: Option<PathBuf>,
+}
+
+/// A process image, verified and decoded; page data stays in the file.
+struct ProcImage {
+    path: PathBuf,
+    meta: ProcessMeta,
+    threads: Vec<ThreadState>,
+    regions: Vec<Region>,
+    /// (page map, file offset of its page data)
+    pages: Vec<(PageMap, u64)>,
+}
+
+fn read_image(path: &Path) -> Result<ProcImage> {
+    let (kind, sections) = image::read_all(path)?;
+    if kind != image::Kind::Process {
+        bail!("{}: not a process image", path.display());
+    }
+    let mut img = ProcImage { path: path.into(), meta: Default::default(), threads: vec![], regions: vec![], pages: vec![] };
+    let mut pending: Option<PageMap> = None;
+    for s in &sections {
+        match s.tag {
+            Tag::Meta => img.meta = s.decode(path)?,
+            Tag::Threads => img.threads = s.decode(path)?,
+            Tag::Regions => img.regions = s.decode(path)?,
+            Tag::PageMap => pending = Some(s.decode(path)?),
+            Tag::PageData => {
+                let map = pending.take().with_context(|| format!("{}: page data without a page map", path.display()))?;
+                let data_at = (s.offset + 32).div_ceil(PAGE as u64) * PAGE as u64;
+                img.pages.push((map, data_at));
+            }
+            _ => {}
+        }
+    }
+    Ok(img)
+}
+
+fn prot(perms: &str) -> u64 {
+    let b = perms.as_bytes();
+    let bit = |i: usize, c: u8, v: i32| if b.get(i) == Some(&c) { v as u64 } else { 0 };
+    bit(0, b'r', libc::PROT_READ) | bit(1, b'w', libc::PROT_WRITE) | bit(2, b'x', libc::PROT_EXEC)
+}
+
+/// The plan for the restorer (see runtime/restorer/main.rs) and the fds it refers to.
+fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
+    let mut keep = Vec::new();
+    let mut fds: Vec<u64> = Vec::new();
+    let image_file = std::fs::File::open(&img.path)?;
+    let image_fd = migrt::sys::inheritable_fd(&image_file, FD_BASE)?;
+    fds.push(image_fd as u64);
+    keep.push(image_file);
+    let mut files: HashMap<Vec<u8>, i32> = HashMap::new();
+    let mut entries: Vec<[u64; 7]> = Vec::new();
+    let private = libc::MAP_PRIVATE as u64;
+    for (ri, r) in img.regions.iter().enumerate() {
+        if SPECIAL.contains(&r.name.0.as_slice()) {
+            continue;
+        }
+        let (len, p) = (r.end - r.start, prot(&r.perms));
+        let file = r.name.0.first() == Some(&b'/') && !r.name.0.ends_with(b" (deleted)") && !r.name.0.starts_with(b"/memfd:");
+        if !file {
+            entries.push([r.start, len, p, private, u64::MAX, 0, 0]);
+        } else {
+            let fd = match files.get(&r.name.0) {
+                Some(&fd) => fd,
+                None => {
+                    let path = std::ffi::OsStr::from_bytes(&r.name.0);
+                    let f = std::fs::File::open(path).with_context(|| {
+                        format!("the image maps {} (at {:#x}), which this host does not have", path.to_string_lossy(), r.start)
+                    })?;
+                    let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
+                    keep.push(f);
+                    files.insert(r.name.0.clone(), fd);
+                    fds.push(fd as u64);
+                    fd
+                }
+            };
+            let shared = if r.perms.as_bytes().get(3) == Some(&b's') { libc::MAP_SHARED as u64 } else { private };
+            entries.push([r.start, len, p, shared, fd as u64, r.offset, 0]);
+        }
+        for (map, data_at) in img.pages.iter().filter(|(m, _)| m.region as usize == ri) {
+            let mut k = 0u64; // pages of this map's data seen so far
+            let mut i = 0;
+            while i < map.count {
+                if !map.is_present(i) {
+                    i += 1;
+                    continue;
+                }
+                let (start, first_k) = (i, k);
+                while i < map.count && map.is_present(i) {
+                    i += 1;
+                    k += 1;
+                }
+                let addr = r.start + (map.first_page + start) * PAGE as u64;
+                entries.push([addr, (i - start) * PAGE as u64, p, private, image_fd as u64, data_at + first_k * PAGE as u64, 0]);
+            }
+        }
+    }
+    let size_of = |n: &[u8]| img.regions.iter().find(|r| r.name.0 == n).map_or(0, |r| r.end - r.start);
+    let vvar = img.regions.iter().find(|r| r.name.0 == b"[vvar]").map_or(0, |r| r.start);
+
+    let mut args: Vec<u64> = Vec::new();
+    let push_bytes = |args: &mut Vec<u64>, b: &[u8]| {
+        args.push(b.len() as u64);
+        for c in b.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            args.push(u64::from_le_bytes(w));
+        }
+    };
+    push_bytes(&mut args, session_dir.as_os_str().as_bytes());
+    let m = &img.meta;
+    let plan_file = migrt::sys::memfd(c"migshim-plan", false)?;
+    let plan_fd = migrt::sys::inheritable_fd(&plan_file, FD_BASE)?;
+    fds.push(plan_fd as u64);
+    args.push(fds.len() as u64);
+    args.extend(&fds);
+    args.extend([m.tid_offset as u64, m.main_ucontext, m.main_fs_base]);
+    let mut mm = m.mm.clone();
+    mm.resize(11, 0);
+    args.extend(&mm);
+    push_bytes(&mut args, &m.auxv);
+
+    let head = 10u64;
+    let args_at = (head + entries.len() as u64 * 7) * 8;
+    let mut words: Vec<u64> = vec![
+        PLAN_MAGIC,
+        entries.len() as u64,
+        m.restart_entry,
+        args_at,
+        m.main_fs_base,
+        (m.main_ucontext - 8192) & !15,
+        vvar,
+        size_of(b"[vvar]"),
+        size_of(b"[vvar_vclock]"),
+        size_of(b"[vdso]"),
+    ];
+    for e in &entries {
+        words.extend(e);
+    }
+    words.extend(args);
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    use std::io::Write;
+    (&plan_file).write_all(&bytes)?;
+    keep.push(plan_file);
+    Ok((plan_fd.to_string().into_bytes(), keep))
+}
+
+pub fn restore(a: RestoreArgs) -> Result<i32> {
+    // 1. Everything verified before anything is made.
+    let session_img = a.dir.join("session.img");
+    let (kind, sections) = image::read_all(&session_img)?;
+    let manifest: SessionManifest = match (kind, sections.first()) {
+        (image::Kind::Session, Some(s)) if s.tag == Tag::Meta => s.decode(&session_img)?,
+        _ => bail!("{}: not a session image", session_img.display()),
+    };
+    let images: Vec<ProcImage> = manifest
+        .processes
+        .iter()
+        .map(|(_, _, f)| read_image(&a.dir.join(f)))
+        .collect::<Result<_>>()?;
+    let [img] = &images[..] else {
+        bail!("this image holds {} processes: restoring a session of several processes is not done yet (issue #3)", images.len());
+    };
+    if img.threads.len() != 1 {
+        bail!("process {} had {} threads: restoring several threads is not done yet (issue #3)", img.meta.vpid, img.threads.len());
+    }
+    if img.meta.restart_entry == 0 || img.meta.main_ucontext == 0 {
+        bail!("{}: the image does not say where to resume", img.path.display());
+    }
+
+    // 2. The session, with the same vpid.
+    let name = a.name.clone().unwrap_or_else(|| manifest.name.clone());
+    let rt = sessions::runtime_dir()?;
+    let command: Vec<String> = img.meta.command.iter().map(|c| c.to_string()).collect();
+    let signal = migrt::wire::DEFAULT_SIGNAL;
+    let dir = sessions::create(&rt, Some(&name), &command, signal).map_err(|e| {
+        anyhow::anyhow!("{e:#} (restore under another name with --name)")
+    })?;
+    let table = SessionTable::open(&dir.procs())?;
+    table.restore_slot(img.meta.vpid, Kind::Process, 0)?;
+
+    // 3. The plan, and the restorer.
+    let result = (|| -> Result<i32> {
+        let (plan_fd, _keep) = plan(img, &dir.0)?;
+        let restorer = migrt::sys::memfd(c"migrestore", false)?;
+        use std::io::Write;
+        (&restorer).write_all(RESTORER)?;
+        use std::os::fd::AsRawFd;
+        let mut c = Command::new(format!("/proc/self/fd/{}", restorer.as_raw_fd()));
+        c.arg0("migrestore").arg(std::ffi::OsStr::from_bytes(&plan_fd)).arg("a");
+        if a.detach {
+            let log = a.log.clone().unwrap_or_else(|| migrt::paths::logs_dir(&rt).join(format!("{name}.log")));
+            if let Some(d) = log.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            let out = std::fs::File::create(&log)?;
+            c.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
+        }
+        let mut child = c.spawn().context("starting the restorer")?;
+        // 4. Running again once the shim has taken its new pid.
+        let t = Instant::now();
+        loop {
+            if table.get(img.meta.vpid).is_some_and(|e| e.real != 0 && e.state == State::Running) {
+                break;
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!("the restore failed (restorer exit code {})", exit_code(st));
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                bail!("the restored process did not come back within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if a.detach {
+            println!("{name}");
+            return Ok(0);
+        }
+        migrt::sys::ignore_terminal_signals();
+        Ok(exit_code(child.wait()?))
+    })();
+    if a.detach && result.is_ok() {
+        return result;
+    }
+    sessions::remove_if_dead(&dir);
+    result
+}

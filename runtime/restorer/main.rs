@@ -1,0 +1,343 @@
+//! migrestore — the restorer. `mig restore` runs it (from a memfd) once per process; it
+//! becomes that process again.
+//!
+//! Signal-handler-grade code: no std, no allocation, no libc, raw system calls only; it
+//! applies its own relocations first (a static-pie has no loader to do it). It:
+//!   1. reads the restore plan `mig` prepared (fd in argv[1]);
+//!   2. checks that none of the saved regions overlaps where the kernel put the restorer
+//!      (its code, stack, vDSO); if one does, it runs itself again for another random layout;
+//!   3. maps every saved region at its address — page data straight from the image file
+//!      (MAP_PRIVATE: lazy, copy-on-write), libraries from their files, the rest anonymous;
+//!   4. moves this host's [vvar] [vvar_vclock] [vdso] block to where the image had it;
+//!   5. sets the TLS base and jumps, on the saved thread's stack, into the restored shim's
+//!      restart path, which does the rest.
+//!
+//! Plan (little-endian u64 words): magic, entry count, restart entry, offset of the
+//! restart arguments in the plan, fs_base, restart stack, vvar target, then the three
+//! expected block sizes, then 7 words per entry (addr, len, prot, flags, fd, offset, 0).
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, naked_asm};
+
+const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
+const HEAD_WORDS: usize = 10;
+const ENTRY_WORDS: usize = 7;
+const MAX_ATTEMPTS: u8 = 16;
+
+const SYS_READ: usize = 0;
+const SYS_WRITE: usize = 1;
+const SYS_OPEN: usize = 2;
+const SYS_CLOSE: usize = 3;
+const SYS_FSTAT: usize = 5;
+const SYS_MMAP: usize = 9;
+const SYS_MREMAP: usize = 25;
+const SYS_EXECVE: usize = 59;
+const SYS_EXIT_GROUP: usize = 231;
+const SYS_ARCH_PRCTL: usize = 158;
+const ARCH_SET_FS: usize = 0x1002;
+const MAP_PRIVATE: usize = 0x02;
+const MAP_FIXED: usize = 0x10;
+const MAP_ANONYMOUS: usize = 0x20;
+const MREMAP_MAYMOVE: usize = 1;
+const MREMAP_FIXED: usize = 2;
+
+unsafe fn sys6(n: usize, a: usize, b: usize, c: usize, d: usize, e: usize, f: usize) -> isize {
+    let r: isize;
+    unsafe {
+        asm!("syscall", inlateout("rax") n as isize => r, in("rdi") a, in("rsi") b, in("rdx") c,
+             in("r10") d, in("r8") e, in("r9") f, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    r
+}
+
+fn write(s: &[u8]) {
+    unsafe { sys6(SYS_WRITE, 2, s.as_ptr() as usize, s.len(), 0, 0, 0) };
+}
+
+fn die(msg: &[u8]) -> ! {
+    write(b"migrestore: ");
+    write(msg);
+    write(b"\n");
+    unsafe { sys6(SYS_EXIT_GROUP, 125, 0, 0, 0, 0, 0) };
+    loop {}
+}
+
+/// Dies with a number (an address, an error) in hex after the message.
+fn die_at(msg: &[u8], v: usize) -> ! {
+    let mut buf = [b'0'; 18];
+    buf[1] = b'x';
+    for i in 0..16 {
+        let d = (v >> ((15 - i) * 4)) & 0xf;
+        buf[2 + i] = if d < 10 { b'0' + d as u8 } else { b'a' + d as u8 - 10 };
+    }
+    write(b"migrestore: ");
+    write(msg);
+    write(b" ");
+    die(&buf)
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    die(b"internal error")
+}
+
+// core needs these; written as plain loops the compiler must not turn back into calls.
+#[unsafe(no_mangle)]
+unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    unsafe { asm!("rep movsb", inout("rcx") n => _, inout("rdi") d => _, inout("rsi") s => _, options(nostack)) };
+    d
+}
+
+#[unsafe(no_mangle)]
+unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    if (d as usize) <= (s as usize) {
+        return unsafe { memcpy(d, s, n) };
+    }
+    let mut i = n;
+    while i > 0 {
+        i -= 1;
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+    }
+    d
+}
+
+#[unsafe(no_mangle)]
+unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
+    unsafe { asm!("rep stosb", inout("rcx") n => _, inout("rdi") d => _, in("al") c as u8, options(nostack)) };
+    d
+}
+
+#[unsafe(no_mangle)]
+unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+    }
+    0
+}
+
+#[unsafe(no_mangle)]
+unsafe extern "C" fn strlen(s: *const u8) -> usize {
+    let mut n = 0;
+    while unsafe { core::ptr::read_volatile(s.add(n)) } != 0 {
+        n += 1;
+    }
+    n
+}
+
+/// The prebuilt core refers to it; with panic=abort it is never called.
+#[unsafe(no_mangle)]
+extern "C" fn rust_eh_personality() {}
+
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+unsafe extern "C" fn _start() -> ! {
+    naked_asm!(
+        "mov r12, rsp",
+        "and rsp, -16",
+        "lea rdi, [rip + __ehdr_start]",
+        "lea rsi, [rip + _DYNAMIC]",
+        "call {relocate}",
+        "mov rdi, r12",
+        "call {start}",
+        "ud2",
+        relocate = sym relocate,
+        start = sym start,
+    )
+}
+
+/// Applies this program's own R_X86_64_RELATIVE relocations (no loader did): `base` is
+/// where the kernel loaded it, `dynamic` its _DYNAMIC array. Runs before anything that
+/// could go through the GOT, and uses nothing that could.
+unsafe extern "C" fn relocate(base: usize, dynamic: *const u64) {
+    const DT_RELA: u64 = 7;
+    const DT_RELASZ: u64 = 8;
+    const R_X86_64_RELATIVE: u64 = 8;
+    let (mut rela, mut size) = (0usize, 0usize);
+    let mut d = dynamic;
+    unsafe {
+        loop {
+            let tag = core::ptr::read_volatile(d);
+            let val = core::ptr::read_volatile(d.add(1));
+            match tag {
+                0 => break,
+                DT_RELA => rela = val as usize,
+                DT_RELASZ => size = val as usize,
+                _ => {}
+            }
+            d = d.add(2);
+        }
+        let mut off = 0;
+        while off + 24 <= size {
+            let e = (base + rela + off) as *const u64;
+            let (at, info, addend) = (core::ptr::read_volatile(e), core::ptr::read_volatile(e.add(1)), core::ptr::read_volatile(e.add(2)));
+            if info & 0xffff_ffff == R_X86_64_RELATIVE {
+                core::ptr::write_volatile((base + at as usize) as *mut u64, (base as u64).wrapping_add(addend));
+            }
+            off += 24;
+        }
+    }
+}
+
+/// A mapped range [start, end).
+#[derive(Clone, Copy)]
+struct Range(usize, usize);
+
+impl Range {
+    fn overlaps(self, o: Range) -> bool {
+        self.0 < o.1 && o.0 < self.1
+    }
+}
+
+/// What the kernel mapped for the restorer, read from /proc/self/maps.
+struct Own {
+    ranges: [Range; 64],
+    n: usize,
+    vvar: Range,
+    vclock: Range,
+    vdso: Range,
+}
+
+fn hex(s: &[u8]) -> usize {
+    s.iter().fold(0, |a, &c| {
+        a * 16 + match c {
+            b'0'..=b'9' => (c - b'0') as usize,
+            b'a'..=b'f' => (c - b'a' + 10) as usize,
+            _ => 0,
+        }
+    })
+}
+
+fn own_mappings(buf: &mut [u8]) -> Own {
+    let mut own = Own { ranges: [Range(0, 0); 64], n: 0, vvar: Range(0, 0), vclock: Range(0, 0), vdso: Range(0, 0) };
+    let fd = unsafe { sys6(SYS_OPEN, c"/proc/self/maps".as_ptr() as usize, 0, 0, 0, 0, 0) };
+    if fd < 0 {
+        die(b"cannot read /proc/self/maps");
+    }
+    let mut len = 0;
+    loop {
+        let n = unsafe { sys6(SYS_READ, fd as usize, buf.as_mut_ptr() as usize + len, buf.len() - len, 0, 0, 0) };
+        if n <= 0 {
+            break;
+        }
+        len += n as usize;
+    }
+    unsafe { sys6(SYS_CLOSE, fd as usize, 0, 0, 0, 0, 0) };
+    for line in buf[..len].split(|&c| c == b'\n') {
+        let Some(dash) = line.iter().position(|&c| c == b'-') else { continue };
+        let Some(sp) = line.iter().position(|&c| c == b' ') else { continue };
+        let r = Range(hex(&line[..dash]), hex(&line[dash + 1..sp]));
+        if line.ends_with(b"[vvar]") {
+            own.vvar = r;
+        } else if line.ends_with(b"[vvar_vclock]") {
+            own.vclock = r;
+        } else if line.ends_with(b"[vdso]") {
+            own.vdso = r;
+        }
+        if own.n < own.ranges.len() {
+            own.ranges[own.n] = r;
+            own.n += 1;
+        }
+    }
+    own
+}
+
+unsafe extern "C" fn start(sp: *const usize) -> ! {
+    let argc = unsafe { *sp };
+    let argv = unsafe { sp.add(1) } as *const *const u8;
+    let envp = unsafe { argv.add(argc + 1) };
+    if argc < 3 {
+        die(b"usage: migrestore PLAN_FD ATTEMPT (run by mig restore)");
+    }
+    let arg = |i: usize| unsafe {
+        let p = *argv.add(i);
+        let mut n = 0;
+        while *p.add(n) != 0 {
+            n += 1;
+        }
+        core::slice::from_raw_parts(p, n)
+    };
+    let plan_fd = arg(1).iter().fold(0usize, |a, &c| a * 10 + (c - b'0') as usize);
+    let attempt = arg(2)[0].wrapping_sub(b'a');
+
+    // 1. The plan, read into fresh memory.
+    let mut st = [0u64; 18];
+    if unsafe { sys6(SYS_FSTAT, plan_fd, st.as_mut_ptr() as usize, 0, 0, 0, 0) } < 0 {
+        die(b"cannot stat the plan");
+    }
+    let size = st[6] as usize;
+    let plan = unsafe { sys6(SYS_MMAP, 0, size.max(8), 1, MAP_PRIVATE, plan_fd, 0) };
+    if plan < 0 {
+        die(b"cannot map the plan");
+    }
+    let w = unsafe { core::slice::from_raw_parts(plan as *const u64, size / 8) };
+    if w.len() < HEAD_WORDS || w[0] != PLAN_MAGIC {
+        die(b"not a restore plan");
+    }
+    let count = w[1] as usize;
+    if w.len() < HEAD_WORDS + count * ENTRY_WORDS {
+        die(b"truncated restore plan");
+    }
+    let entries = &w[HEAD_WORDS..HEAD_WORDS + count * ENTRY_WORDS];
+
+    // 2. Room: no saved region may land on the restorer, its stack or its vDSO block.
+    let mut mapsbuf = [0u8; 8192];
+    let own = own_mappings(&mut mapsbuf);
+    let plan_range = Range(plan as usize, plan as usize + size);
+    let clash = entries.chunks(ENTRY_WORDS).any(|e| {
+        let r = Range(e[0] as usize, (e[0] + e[1]) as usize);
+        own.ranges[..own.n].iter().any(|&o| o.overlaps(r)) || plan_range.overlaps(r)
+    });
+    if clash {
+        if attempt >= MAX_ATTEMPTS {
+            die(b"the saved address space overlaps the restorer every time; giving up");
+        }
+        let mut next = [b'a' + attempt + 1, 0];
+        let argv2 = [unsafe { *argv }, unsafe { *argv.add(1) }, next.as_mut_ptr() as *const u8, core::ptr::null()];
+        unsafe { sys6(SYS_EXECVE, c"/proc/self/exe".as_ptr() as usize, argv2.as_ptr() as usize, envp as usize, 0, 0, 0) };
+        die(b"cannot run itself again");
+    }
+
+    // 3. Every region.
+    for e in entries.chunks(ENTRY_WORDS) {
+        let (addr, len, prot, flags, fd, off) = (e[0] as usize, e[1] as usize, e[2] as usize, e[3] as usize, e[4] as i64, e[5] as usize);
+        let (fd, flags) = if fd < 0 { (usize::MAX, flags | MAP_ANONYMOUS) } else { (fd as usize, flags) };
+        let r = unsafe { sys6(SYS_MMAP, addr, len, prot, flags | MAP_FIXED, fd, off) };
+        if r as usize != addr {
+            write(b"errno ");
+            die_at(b"mapping a saved region failed at", addr ^ ((-r as usize) << 56));
+        }
+    }
+
+    // 4. This host's vDSO block where the image had it (same layout, or refuse).
+    let (target, sizes) = (w[6] as usize, [w[7] as usize, w[8] as usize, w[9] as usize]);
+    if target != 0 {
+        let mine = [own.vvar, own.vclock, own.vdso];
+        if mine.iter().zip(sizes).any(|(r, s)| r.1 - r.0 != s) {
+            die(b"this host's vDSO block differs in size from the image's: cannot restore here");
+        }
+        let mut at = target;
+        for r in mine {
+            let len = r.1 - r.0;
+            if len == 0 {
+                continue;
+            }
+            let m = unsafe { sys6(SYS_MREMAP, r.0, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, at, 0) };
+            if m as usize != at {
+                die(b"moving the vDSO failed");
+            }
+            at += len;
+        }
+    }
+
+    // 5. TLS, stack, and into the shim.
+    let (entry, args, fs, stack) = (w[2] as usize, plan as usize + w[3] as usize, w[4] as usize, w[5] as usize);
+    unsafe {
+        sys6(SYS_ARCH_PRCTL, ARCH_SET_FS, fs, 0, 0, 0, 0);
+        // As if called: the return address slot keeps the ABI's stack alignment.
+        asm!("mov rsp, {stack}", "xor ebp, ebp", "push rbp", "jmp {entry}", stack = in(reg) stack, entry = in(reg) entry, in("rdi") args, options(noreturn));
+    }
+}

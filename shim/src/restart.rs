@@ -1,0 +1,106 @@
+//! The restart path: where the restorer hands over, inside the restored process, on the
+//! main thread's own stack with its TLS in place. It makes the shim's world true again on
+//! this host — glibc's cached tid, the session table, the new real pid, the control
+//! thread's leftovers, the kernel's view of the command line — and then returns the main
+//! thread into its saved context with rt_sigreturn, as if its freeze signal had just been
+//! handled.
+//!
+//! Arguments (written by `mig restore` into the plan): the session directory (u64 length,
+//! bytes, padded to 8), the number of fds to close (u64) and those fds (u64 each), the old
+//! process's TLS offset of glibc's tid (u64), the main thread's ucontext (u64), its TLS
+//! base (u64), and prctl_mm_map fields (11 u64) with the auxv (u64 length, bytes).
+
+use crate::interpose::raw::syscall6;
+use crate::state::{shim, vpid};
+use migrt::paths::SessionDir;
+use std::os::unix::ffi::OsStrExt;
+
+struct Args<'a> {
+    words: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Args<'a> {
+    fn u64(&mut self) -> u64 {
+        let v = u64::from_le_bytes(self.words[self.at..self.at + 8].try_into().unwrap_or([0; 8]));
+        self.at += 8;
+        v
+    }
+
+    fn bytes(&mut self) -> &'a [u8] {
+        let n = self.u64() as usize;
+        let b = &self.words[self.at..self.at + n];
+        self.at += n.div_ceil(8) * 8;
+        b
+    }
+}
+
+/// Entered by the restorer (see the module comment); never returns.
+///
+/// # Safety
+/// Called only by the restorer, with `args` pointing at the plan's argument block.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
+    crate::state::enter_forever();
+    // SAFETY: the block is at most 1 MiB and mapped by the restorer for the whole restart.
+    let mut a = Args { words: unsafe { std::slice::from_raw_parts(args, 1 << 20) }, at: 0 };
+    let dir = SessionDir(std::ffi::OsStr::from_bytes(a.bytes()).into());
+    let closes: Vec<u64> = (0..a.u64()).map(|_| a.u64()).collect();
+    let tid_offset = a.u64() as usize;
+    let ucontext = a.u64() as usize;
+    let fs_base = a.u64() as usize;
+    let mut mm: Vec<u64> = (0..11).map(|_| a.u64()).collect();
+    let auxv = a.bytes().to_vec();
+
+    // glibc answers pthread_self()->tid from its cache: the new kernel tid.
+    let tid = unsafe { syscall6(libc::SYS_gettid, 0, 0, 0, 0, 0, 0) } as i32;
+    if tid_offset != 0 {
+        // SAFETY: the offset was found in this very thread descriptor at checkpoint time.
+        unsafe { std::ptr::write_volatile((fs_base + tid_offset) as *mut i32, tid) };
+    }
+    if let Some(s) = shim() {
+        if let Err(e) = s.table.remap(&dir.procs()) {
+            eprintln!("migshim: restore: {e}");
+        }
+        s.table.bind(vpid(), tid);
+        s.move_to(dir);
+    }
+    crate::control::forget();
+    crate::interpose::freeze::forget();
+    for fd in closes {
+        crate::interpose::close_real(fd as i32);
+    }
+    set_mm(&mut mm, &auxv);
+    // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
+    // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
+    unsafe {
+        std::arch::asm!("mov rsp, {uc}", "mov eax, 15", "syscall", uc = in(reg) ucontext, options(noreturn));
+    }
+}
+
+/// The kernel's idea of where the command line, environment and heap are (ps reads the
+/// command line from there). Best effort: refused without the right privileges.
+fn set_mm(mm: &mut [u64], auxv: &[u8]) {
+    #[repr(C)]
+    struct PrctlMmMap {
+        fields: [u64; 11],
+        auxv: u64,
+        auxv_size: u32,
+        exe_fd: u32,
+    }
+    if mm.len() != 11 {
+        return;
+    }
+    let map = PrctlMmMap {
+        fields: mm.try_into().unwrap_or([0; 11]),
+        auxv: auxv.as_ptr() as u64,
+        auxv_size: auxv.len() as u32,
+        exe_fd: u32::MAX,
+    };
+    const PR_SET_MM: usize = 35;
+    const PR_SET_MM_MAP: usize = 14;
+    // SAFETY: prctl reads the struct we pass, of the size we say.
+    unsafe {
+        syscall6(libc::SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, (&raw const map) as usize, std::mem::size_of::<PrctlMmMap>(), 0, 0);
+    }
+}
