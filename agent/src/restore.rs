@@ -78,14 +78,18 @@ fn prot(perms: &str) -> u64 {
 fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
     let mut keep = Vec::new();
     let mut fds: Vec<u64> = Vec::new();
-    let image_file = std::fs::File::open(&img.path)?;
+    let image_file = std::fs::File::open(std::fs::canonicalize(&img.path)?)?;
     let image_fd = migrt::sys::inheritable_fd(&image_file, FD_BASE)?;
     fds.push(image_fd as u64);
     keep.push(image_file);
     let mut files: HashMap<Vec<u8>, i32> = HashMap::new();
     let mut entries: Vec<[u64; 7]> = Vec::new();
     let private = libc::MAP_PRIVATE as u64;
+    // The kernel shows the command line only from anonymous memory: the region that holds
+    // it (the stack) gets its pages copied, not mapped from the image.
+    let args_at = img.meta.mm.get(7).copied().unwrap_or(0);
     for (ri, r) in img.regions.iter().enumerate() {
+        let copy = (r.start..r.end).contains(&args_at) as u64;
         if SPECIAL.contains(&r.name.0.as_slice()) {
             continue;
         }
@@ -125,7 +129,7 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
                     k += 1;
                 }
                 let addr = r.start + (map.first_page + start) * PAGE as u64;
-                entries.push([addr, (i - start) * PAGE as u64, p, private, image_fd as u64, data_at + first_k * PAGE as u64, 0]);
+                entries.push([addr, (i - start) * PAGE as u64, p, private, image_fd as u64, data_at + first_k * PAGE as u64, copy]);
             }
         }
     }
@@ -142,6 +146,8 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
         }
     };
     push_bytes(&mut args, session_dir.as_os_str().as_bytes());
+    let canonical = std::fs::canonicalize(&img.path)?;
+    push_bytes(&mut args, canonical.as_os_str().as_bytes());
     let m = &img.meta;
     let plan_file = migrt::sys::memfd(c"migshim-plan", false)?;
     let plan_fd = migrt::sys::inheritable_fd(&plan_file, FD_BASE)?;

@@ -14,7 +14,8 @@
 //!
 //! Plan (little-endian u64 words): magic, entry count, restart entry, offset of the
 //! restart arguments in the plan, fs_base, restart stack, vvar target, then the three
-//! expected block sizes, then 7 words per entry (addr, len, prot, flags, fd, offset, 0).
+//! expected block sizes, then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
+//! 0 map, 1 copy from fd into the memory mapped before).
 #![no_std]
 #![no_main]
 
@@ -32,6 +33,9 @@ const SYS_CLOSE: usize = 3;
 const SYS_FSTAT: usize = 5;
 const SYS_MMAP: usize = 9;
 const SYS_MREMAP: usize = 25;
+const SYS_MPROTECT: usize = 10;
+const SYS_PREAD64: usize = 17;
+const PROT_WRITE: usize = 2;
 const SYS_EXECVE: usize = 59;
 const SYS_EXIT_GROUP: usize = 231;
 const SYS_ARCH_PRCTL: usize = 158;
@@ -301,14 +305,31 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
         die(b"cannot run itself again");
     }
 
-    // 3. Every region.
+    // 3. Every region: mapped (from a file, the image's pages lazily), or, for kind 1,
+    // copied from the image into the anonymous memory already there.
     for e in entries.chunks(ENTRY_WORDS) {
         let (addr, len, prot, flags, fd, off) = (e[0] as usize, e[1] as usize, e[2] as usize, e[3] as usize, e[4] as i64, e[5] as usize);
+        if e[6] == 1 {
+            let mut done = 0;
+            while done < len {
+                let n = unsafe { sys6(SYS_PREAD64, fd as usize, addr + done, len - done, off + done, 0, 0) };
+                if n <= 0 {
+                    die_at(b"reading saved pages failed at", addr + done);
+                }
+                done += n as usize;
+            }
+            continue;
+        }
         let (fd, flags) = if fd < 0 { (usize::MAX, flags | MAP_ANONYMOUS) } else { (fd as usize, flags) };
-        let r = unsafe { sys6(SYS_MMAP, addr, len, prot, flags | MAP_FIXED, fd, off) };
+        // Writable until the copies are in; the final protection comes after.
+        let r = unsafe { sys6(SYS_MMAP, addr, len, prot | PROT_WRITE, flags | MAP_FIXED, fd, off) };
         if r as usize != addr {
-            write(b"errno ");
-            die_at(b"mapping a saved region failed at", addr ^ ((-r as usize) << 56));
+            die_at(b"mapping a saved region failed at", addr);
+        }
+    }
+    for e in entries.chunks(ENTRY_WORDS) {
+        if e[6] != 1 && e[2] as usize & PROT_WRITE == 0 {
+            unsafe { sys6(SYS_MPROTECT, e[0] as usize, e[1] as usize, e[2] as usize, 0, 0, 0) };
         }
     }
 

@@ -246,6 +246,7 @@ impl Session {
         match freeze::freeze(s.table.signal(), Duration::from_secs(10)) {
             Ok(parked) => {
                 let micros = t0.elapsed().as_micros() as u64;
+                freeze::keep_process_state();
                 let (table, _) = crate::reconcile::table(false);
                 let folded = crate::state::journal(s).folded().clone();
                 let threads = parked.len() as u32;

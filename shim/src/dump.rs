@@ -25,9 +25,20 @@ pub struct Dumped {
     pub pages: u64,
 }
 
+/// Image files this process was restored from: their mappings hold the process's own
+/// memory (mapped lazily), so a checkpoint stores them whole rather than pointing at them.
+static RESTORED_FROM: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+pub fn restored_from(image: Vec<u8>) {
+    RESTORED_FROM.lock().unwrap_or_else(|p| p.into_inner()).push(image);
+}
+
 /// A mapping backed by a file the restore maps again (its unmodified pages come from there).
 fn file_backed(m: &migrt::procfs::MapsLine) -> bool {
-    m.name.0.first() == Some(&b'/') && !m.name.0.starts_with(b"/memfd:") && !m.name.0.ends_with(b" (deleted)")
+    m.name.0.first() == Some(&b'/')
+        && !m.name.0.starts_with(b"/memfd:")
+        && !m.name.0.ends_with(b" (deleted)")
+        && !RESTORED_FROM.lock().unwrap_or_else(|p| p.into_inner()).contains(&m.name.0)
 }
 
 /// Whether the image holds page data of this mapping: every readable mapping but the ones
@@ -120,7 +131,13 @@ pub fn dump(
             offset: m.offset,
             // The shim's own mappings (session table, scratch, control stack) are its
             // business on restore: named so, they are placeholders.
-            name: if is_own(m) { Bytes::from("[migshim]") } else { m.name.clone() },
+            name: if is_own(m) {
+                Bytes::from("[migshim]")
+            } else if m.name.0.first() == Some(&b'/') && !file_backed(m) && !m.name.0.starts_with(b"/memfd:") {
+                Bytes::default() // memory of a restored process, mapped from its old image
+            } else {
+                m.name.clone()
+            },
             inode: m.inode,
             stored: stored(m, &own),
         })

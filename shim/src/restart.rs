@@ -6,7 +6,7 @@
 //! handled.
 //!
 //! Arguments (written by `mig restore` into the plan): the session directory (u64 length,
-//! bytes, padded to 8), the number of fds to close (u64) and those fds (u64 each), the old
+//! bytes, padded to 8), the image file (same form), the number of fds to close (u64) and those fds (u64 each), the old
 //! process's TLS offset of glibc's tid (u64), the main thread's ucontext (u64), its TLS
 //! base (u64), and prctl_mm_map fields (11 u64) with the auxv (u64 length, bytes).
 
@@ -45,6 +45,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     // SAFETY: the block is at most 1 MiB and mapped by the restorer for the whole restart.
     let mut a = Args { words: unsafe { std::slice::from_raw_parts(args, 1 << 20) }, at: 0 };
     let dir = SessionDir(std::ffi::OsStr::from_bytes(a.bytes()).into());
+    let image = a.bytes().to_vec();
     let closes: Vec<u64> = (0..a.u64()).map(|_| a.u64()).collect();
     let tid_offset = a.u64() as usize;
     let ucontext = a.u64() as usize;
@@ -58,6 +59,10 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         // SAFETY: the offset was found in this very thread descriptor at checkpoint time.
         unsafe { std::ptr::write_volatile((fs_base + tid_offset) as *mut i32, tid) };
     }
+    // The old process's control socket and listener are gone: forget them first (their fd
+    // numbers mean other things now).
+    crate::control::forget();
+    crate::interpose::freeze::forget();
     if let Some(s) = shim() {
         if let Err(e) = s.table.remap(&dir.procs()) {
             eprintln!("migshim: restore: {e}");
@@ -65,16 +70,33 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         s.table.bind(vpid(), tid);
         s.move_to(dir);
     }
-    crate::control::forget();
-    crate::interpose::freeze::forget();
+    crate::interpose::freeze::restore_process_state();
+    crate::dump::restored_from(image);
     for fd in closes {
         crate::interpose::close_real(fd as i32);
     }
+    own_pages(mm[7], mm[10]);
     set_mm(&mut mm, &auxv);
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {
         std::arch::asm!("mov rsp, {uc}", "mov eax, 15", "syscall", uc = in(reg) ucontext, options(noreturn));
+    }
+}
+
+/// Makes the pages of [start, end) the process's own (copy-on-write from the image file):
+/// the kernel reads the command line and environment only from anonymous memory.
+fn own_pages(start: u64, end: u64) {
+    let page = migrt::image::PAGE as u64;
+    let mut p = start & !(page - 1);
+    while p < end {
+        // SAFETY: the command line and environment lie in the restored, writable stack;
+        // a byte is written back with its own value.
+        unsafe {
+            let b = std::ptr::read_volatile(p.max(start) as *const u8);
+            std::ptr::write_volatile(p.max(start) as *mut u8, b);
+        }
+        p += page;
     }
 }
 

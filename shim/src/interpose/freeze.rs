@@ -163,6 +163,48 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
         .collect())
 }
 
+/// What the kernel held for the process at the freeze and a restore must set again:
+/// every signal's disposition, and the thread name. Kept in static memory, which the image
+/// carries; read back by the restart path.
+struct Kept {
+    /// The kernel's struct sigaction: handler, flags, restorer, mask.
+    actions: [[u64; 4]; 65],
+    comm: [u8; 16],
+}
+
+static mut KEPT: Kept = Kept { actions: [[0; 4]; 65], comm: [0; 16] };
+
+/// Notes the signal dispositions and the thread name (control thread, app frozen).
+pub fn keep_process_state() {
+    // SAFETY: only the control thread touches KEPT, and only while the app is frozen (or,
+    // in restore_process_state, before any app thread runs); raw rt_sigaction on each signal.
+    unsafe {
+        let kept = &mut *(&raw mut KEPT);
+        for sig in 1..65 {
+            syscall6(libc::SYS_rt_sigaction, sig, 0, (&raw mut kept.actions[sig]) as usize, 8, 0, 0);
+        }
+        let comm = std::fs::read("/proc/self/comm").unwrap_or_default(); // the main thread's
+        let n = comm.iter().position(|&c| c == b'\n').unwrap_or(comm.len()).min(15);
+        kept.comm = [0; 16];
+        kept.comm[..n].copy_from_slice(&comm[..n]);
+    }
+}
+
+/// After a restore: the dispositions and the name again.
+pub fn restore_process_state() {
+    // SAFETY: see keep_process_state; SIGKILL and SIGSTOP cannot be set and are skipped.
+    unsafe {
+        let kept = &*(&raw const KEPT);
+        for sig in 1..65 {
+            if sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize {
+                continue;
+            }
+            syscall6(libc::SYS_rt_sigaction, sig, (&raw const kept.actions[sig]) as usize, 0, 8, 0, 0);
+        }
+        libc::prctl(libc::PR_SET_NAME, kept.comm.as_ptr());
+    }
+}
+
 /// glibc's cached tid: its offset from the TLS base, found at freeze time by looking for
 /// the main thread's tid in its thread descriptor (0x2d0 in glibc 2.36).
 pub fn tid_offset(fs_base: u64, tid: i32) -> Option<u32> {
