@@ -1,0 +1,155 @@
+//! Restore of real programs: a checkpointed (and stopped) session comes back with the same
+//! vpid and goes on exactly where it stopped, memory intact, also after many cycles and in
+//! a fresh PID namespace; a damaged image is refused before anything is made.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn counts(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("count ")?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn wait_counts(log: &Path, n: usize) -> Vec<u64> {
+    let t = std::time::Instant::now();
+    loop {
+        let c = counts(log);
+        if c.len() >= n {
+            return c;
+        }
+        assert!(t.elapsed().as_secs() < 15, "{} counts in {}: {:?}", c.len(), log.display(), std::fs::read_to_string(log));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn ok(env: &Env, args: &[&str]) -> String {
+    let o = env.run(args);
+    assert!(o.status.success(), "mig {args:?}: {}{}", text(&o.stdout), text(&o.stderr));
+    text(&o.stdout)
+}
+
+fn start_counter(env: &Env, mib: &str) -> std::path::PathBuf {
+    let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", mib]);
+    wait_counts(&log, 3);
+    log
+}
+
+#[test]
+fn a_stopped_session_restores_and_goes_on_where_it_stopped() {
+    let env = Env::new("restore");
+    let log = start_counter(&env, "16");
+    let img = env.root.join("img");
+    ok(&env, &["checkpoint", "cnt", "--out", img.to_str().unwrap(), "--stop"]);
+    env.wait_processes("cnt", "the session to end", |p| p.is_empty());
+    let last = *counts(&log).last().unwrap();
+    let log2 = env.root.join("after.log");
+    let said = ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", log2.to_str().unwrap()]);
+    assert_eq!(said.trim(), "cnt");
+    let after = wait_counts(&log2, 5);
+    assert_eq!(after[0], last + 1, "it goes on from {last}: {after:?}");
+    let text2 = std::fs::read_to_string(&log2).unwrap();
+    assert!(text2.lines().all(|l| l.ends_with(&format!("pid {}", VPID_BASE + 1))), "same vpid: {text2}");
+    assert!(!text2.contains("damaged"), "its 16 MiB verify on every tick");
+    let p = env.processes("cnt");
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0]["vpid"], VPID_BASE + 1);
+    assert!(p[0]["command"].as_str().unwrap().contains("counter 40 16"), "ps shows its own command line: {}", p[0]);
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", p[0]["pid"])).unwrap();
+    assert_eq!(comm.trim(), "counter");
+    // The restored process answers mig like any other.
+    let t = env.table("cnt", false);
+    assert_eq!(t["processes"][0]["vpid"], VPID_BASE + 1);
+    env.stop("cnt");
+}
+
+#[test]
+fn ten_checkpoint_restore_cycles_leave_the_state_intact() {
+    let env = Env::new("cycles");
+    let mut log = start_counter(&env, "8");
+    for i in 0..10 {
+        let img = env.root.join(format!("img{i}"));
+        ok(&env, &["checkpoint", "cnt", "--out", img.to_str().unwrap(), "--stop"]);
+        env.wait_processes("cnt", "the session to end", |p| p.is_empty());
+        let last = *counts(&log).last().unwrap();
+        // The previous image goes: each image stands on its own.
+        if i > 0 {
+            std::fs::remove_dir_all(env.root.join(format!("img{}", i - 1))).unwrap();
+        }
+        log = env.root.join(format!("after{i}.log"));
+        ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", log.to_str().unwrap()]);
+        let after = wait_counts(&log, 2);
+        assert_eq!(after[0], last + 1, "cycle {i}: {after:?}");
+    }
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("damaged"));
+    env.stop("cnt");
+}
+
+#[test]
+fn a_damaged_image_is_refused_before_anything_is_made() {
+    let env = Env::new("damaged");
+    start_counter(&env, "4");
+    let img = env.root.join("img");
+    ok(&env, &["checkpoint", "cnt", "--out", img.to_str().unwrap(), "--stop"]);
+    env.wait_processes("cnt", "the session to end", |p| p.is_empty());
+    let file = img.join(format!("proc-{}.img", VPID_BASE + 1));
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    let at = good.len() / 2;
+    bad[at] ^= 1;
+    std::fs::write(&file, &bad).unwrap();
+    let o = env.run(&["restore", img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o.stderr);
+    assert!(e.contains(file.to_str().unwrap()) && e.contains("damaged"), "{e}");
+    assert!(env.ps().as_array().unwrap().is_empty(), "no session was made");
+    std::fs::write(&file, &good[..good.len() - 100]).unwrap();
+    let e = text(&env.run(&["restore", img.to_str().unwrap()]).stderr);
+    assert!(e.contains("truncated"), "{e}");
+    let e = text(&env.run(&["restore", env.root.join("nothing").to_str().unwrap()]).stderr);
+    assert!(e.contains("session.img"), "{e}");
+    // Intact again, it restores.
+    std::fs::write(&file, &good).unwrap();
+    ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", env.root.join("ok.log").to_str().unwrap()]);
+    // A second copy under the same, live, name is refused; under another name it runs.
+    let o = env.run(&["restore", img.to_str().unwrap(), "--detach"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("already running"), "{}", text(&o.stderr));
+    env.stop("cnt");
+}
+
+#[test]
+fn restores_inside_a_fresh_pid_namespace_with_other_real_pids() {
+    if !is_root() {
+        println!("SKIP: needs root for a PID namespace (unshare -p)");
+        return;
+    }
+    let env = Env::new("pidns");
+    start_counter(&env, "4");
+    let img = env.root.join("img");
+    ok(&env, &["checkpoint", "cnt", "--out", img.to_str().unwrap(), "--stop"]);
+    env.wait_processes("cnt", "the session to end", |p| p.is_empty());
+    let log = env.root.join("ns.log");
+    let ps = env.root.join("ps.json");
+    let script = format!(
+        "{mig} restore {img} --detach --log {log} >/dev/null && sleep 0.5 && {mig} ps --json > {ps}",
+        mig = mig_bin().display(),
+        img = img.display(),
+        log = log.display(),
+        ps = ps.display()
+    );
+    let mut c = std::process::Command::new("unshare");
+    c.args(["-p", "-f", "--mount-proc", "sh", "-c", &script]).env("MIGSHIM_RUNTIME_DIR", &env.rt);
+    let o = env.output(c);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ps).unwrap()).unwrap();
+    let p = &v[0]["processes"][0];
+    assert_eq!(p["vpid"], VPID_BASE + 1);
+    assert!(p["pid"].as_i64().unwrap() < 10, "a fresh namespace gives small real pids: {p}");
+    let c = counts(&log);
+    assert!(c.len() >= 3, "it ran there: {c:?}");
+    assert!(std::fs::read_to_string(&log).unwrap().lines().all(|l| l.ends_with(&format!("pid {}", VPID_BASE + 1))));
+}
