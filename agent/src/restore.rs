@@ -82,7 +82,7 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
     let image_fd = migrt::sys::inheritable_fd(&image_file, FD_BASE)?;
     fds.push(image_fd as u64);
     keep.push(image_file);
-    let mut files: HashMap<Vec<u8>, i32> = HashMap::new();
+    let mut files: HashMap<(Vec<u8>, bool), i32> = HashMap::new();
     let mut entries: Vec<[u64; 7]> = Vec::new();
     let private = libc::MAP_PRIVATE as u64;
     // The kernel shows the command line only from anonymous memory: the region that holds
@@ -98,16 +98,18 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
         if !file {
             entries.push([r.start, len, p, private, u64::MAX, 0, 0]);
         } else {
-            let fd = match files.get(&r.name.0) {
+            // A shared writable mapping writes through to its file.
+            let write = r.perms.starts_with("rw") && r.perms.ends_with('s');
+            let fd = match files.get(&(r.name.0.clone(), write)) {
                 Some(&fd) => fd,
                 None => {
                     let path = std::ffi::OsStr::from_bytes(&r.name.0);
-                    let f = std::fs::File::open(path).with_context(|| {
+                    let f = std::fs::OpenOptions::new().read(true).write(write).open(path).with_context(|| {
                         format!("the image maps {} (at {:#x}), which this host does not have", path.to_string_lossy(), r.start)
                     })?;
                     let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
                     keep.push(f);
-                    files.insert(r.name.0.clone(), fd);
+                    files.insert((r.name.0.clone(), write), fd);
                     fds.push(fd as u64);
                     fd
                 }

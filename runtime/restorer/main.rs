@@ -40,6 +40,7 @@ const SYS_EXECVE: usize = 59;
 const SYS_EXIT_GROUP: usize = 231;
 const SYS_ARCH_PRCTL: usize = 158;
 const ARCH_SET_FS: usize = 0x1002;
+const MAP_SHARED: usize = 0x01;
 const MAP_PRIVATE: usize = 0x02;
 const MAP_FIXED: usize = 0x10;
 const MAP_ANONYMOUS: usize = 0x20;
@@ -321,8 +322,10 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
             continue;
         }
         let (fd, flags) = if fd < 0 { (usize::MAX, flags | MAP_ANONYMOUS) } else { (fd as usize, flags) };
-        // Writable until the copies are in; the final protection comes after.
-        let r = unsafe { sys6(SYS_MMAP, addr, len, prot | PROT_WRITE, flags | MAP_FIXED, fd, off) };
+        // Private memory is writable until the copies are in; the final protection comes
+        // after. (A shared mapping is never copied into, and may come from a read-only fd.)
+        let prot = if flags & MAP_SHARED == 0 { prot | PROT_WRITE } else { prot };
+        let r = unsafe { sys6(SYS_MMAP, addr, len, prot, flags | MAP_FIXED, fd, off) };
         if r as usize != addr {
             die_at(b"mapping a saved region failed at", addr);
         }
