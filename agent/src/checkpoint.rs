@@ -32,22 +32,40 @@ pub fn checkpoint(session: &str, out: &Path, stop: bool) -> Result<i32> {
 }
 
 fn run(live: &Live, out: &Path, stop: bool, clients: &mut Vec<(i32, i32, Client)>, t0: Instant) -> Result<i32> {
-    let procs = live.processes();
-    if procs.is_empty() {
-        bail!("session {} has no live process", live.name());
-    }
-    for p in &procs {
-        let c = Client::connect(&live.dir, p.vpid, p.pid, live.table.signal())?;
-        clients.push((p.vpid, p.parent_vpid, c));
-    }
-    // 1. Freeze all, so that what passes between them is consistent.
+    // 1. Freeze all, so that what passes between them is consistent. A process that ends
+    // before it is frozen ended before the checkpoint and is left out; one started
+    // meanwhile is frozen too (frozen processes start none, so this settles).
+    let gone = |pid: i32| !migrt::sys::alive(pid) || migrt::procfs::status(pid).is_some_and(|(s, _)| s == 'Z');
     let frozen_at = Instant::now();
     let mut threads = 0;
-    for (vpid, _, c) in clients.iter_mut() {
-        match c.call(&Request::Freeze)? {
-            Response::Frozen { threads: n, .. } => threads += n,
-            other => bail!("process {vpid}: unexpected answer {other:?}"),
+    loop {
+        let newcomers: Vec<_> = live
+            .processes()
+            .into_iter()
+            .filter(|p| !clients.iter().any(|c| c.0 == p.vpid))
+            .collect();
+        if newcomers.is_empty() {
+            break;
         }
+        for p in newcomers {
+            let mut c = match Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
+                Ok(c) => c,
+                Err(_) if gone(p.pid) => continue,
+                Err(e) => return Err(e),
+            };
+            match c.call(&Request::Freeze) {
+                Ok(Response::Frozen { threads: n, .. }) => {
+                    threads += n;
+                    clients.push((p.vpid, p.parent_vpid, c));
+                }
+                Err(_) if gone(p.pid) => {}
+                Ok(other) => bail!("process {}: unexpected answer {other:?}", p.vpid),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if clients.is_empty() {
+        bail!("session {} has no live process", live.name());
     }
     // 2. Write every image.
     let mut bytes = 0;

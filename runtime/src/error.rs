@@ -4,12 +4,13 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{what} {path}: {source}")]
+    /// (The io error is part of the message, not a separate cause, so that error chains
+    /// do not print it twice.)
+    #[error("{what} {path}: {err}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error("{path}: not a migshim session table (bad magic or version {version})")]
     BadSessionTable { path: PathBuf, version: u32 },
@@ -28,11 +29,11 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             what,
             path: path.into(),
-            source,
+            err,
         }
     }
 }
