@@ -153,3 +153,38 @@ fn restores_inside_a_fresh_pid_namespace_with_other_real_pids() {
     assert!(c.len() >= 3, "it ran there: {c:?}");
     assert!(std::fs::read_to_string(&log).unwrap().lines().all(|l| l.ends_with(&format!("pid {}", VPID_BASE + 1))));
 }
+
+#[test]
+fn python_with_a_large_dict_and_an_open_file_restores_intact() {
+    let env = Env::new("pyrestore");
+    let out = env.root.join("numbers.txt");
+    let script = format!(
+        r#"
+import time
+d = {{i: str(i) * 3 for i in range(200000)}}
+f = open("{out}", "w")
+n = 0
+while True:
+    n += 1
+    assert all(d[i] == str(i) * 3 for i in range(0, 200000, 997))
+    f.write(f"{{n}}\n"); f.flush()
+    print("count", n, flush=True)
+    time.sleep(0.02)
+"#,
+        out = out.display()
+    );
+    let log = env.detach("py", &["python3", "-c", &script]);
+    wait_counts(&log, 5);
+    let img = env.root.join("img");
+    ok(&env, &["checkpoint", "py", "--out", img.to_str().unwrap(), "--stop"]);
+    let last = *counts(&log).last().unwrap();
+    let log2 = env.root.join("after.log");
+    ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", log2.to_str().unwrap()]);
+    let after = wait_counts(&log2, 5);
+    assert_eq!(after[0], last + 1, "{after:?}");
+    env.stop("py");
+    // The file went on at its offset: every number once, in order.
+    let nums: Vec<u64> = std::fs::read_to_string(&out).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert!(nums.len() as u64 >= last + 5);
+    assert!(nums.iter().enumerate().all(|(i, &n)| n == i as u64 + 1), "{nums:?}");
+}

@@ -107,6 +107,13 @@ fn run(live: &Live, out: &Path, stop: bool, clients: &mut Vec<(i32, i32, Client)
         }
     }
     let frozen = frozen_at.elapsed();
+    if stop {
+        // Ended means gone: wait (briefly) until no process of the session is left.
+        let t = Instant::now();
+        while !live.processes().is_empty() && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
     println!(
         "checkpoint of session {} to {}: {} process(es), {} thread(s), {} written, frozen {:.1} ms, total {:.1} ms{}",
         live.name(),

@@ -1,12 +1,12 @@
 //! `mig demo`: a guided run on this host, with nothing to set up. A counter (mig's own
 //! hidden `counter` subcommand, so no other program is needed) runs as a session; the demo
-//! shows what the session looks like from outside (`mig ps`) and inside (`mig table`),
-//! then ends it.
+//! shows it from outside (`mig ps`) and inside (`mig table`), checkpoints and stops it,
+//! restores it — it counts on from where it stopped — and ends it.
 
-use crate::run::{self, RunArgs};
 use crate::sessions;
 use anyhow::{Context, Result, bail};
 use std::io::Write;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The demo subject: counts, holds a file, a pipe and a socket pair, prints its pid.
@@ -18,6 +18,7 @@ pub fn counter(hz: f64, dir: &std::path::Path) -> Result<i32> {
     for count in 1u64.. {
         writeln!(f, "{count}")?;
         println!("count {count} (pid {})", std::process::id());
+        std::io::stdout().flush()?;
         std::thread::sleep(Duration::from_secs_f64(1.0 / hz));
     }
     Ok(0)
@@ -25,41 +26,65 @@ pub fn counter(hz: f64, dir: &std::path::Path) -> Result<i32> {
 
 pub fn demo() -> Result<i32> {
     let rt = sessions::runtime_dir()?;
-    let work = rt.join("demo");
+    let work = rt.join(format!("demo-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let log = work.join("counter.log");
+    let (log, log2, image) = (work.join("before.log"), work.join("after.log"), work.join("image"));
     let name = format!("demo-{}", std::process::id());
     let exe = std::env::current_exe()?;
+    let mig = |args: &[&str]| -> Result<()> {
+        let st = Command::new(&exe).args(args).status()?;
+        if !st.success() {
+            bail!("mig {} failed", args.join(" "));
+        }
+        Ok(())
+    };
     println!("== 1. mig run --detach --name {name} -- mig counter");
-    run::run(RunArgs {
-        name: Some(name.clone()),
-        detach: true,
-        allow_static: false,
-        log: Some(log.clone()),
-        command: vec![
-            exe.display().to_string(),
-            "counter".into(),
-            "--dir".into(),
-            work.display().to_string(),
-        ],
-    })?;
-    wait_for(&log, "count 3")?;
-    let out = std::fs::read_to_string(&log)?;
-    println!("   its output so far (the pid it sees is virtual, the same on any host):");
-    for l in out.lines().take(3) {
-        println!("   | {l}");
-    }
+    mig(&[
+        "run", "--detach", "--name", &name, "--log", &log.display().to_string(), "--",
+        &exe.display().to_string(), "counter", "--dir", &work.display().to_string(),
+    ])?;
+    wait_for(&log, "count 5 ")?;
+    show_tail(&log, "   its output (the pid it sees is virtual, the same wherever it runs):");
     println!("\n== 2. mig ps");
     let live = sessions::find(&rt, &name)?;
     print!("{}", crate::show::ps_text(std::slice::from_ref(&live)));
-    println!("\n== 3. mig table {name}   (what a checkpoint will record)");
+    println!("\n== 3. mig table {name}   (what stands behind each fd)");
     print!("{}", crate::table::text(&live, false)?);
-    println!("\n== 4. ending the session");
+    println!("\n== 4. mig checkpoint {name} --out {} --stop", image.display());
+    mig(&["checkpoint", &name, "--out", &image.display().to_string(), "--stop"])?;
+    let stopped_at = last_count(&log);
+    println!("   the counter stopped at {stopped_at}");
+    println!("\n== 5. mig restore {} --detach", image.display());
+    mig(&["restore", &image.display().to_string(), "--detach", "--log", &log2.display().to_string()])?;
+    wait_for(&log2, &format!("count {} ", stopped_at + 3))?;
+    show_tail(&log2, "   it goes on where it stopped, same pid, new process:");
+    let live = sessions::find(&rt, &name)?;
+    print!("{}", crate::show::ps_text(std::slice::from_ref(&live)));
+    println!("\n== 6. ending the session");
     for p in live.processes() {
         migrt::sys::terminate(p.pid);
     }
-    println!("   done. Checkpoint, restore and migration of this counter come next (see README).");
+    let _ = std::fs::remove_dir_all(&work);
+    println!("   done. Next: a move to another host (mig migrate, issue #5).");
     Ok(0)
+}
+
+fn last_count(log: &std::path::Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("count ")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn show_tail(log: &std::path::Path, title: &str) {
+    println!("{title}");
+    let out = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = out.lines().collect();
+    for l in &lines[lines.len().saturating_sub(3)..] {
+        println!("   | {l}");
+    }
 }
 
 fn wait_for(log: &std::path::Path, needle: &str) -> Result<()> {

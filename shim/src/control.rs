@@ -248,6 +248,7 @@ impl Session {
                 let micros = t0.elapsed().as_micros() as u64;
                 freeze::keep_process_state();
                 let (table, _) = crate::reconcile::table(false);
+                crate::restart::keep_table(&table);
                 let folded = crate::state::journal(s).folded().clone();
                 let threads = parked.len() as u32;
                 self.frozen = Some(Frozen { parked, table, folded });

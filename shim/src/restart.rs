@@ -75,12 +75,58 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     for fd in closes {
         crate::interpose::close_real(fd as i32);
     }
+    reopen_files();
     own_pages(mm[7], mm[10]);
     set_mm(&mut mm, &auxv);
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {
         std::arch::asm!("mov rsp, {uc}", "mov eax, 15", "syscall", uc = in(reg) ucontext, options(noreturn));
+    }
+}
+
+/// The table as it was at the last freeze (the image carries this static memory).
+static FROZEN: std::sync::Mutex<Option<migrt::table::ProcessTable>> = std::sync::Mutex::new(None);
+
+pub fn keep_table(t: &migrt::table::ProcessTable) {
+    *FROZEN.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
+}
+
+/// Files and devices come back at their numbers, flags and offsets (stdio excepted: it is
+/// `mig restore`'s own). Other kinds of fds are issue #4's: left closed for now.
+fn reopen_files() {
+    use migrt::table::Object;
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(t) = FROZEN.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+    for f in t.fds.iter().filter(|f| f.fd > 2) {
+        let (path, offset) = match &f.object {
+            Object::File { path, offset, deleted: false, .. } => (path, *offset),
+            Object::Device { path, .. } => (path, 0),
+            _ => continue,
+        };
+        let acc = f.flags & libc::O_ACCMODE;
+        let opened = std::fs::OpenOptions::new()
+            .read(acc != libc::O_WRONLY)
+            .write(acc != libc::O_RDONLY)
+            .custom_flags(f.flags & !(libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL))
+            .open(std::ffi::OsStr::from_bytes(&path.0));
+        let Ok(file) = opened else {
+            eprintln!("migshim: restore: cannot reopen {} as fd {}", path, f.fd);
+            continue;
+        };
+        let raw = file.into_raw_fd();
+        // SAFETY: placing our fresh fd at the number the app knows, with its offset and
+        // close-on-exec flag; the temporary number is closed.
+        unsafe {
+            if raw != f.fd {
+                libc::dup3(raw, f.fd, if f.cloexec { libc::O_CLOEXEC } else { 0 });
+                crate::interpose::close_real(raw);
+            }
+            if offset > 0 && f.flags & libc::O_APPEND == 0 {
+                libc::lseek(f.fd, offset, libc::SEEK_SET);
+            }
+        }
     }
 }
 
