@@ -45,7 +45,7 @@ struct ProcImage {
 }
 
 fn read_image(path: &Path) -> Result<ProcImage> {
-    let (kind, sections) = image::read_all(path)?;
+    let (kind, sections) = image::read_verified_metadata(path)?;
     if kind != image::Kind::Process {
         bail!("{}: not a process image", path.display());
     }

@@ -287,6 +287,8 @@ pub struct ImageReader<R: Read> {
     sections: u64,
     pub kind: Kind,
     done: bool,
+    /// Page data is checked and dropped, not kept (a restore maps it from the file).
+    skip_page_data: bool,
 }
 
 impl ImageReader<std::io::BufReader<std::fs::File>> {
@@ -330,7 +332,15 @@ impl<R: Read> ImageReader<R> {
             sections: 0,
             kind,
             done: false,
+            skip_page_data: false,
         })
+    }
+
+    /// From now on, PageData sections are verified as they stream by but their payload is
+    /// not kept (the Section comes back with an empty payload).
+    pub fn skip_page_data(mut self) -> Self {
+        self.skip_page_data = true;
+        self
     }
 
     fn bad(&self, what: String) -> Error {
@@ -368,11 +378,25 @@ impl<R: Read> ImageReader<R> {
         if len > 1 << 40 {
             return Err(self.bad(format!("section {tag:?} at offset {at} claims {len} bytes")));
         }
-        let mut payload = vec![0u8; len as usize];
-        read_exact(&mut self.r, &mut payload).map_err(|_| {
-            self.bad(format!("truncated in section {tag:?} at offset {at} ({len} bytes expected)"))
-        })?;
-        if crc32fast::hash(&payload) != u32_at(16) {
+        let truncated = || format!("truncated in section {tag:?} at offset {at} ({len} bytes expected)");
+        let (payload, crc) = if tag == Tag::PageData && self.skip_page_data {
+            let mut h = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+            let mut left = len as usize;
+            while left > 0 {
+                let n = left.min(buf.len());
+                read_exact(&mut self.r, &mut buf[..n]).map_err(|_| self.bad(truncated()))?;
+                h.update(&buf[..n]);
+                left -= n;
+            }
+            (Vec::new(), h.finalize())
+        } else {
+            let mut payload = vec![0u8; len as usize];
+            read_exact(&mut self.r, &mut payload).map_err(|_| self.bad(truncated()))?;
+            let crc = crc32fast::hash(&payload);
+            (payload, crc)
+        };
+        if crc != u32_at(16) {
             return Err(self.bad(format!(
                 "damaged section {tag:?} at offset {at} (checksum mismatch)"
             )));
@@ -405,7 +429,15 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
 
 /// Reads a whole image, verifying it, and returns its sections.
 pub fn read_all(path: &Path) -> Result<(Kind, Vec<Section>)> {
-    let mut r = ImageReader::open(path)?;
+    read_sections(ImageReader::open(path)?)
+}
+
+/// Verifies a whole image; page data is checked but not kept.
+pub fn read_verified_metadata(path: &Path) -> Result<(Kind, Vec<Section>)> {
+    read_sections(ImageReader::open(path)?.skip_page_data())
+}
+
+fn read_sections<R: Read>(mut r: ImageReader<R>) -> Result<(Kind, Vec<Section>)> {
     let mut out = Vec::new();
     while let Some(s) = r.next_section()? {
         out.push(s);

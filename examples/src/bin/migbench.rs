@@ -4,9 +4,10 @@
 //!   cargo build --release && target/release/migbench [--runs 5]
 //!   cargo build --release && target/release/migbench --checkpoint [--runs 5] [--dir DIR]
 //!
-//! `--checkpoint`: checkpoint time, freeze time and image size of 64 MiB and 1 GiB
-//! sessions (the C counter subject), beside a plain memcpy and a file write of the same
-//! size measured in the same run, in the same directory.
+//! `--checkpoint`: checkpoint time, freeze time, image size and restore time (until the
+//! process runs again) of 64 MiB and 1 GiB sessions (the C counter subject), beside a
+//! plain memcpy and a file write of the same size measured in the same run, in the same
+//! directory.
 //!
 //! `migbench --worker` is the measured program: it times each operation in batches and
 //! prints JSON (nanoseconds per operation, the median batch).
@@ -135,8 +136,8 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
     let exe = std::env::current_exe().unwrap();
     let mig = exe.with_file_name("mig");
     let rt = base.join("migbench-rt");
-    println!("| session | checkpoint (total) | frozen | image | GB/s | memcpy | file write |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| session | checkpoint (total) | frozen | image | GB/s | restore (running again) | memcpy | file write |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for mib in [64usize, 1024] {
         let log = base.join("migbench-counter.log");
         let st = Command::new(&mig)
@@ -160,7 +161,35 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
             frozen.push(f);
             size = b;
         }
-        let _ = Command::new("pkill").args(["-f", &format!("counter 2 {mib}")]).output();
+        // Restore: stop the session into an image, then time `mig restore --detach` (it
+        // returns once the process runs again), a few times from the same image.
+        let img = base.join("migbench-stop");
+        let _ = std::fs::remove_dir_all(&img);
+        let out = Command::new(&mig)
+            .env("MIGSHIM_RUNTIME_DIR", &rt)
+            .args(["checkpoint", "bench", "--stop", "--out"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let restore = median((0..runs).map(|_| {
+            let t = Instant::now();
+            let out = Command::new(&mig)
+                .env("MIGSHIM_RUNTIME_DIR", &rt)
+                .args(["restore", "--detach", "--log"])
+                .arg(&log)
+                .arg(&img)
+                .output()
+                .unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let _ = Command::new("pkill").args(["-f", &format!("counter 2 {mib}")]).output();
+            while Command::new(&mig).env("MIGSHIM_RUNTIME_DIR", &rt).args(["ps"]).output().map(|o| String::from_utf8_lossy(&o.stdout).contains("bench")).unwrap_or(false) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            ms
+        }).collect());
+        let _ = std::fs::remove_dir_all(&img);
         // The same amount of memory copied, and written to a file in the same directory.
         let n = mib << 20;
         let src = vec![7u8; n];
@@ -181,7 +210,7 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
         }).collect());
         let (t, fr) = (median(total), median(frozen));
         println!(
-            "| {mib} MiB | {t:.1} ms | {fr:.1} ms | {:.1} MiB | {:.2} | {memcpy:.1} ms | {write:.1} ms |",
+            "| {mib} MiB | {t:.1} ms | {fr:.1} ms | {:.1} MiB | {:.2} | {restore:.1} ms | {memcpy:.1} ms | {write:.1} ms |",
             size / (1u64 << 20) as f64,
             size / (t / 1e3) / 1e9
         );
