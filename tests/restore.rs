@@ -188,3 +188,42 @@ while True:
     assert!(nums.len() as u64 >= last + 5);
     assert!(nums.iter().enumerate().all(|(i, &n)| n == i as u64 + 1), "{nums:?}");
 }
+
+#[test]
+fn threads_with_mutexes_condvars_signals_and_join_restore() {
+    let env = Env::new("threads");
+    let log = env.detach("th", &[c_program("threads").to_str().unwrap(), "60", "20"]);
+    let ticks = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p).unwrap_or_default().lines().filter(|l| l.starts_with("tick")).map(String::from).collect()
+    };
+    let t = std::time::Instant::now();
+    while ticks(&log).len() < 5 {
+        assert!(t.elapsed().as_secs() < 10, "{:?}", std::fs::read_to_string(&log));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let img = env.root.join("img");
+    ok(&env, &["checkpoint", "th", "--out", img.to_str().unwrap(), "--stop"]);
+    let before = ticks(&log);
+    let last = before.last().unwrap().clone();
+    // Not detached: mig restore returns the program's exit status.
+    let mut c = env.mig();
+    c.args(["restore", img.to_str().unwrap()]);
+    let o = env.output(c);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}{}", text(&o.stderr));
+    assert!(out.contains("joined"), "every thread was joined with its return value: {out}");
+    let after: Vec<&str> = out.lines().filter(|l| l.starts_with("tick")).collect();
+    let n = |l: &str| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
+    assert_eq!(n(after[0]), n(&last) + 1, "goes on from {last}: {}", after[0]);
+    let field = |l: &str, k: &str| -> Vec<i64> {
+        l.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().split(',').map(|x| x.parse().unwrap()).collect()
+    };
+    let (w0, w1) = (field(&last, "work="), field(after.last().unwrap(), "work="));
+    let (s0, s1) = (field(&last, "sig="), field(after.last().unwrap(), "sig="));
+    for i in 0..3 {
+        assert!(w1[i] > w0[i] + 10, "worker {i} kept working (condvar): {w0:?} -> {w1:?}");
+        assert!(s1[i] > s0[i] + 10, "pthread_kill reached worker {i}: {s0:?} -> {s1:?}");
+    }
+    assert_eq!(field(&last, "tids="), field(after.last().unwrap(), "tids="), "same vtids");
+    assert!(field(&last, "tids=").iter().all(|&t| is_vpid(t)));
+}

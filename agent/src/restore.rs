@@ -5,8 +5,8 @@
 //! to map where, from which file at which offset), and the restorer — embedded in `mig`
 //! and run from a memfd — becomes the process again. Its stdio is `mig restore`'s own.
 //!
-//! Not yet: sessions of several processes, processes with several threads, and fds other
-//! than stdio (issue #4); they are refused with a clear message.
+//! Not yet: sessions of several processes (refused with a clear message), and fds other
+//! than files and devices (issue #4: left closed).
 
 use crate::run::exit_code;
 use crate::sessions;
@@ -161,6 +161,12 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
     mm.resize(11, 0);
     args.extend(&mm);
     push_bytes(&mut args, &m.auxv);
+    // The other threads: where each one's context and TLS are, and its vtid.
+    let others: Vec<&ThreadState> = img.threads.iter().filter(|t| t.vtid != m.vpid).collect();
+    args.push(others.len() as u64);
+    for t in others {
+        args.extend([t.ucontext_addr, t.fs_base, t.vtid as u64]);
+    }
 
     let head = 10u64;
     let args_at = (head + entries.len() as u64 * 7) * 8;
@@ -203,9 +209,6 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     let [img] = &images[..] else {
         bail!("this image holds {} processes: restoring a session of several processes is not done yet (issue #3)", images.len());
     };
-    if img.threads.len() != 1 {
-        bail!("process {} had {} threads: restoring several threads is not done yet (issue #3)", img.meta.vpid, img.threads.len());
-    }
     if img.meta.restart_entry == 0 || img.meta.main_ucontext == 0 {
         bail!("{}: the image does not say where to resume", img.path.display());
     }
@@ -220,6 +223,9 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     })?;
     let table = SessionTable::open(&dir.procs())?;
     table.restore_slot(img.meta.vpid, Kind::Process, 0)?;
+    for t in img.threads.iter().filter(|t| t.vtid != img.meta.vpid) {
+        table.restore_slot(t.vtid, Kind::Thread, img.meta.vpid)?;
+    }
 
     // 3. The plan, and the restorer.
     let result = (|| -> Result<i32> {

@@ -102,6 +102,8 @@ pub struct ProcessMeta {
 pub struct ThreadState {
     pub vtid: i32,
     pub tid: i32,
+    /// Where its saved context lies (its signal frame, on its own stack).
+    pub ucontext_addr: u64,
     /// The `ucontext_t` the kernel saved when the freeze signal arrived.
     pub ucontext: Vec<u8>,
     /// The FPU/vector state it points to (xsave area).

@@ -102,6 +102,7 @@ pub fn dump(
             ThreadState {
                 vtid: s.table.vid_of(p.tid).unwrap_or(p.tid),
                 tid: p.tid,
+                ucontext_addr: p.ucontext as u64,
                 ucontext,
                 fpstate,
                 fs_base: p.fs_base,

@@ -8,7 +8,8 @@
 //! Arguments (written by `mig restore` into the plan): the session directory (u64 length,
 //! bytes, padded to 8), the image file (same form), the number of fds to close (u64) and those fds (u64 each), the old
 //! process's TLS offset of glibc's tid (u64), the main thread's ucontext (u64), its TLS
-//! base (u64), and prctl_mm_map fields (11 u64) with the auxv (u64 length, bytes).
+//! base (u64), prctl_mm_map fields (11 u64) with the auxv (u64 length, bytes), and the
+//! other threads (u64 count, then ucontext, TLS base and vtid, u64 each).
 
 use crate::interpose::raw::syscall6;
 use crate::state::{shim, vpid};
@@ -52,6 +53,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     let fs_base = a.u64() as usize;
     let mut mm: Vec<u64> = (0..11).map(|_| a.u64()).collect();
     let auxv = a.bytes().to_vec();
+    let threads: Vec<[u64; 3]> = (0..a.u64()).map(|_| [a.u64(), a.u64(), a.u64()]).collect();
 
     // glibc answers pthread_self()->tid from its cache: the new kernel tid.
     let tid = unsafe { syscall6(libc::SYS_gettid, 0, 0, 0, 0, 0, 0) } as i32;
@@ -78,11 +80,65 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     reopen_files();
     own_pages(mm[7], mm[10]);
     set_mm(&mut mm, &auxv);
+    // Last, the other threads: each goes straight back into its own saved context.
+    for [ucontext, fs_base, vtid] in threads {
+        // SAFETY: context and TLS of a thread of this very process, restored with it.
+        let tid = unsafe { respawn(ucontext, fs_base, fs_base + tid_offset as u64) };
+        if tid > 0 {
+            if let Some(s) = shim() {
+                s.table.bind(vtid as i32, tid as i32);
+            }
+        } else {
+            eprintln!("migshim: restore: recreating thread {vtid} failed ({tid})");
+        }
+    }
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {
         std::arch::asm!("mov rsp, {uc}", "mov eax, 15", "syscall", uc = in(reg) ucontext, options(noreturn));
     }
+}
+
+/// A thread again: a raw clone sharing everything, with the thread's TLS, its glibc tid
+/// field written by the kernel at start and cleared (with a futex wake, for pthread_join)
+/// at its end; the new thread rt_sigreturns at once into its saved context. Returns the
+/// new tid (or -errno).
+unsafe fn respawn(ucontext: u64, fs_base: u64, tid_field: u64) -> i64 {
+    let flags = libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM
+        | libc::CLONE_SETTLS
+        | libc::CLONE_CHILD_SETTID
+        | libc::CLONE_CHILD_CLEARTID;
+    // A stack for the instant between clone and sigreturn: below its own signal frame.
+    let stack = (ucontext - 8192) & !15;
+    let ret: i64;
+    // SAFETY (caller): ucontext and fs_base are this thread's, restored with the process.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rsp, r12",
+            "mov eax, 15",
+            "syscall",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone => ret,
+            in("rdi") flags as u64,
+            in("rsi") stack,
+            in("rdx") 0u64,
+            in("r10") tid_field,
+            in("r8") fs_base,
+            in("r12") ucontext,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    ret
 }
 
 /// The table as it was at the last freeze (the image carries this static memory).

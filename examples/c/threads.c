@@ -1,0 +1,75 @@
+/* threads: workers that count under a mutex and wait on a condition variable; the main
+ * thread wakes them each tick, pthread_kill()s each (a SIGUSR1 handler counts per thread),
+ * and prints "tick N work=a,b,c sig=x,y,z tids=..." . At tick STOP it tells them to end,
+ * pthread_join()s each, checks what they returned, prints "joined" and exits 0.
+ * usage: threads [STOP] [HZ] */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+#define N 3
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static long work[N], round_no;
+static int stop;
+static volatile sig_atomic_t sigs[N];
+static __thread int me = -1;
+static pid_t tids[N];
+
+static void on_usr1(int s) {
+    (void)s;
+    if (me >= 0) sigs[me]++;
+}
+
+static void *worker(void *arg) {
+    me = (int)(long)arg;
+    tids[me] = gettid();
+    long seen = 0;
+    pthread_mutex_lock(&mu);
+    while (!stop) {
+        while (round_no == seen && !stop) pthread_cond_wait(&cv, &mu);
+        seen = round_no;
+        work[me]++;
+    }
+    pthread_mutex_unlock(&mu);
+    return (void *)(100L + me);
+}
+
+int main(int argc, char **argv) {
+    long stop_at = argc > 1 ? atol(argv[1]) : 40;
+    double hz = argc > 2 ? atof(argv[2]) : 20;
+    signal(SIGUSR1, on_usr1);
+    pthread_t th[N];
+    for (long i = 0; i < N; i++) pthread_create(&th[i], NULL, worker, (void *)i);
+    struct timespec d = {0, (long)(1e9 / hz)};
+    for (long tick = 1; tick <= stop_at; tick++) {
+        nanosleep(&d, NULL);
+        pthread_mutex_lock(&mu);
+        round_no++;
+        pthread_cond_broadcast(&cv);
+        pthread_mutex_unlock(&mu);
+        for (int i = 0; i < N; i++) pthread_kill(th[i], SIGUSR1);
+        pthread_mutex_lock(&mu);
+        printf("tick %ld work=%ld,%ld,%ld sig=%d,%d,%d tids=%d,%d,%d\n", tick, work[0], work[1], work[2],
+               (int)sigs[0], (int)sigs[1], (int)sigs[2], tids[0], tids[1], tids[2]);
+        pthread_mutex_unlock(&mu);
+        fflush(stdout);
+    }
+    pthread_mutex_lock(&mu);
+    stop = 1;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+    for (int i = 0; i < N; i++) {
+        void *ret;
+        if (pthread_join(th[i], &ret) != 0 || ret != (void *)(100L + i)) {
+            printf("FAIL: join %d\n", i);
+            return 1;
+        }
+    }
+    printf("joined\n");
+    return 0;
+}
