@@ -227,3 +227,47 @@ fn threads_with_mutexes_condvars_signals_and_join_restore() {
     assert_eq!(field(&last, "tids="), field(after.last().unwrap(), "tids="), "same vtids");
     assert!(field(&last, "tids=").iter().all(|&t| is_vpid(t)));
 }
+
+#[test]
+fn process_state_comes_back_cwd_umask_rlimits_timers_and_handlers() {
+    let env = Env::new("pstate");
+    let dir = env.scratch("work here");
+    let script = r#"
+import os, resource, signal, time
+os.chdir(os.environ["WORK"])
+os.umask(0o027)
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+alarms = 0
+def on_alarm(s, f):
+    global alarms
+    alarms += 1
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
+n = 0
+while True:
+    n += 1
+    m = os.umask(0); os.umask(m)
+    print("count", n, "alarms", alarms, "cwd", os.getcwd(), "umask", oct(m), "nofile", resource.getrlimit(resource.RLIMIT_NOFILE)[0], flush=True)
+    time.sleep(0.05)
+"#;
+    let mut c = env.mig();
+    c.env("WORK", &dir).args(["run", "--detach", "--name", "ps", "--log"]).arg(env.root.join("a.log")).args(["--", "python3", "-c", script]);
+    assert!(env.output(c).status.success());
+    let log = env.root.join("a.log");
+    wait_counts(&log, 5);
+    let img = env.root.join("img");
+    ok(&env, &["checkpoint", "ps", "--out", img.to_str().unwrap(), "--stop"]);
+    let before = std::fs::read_to_string(&log).unwrap();
+    let alarms = |l: &str| l.split_whitespace().nth(3).unwrap().parse::<u64>().unwrap();
+    let a0 = alarms(before.lines().last().unwrap());
+    let log2 = env.root.join("b.log");
+    ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", log2.to_str().unwrap()]);
+    let after = wait_counts(&log2, 8);
+    assert!(after.len() >= 8);
+    let text2 = std::fs::read_to_string(&log2).unwrap();
+    let last = text2.lines().last().unwrap();
+    assert!(alarms(last) > a0 + 5, "the interval timer and its handler run on: {a0} -> {last}");
+    assert!(last.contains(&format!("cwd {}", dir.display())), "{last}");
+    assert!(last.contains("umask 0o27") && last.contains("nofile 200"), "{last}");
+    env.stop("ps");
+}

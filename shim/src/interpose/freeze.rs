@@ -164,15 +164,31 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
 }
 
 /// What the kernel held for the process at the freeze and a restore must set again:
-/// every signal's disposition, and the thread name. Kept in static memory, which the image
+/// every signal's disposition, the thread name, working directory, umask, resource
+/// limits, interval timers and the signals pending for the process. Kept in static memory, which the image
 /// carries; read back by the restart path.
 struct Kept {
     /// The kernel's struct sigaction: handler, flags, restorer, mask.
     actions: [[u64; 4]; 65],
     comm: [u8; 16],
+    cwd: [u8; 4096],
+    umask: u32,
+    rlimits: [[u64; 2]; 16],
+    /// ITIMER_REAL, _VIRTUAL, _PROF: interval and value (sec, usec each).
+    itimers: [[i64; 4]; 3],
+    /// Signals pending for the whole process (ShdPnd), raised again after a restore.
+    pending: u64,
 }
 
-static mut KEPT: Kept = Kept { actions: [[0; 4]; 65], comm: [0; 16] };
+static mut KEPT: Kept = Kept {
+    actions: [[0; 4]; 65],
+    comm: [0; 16],
+    cwd: [0; 4096],
+    umask: 0o022,
+    rlimits: [[0; 2]; 16],
+    itimers: [[0; 4]; 3],
+    pending: 0,
+};
 
 /// Notes the signal dispositions and the thread name (control thread, app frozen).
 pub fn keep_process_state() {
@@ -187,6 +203,23 @@ pub fn keep_process_state() {
         let n = comm.iter().position(|&c| c == b'\n').unwrap_or(comm.len()).min(15);
         kept.comm = [0; 16];
         kept.comm[..n].copy_from_slice(&comm[..n]);
+        let cwd = std::fs::read_link("/proc/self/cwd").unwrap_or_default();
+        let cwd = std::os::unix::ffi::OsStrExt::as_bytes(cwd.as_os_str());
+        kept.cwd = [0; 4096];
+        kept.cwd[..cwd.len().min(4095)].copy_from_slice(&cwd[..cwd.len().min(4095)]);
+        kept.umask = super::current_umask();
+        for (r, lim) in kept.rlimits.iter_mut().enumerate() {
+            syscall6(libc::SYS_getrlimit, r, lim.as_mut_ptr() as usize, 0, 0, 0, 0);
+        }
+        for (w, t) in kept.itimers.iter_mut().enumerate() {
+            syscall6(libc::SYS_getitimer, w, t.as_mut_ptr() as usize, 0, 0, 0, 0);
+        }
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        kept.pending = status
+            .lines()
+            .find_map(|l| l.strip_prefix("ShdPnd:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0);
     }
 }
 
@@ -202,6 +235,24 @@ pub fn restore_process_state() {
             syscall6(libc::SYS_rt_sigaction, sig, (&raw const kept.actions[sig]) as usize, 0, 8, 0, 0);
         }
         libc::prctl(libc::PR_SET_NAME, kept.comm.as_ptr());
+        if kept.cwd[0] == b'/' && libc::chdir(kept.cwd.as_ptr().cast()) != 0 {
+            eprintln!("migshim: restore: the working directory is gone here; staying in the restorer's");
+        }
+        libc::umask(kept.umask);
+        for (r, lim) in kept.rlimits.iter().enumerate() {
+            // Raising a hard limit may be refused without privilege: the rest still applies.
+            syscall6(libc::SYS_setrlimit, r, lim.as_ptr() as usize, 0, 0, 0, 0);
+        }
+        for (w, t) in kept.itimers.iter().enumerate() {
+            if t.iter().any(|&v| v != 0) {
+                syscall6(libc::SYS_setitimer, w, t.as_ptr() as usize, 0, 0, 0, 0);
+            }
+        }
+        for sig in 1..65 {
+            if kept.pending >> (sig - 1) & 1 == 1 {
+                syscall6(libc::SYS_kill, super::real_pid() as usize, sig, 0, 0, 0, 0);
+            }
+        }
     }
 }
 
