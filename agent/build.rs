@@ -10,9 +10,34 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("migrestore");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let st = Command::new(rustc)
-        .args(["--edition", "2024", "--crate-type", "bin", "--crate-name", "migrestore"])
-        .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "relocation-model=pie", "-C", "debuginfo=0", "-C", "strip=symbols"])
-        .args(["-C", "link-arg=-static-pie", "-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
+        .args([
+            "--edition",
+            "2024",
+            "--crate-type",
+            "bin",
+            "--crate-name",
+            "migrestore",
+        ])
+        .args([
+            "-C",
+            "opt-level=2",
+            "-C",
+            "panic=abort",
+            "-C",
+            "relocation-model=pie",
+            "-C",
+            "debuginfo=0",
+            "-C",
+            "strip=symbols",
+        ])
+        .args([
+            "-C",
+            "link-arg=-static-pie",
+            "-C",
+            "link-arg=-nostartfiles",
+            "-C",
+            "link-arg=-nostdlib",
+        ])
         .arg(&src)
         .arg("-o")
         .arg(&out)

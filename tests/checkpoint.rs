@@ -15,7 +15,13 @@ fn last_count(log: &Path) -> u64 {
         .unwrap_or_default()
         .lines()
         .rev()
-        .find_map(|l| l.strip_prefix("count ")?.split_whitespace().next()?.parse().ok())
+        .find_map(|l| {
+            l.strip_prefix("count ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -26,7 +32,11 @@ fn wait_count_above(log: &Path, n: u64) -> u64 {
         if c > n {
             return c;
         }
-        assert!(t.elapsed().as_secs() < 15, "the counter stopped at {c}: {}", std::fs::read_to_string(log).unwrap_or_default());
+        assert!(
+            t.elapsed().as_secs() < 15,
+            "the counter stopped at {c}: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -53,7 +63,13 @@ struct ProcImage {
 fn read_proc_image(path: &Path) -> ProcImage {
     let (kind, sections) = image::read_all(path).unwrap();
     assert_eq!(kind, image::Kind::Process);
-    let mut img = ProcImage { meta: Default::default(), threads: vec![], regions: vec![], pages: 0, data: vec![] };
+    let mut img = ProcImage {
+        meta: Default::default(),
+        threads: vec![],
+        regions: vec![],
+        pages: 0,
+        data: vec![],
+    };
     for s in &sections {
         match s.tag {
             Tag::Meta => img.meta = s.decode(path).unwrap(),
@@ -74,24 +90,49 @@ fn checkpoint_writes_a_verifiable_image_and_the_program_runs_on() {
     let before = wait_count_above(&log, 3);
     let out = env.root.join("img");
     let summary = checkpoint(&env, "cnt", &out, false);
-    assert!(summary.contains("1 process(es), 1 thread(s)") && summary.contains("frozen"), "{summary}");
+    assert!(
+        summary.contains("1 process(es), 1 thread(s)") && summary.contains("frozen"),
+        "{summary}"
+    );
     // The counter goes on, its 32 MiB verified on every tick by itself.
     let after = wait_count_above(&log, before + 5);
     assert!(after > before + 5);
     assert!(!std::fs::read_to_string(&log).unwrap().contains("damaged"));
     let img = read_proc_image(&out.join(format!("proc-{}.img", VPID_BASE + 1)));
     assert_eq!(img.meta.vpid, ROOT);
-    assert!(img.meta.exe.to_string().ends_with("counter"), "{:?}", img.meta.exe);
+    assert!(
+        img.meta.exe.to_string().ends_with("counter"),
+        "{:?}",
+        img.meta.exe
+    );
     assert_eq!(img.threads.len(), 1);
     assert_eq!(img.threads[0].vtid, ROOT);
     assert!(img.threads[0].ucontext.len() >= 900 && img.threads[0].fpstate.len() >= 512);
-    assert!(img.regions.iter().any(|r| r.name.0 == b"[stack]" && r.stored));
-    assert!(img.regions.iter().any(|r| r.name.0 == b"[vdso]" && !r.stored), "the vDSO is the new host's");
-    assert!(img.pages >= 32 * 256, "the 32 MiB block is stored: {} pages", img.pages);
+    assert!(
+        img.regions
+            .iter()
+            .any(|r| r.name.0 == b"[stack]" && r.stored)
+    );
+    assert!(
+        img.regions
+            .iter()
+            .any(|r| r.name.0 == b"[vdso]" && !r.stored),
+        "the vDSO is the new host's"
+    );
+    assert!(
+        img.pages >= 32 * 256,
+        "the 32 MiB block is stored: {} pages",
+        img.pages
+    );
     // The counter's pattern (byte i of its block is i*31+7) is in the page data.
     let pattern: Vec<u8> = (0..64u32).map(|i| (i * 31 + 7) as u8).collect();
     let period: Vec<u8> = (0..256u32).map(|i| (i * 31 + 7) as u8).collect();
-    assert!(img.data.iter().any(|d| d.windows(256).any(|w| w == &period[..])), "pattern {pattern:?} not found");
+    assert!(
+        img.data
+            .iter()
+            .any(|d| d.windows(256).any(|w| w == &period[..])),
+        "pattern {pattern:?} not found"
+    );
     let (_, s) = image::read_all(&out.join("session.img")).unwrap();
     let m: SessionManifest = s[0].decode(&out).unwrap();
     assert_eq!(m.name, "cnt");
@@ -103,8 +144,13 @@ fn checkpoint_writes_a_verifiable_image_and_the_program_runs_on() {
 fn a_whole_tree_with_threads_is_frozen_together() {
     let env = Env::new("tree");
     let py = "import threading, time\nfor _ in range(3): threading.Thread(target=lambda: [time.sleep(0.01) for _ in iter(int, 1)], daemon=True).start()\ntime.sleep(60)";
-    env.detach("tree", &["sh", "-c", &format!("sleep 60 & python3 -c '{py}' & wait")]);
-    env.wait_processes("tree", "3 processes", |p| p.len() == 3 && p.iter().any(|x| x["threads"] == 4));
+    env.detach(
+        "tree",
+        &["sh", "-c", &format!("sleep 60 & python3 -c '{py}' & wait")],
+    );
+    env.wait_processes("tree", "3 processes", |p| {
+        p.len() == 3 && p.iter().any(|x| x["threads"] == 4)
+    });
     let out = env.root.join("img");
     let summary = checkpoint(&env, "tree", &out, false);
     assert!(summary.contains("3 process(es), 6 thread(s)"), "{summary}");
@@ -154,9 +200,18 @@ fn ten_checkpoints_in_a_row_leave_the_program_intact() {
 #[test]
 fn bad_requests_are_refused_and_lose_nothing() {
     let env = Env::new("badck");
-    let o = env.run(&["checkpoint", "nosuch", "--out", env.root.join("x").to_str().unwrap()]);
+    let o = env.run(&[
+        "checkpoint",
+        "nosuch",
+        "--out",
+        env.root.join("x").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("no live session"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("no live session"),
+        "{}",
+        text(&o.stderr)
+    );
     let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "20", "1"]);
     wait_count_above(&log, 1);
     let used = env.scratch("used");
@@ -176,7 +231,11 @@ fn a_checkpoint_that_fails_midway_leaves_the_session_running_and_no_partial_imag
     }
     let env = Env::new("full");
     let disk = env.scratch("disk");
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&disk).status().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
     assert!(st.success(), "mount tmpfs");
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
@@ -189,8 +248,16 @@ fn a_checkpoint_that_fails_midway_leaves_the_session_running_and_no_partial_imag
     let before = wait_count_above(&log, 1);
     let out = disk.join("img");
     let o = env.run(&["checkpoint", "cnt", "--out", out.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "a 16 MiB image cannot fit in 2 MiB");
-    assert!(text(&o.stderr).contains("No space left"), "{}", text(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a 16 MiB image cannot fit in 2 MiB"
+    );
+    assert!(
+        text(&o.stderr).contains("No space left"),
+        "{}",
+        text(&o.stderr)
+    );
     assert!(!out.exists(), "the partial image is removed");
     wait_count_above(&log, before + 3);
     // And the next checkpoint, to a disk with room, works.

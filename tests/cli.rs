@@ -9,10 +9,18 @@ fn unknown_session_and_bad_names_are_clear_errors() {
     let env = Env::new("errors");
     let out = env.run(&["table", "nosuch"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("no live session named \"nosuch\""), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no live session named \"nosuch\""),
+        "{}",
+        text(&out.stderr)
+    );
     let out = env.run(&["run", "--name", "bad/name", "--", "true"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("invalid session name"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("invalid session name"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -21,8 +29,16 @@ fn names_are_unique_among_live_sessions() {
     env.detach("web", &["sleep", "60"]);
     let out = env.run(&["run", "--detach", "--name", "web", "--", "sleep", "60"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("already running"), "{}", text(&out.stderr));
-    assert_eq!(env.processes("web").len(), 1, "the running session is untouched");
+    assert!(
+        text(&out.stderr).contains("already running"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        env.processes("web").len(),
+        1,
+        "the running session is untouched"
+    );
     // Generated names are numbers, the smallest free one first.
     let a = text(&env.run(&["run", "--detach", "--", "sleep", "60"]).stdout);
     let b = text(&env.run(&["run", "--detach", "--", "sleep", "60"]).stdout);
@@ -41,9 +57,18 @@ fn static_programs_are_refused_unless_allowed() {
     let prog = c_program("hello_static");
     let out = env.mig().args(["run", "--"]).arg(&prog).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("statically linked"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("statically linked"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(text(&out.stdout).is_empty(), "it did not run");
-    let out = env.mig().args(["run", "--allow-static", "--"]).arg(&prog).output().unwrap();
+    let out = env
+        .mig()
+        .args(["run", "--allow-static", "--"])
+        .arg(&prog)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert!(text(&out.stdout).contains("hello from a static program"));
 }
@@ -51,7 +76,10 @@ fn static_programs_are_refused_unless_allowed() {
 #[test]
 fn detached_session_output_goes_to_its_log() {
     let env = Env::new("log");
-    let log = env.detach("talk", &["sh", "-c", "echo said-this; echo and-that >&2; sleep 60"]);
+    let log = env.detach(
+        "talk",
+        &["sh", "-c", "echo said-this; echo and-that >&2; sleep 60"],
+    );
     let t = wait_for_text(&log, "and-that");
     assert!(t.contains("said-this"), "{t}");
     env.stop("talk");
@@ -73,7 +101,11 @@ fn shim_without_a_session_warns_once_and_stays_out_of_the_way() {
     assert!(!is_vpid(pid), "no session: real pids");
     assert!(stdout.contains("child"));
     let err = text(&out.stderr);
-    assert_eq!(err.matches("migshim:").count(), 1, "one warning for the whole tree: {err}");
+    assert_eq!(
+        err.matches("migshim:").count(),
+        1,
+        "one warning for the whole tree: {err}"
+    );
 
     // A session directory that is not usable: the program still runs, with one warning.
     let out = std::process::Command::new("sh")
@@ -85,13 +117,26 @@ fn shim_without_a_session_warns_once_and_stays_out_of_the_way() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(text(&out.stdout).trim(), "fine");
-    assert!(text(&out.stderr).contains("session unusable"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("session unusable"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn mig_finds_a_missing_shim_clearly() {
     let env = Env::new("nolib");
-    let out = env.mig().env("MIGSHIM_LIB", "/nonexistent/libmigshim.so").args(["run", "--", "true"]).output().unwrap();
+    let out = env
+        .mig()
+        .env("MIGSHIM_LIB", "/nonexistent/libmigshim.so")
+        .args(["run", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("MIGSHIM_LIB=/nonexistent/libmigshim.so is not a file"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("MIGSHIM_LIB=/nonexistent/libmigshim.so is not a file"),
+        "{}",
+        text(&out.stderr)
+    );
 }

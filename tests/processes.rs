@@ -12,7 +12,11 @@ fn c_fork_tree_cross_checks_pids() {
     c.args(["run", "--"]).arg(c_program("forktree"));
     let out = env.output(c);
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "forktree failed: {stdout}{}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "forktree failed: {stdout}{}",
+        text(&out.stderr)
+    );
     assert!(stdout.contains("checks passed"), "{stdout}");
     let line = stdout.lines().find(|l| l.starts_with("pids ")).unwrap();
     let mut ids: Vec<i64> = ["parent", "children", "grandchild"]
@@ -20,8 +24,16 @@ fn c_fork_tree_cross_checks_pids() {
         .flat_map(|k| ints_after(line, k))
         .collect();
     assert_eq!(ids.len(), 5, "{line}");
-    assert!(ids.iter().all(|&p| is_vpid(p)), "all pids the app saw are virtual: {line}");
-    assert_eq!(ids[0], VPID_BASE + 1, "the session's first process is vpid {}", VPID_BASE + 1);
+    assert!(
+        ids.iter().all(|&p| is_vpid(p)),
+        "all pids the app saw are virtual: {line}"
+    );
+    assert_eq!(
+        ids[0],
+        VPID_BASE + 1,
+        "the session's first process is vpid {}",
+        VPID_BASE + 1
+    );
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 5, "distinct: {line}");
@@ -32,10 +44,17 @@ fn exit_status_passes_through() {
     let env = Env::new("exit");
     let code = |args: &[&str]| env.run(args).status.code();
     assert_eq!(code(&["run", "--", "sh", "-c", "exit 7"]), Some(7));
-    assert_eq!(code(&["run", "--", "sh", "-c", "kill -TERM $$"]), Some(128 + 15));
+    assert_eq!(
+        code(&["run", "--", "sh", "-c", "kill -TERM $$"]),
+        Some(128 + 15)
+    );
     let out = env.run(&["run", "--", "no-such-program-xyz"]);
     assert_eq!(out.status.code(), Some(127));
-    assert!(text(&out.stderr).contains("mig: no-such-program-xyz: not found"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("mig: no-such-program-xyz: not found"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 const PY_PROCS: &str = r#"
@@ -78,14 +97,23 @@ fn python_fork_subprocess_threading() {
     let v: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let n = |k: &str| v[k].as_i64().unwrap_or_else(|| panic!("{k} in {v}"));
     assert!(is_vpid(n("me")), "{v}");
-    assert_eq!(n("ppid"), mig_pid, "the session root's parent is outside: its real pid passes through");
+    assert_eq!(
+        n("ppid"),
+        mig_pid,
+        "the session root's parent is outside: its real pid passes through"
+    );
     assert_eq!(n("fork_ret"), n("child_pid"), "{v}");
     assert_eq!(n("child_ppid"), n("me"));
     assert_eq!(n("waited"), n("fork_ret"));
     assert_eq!(n("term"), 15);
     assert!(is_vpid(n("sub_pid")) && n("sub_ppid") == n("me"), "{v}");
     assert!(is_vpid(n("popen_pid")) && n("popen_wait") == 0, "{v}");
-    let tids: Vec<i64> = v["tids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    let tids: Vec<i64> = v["tids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect();
     assert_eq!(n("main_tid"), n("me"), "the main thread's tid is the pid");
     assert!(tids.iter().all(|&t| is_vpid(t) && t != n("me")), "{v}");
     let mut uniq = tids.clone();
@@ -112,10 +140,19 @@ fn shell_pipelines_and_subshells() {
     };
     let outer = nums("outer")[0];
     let inner = nums("inner");
-    assert!(is_vpid(outer) && is_vpid(inner[0]) && inner[0] != outer, "{s}");
-    assert_eq!(inner[1], outer, "the pipeline's shell is the outer shell's child: {s}");
+    assert!(
+        is_vpid(outer) && is_vpid(inner[0]) && inner[0] != outer,
+        "{s}"
+    );
+    assert_eq!(
+        inner[1], outer,
+        "the pipeline's shell is the outer shell's child: {s}"
+    );
     let sub = nums("sub")[0];
-    assert!(is_vpid(sub) && sub != outer, "a subshell is a process of its own: {s}");
+    assert!(
+        is_vpid(sub) && sub != outer,
+        "a subshell is a process of its own: {s}"
+    );
 }
 
 #[test]
@@ -125,23 +162,47 @@ fn ps_shows_the_tree_and_table_the_threads() {
     let procs = env.wait_processes("tree", "4 processes", |p| {
         p.len() == 4 && p.iter().any(|x| x["threads"] == 4)
     });
-    let root = procs.iter().find(|p| p["vpid"] == VPID_BASE + 1).expect("root process");
-    assert_eq!(root["parent_vpid"], 0, "the root's parent is outside the session");
+    let root = procs
+        .iter()
+        .find(|p| p["vpid"] == VPID_BASE + 1)
+        .expect("root process");
+    assert_eq!(
+        root["parent_vpid"], 0,
+        "the root's parent is outside the session"
+    );
     assert!(root["command"].as_str().unwrap().starts_with("sh -c"));
     for p in procs.iter().filter(|p| p["vpid"] != root["vpid"]) {
         assert_eq!(p["parent_vpid"], root["vpid"], "{p}");
         assert_ne!(p["pid"], p["vpid"]);
     }
-    let py = procs.iter().find(|p| p["vpid"] != root["vpid"] && p["command"].as_str().unwrap().contains("python3")).unwrap();
-    assert_eq!(py["threads"], 4, "3 app threads + main; the control thread is hidden");
+    let py = procs
+        .iter()
+        .find(|p| p["vpid"] != root["vpid"] && p["command"].as_str().unwrap().contains("python3"))
+        .unwrap();
+    assert_eq!(
+        py["threads"], 4,
+        "3 app threads + main; the control thread is hidden"
+    );
     let ps_text = text(&env.run(&["ps"]).stdout);
-    assert!(ps_text.contains("tree") && ps_text.contains(&(VPID_BASE + 1).to_string()), "{ps_text}");
+    assert!(
+        ps_text.contains("tree") && ps_text.contains(&(VPID_BASE + 1).to_string()),
+        "{ps_text}"
+    );
 
     let t = env.table("tree", false);
-    let pyt = t["processes"].as_array().unwrap().iter().find(|p| p["vpid"] == py["vpid"]).unwrap();
+    let pyt = t["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["vpid"] == py["vpid"])
+        .unwrap();
     let threads = pyt["threads"].as_array().unwrap();
     assert_eq!(threads.len(), 4);
-    assert!(threads.iter().all(|th| is_vpid(th["vtid"].as_i64().unwrap())));
+    assert!(
+        threads
+            .iter()
+            .all(|th| is_vpid(th["vtid"].as_i64().unwrap()))
+    );
     env.stop("tree");
 }
 
@@ -155,10 +216,17 @@ fn exec_keeps_vpid_and_table() {
         p.len() == 1 && p[0]["command"].as_str().unwrap().starts_with("sleep")
     });
     let said: i64 = wait_for_text(&log, "\n").trim().parse().unwrap();
-    assert_eq!(procs[0]["vpid"].as_i64().unwrap(), said, "the vpid survives exec");
+    assert_eq!(
+        procs[0]["vpid"].as_i64().unwrap(),
+        said,
+        "the vpid survives exec"
+    );
     let t = env.table("ex", false);
     let fds = t["processes"][0]["fds"].as_array().unwrap();
-    let fd7 = fds.iter().find(|f| f["fd"] == 7).expect("fd 7 inherited across exec");
+    let fd7 = fds
+        .iter()
+        .find(|f| f["fd"] == 7)
+        .expect("fd 7 inherited across exec");
     assert_eq!(fd7["object"]["kind"], "file");
     assert_eq!(fd7["object"]["path"], f.to_str().unwrap());
     assert_eq!(fd7["journaled"], true, "the table was carried across exec");
@@ -170,7 +238,10 @@ fn pids_outside_the_session_pass_through() {
     let env = Env::new("outside");
     let me = std::process::id();
     // A real pid outside the session can be signalled; an unassigned virtual pid cannot.
-    let script = format!("kill -0 {me}; echo outside=$?; kill -0 {} 2>/dev/null; echo unknown=$?", VPID_BASE + 999);
+    let script = format!(
+        "kill -0 {me}; echo outside=$?; kill -0 {} 2>/dev/null; echo unknown=$?",
+        VPID_BASE + 999
+    );
     let out = env.run(&["run", "--", "sh", "-c", &script]);
     let s = text(&out.stdout);
     assert!(s.contains("outside=0"), "{s}");
@@ -209,7 +280,12 @@ print("forks", len(kids))
     let mut c = env.mig();
     c.args(["run", "--", "python3", "-c", script]);
     let out = env.output(c);
-    assert!(text(&out.stdout).contains("forks 60"), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("forks 60"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -218,7 +294,11 @@ fn works_for_a_normal_user() {
         println!("already a normal user: the other tests cover it");
         return;
     }
-    if std::process::Command::new("setpriv").arg("--version").output().is_err() {
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         println!("SKIP: setpriv (util-linux) missing");
         return;
     }
@@ -226,14 +306,22 @@ fn works_for_a_normal_user() {
     // The binaries, where any user can reach them (the checkout may not be).
     let bin = std::env::temp_dir().join(format!("migtest-user-bin-{}", std::process::id()));
     std::fs::create_dir_all(&bin).unwrap();
-    for (from, to) in [(mig_bin(), "mig"), (shim_lib(), "libmigshim.so"), (c_program("forktree"), "forktree")] {
+    for (from, to) in [
+        (mig_bin(), "mig"),
+        (shim_lib(), "libmigshim.so"),
+        (c_program("forktree"), "forktree"),
+    ] {
         std::fs::copy(&from, bin.join(to)).unwrap();
     }
     let rt = bin.join("rt");
     std::fs::create_dir_all(&rt).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::process::Command::new("chown").args(["65534:65534"]).arg(&rt).status().unwrap();
+    std::process::Command::new("chown")
+        .args(["65534:65534"])
+        .arg(&rt)
+        .status()
+        .unwrap();
     let mut c = std::process::Command::new("setpriv");
     c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(bin.join("mig"))
@@ -243,13 +331,26 @@ fn works_for_a_normal_user() {
     let out = env.output(c);
     let _ = std::fs::remove_dir_all(&bin);
     let s = text(&out.stdout);
-    assert!(out.status.success() && s.contains("checks passed"), "{s}{}", text(&out.stderr));
-    assert!(ints_after(s.lines().find(|l| l.starts_with("pids")).unwrap(), "parent").iter().all(|&p| is_vpid(p)));
+    assert!(
+        out.status.success() && s.contains("checks passed"),
+        "{s}{}",
+        text(&out.stderr)
+    );
+    assert!(
+        ints_after(s.lines().find(|l| l.starts_with("pids")).unwrap(), "parent")
+            .iter()
+            .all(|&p| is_vpid(p))
+    );
 }
 
 fn threads_of(pid: i64) -> u32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -257,15 +358,26 @@ fn control_thread_starts_only_when_asked_even_in_busy_programs() {
     let env = Env::new("wake");
     env.detach("busy-sh", &["sh", "-c", "while :; do :; done"]);
     env.detach("busy-py", &["python3", "-c", "while True: pass"]);
-    env.detach("sleeper", &[c_program("counter").to_str().unwrap(), "2", "1"]);
+    env.detach(
+        "sleeper",
+        &[c_program("counter").to_str().unwrap(), "2", "1"],
+    );
     for s in ["busy-sh", "busy-py", "sleeper"] {
         let p = env.wait_processes(s, "the program", |p| p.len() == 1);
         let pid = p[0]["pid"].as_i64().unwrap();
-        assert_eq!(threads_of(pid), 1, "{s}: no shim thread until mig asks (the program stays single-threaded)");
+        assert_eq!(
+            threads_of(pid),
+            1,
+            "{s}: no shim thread until mig asks (the program stays single-threaded)"
+        );
         let t = env.table(s, false);
         assert_eq!(t["processes"][0]["vpid"], VPID_BASE + 1, "{s}");
         assert_eq!(threads_of(pid), 2, "{s}: the control thread runs now");
-        assert_eq!(t["processes"][0]["threads"].as_array().unwrap().len(), 1, "{s}: and is hidden from the table");
+        assert_eq!(
+            t["processes"][0]["threads"].as_array().unwrap().len(),
+            1,
+            "{s}: and is hidden from the table"
+        );
         assert_eq!(env.processes(s)[0]["threads"], 1, "{s}: and from mig ps");
         env.stop(s);
     }
@@ -275,13 +387,26 @@ fn control_thread_starts_only_when_asked_even_in_busy_programs() {
 fn processes_parked_in_lock_waits_can_be_reached() {
     let env = Env::new("waits");
     // Single-threaded, parked in a futex wait: woken (no libc lock can be held).
-    env.detach("waiter", &["python3", "-c", "import threading; threading.Event().wait()"]);
+    env.detach(
+        "waiter",
+        &[
+            "python3",
+            "-c",
+            "import threading; threading.Event().wait()",
+        ],
+    );
     // Main thread parked in join: the control thread started with the app's first thread.
     env.detach("joiner", &["python3", "-c", "import threading, time; t = threading.Thread(target=time.sleep, args=(60,)); t.start(); t.join()"]);
     let w = env.wait_processes("waiter", "the waiter", |p| p.len() == 1);
     assert_eq!(threads_of(w[0]["pid"].as_i64().unwrap()), 1);
-    let j = env.wait_processes("joiner", "the joiner's thread", |p| p.len() == 1 && p[0]["threads"] == 2);
-    assert_eq!(threads_of(j[0]["pid"].as_i64().unwrap()), 3, "main, worker, and the shim's thread");
+    let j = env.wait_processes("joiner", "the joiner's thread", |p| {
+        p.len() == 1 && p[0]["threads"] == 2
+    });
+    assert_eq!(
+        threads_of(j[0]["pid"].as_i64().unwrap()),
+        3,
+        "main, worker, and the shim's thread"
+    );
     for s in ["waiter", "joiner"] {
         let t = env.table(s, false);
         assert_eq!(t["processes"][0]["vpid"], VPID_BASE + 1, "{s}");
@@ -311,7 +436,11 @@ time.sleep(60)
     let t = env.table("sig", false);
     assert_eq!(t["processes"][0]["vpid"], VPID_BASE + 1);
     std::thread::sleep(std::time::Duration::from_millis(100));
-    assert!(!std::fs::read_to_string(&log).unwrap().contains("app got 63"));
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("app got 63")
+    );
     env.stop("sig");
 }
 

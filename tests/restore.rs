@@ -10,7 +10,13 @@ fn counts(log: &Path) -> Vec<u64> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix("count ")?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix("count ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -21,15 +27,41 @@ fn wait_counts(log: &Path, n: usize) -> Vec<u64> {
         if c.len() >= n {
             return c;
         }
-        assert!(t.elapsed().as_secs() < 15, "{} counts in {}: {:?}", c.len(), log.display(), std::fs::read_to_string(log));
+        assert!(
+            t.elapsed().as_secs() < 15,
+            "{} counts in {}: {:?}",
+            c.len(),
+            log.display(),
+            std::fs::read_to_string(log)
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
 fn ok(env: &Env, args: &[&str]) -> String {
     let o = env.run(args);
-    assert!(o.status.success(), "mig {args:?}: {}{}", text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "mig {args:?}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
     text(&o.stdout)
+}
+
+/// `mig checkpoint SESSION --out IMG --stop`, and the session is gone.
+fn stop_into(env: &Env, session: &str, img: &Path) {
+    ok(
+        env,
+        &[
+            "checkpoint",
+            session,
+            "--out",
+            img.to_str().unwrap(),
+            "--stop",
+        ],
+    );
+    env.wait_processes(session, "the session to end", |p| p.is_empty());
 }
 
 fn start_counter(env: &Env, mib: &str) -> std::path::PathBuf {
@@ -43,21 +75,41 @@ fn a_stopped_session_restores_and_goes_on_where_it_stopped() {
     let env = Env::new("restore");
     let log = start_counter(&env, "16");
     let img = env.root.join("img");
-    ok(&env, &["checkpoint", "cnt", "--out", img.to_str().unwrap(), "--stop"]);
-    env.wait_processes("cnt", "the session to end", |p| p.is_empty());
+    stop_into(&env, "cnt", &img);
     let last = *counts(&log).last().unwrap();
     let log2 = env.root.join("after.log");
-    let said = ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", log2.to_str().unwrap()]);
+    let said = ok(
+        &env,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--detach",
+            "--log",
+            log2.to_str().unwrap(),
+        ],
+    );
     assert_eq!(said.trim(), "cnt");
     let after = wait_counts(&log2, 5);
     assert_eq!(after[0], last + 1, "it goes on from {last}: {after:?}");
     let text2 = std::fs::read_to_string(&log2).unwrap();
-    assert!(text2.lines().all(|l| l.ends_with(&format!("pid {}", VPID_BASE + 1))), "same vpid: {text2}");
-    assert!(!text2.contains("damaged"), "its 16 MiB verify on every tick");
+    assert!(
+        text2
+            .lines()
+            .all(|l| l.ends_with(&format!("pid {}", VPID_BASE + 1))),
+        "same vpid: {text2}"
+    );
+    assert!(
+        !text2.contains("damaged"),
+        "its 16 MiB verify on every tick"
+    );
     let p = env.processes("cnt");
     assert_eq!(p.len(), 1);
     assert_eq!(p[0]["vpid"], VPID_BASE + 1);
-    assert!(p[0]["command"].as_str().unwrap().contains("counter 40 16"), "ps shows its own command line: {}", p[0]);
+    assert!(
+        p[0]["command"].as_str().unwrap().contains("counter 40 16"),
+        "ps shows its own command line: {}",
+        p[0]
+    );
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", p[0]["pid"])).unwrap();
     assert_eq!(comm.trim(), "counter");
     // The restored process answers mig like any other.
@@ -72,7 +124,16 @@ fn ten_checkpoint_restore_cycles_leave_the_state_intact() {
     let mut log = start_counter(&env, "8");
     for i in 0..10 {
         let img = env.root.join(format!("img{i}"));
-        ok(&env, &["checkpoint", "cnt", "--out", img.to_str().unwrap(), "--stop"]);
+        ok(
+            &env,
+            &[
+                "checkpoint",
+                "cnt",
+                "--out",
+                img.to_str().unwrap(),
+                "--stop",
+            ],
+        );
         env.wait_processes("cnt", "the session to end", |p| p.is_empty());
         let last = *counts(&log).last().unwrap();
         // The previous image goes: each image stands on its own.
@@ -80,7 +141,16 @@ fn ten_checkpoint_restore_cycles_leave_the_state_intact() {
             std::fs::remove_dir_all(env.root.join(format!("img{}", i - 1))).unwrap();
         }
         log = env.root.join(format!("after{i}.log"));
-        ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", log.to_str().unwrap()]);
+        ok(
+            &env,
+            &[
+                "restore",
+                img.to_str().unwrap(),
+                "--detach",
+                "--log",
+                log.to_str().unwrap(),
+            ],
+        );
         let after = wait_counts(&log, 2);
         assert_eq!(after[0], last + 1, "cycle {i}: {after:?}");
     }
@@ -93,8 +163,7 @@ fn a_damaged_image_is_refused_before_anything_is_made() {
     let env = Env::new("damaged");
     start_counter(&env, "4");
     let img = env.root.join("img");
-    ok(&env, &["checkpoint", "cnt", "--out", img.to_str().unwrap(), "--stop"]);
-    env.wait_processes("cnt", "the session to end", |p| p.is_empty());
+    stop_into(&env, "cnt", &img);
     let file = img.join(format!("proc-{}.img", VPID_BASE + 1));
     let good = std::fs::read(&file).unwrap();
     let mut bad = good.clone();
@@ -104,20 +173,42 @@ fn a_damaged_image_is_refused_before_anything_is_made() {
     let o = env.run(&["restore", img.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     let e = text(&o.stderr);
-    assert!(e.contains(file.to_str().unwrap()) && e.contains("damaged"), "{e}");
-    assert!(env.ps().as_array().unwrap().is_empty(), "no session was made");
+    assert!(
+        e.contains(file.to_str().unwrap()) && e.contains("damaged"),
+        "{e}"
+    );
+    assert!(
+        env.ps().as_array().unwrap().is_empty(),
+        "no session was made"
+    );
     std::fs::write(&file, &good[..good.len() - 100]).unwrap();
     let e = text(&env.run(&["restore", img.to_str().unwrap()]).stderr);
     assert!(e.contains("truncated"), "{e}");
-    let e = text(&env.run(&["restore", env.root.join("nothing").to_str().unwrap()]).stderr);
+    let e = text(
+        &env.run(&["restore", env.root.join("nothing").to_str().unwrap()])
+            .stderr,
+    );
     assert!(e.contains("session.img"), "{e}");
     // Intact again, it restores.
     std::fs::write(&file, &good).unwrap();
-    ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", env.root.join("ok.log").to_str().unwrap()]);
+    ok(
+        &env,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--detach",
+            "--log",
+            env.root.join("ok.log").to_str().unwrap(),
+        ],
+    );
     // A second copy under the same, live, name is refused; under another name it runs.
     let o = env.run(&["restore", img.to_str().unwrap(), "--detach"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("already running"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("already running"),
+        "{}",
+        text(&o.stderr)
+    );
     env.stop("cnt");
 }
 
@@ -130,8 +221,7 @@ fn restores_inside_a_fresh_pid_namespace_with_other_real_pids() {
     let env = Env::new("pidns");
     start_counter(&env, "4");
     let img = env.root.join("img");
-    ok(&env, &["checkpoint", "cnt", "--out", img.to_str().unwrap(), "--stop"]);
-    env.wait_processes("cnt", "the session to end", |p| p.is_empty());
+    stop_into(&env, "cnt", &img);
     let log = env.root.join("ns.log");
     let ps = env.root.join("ps.json");
     let script = format!(
@@ -142,16 +232,26 @@ fn restores_inside_a_fresh_pid_namespace_with_other_real_pids() {
         ps = ps.display()
     );
     let mut c = std::process::Command::new("unshare");
-    c.args(["-p", "-f", "--mount-proc", "sh", "-c", &script]).env("MIGSHIM_RUNTIME_DIR", &env.rt);
+    c.args(["-p", "-f", "--mount-proc", "sh", "-c", &script])
+        .env("MIGSHIM_RUNTIME_DIR", &env.rt);
     let o = env.output(c);
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ps).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ps).unwrap()).unwrap();
     let p = &v[0]["processes"][0];
     assert_eq!(p["vpid"], VPID_BASE + 1);
-    assert!(p["pid"].as_i64().unwrap() < 10, "a fresh namespace gives small real pids: {p}");
+    assert!(
+        p["pid"].as_i64().unwrap() < 10,
+        "a fresh namespace gives small real pids: {p}"
+    );
     let c = counts(&log);
     assert!(c.len() >= 3, "it ran there: {c:?}");
-    assert!(std::fs::read_to_string(&log).unwrap().lines().all(|l| l.ends_with(&format!("pid {}", VPID_BASE + 1))));
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .all(|l| l.ends_with(&format!("pid {}", VPID_BASE + 1)))
+    );
 }
 
 #[test]
@@ -176,17 +276,36 @@ while True:
     let log = env.detach("py", &["python3", "-c", &script]);
     wait_counts(&log, 5);
     let img = env.root.join("img");
-    ok(&env, &["checkpoint", "py", "--out", img.to_str().unwrap(), "--stop"]);
+    ok(
+        &env,
+        &["checkpoint", "py", "--out", img.to_str().unwrap(), "--stop"],
+    );
     let last = *counts(&log).last().unwrap();
     let log2 = env.root.join("after.log");
-    ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", log2.to_str().unwrap()]);
+    ok(
+        &env,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--detach",
+            "--log",
+            log2.to_str().unwrap(),
+        ],
+    );
     let after = wait_counts(&log2, 5);
     assert_eq!(after[0], last + 1, "{after:?}");
     env.stop("py");
     // The file went on at its offset: every number once, in order.
-    let nums: Vec<u64> = std::fs::read_to_string(&out).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    let nums: Vec<u64> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
     assert!(nums.len() as u64 >= last + 5);
-    assert!(nums.iter().enumerate().all(|(i, &n)| n == i as u64 + 1), "{nums:?}");
+    assert!(
+        nums.iter().enumerate().all(|(i, &n)| n == i as u64 + 1),
+        "{nums:?}"
+    );
 }
 
 #[test]
@@ -194,15 +313,27 @@ fn threads_with_mutexes_condvars_signals_and_join_restore() {
     let env = Env::new("threads");
     let log = env.detach("th", &[c_program("threads").to_str().unwrap(), "60", "20"]);
     let ticks = |p: &Path| -> Vec<String> {
-        std::fs::read_to_string(p).unwrap_or_default().lines().filter(|l| l.starts_with("tick")).map(String::from).collect()
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("tick"))
+            .map(String::from)
+            .collect()
     };
     let t = std::time::Instant::now();
     while ticks(&log).len() < 5 {
-        assert!(t.elapsed().as_secs() < 10, "{:?}", std::fs::read_to_string(&log));
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "{:?}",
+            std::fs::read_to_string(&log)
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let img = env.root.join("img");
-    ok(&env, &["checkpoint", "th", "--out", img.to_str().unwrap(), "--stop"]);
+    ok(
+        &env,
+        &["checkpoint", "th", "--out", img.to_str().unwrap(), "--stop"],
+    );
     let before = ticks(&log);
     let last = before.last().unwrap().clone();
     // Not detached: mig restore returns the program's exit status.
@@ -211,20 +342,43 @@ fn threads_with_mutexes_condvars_signals_and_join_restore() {
     let o = env.output(c);
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}{}", text(&o.stderr));
-    assert!(out.contains("joined"), "every thread was joined with its return value: {out}");
+    assert!(
+        out.contains("joined"),
+        "every thread was joined with its return value: {out}"
+    );
     let after: Vec<&str> = out.lines().filter(|l| l.starts_with("tick")).collect();
     let n = |l: &str| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
-    assert_eq!(n(after[0]), n(&last) + 1, "goes on from {last}: {}", after[0]);
+    assert_eq!(
+        n(after[0]),
+        n(&last) + 1,
+        "goes on from {last}: {}",
+        after[0]
+    );
     let field = |l: &str, k: &str| -> Vec<i64> {
-        l.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().split(',').map(|x| x.parse().unwrap()).collect()
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap()
+            .split(',')
+            .map(|x| x.parse().unwrap())
+            .collect()
     };
     let (w0, w1) = (field(&last, "work="), field(after.last().unwrap(), "work="));
     let (s0, s1) = (field(&last, "sig="), field(after.last().unwrap(), "sig="));
     for i in 0..3 {
-        assert!(w1[i] > w0[i] + 10, "worker {i} kept working (condvar): {w0:?} -> {w1:?}");
-        assert!(s1[i] > s0[i] + 10, "pthread_kill reached worker {i}: {s0:?} -> {s1:?}");
+        assert!(
+            w1[i] > w0[i] + 10,
+            "worker {i} kept working (condvar): {w0:?} -> {w1:?}"
+        );
+        assert!(
+            s1[i] > s0[i] + 10,
+            "pthread_kill reached worker {i}: {s0:?} -> {s1:?}"
+        );
     }
-    assert_eq!(field(&last, "tids="), field(after.last().unwrap(), "tids="), "same vtids");
+    assert_eq!(
+        field(&last, "tids="),
+        field(after.last().unwrap(), "tids="),
+        "same vtids"
+    );
     assert!(field(&last, "tids=").iter().all(|&t| is_vpid(t)));
 }
 
@@ -251,23 +405,44 @@ while True:
     time.sleep(0.05)
 "#;
     let mut c = env.mig();
-    c.env("WORK", &dir).args(["run", "--detach", "--name", "ps", "--log"]).arg(env.root.join("a.log")).args(["--", "python3", "-c", script]);
+    c.env("WORK", &dir)
+        .args(["run", "--detach", "--name", "ps", "--log"])
+        .arg(env.root.join("a.log"))
+        .args(["--", "python3", "-c", script]);
     assert!(env.output(c).status.success());
     let log = env.root.join("a.log");
     wait_counts(&log, 5);
     let img = env.root.join("img");
-    ok(&env, &["checkpoint", "ps", "--out", img.to_str().unwrap(), "--stop"]);
+    ok(
+        &env,
+        &["checkpoint", "ps", "--out", img.to_str().unwrap(), "--stop"],
+    );
     let before = std::fs::read_to_string(&log).unwrap();
     let alarms = |l: &str| l.split_whitespace().nth(3).unwrap().parse::<u64>().unwrap();
     let a0 = alarms(before.lines().last().unwrap());
     let log2 = env.root.join("b.log");
-    ok(&env, &["restore", img.to_str().unwrap(), "--detach", "--log", log2.to_str().unwrap()]);
+    ok(
+        &env,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--detach",
+            "--log",
+            log2.to_str().unwrap(),
+        ],
+    );
     let after = wait_counts(&log2, 8);
     assert!(after.len() >= 8);
     let text2 = std::fs::read_to_string(&log2).unwrap();
     let last = text2.lines().last().unwrap();
-    assert!(alarms(last) > a0 + 5, "the interval timer and its handler run on: {a0} -> {last}");
+    assert!(
+        alarms(last) > a0 + 5,
+        "the interval timer and its handler run on: {a0} -> {last}"
+    );
     assert!(last.contains(&format!("cwd {}", dir.display())), "{last}");
-    assert!(last.contains("umask 0o27") && last.contains("nofile 200"), "{last}");
+    assert!(
+        last.contains("umask 0o27") && last.contains("nofile 200"),
+        "{last}"
+    );
     env.stop("ps");
 }

@@ -14,8 +14,15 @@ use std::time::Instant;
 pub fn checkpoint(session: &str, out: &Path, stop: bool) -> Result<i32> {
     let rt = sessions::runtime_dir()?;
     let live = sessions::find(&rt, session)?;
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        bail!("{} exists and is not empty; choose a new directory for the image", out.display());
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{} exists and is not empty; choose a new directory for the image",
+            out.display()
+        );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let t0 = Instant::now();
@@ -31,11 +38,19 @@ pub fn checkpoint(session: &str, out: &Path, stop: bool) -> Result<i32> {
     result
 }
 
-fn run(live: &Live, out: &Path, stop: bool, clients: &mut Vec<(i32, i32, Client)>, t0: Instant) -> Result<i32> {
+fn run(
+    live: &Live,
+    out: &Path,
+    stop: bool,
+    clients: &mut Vec<(i32, i32, Client)>,
+    t0: Instant,
+) -> Result<i32> {
     // 1. Freeze all, so that what passes between them is consistent. A process that ends
     // before it is frozen ended before the checkpoint and is left out; one started
     // meanwhile is frozen too (frozen processes start none, so this settles).
-    let gone = |pid: i32| !migrt::sys::alive(pid) || migrt::procfs::status(pid).is_some_and(|(s, _)| s == 'Z');
+    let gone = |pid: i32| {
+        !migrt::sys::alive(pid) || migrt::procfs::status(pid).is_some_and(|(s, _)| s == 'Z')
+    };
     let frozen_at = Instant::now();
     let mut threads = 0;
     loop {

@@ -36,11 +36,17 @@ impl Client {
                 Err(_) => {}
             }
             if !migrt::sys::alive(pid) {
-                bail!("process {vpid} (pid {pid}) of session {} has exited", dir.name());
+                bail!(
+                    "process {vpid} (pid {pid}) of session {} has exited",
+                    dir.name()
+                );
             }
             if last_wake.is_none_or(|t| t.elapsed() > Duration::from_millis(50)) {
                 let tasks = migrt::procfs::list_tasks(&pid.to_string());
-                let tid = tasks.get(wakes % tasks.len().max(1)).copied().unwrap_or(pid);
+                let tid = tasks
+                    .get(wakes % tasks.len().max(1))
+                    .copied()
+                    .unwrap_or(pid);
                 wakes += 1;
                 // A thread that just ended is no error: the next try takes another.
                 let _ = migrt::sys::thread_sigqueue(pid, tid, signal, migrt::wire::WAKE);

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 /// The demo subject: counts, holds a file, a pipe and a socket pair, prints its pid.
 pub fn counter(hz: f64, dir: &std::path::Path) -> Result<i32> {
     let file = dir.join("counter.txt");
-    let mut f = std::fs::File::create(&file).with_context(|| format!("creating {}", file.display()))?;
+    let mut f =
+        std::fs::File::create(&file).with_context(|| format!("creating {}", file.display()))?;
     let (_a, _b) = std::os::unix::net::UnixStream::pair()?;
     let (_r, _w) = std::io::pipe()?;
     for count in 1u64.. {
@@ -28,7 +29,11 @@ pub fn demo() -> Result<i32> {
     let rt = sessions::runtime_dir()?;
     let work = rt.join(format!("demo-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let (log, log2, image) = (work.join("before.log"), work.join("after.log"), work.join("image"));
+    let (log, log2, image) = (
+        work.join("before.log"),
+        work.join("after.log"),
+        work.join("image"),
+    );
     let name = format!("demo-{}", std::process::id());
     let exe = std::env::current_exe()?;
     let mig = |args: &[&str]| -> Result<()> {
@@ -40,24 +45,54 @@ pub fn demo() -> Result<i32> {
     };
     println!("== 1. mig run --detach --name {name} -- mig counter");
     mig(&[
-        "run", "--detach", "--name", &name, "--log", &log.display().to_string(), "--",
-        &exe.display().to_string(), "counter", "--dir", &work.display().to_string(),
+        "run",
+        "--detach",
+        "--name",
+        &name,
+        "--log",
+        &log.display().to_string(),
+        "--",
+        &exe.display().to_string(),
+        "counter",
+        "--dir",
+        &work.display().to_string(),
     ])?;
     wait_for(&log, "count 5 ")?;
-    show_tail(&log, "   its output (the pid it sees is virtual, the same wherever it runs):");
+    show_tail(
+        &log,
+        "   its output (the pid it sees is virtual, the same wherever it runs):",
+    );
     println!("\n== 2. mig ps");
     let live = sessions::find(&rt, &name)?;
     print!("{}", crate::show::ps_text(std::slice::from_ref(&live)));
     println!("\n== 3. mig table {name}   (what stands behind each fd)");
     print!("{}", crate::table::text(&live, false)?);
-    println!("\n== 4. mig checkpoint {name} --out {} --stop", image.display());
-    mig(&["checkpoint", &name, "--out", &image.display().to_string(), "--stop"])?;
+    println!(
+        "\n== 4. mig checkpoint {name} --out {} --stop",
+        image.display()
+    );
+    mig(&[
+        "checkpoint",
+        &name,
+        "--out",
+        &image.display().to_string(),
+        "--stop",
+    ])?;
     let stopped_at = last_count(&log);
     println!("   the counter stopped at {stopped_at}");
     println!("\n== 5. mig restore {} --detach", image.display());
-    mig(&["restore", &image.display().to_string(), "--detach", "--log", &log2.display().to_string()])?;
+    mig(&[
+        "restore",
+        &image.display().to_string(),
+        "--detach",
+        "--log",
+        &log2.display().to_string(),
+    ])?;
     wait_for(&log2, &format!("count {} ", stopped_at + 3))?;
-    show_tail(&log2, "   it goes on where it stopped, same pid, new process:");
+    show_tail(
+        &log2,
+        "   it goes on where it stopped, same pid, new process:",
+    );
     let live = sessions::find(&rt, &name)?;
     print!("{}", crate::show::ps_text(std::slice::from_ref(&live)));
     println!("\n== 6. ending the session");
@@ -74,7 +109,13 @@ fn last_count(log: &std::path::Path) -> u64 {
         .unwrap_or_default()
         .lines()
         .rev()
-        .find_map(|l| l.strip_prefix("count ")?.split_whitespace().next()?.parse().ok())
+        .find_map(|l| {
+            l.strip_prefix("count ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -90,7 +131,10 @@ fn show_tail(log: &std::path::Path, title: &str) {
 fn wait_for(log: &std::path::Path, needle: &str) -> Result<()> {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
-        if std::fs::read_to_string(log).unwrap_or_default().contains(needle) {
+        if std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(needle)
+        {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));

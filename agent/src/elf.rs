@@ -18,15 +18,27 @@ pub fn is_static(path: &Path) -> Option<bool> {
     let le = *buf.get(5)? == 1;
     let u16_at = |o: usize| -> Option<u64> {
         let b: [u8; 2] = buf.get(o..o + 2)?.try_into().ok()?;
-        Some(if le { u16::from_le_bytes(b) } else { u16::from_be_bytes(b) } as u64)
+        Some(if le {
+            u16::from_le_bytes(b)
+        } else {
+            u16::from_be_bytes(b)
+        } as u64)
     };
     let u32_at = |o: usize| -> Option<u64> {
         let b: [u8; 4] = buf.get(o..o + 4)?.try_into().ok()?;
-        Some(if le { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) } as u64)
+        Some(if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        } as u64)
     };
     let u64_at = |o: usize| -> Option<u64> {
         let b: [u8; 8] = buf.get(o..o + 8)?.try_into().ok()?;
-        Some(if le { u64::from_le_bytes(b) } else { u64::from_be_bytes(b) })
+        Some(if le {
+            u64::from_le_bytes(b)
+        } else {
+            u64::from_be_bytes(b)
+        })
     };
     let (phoff, entsize, num) = match buf.get(4)? {
         2 => (u64_at(0x20)?, u16_at(0x36)?, u16_at(0x38)?),

@@ -4,6 +4,7 @@ mod checkpoint;
 mod client;
 mod demo;
 mod elf;
+mod inspect;
 mod restore;
 mod run;
 mod sessions;
@@ -15,7 +16,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "mig", version, about = "Transparent checkpoint, restore and migration of unmodified Linux programs")]
+#[command(
+    name = "mig",
+    version,
+    about = "Transparent checkpoint, restore and migration of unmodified Linux programs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -37,7 +42,12 @@ enum Cmd {
         /// With --detach: where the session's output goes (default: <runtime>/logs/NAME.log).
         #[arg(long, requires = "detach")]
         log: Option<PathBuf>,
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
         command: Vec<String>,
     },
     /// List live sessions and their processes.
@@ -69,6 +79,8 @@ enum Cmd {
         #[arg(long, requires = "detach")]
         log: Option<PathBuf>,
     },
+    /// Show what a checkpoint image holds (after verifying it).
+    Image { dir: PathBuf },
     /// A guided demo on this host: a counter run as a session, inspected, ended.
     Demo,
     /// The demo's subject: counts forever (used by `mig demo`).
@@ -103,7 +115,13 @@ fn main() {
 
 fn dispatch(cmd: Cmd) -> Result<i32> {
     match cmd {
-        Cmd::Run { name, detach, allow_static, log, command } => run::run(run::RunArgs {
+        Cmd::Run {
+            name,
+            detach,
+            allow_static,
+            log,
+            command,
+        } => run::run(run::RunArgs {
             name,
             detach,
             allow_static,
@@ -121,14 +139,32 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Checkpoint { session, out, stop } => checkpoint::checkpoint(&session, &out, stop),
-        Cmd::Restore { dir, name, detach, log } => restore::restore(restore::RestoreArgs { dir, name, detach, log }),
+        Cmd::Restore {
+            dir,
+            name,
+            detach,
+            log,
+        } => restore::restore(restore::RestoreArgs {
+            dir,
+            name,
+            detach,
+            log,
+        }),
+        Cmd::Image { dir } => inspect::inspect(&dir),
         Cmd::Demo => demo::demo(),
         Cmd::Counter { hz, dir } => demo::counter(hz, &dir),
-        Cmd::Table { session, json, journal } => {
+        Cmd::Table {
+            session,
+            json,
+            journal,
+        } => {
             let rt = sessions::runtime_dir()?;
             let live = sessions::find(&rt, &session)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&table::json(&live, journal)?)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&table::json(&live, journal)?)?
+                );
             } else {
                 print!("{}", table::text(&live, journal)?);
             }

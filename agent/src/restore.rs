@@ -25,7 +25,15 @@ static RESTORER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/migrestore"))
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
 /// The fds handed to the restorer sit at or above this number.
 const FD_BASE: i32 = 900;
-const SPECIAL: [&[u8]; 4] = [b"[vvar]", b"[vvar_vclock]", b"[vdso]", b"[vsyscall]"];
+/// Regions the restorer does not recreate: the kernel's (the new host's vDSO block is moved
+/// there instead) and the shim's checkpoint scratch buffer.
+const SPECIAL: [&[u8]; 5] = [
+    b"[vvar]",
+    b"[vvar_vclock]",
+    b"[vdso]",
+    b"[vsyscall]",
+    b"[migshim-scratch]",
+];
 
 pub struct RestoreArgs {
     pub dir: PathBuf,
@@ -49,7 +57,13 @@ fn read_image(path: &Path) -> Result<ProcImage> {
     if kind != image::Kind::Process {
         bail!("{}: not a process image", path.display());
     }
-    let mut img = ProcImage { path: path.into(), meta: Default::default(), threads: vec![], regions: vec![], pages: vec![] };
+    let mut img = ProcImage {
+        path: path.into(),
+        meta: Default::default(),
+        threads: vec![],
+        regions: vec![],
+        pages: vec![],
+    };
     let mut pending: Option<PageMap> = None;
     for s in &sections {
         match s.tag {
@@ -58,7 +72,9 @@ fn read_image(path: &Path) -> Result<ProcImage> {
             Tag::Regions => img.regions = s.decode(path)?,
             Tag::PageMap => pending = Some(s.decode(path)?),
             Tag::PageData => {
-                let map = pending.take().with_context(|| format!("{}: page data without a page map", path.display()))?;
+                let map = pending
+                    .take()
+                    .with_context(|| format!("{}: page data without a page map", path.display()))?;
                 let data_at = (s.offset + 32).div_ceil(PAGE as u64) * PAGE as u64;
                 img.pages.push((map, data_at));
             }
@@ -94,7 +110,9 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
             continue;
         }
         let (len, p) = (r.end - r.start, prot(&r.perms));
-        let file = r.name.0.first() == Some(&b'/') && !r.name.0.ends_with(b" (deleted)") && !r.name.0.starts_with(b"/memfd:");
+        let file = r.name.0.first() == Some(&b'/')
+            && !r.name.0.ends_with(b" (deleted)")
+            && !r.name.0.starts_with(b"/memfd:");
         if !file {
             entries.push([r.start, len, p, private, u64::MAX, 0, 0]);
         } else {
@@ -104,9 +122,17 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
                 Some(&fd) => fd,
                 None => {
                     let path = std::ffi::OsStr::from_bytes(&r.name.0);
-                    let f = std::fs::OpenOptions::new().read(true).write(write).open(path).with_context(|| {
-                        format!("the image maps {} (at {:#x}), which this host does not have", path.to_string_lossy(), r.start)
-                    })?;
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(write)
+                        .open(path)
+                        .with_context(|| {
+                            format!(
+                                "the image maps {} (at {:#x}), which this host does not have",
+                                path.to_string_lossy(),
+                                r.start
+                            )
+                        })?;
                     let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
                     keep.push(f);
                     files.insert((r.name.0.clone(), write), fd);
@@ -114,7 +140,11 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
                     fd
                 }
             };
-            let shared = if r.perms.as_bytes().get(3) == Some(&b's') { libc::MAP_SHARED as u64 } else { private };
+            let shared = if r.perms.as_bytes().get(3) == Some(&b's') {
+                libc::MAP_SHARED as u64
+            } else {
+                private
+            };
             entries.push([r.start, len, p, shared, fd as u64, r.offset, 0]);
         }
         for (map, data_at) in img.pages.iter().filter(|(m, _)| m.region as usize == ri) {
@@ -131,12 +161,29 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
                     k += 1;
                 }
                 let addr = r.start + (map.first_page + start) * PAGE as u64;
-                entries.push([addr, (i - start) * PAGE as u64, p, private, image_fd as u64, data_at + first_k * PAGE as u64, copy]);
+                entries.push([
+                    addr,
+                    (i - start) * PAGE as u64,
+                    p,
+                    private,
+                    image_fd as u64,
+                    data_at + first_k * PAGE as u64,
+                    copy,
+                ]);
             }
         }
     }
-    let size_of = |n: &[u8]| img.regions.iter().find(|r| r.name.0 == n).map_or(0, |r| r.end - r.start);
-    let vvar = img.regions.iter().find(|r| r.name.0 == b"[vvar]").map_or(0, |r| r.start);
+    let size_of = |n: &[u8]| {
+        img.regions
+            .iter()
+            .find(|r| r.name.0 == n)
+            .map_or(0, |r| r.end - r.start)
+    };
+    let vvar = img
+        .regions
+        .iter()
+        .find(|r| r.name.0 == b"[vvar]")
+        .map_or(0, |r| r.start);
 
     let mut args: Vec<u64> = Vec::new();
     let push_bytes = |args: &mut Vec<u64>, b: &[u8]| {
@@ -207,10 +254,16 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         .map(|(_, _, f)| read_image(&a.dir.join(f)))
         .collect::<Result<_>>()?;
     let [img] = &images[..] else {
-        bail!("this image holds {} processes: restoring a session of several processes is not done yet (issue #3)", images.len());
+        bail!(
+            "this image holds {} processes: restoring a session of several processes is not done yet (issue #3)",
+            images.len()
+        );
     };
     if img.meta.restart_entry == 0 || img.meta.main_ucontext == 0 {
-        bail!("{}: the image does not say where to resume", img.path.display());
+        bail!(
+            "{}: the image does not say where to resume",
+            img.path.display()
+        );
     }
 
     // 2. The session, with the same vpid.
@@ -218,9 +271,8 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     let rt = sessions::runtime_dir()?;
     let command: Vec<String> = img.meta.command.iter().map(|c| c.to_string()).collect();
     let signal = migrt::wire::DEFAULT_SIGNAL;
-    let dir = sessions::create(&rt, Some(&name), &command, signal).map_err(|e| {
-        anyhow::anyhow!("{e:#} (restore under another name with --name)")
-    })?;
+    let dir = sessions::create(&rt, Some(&name), &command, signal)
+        .map_err(|e| anyhow::anyhow!("{e:#} (restore under another name with --name)"))?;
     let table = SessionTable::open(&dir.procs())?;
     table.restore_slot(img.meta.vpid, Kind::Process, 0)?;
     for t in img.threads.iter().filter(|t| t.vtid != img.meta.vpid) {
@@ -235,20 +287,31 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         (&restorer).write_all(RESTORER)?;
         use std::os::fd::AsRawFd;
         let mut c = Command::new(format!("/proc/self/fd/{}", restorer.as_raw_fd()));
-        c.arg0("migrestore").arg(std::ffi::OsStr::from_bytes(&plan_fd)).arg("a");
+        c.arg0("migrestore")
+            .arg(std::ffi::OsStr::from_bytes(&plan_fd))
+            .arg("a");
         if a.detach {
-            let log = a.log.clone().unwrap_or_else(|| migrt::paths::logs_dir(&rt).join(format!("{name}.log")));
+            let log = a
+                .log
+                .clone()
+                .unwrap_or_else(|| migrt::paths::logs_dir(&rt).join(format!("{name}.log")));
             if let Some(d) = log.parent() {
                 std::fs::create_dir_all(d)?;
             }
             let out = std::fs::File::create(&log)?;
-            c.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
+            c.stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .process_group(0);
         }
         let mut child = c.spawn().context("starting the restorer")?;
         // 4. Running again once the shim has taken its new pid.
         let t = Instant::now();
         loop {
-            if table.get(img.meta.vpid).is_some_and(|e| e.real != 0 && e.state == State::Running) {
+            if table
+                .get(img.meta.vpid)
+                .is_some_and(|e| e.real != 0 && e.state == State::Running)
+            {
                 break;
             }
             if let Some(st) = child.try_wait()? {

@@ -67,8 +67,7 @@ fn find_program(cmd: &str) -> Option<PathBuf> {
 
 /// Exit code of a finished command as a shell reports it.
 pub fn exit_code(st: std::process::ExitStatus) -> i32 {
-    st.code()
-        .unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
 pub fn run(a: RunArgs) -> Result<i32> {

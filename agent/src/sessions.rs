@@ -49,30 +49,30 @@ impl Live {
 }
 
 fn live_processes(table: &SessionTable) -> Vec<Proc> {
-        table
-            .entries()
-            .into_iter()
-            .filter(|e| e.kind == Kind::Process && e.state == State::Running)
-            .filter_map(|e| {
-                let (state, threads) = procfs::status(e.real)?;
-                if state == 'Z' || state == 'X' {
-                    return None;
-                }
-                let command = procfs::cmdline(e.real)
-                    .iter()
-                    .map(|a| a.lossy().into_owned())
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                Some(Proc {
-                    vpid: e.vid,
-                    pid: e.real,
-                    parent_vpid: e.parent,
-                    command,
-                    threads: threads.saturating_sub(e.hidden),
-                    state: state.to_string(),
-                })
+    table
+        .entries()
+        .into_iter()
+        .filter(|e| e.kind == Kind::Process && e.state == State::Running)
+        .filter_map(|e| {
+            let (state, threads) = procfs::status(e.real)?;
+            if state == 'Z' || state == 'X' {
+                return None;
+            }
+            let command = procfs::cmdline(e.real)
+                .iter()
+                .map(|a| a.lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            Some(Proc {
+                vpid: e.vid,
+                pid: e.real,
+                parent_vpid: e.parent,
+                command,
+                threads: threads.saturating_sub(e.hidden),
+                state: state.to_string(),
             })
-            .collect()
+        })
+        .collect()
 }
 
 pub fn runtime_dir() -> Result<std::path::PathBuf> {
@@ -133,14 +133,18 @@ pub fn list(rt: &Path) -> Vec<Live> {
 
 pub fn find(rt: &Path, name: &str) -> Result<Live> {
     paths::validate_name(name)?;
-    open_live(SessionDir::new(rt, name)).with_context(|| {
-        format!("no live session named {name:?} on this host (see `mig ps`)")
-    })
+    open_live(SessionDir::new(rt, name))
+        .with_context(|| format!("no live session named {name:?} on this host (see `mig ps`)"))
 }
 
 /// Creates the directory and table of a new session. Without a name, the smallest free
 /// number is taken.
-pub fn create(rt: &Path, name: Option<&str>, command: &[String], signal: u32) -> Result<SessionDir> {
+pub fn create(
+    rt: &Path,
+    name: Option<&str>,
+    command: &[String],
+    signal: u32,
+) -> Result<SessionDir> {
     let names: Vec<String> = match name {
         Some(n) => {
             paths::validate_name(n)?;
@@ -153,7 +157,9 @@ pub fn create(rt: &Path, name: Option<&str>, command: &[String], signal: u32) ->
         // A dead session of that name is cleared away first.
         if dir.0.exists() && open_live(dir.clone()).is_some() {
             if name.is_some() {
-                bail!("a session named {n:?} is already running (see `mig ps`); choose another --name");
+                bail!(
+                    "a session named {n:?} is already running (see `mig ps`); choose another --name"
+                );
             }
             continue;
         }
@@ -181,7 +187,10 @@ pub fn create(rt: &Path, name: Option<&str>, command: &[String], signal: u32) ->
         std::fs::write(dir.meta(), serde_json::to_vec_pretty(&meta)?)?;
         return Ok(dir);
     }
-    bail!("no free session name under {}", paths::sessions_dir(rt).display())
+    bail!(
+        "no free session name under {}",
+        paths::sessions_dir(rt).display()
+    )
 }
 
 /// Removes a session's directory if nothing of it lives any more.

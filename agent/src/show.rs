@@ -12,7 +12,11 @@ pub fn ps_text(sessions: &[Live]) -> String {
     );
     for s in sessions {
         for p in s.processes() {
-            let parent = if p.parent_vpid == 0 { "-".to_string() } else { p.parent_vpid.to_string() };
+            let parent = if p.parent_vpid == 0 {
+                "-".to_string()
+            } else {
+                p.parent_vpid.to_string()
+            };
             out += &format!(
                 "{:<12} {:<14} {:>8} {:>8} {:>8} {:>4} {:<5} {}\n",
                 s.name(),
@@ -94,7 +98,14 @@ pub fn describe(f: &FdEntry) -> String {
         extra.push("not-journaled");
     }
     let what = match &f.object {
-        Object::File { path, opened_as, offset, size, deleted, .. } => {
+        Object::File {
+            path,
+            opened_as,
+            offset,
+            size,
+            deleted,
+            ..
+        } => {
             let mut s = format!("{path} offset {offset} size {size}");
             if *deleted {
                 s += " (deleted)";
@@ -121,7 +132,9 @@ pub fn describe(f: &FdEntry) -> String {
             }
             match &s.peer_link {
                 Some(l) => out += &format!(" <-> #{} (vpid {} fd {})", l.id, l.vpid, l.fd),
-                None if s.peer_ino.is_some() || s.peer.is_some() => out += " (peer outside the session)",
+                None if s.peer_ino.is_some() || s.peer.is_some() => {
+                    out += " (peer outside the session)"
+                }
                 None => {}
             }
             out
@@ -134,9 +147,17 @@ pub fn describe(f: &FdEntry) -> String {
             format!("[{}]", l.join(", "))
         }
         Object::EventFd { count, semaphore } => {
-            format!("count {count}{}", if *semaphore { " semaphore" } else { "" })
+            format!(
+                "count {count}{}",
+                if *semaphore { " semaphore" } else { "" }
+            )
         }
-        Object::TimerFd { clockid, value_ns, interval_ns, ticks } => format!(
+        Object::TimerFd {
+            clockid,
+            value_ns,
+            interval_ns,
+            ticks,
+        } => format!(
             "clock {clockid} next in {:.3} s every {:.3} s, {ticks} unread ticks",
             *value_ns as f64 / 1e9,
             *interval_ns as f64 / 1e9
@@ -159,8 +180,17 @@ pub fn describe(f: &FdEntry) -> String {
         },
         Object::Other { link } => link.to_string(),
     };
-    let extra = if extra.is_empty() { String::new() } else { format!(" [{}]", extra.join(",")) };
-    format!("fd {:<4} {:<10} {:<2} {what}{extra}", f.fd, f.object.kind(), access(f.flags))
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", extra.join(","))
+    };
+    format!(
+        "fd {:<4} {:<10} {:<2} {what}{extra}",
+        f.fd,
+        f.object.kind(),
+        access(f.flags)
+    )
 }
 
 fn end_name(e: PipeEnd) -> &'static str {
@@ -174,7 +204,11 @@ pub fn table_text(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]
     let mut out = format!("session {} on {}\n", session.name(), session.meta.host);
     for (t, j) in tables {
         let cmd: Vec<String> = t.command.iter().map(|a| a.to_string()).collect();
-        let parent = if t.parent_vpid == 0 { "-".into() } else { t.parent_vpid.to_string() };
+        let parent = if t.parent_vpid == 0 {
+            "-".into()
+        } else {
+            t.parent_vpid.to_string()
+        };
         out += &format!(
             "\nprocess {} (pid {}) parent {} pgid {} sid {}: {}\n",
             t.vpid,
@@ -184,7 +218,11 @@ pub fn table_text(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]
             t.sid,
             cmd.join(" ")
         );
-        let threads: Vec<String> = t.threads.iter().map(|th| format!("{}={}", th.vtid, th.tid)).collect();
+        let threads: Vec<String> = t
+            .threads
+            .iter()
+            .map(|th| format!("{}={}", th.vtid, th.tid))
+            .collect();
         out += &format!("  threads (vtid=tid): {}\n", threads.join(" "));
         for f in &t.fds {
             out += &format!("  {}\n", describe(f));
@@ -194,7 +232,11 @@ pub fn table_text(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]
             out += &format!("  note: {n}\n");
         }
         if let Some(j) = j {
-            out += &format!("  journal: {} records appended; the last {}:\n", j.appended, j.recent.len());
+            out += &format!(
+                "  journal: {} records appended; the last {}:\n",
+                j.appended,
+                j.recent.len()
+            );
             for r in &j.recent {
                 out += &format!("    {r:?}\n");
             }
@@ -211,7 +253,11 @@ pub fn table_json(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]
             let mut v = serde_json::to_value(t).unwrap_or(Value::Null);
             if let Some(fds) = v.get_mut("fds").and_then(Value::as_array_mut) {
                 for (fv, f) in fds.iter_mut().zip(&t.fds) {
-                    let flat = match fv.get("object").and_then(Value::as_object).and_then(|o| o.values().next()) {
+                    let flat = match fv
+                        .get("object")
+                        .and_then(Value::as_object)
+                        .and_then(|o| o.values().next())
+                    {
                         Some(Value::Object(inner)) => {
                             let mut m = inner.clone();
                             m.insert("kind".into(), json!(f.object.kind()));

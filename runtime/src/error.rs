@@ -16,7 +16,9 @@ pub enum Error {
     BadSessionTable { path: PathBuf, version: u32 },
     #[error("session table full: {0} slots used; start a new session")]
     TableFull(usize),
-    #[error("invalid session name {0:?}: use 1-32 characters from A-Z a-z 0-9 . _ -, not starting with '.'")]
+    #[error(
+        "invalid session name {0:?}: use 1-32 characters from A-Z a-z 0-9 . _ -, not starting with '.'"
+    )]
     BadName(String),
     #[error("image {path}: {what}")]
     Image { path: PathBuf, what: String },

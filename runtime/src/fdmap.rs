@@ -99,10 +99,10 @@ impl<V> FdMap<V> {
     /// Every value whose fd lies in first..=last.
     pub fn for_range_mut(&mut self, first: i32, last: i32, mut f: impl FnMut(&mut V)) {
         for (i, slot) in self.low.iter_mut().enumerate() {
-            if (first..=last).contains(&(i as i32)) {
-                if let Some(v) = slot {
-                    f(v);
-                }
+            if (first..=last).contains(&(i as i32))
+                && let Some(v) = slot
+            {
+                f(v);
             }
         }
         for (_, v) in self.high.range_mut(first.max(0)..=last) {
@@ -149,11 +149,17 @@ mod tests {
         assert_eq!(m.remove(&1023), None);
         assert_eq!(m.get(&3000), Some(&30000));
         m.for_range_mut(4, 1024, |v| *v += 1);
-        assert_eq!((m.get(&5), m.get(&1024), m.get(&0)), (Some(&8), Some(&10241), Some(&0)));
+        assert_eq!(
+            (m.get(&5), m.get(&1024), m.get(&0)),
+            (Some(&8), Some(&10241), Some(&0))
+        );
         m.retain(|fd, _| fd != 0);
         let bytes = postcard::to_stdvec(&m).unwrap();
         let back: FdMap<i32> = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back.iter().collect::<Vec<_>>(), m.iter().collect::<Vec<_>>());
+        assert_eq!(
+            back.iter().collect::<Vec<_>>(),
+            m.iter().collect::<Vec<_>>()
+        );
         assert_eq!(back.len(), 3);
     }
 }

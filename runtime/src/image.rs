@@ -64,7 +64,11 @@ impl Tag {
     }
 
     fn align(self) -> u64 {
-        if self == Tag::PageData { PAGE as u64 } else { 8 }
+        if self == Tag::PageData {
+            PAGE as u64
+        } else {
+            8
+        }
     }
 }
 
@@ -276,7 +280,10 @@ impl Section {
     pub fn decode<'a, T: Deserialize<'a>>(&'a self, path: &Path) -> Result<T> {
         postcard::from_bytes(&self.payload).map_err(|e| Error::Image {
             path: path.into(),
-            what: format!("section {:?} at offset {} does not decode: {e}", self.tag, self.offset),
+            what: format!(
+                "section {:?} at offset {} does not decode: {e}",
+                self.tag, self.offset
+            ),
         })
     }
 }
@@ -359,11 +366,17 @@ impl<R: Read> ImageReader<R> {
         }
         let at = self.offset;
         let mut head = [0u8; HEAD];
-        read_exact(&mut self.r, &mut head)
-            .map_err(|_| self.bad(format!("truncated at offset {at}: section {} missing", self.sections + 1)))?;
+        read_exact(&mut self.r, &mut head).map_err(|_| {
+            self.bad(format!(
+                "truncated at offset {at}: section {} missing",
+                self.sections + 1
+            ))
+        })?;
         let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
         if u32_at(20) != crc32fast::hash(&head[..20]) || head[24..].iter().any(|&b| b != 0) {
-            return Err(self.bad(format!("damaged section head at offset {at} (checksum mismatch)")));
+            return Err(self.bad(format!(
+                "damaged section head at offset {at} (checksum mismatch)"
+            )));
         }
         let tag = Tag::from_u32(u32_at(0))
             .ok_or_else(|| self.bad(format!("unknown section tag {} at offset {at}", u32_at(0))))?;
@@ -380,7 +393,8 @@ impl<R: Read> ImageReader<R> {
         if len > 1 << 40 {
             return Err(self.bad(format!("section {tag:?} at offset {at} claims {len} bytes")));
         }
-        let truncated = || format!("truncated in section {tag:?} at offset {at} ({len} bytes expected)");
+        let truncated =
+            || format!("truncated in section {tag:?} at offset {at} ({len} bytes expected)");
         let (payload, crc) = if tag == Tag::PageData && self.skip_page_data {
             let mut h = crc32fast::Hasher::new();
             let mut buf = vec![0u8; (1 << 20).min(len as usize)];
@@ -405,9 +419,14 @@ impl<R: Read> ImageReader<R> {
         }
         self.offset += len;
         if tag == Tag::End {
-            let n = payload.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+            let n = payload
+                .get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()));
             if n != Some(self.sections) {
-                return Err(self.bad(format!("END says {n:?} sections, {} were read", self.sections)));
+                return Err(self.bad(format!(
+                    "END says {n:?} sections, {} were read",
+                    self.sections
+                )));
             }
             self.done = true;
             return Ok(None);
@@ -453,9 +472,21 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut w = ImageWriter::new(Vec::new(), Kind::Process).unwrap();
-        w.postcard(Tag::Meta, &ProcessMeta { vpid: 4200001, ..Default::default() }).unwrap();
+        w.postcard(
+            Tag::Meta,
+            &ProcessMeta {
+                vpid: 4200001,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let page = [7u8; PAGE];
-        let map = PageMap { region: 0, first_page: 0, count: 3, present: vec![0b101] };
+        let map = PageMap {
+            region: 0,
+            first_page: 0,
+            count: 3,
+            present: vec![0b101],
+        };
         w.postcard(Tag::PageMap, &map).unwrap();
         w.section_parts(Tag::PageData, &[&page, &page]).unwrap();
         w.finish().unwrap()
@@ -467,8 +498,16 @@ mod tests {
         let mut r = ImageReader::new(&img[..], Path::new("x")).unwrap();
         assert_eq!(r.kind, Kind::Process);
         let meta = r.next_section().unwrap().unwrap();
-        assert_eq!(meta.decode::<ProcessMeta>(Path::new("x")).unwrap().vpid, 4200001);
-        let map: PageMap = r.next_section().unwrap().unwrap().decode(Path::new("x")).unwrap();
+        assert_eq!(
+            meta.decode::<ProcessMeta>(Path::new("x")).unwrap().vpid,
+            4200001
+        );
+        let map: PageMap = r
+            .next_section()
+            .unwrap()
+            .unwrap()
+            .decode(Path::new("x"))
+            .unwrap();
         assert!(map.is_present(0) && !map.is_present(1) && map.is_present(2));
         assert_eq!(map.present_count(), 2);
         let data = r.next_section().unwrap().unwrap();
@@ -502,7 +541,17 @@ mod tests {
         v2[8] = 2;
         let crc = crc32fast::hash(&v2[..16]);
         v2[16..20].copy_from_slice(&crc.to_le_bytes());
-        assert!(read(&v2).unwrap_err().to_string().contains("format version 2"));
-        assert!(read(b"hello").unwrap_err().to_string().contains("truncated"));
+        assert!(
+            read(&v2)
+                .unwrap_err()
+                .to_string()
+                .contains("format version 2")
+        );
+        assert!(
+            read(b"hello")
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
     }
 }

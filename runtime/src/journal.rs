@@ -121,7 +121,11 @@ mod tests {
         assert_eq!(j.folded().fds.keys().collect::<Vec<_>>(), vec![7]);
         assert_eq!(j.appended(), 400_001);
         let recent = j.recent();
-        assert!(recent.len() > 100 && recent.len() < 20_000, "{}", recent.len());
+        assert!(
+            recent.len() > 100 && recent.len() < 20_000,
+            "{}",
+            recent.len()
+        );
         assert_eq!(recent.last(), Some(&last), "the newest record is kept");
         assert!(matches!(recent[recent.len() - 2], Record::Close { fd: 3 }));
     }

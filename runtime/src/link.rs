@@ -27,9 +27,7 @@ pub fn link_peers(tables: &mut [ProcessTable]) {
             if let Object::Socket(s) = &mut f.object {
                 s.peer_link = match s.peer_ino {
                     Some(p) => by_ino.get(&p).cloned(),
-                    None => inet_key(s)
-                        .and_then(|(l, p)| by_addr.get(&(p, l)))
-                        .cloned(),
+                    None => inet_key(s).and_then(|(l, p)| by_addr.get(&(p, l))).cloned(),
                 };
             }
         }
@@ -86,7 +84,11 @@ mod tests {
             },
             ProcessTable {
                 vpid: 2,
-                fds: vec![sock(5, 11, unix(101, 100)), sock(6, 21, tcp(80, 5000)), sock(7, 30, unix(102, 999))],
+                fds: vec![
+                    sock(5, 11, unix(101, 100)),
+                    sock(6, 21, tcp(80, 5000)),
+                    sock(7, 30, unix(102, 999)),
+                ],
                 ..Default::default()
             },
         ];
@@ -95,9 +97,30 @@ mod tests {
             Object::Socket(s) => s.peer_link.clone(),
             _ => None,
         };
-        assert_eq!(link(0, 0), Some(PeerLink { id: 11, vpid: 2, fd: 5 }));
-        assert_eq!(link(1, 0), Some(PeerLink { id: 10, vpid: 1, fd: 3 }));
-        assert_eq!(link(0, 1), Some(PeerLink { id: 21, vpid: 2, fd: 6 }));
+        assert_eq!(
+            link(0, 0),
+            Some(PeerLink {
+                id: 11,
+                vpid: 2,
+                fd: 5
+            })
+        );
+        assert_eq!(
+            link(1, 0),
+            Some(PeerLink {
+                id: 10,
+                vpid: 1,
+                fd: 3
+            })
+        );
+        assert_eq!(
+            link(0, 1),
+            Some(PeerLink {
+                id: 21,
+                vpid: 2,
+                fd: 6
+            })
+        );
         assert_eq!(link(1, 2), None, "peer outside the session");
     }
 }

@@ -47,11 +47,7 @@ pub fn cmdline(pid: i32) -> Vec<Bytes> {
 /// (state letter, thread count) from /proc/<pid>/status.
 pub fn status(pid: i32) -> Option<(char, u32)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-    };
+    let field = |name: &str| s.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
     let state = field("State:")?.chars().next()?;
     let threads = field("Threads:")?.parse().ok()?;
     Some((state, threads))
@@ -181,7 +177,10 @@ pub fn readlink_fd(pid: &str, fd: i32) -> Option<Vec<u8>> {
 /// "pipe:[123]" → 123
 fn bracket_ino(link: &[u8], prefix: &[u8]) -> Option<u64> {
     let rest = link.strip_prefix(prefix)?.strip_prefix(b"[")?;
-    std::str::from_utf8(rest.strip_suffix(b"]")?).ok()?.parse().ok()
+    std::str::from_utf8(rest.strip_suffix(b"]")?)
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Describes one fd of the calling process from the kernel's side. `ids` hands out
@@ -305,7 +304,9 @@ pub fn all_mappings(pid: &str) -> Vec<MapsLine> {
     let Ok(text) = std::fs::read(format!("/proc/{pid}/maps")) else {
         return Vec::new();
     };
-    text.split(|&b| b == b'\n').filter_map(parse_maps_bytes).collect()
+    text.split(|&b| b == b'\n')
+        .filter_map(parse_maps_bytes)
+        .collect()
 }
 
 fn parse_maps_bytes(l: &[u8]) -> Option<MapsLine> {
@@ -378,15 +379,21 @@ mod tests {
         assert_eq!((i[0].fd, i[0].events, i[0].data), (5, 0x19, 7));
         assert_eq!((i[1].fd, i[1].data), (9, 0xffff_ffff));
 
-        let ev = FdInfo::parse("pos:\t0\nflags:\t02\neventfd-count:                2a\neventfd-id: 3\neventfd-semaphore: 1\n");
+        let ev = FdInfo::parse(
+            "pos:\t0\nflags:\t02\neventfd-count:                2a\neventfd-id: 3\neventfd-semaphore: 1\n",
+        );
         assert_eq!(ev.hex("eventfd-count:"), 42);
         assert_eq!(ev.num("eventfd-semaphore:"), 1);
 
-        let tf = FdInfo::parse("clockid: 1\nticks: 3\nsettime flags: 00\nit_value: (1, 500)\nit_interval: (2, 0)\n");
+        let tf = FdInfo::parse(
+            "clockid: 1\nticks: 3\nsettime flags: 00\nit_value: (1, 500)\nit_interval: (2, 0)\n",
+        );
         assert_eq!(tf.timespec("it_value:"), 1_000_000_500);
         assert_eq!(tf.timespec("it_interval:"), 2_000_000_000);
 
-        let ino = FdInfo::parse("inotify wd:1 ino:2a sdev:800001 mask:fff ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:0\n");
+        let ino = FdInfo::parse(
+            "inotify wd:1 ino:2a sdev:800001 mask:fff ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:0\n",
+        );
         let w = ino.inotify_watches();
         assert_eq!((w[0].wd, w[0].ino, w[0].mask), (1, 42, 0xfff));
     }
@@ -394,7 +401,10 @@ mod tests {
     #[test]
     fn parses_all_maps_lines() {
         let m = parse_maps_bytes(b"7f00-7f10 rw-p 00000000 00:00 0 ").unwrap();
-        assert_eq!((m.start, m.perms.as_str(), m.name.0.len()), (0x7f00, "rw-p", 0));
+        assert_eq!(
+            (m.start, m.perms.as_str(), m.name.0.len()),
+            (0x7f00, "rw-p", 0)
+        );
         let m = parse_maps_bytes(b"7f00-7f10 r--s 00001000 08:01 99    /a b (deleted)").unwrap();
         assert_eq!((m.inode, m.name.0.as_slice()), (99, &b"/a b (deleted)"[..]));
         assert!(all_mappings("self").iter().any(|m| m.name.0 == b"[stack]"));
@@ -418,7 +428,9 @@ mod tests {
         };
         let ids = |_k, ino| Some(ino + 1);
         let (_, o) = describe_own_fd(w, &ids).unwrap();
-        let Object::Pipe { id, ino, end } = o else { panic!("{o:?}") };
+        let Object::Pipe { id, ino, end } = o else {
+            panic!("{o:?}")
+        };
         assert_eq!((id, end), (ino + 1, PipeEnd::Write));
         let f = std::fs::File::open("/proc/self/status").unwrap();
         use std::os::fd::AsRawFd;

@@ -248,8 +248,12 @@ mod tests {
 
     #[test]
     fn borrowed_and_owned_encode_alike() {
-        let owned: Record = Record::Exec { path: "/bin/sh".into() };
-        let borrowed = Record::Exec { path: BytesRef(b"/bin/sh") };
+        let owned: Record = Record::Exec {
+            path: "/bin/sh".into(),
+        };
+        let borrowed = Record::Exec {
+            path: BytesRef(b"/bin/sh"),
+        };
         let a = postcard::to_stdvec(&owned).unwrap();
         assert_eq!(a, postcard::to_stdvec(&borrowed).unwrap());
         assert_eq!(postcard::from_bytes::<Record>(&a).unwrap(), owned);

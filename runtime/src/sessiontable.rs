@@ -394,7 +394,11 @@ impl SessionTable {
             )
         };
         if p != self.base.cast() {
-            return Err(Error::io("mapping session table", path, std::io::Error::last_os_error()));
+            return Err(Error::io(
+                "mapping session table",
+                path,
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -404,7 +408,9 @@ impl SessionTable {
     pub fn bind(&self, vid: i32, real: i32) {
         // No look at the header: in a fork child every page touched costs a fault.
         if is_virtual(vid) {
-            self.slot((vid - VPID_BASE) as usize).real.store(real, Release);
+            self.slot((vid - VPID_BASE) as usize)
+                .real
+                .store(real, Release);
         }
     }
 

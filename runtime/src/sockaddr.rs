@@ -80,7 +80,10 @@ mod tests {
         let mut un = vec![1u8, 0];
         un.extend_from_slice(b"/tmp/s\0\0\0");
         assert_eq!(SockAddr::from_bytes(&un).to_string(), "/tmp/s");
-        assert_eq!(SockAddr::from_bytes(&[1, 0, 0, b'a', b'b']).to_string(), "@ab");
+        assert_eq!(
+            SockAddr::from_bytes(&[1, 0, 0, b'a', b'b']).to_string(),
+            "@ab"
+        );
         assert_eq!(SockAddr::from_bytes(&[1, 0]), SockAddr::Unnamed);
         let v4 = [2u8, 0, 0x1f, 0x90, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(SockAddr::from_bytes(&v4).to_string(), "127.0.0.1:8080");

@@ -81,7 +81,9 @@ pub fn hostname() -> String {
 /// Whether a process with this real pid exists (and we may see it).
 pub fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence and permission.
-    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// Sends one netlink dump request and returns the payload of every answer message
@@ -89,7 +91,13 @@ pub fn alive(pid: i32) -> bool {
 pub fn netlink_dump(protocol: i32, msg_type: u16, request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
     const HDR: usize = 16;
     // SAFETY: plain socket creation; the fd is closed by OwnedFd below.
-    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, protocol) };
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -165,7 +173,11 @@ pub fn thread_sigqueue(pid: i32, tid: i32, sig: i32, value: usize) -> io::Result
         *p.add(8).cast::<usize>() = value;
         libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, sig, &raw const si)
     };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Asks a process to end (SIGTERM).
@@ -193,5 +205,9 @@ pub fn inheritable_fd(f: &std::fs::File, min: i32) -> io::Result<i32> {
     // SAFETY: F_DUPFD on an fd we hold; the duplicate is deliberately left open for the
     // child to inherit (mig exits soon after).
     let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD, min) };
-    if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(fd) }
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fd)
+    }
 }

@@ -311,11 +311,9 @@ impl Folded {
                     watches.remove(wd);
                 }
             }
-            PtyMaster { fd, flags } => self.put(
-                *fd,
-                cloexec_of(*flags),
-                Opened::PtyMaster { flags: *flags },
-            ),
+            PtyMaster { fd, flags } => {
+                self.put(*fd, cloexec_of(*flags), Opened::PtyMaster { flags: *flags })
+            }
             Mmap {
                 addr,
                 len,
@@ -595,8 +593,12 @@ mod tests {
         }
         assert_eq!(f.fds.keys().collect::<Vec<_>>(), vec![4, 5, 10]);
         assert!(f.fds.get(&4).unwrap().cloexec);
-        assert!(matches!(&f.fds.get(&10).unwrap().opened, Opened::File { path, .. } if path.0 == b"/a"));
-        f.apply::<Bytes>(&Record::Exec { path: "/bin/x".into() });
+        assert!(
+            matches!(&f.fds.get(&10).unwrap().opened, Opened::File { path, .. } if path.0 == b"/a")
+        );
+        f.apply::<Bytes>(&Record::Exec {
+            path: "/bin/x".into(),
+        });
         assert_eq!(f.fds.keys().collect::<Vec<_>>(), vec![5, 10]);
     }
 
@@ -642,13 +644,21 @@ mod tests {
         ] {
             f.apply::<Bytes>(&r);
         }
-        let Opened::Socket(s) = &f.fds.get(&3).unwrap().opened else { panic!() };
+        let Opened::Socket(s) = &f.fds.get(&3).unwrap().opened else {
+            panic!()
+        };
         assert_eq!((s.bound.as_ref(), s.backlog), (Some(&addr), Some(5)));
-        let Opened::Socket(a) = &f.fds.get(&4).unwrap().opened else { panic!() };
+        let Opened::Socket(a) = &f.fds.get(&4).unwrap().opened else {
+            panic!()
+        };
         assert_eq!((a.domain, a.accepted_from), (libc::AF_INET, Some(3)));
-        let Opened::Epoll { interest } = &f.fds.get(&5).unwrap().opened else { panic!() };
+        let Opened::Epoll { interest } = &f.fds.get(&5).unwrap().opened else {
+            panic!()
+        };
         assert_eq!(interest[&4], (1, 9));
-        let Opened::Inotify { watches } = &f.fds.get(&6).unwrap().opened else { panic!() };
-        assert_eq!(watches[&1].0 .0, b"/tmp");
+        let Opened::Inotify { watches } = &f.fds.get(&6).unwrap().opened else {
+            panic!()
+        };
+        assert_eq!(watches[&1].0.0, b"/tmp");
     }
 }

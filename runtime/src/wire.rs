@@ -19,13 +19,20 @@ const MAX_FRAME: usize = 256 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     /// The process's reconciled table, and with `journal` the most recent records.
-    Table { journal: bool },
+    Table {
+        journal: bool,
+    },
     /// Park every app thread (until Thaw, Stop, or the connection ends).
     Freeze,
     /// While frozen: write the process image to `path` (fsync'd with `sync`).
-    Dump { path: String, sync: bool },
+    Dump {
+        path: String,
+        sync: bool,
+    },
     /// Let the app run on.
     Thaw,
     /// End the process (after a complete checkpoint).
@@ -34,7 +41,10 @@ pub enum Request {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
-    Hello { version: u32, vpid: i32 },
+    Hello {
+        version: u32,
+        vpid: i32,
+    },
     Table {
         table: ProcessTable,
         journal: Option<JournalView>,
@@ -78,7 +88,9 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {
         .map_err(|e| Error::Wire(format!("receiving: {e}")))?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(Error::Wire(format!("frame of {len} bytes is over the limit")));
+        return Err(Error::Wire(format!(
+            "frame of {len} bytes is over the limit"
+        )));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)
@@ -96,7 +108,10 @@ mod tests {
         write_frame(&mut buf, &Request::Table { journal: true }).unwrap();
         write_frame(&mut buf, &Response::Error("x".into())).unwrap();
         let mut r = &buf[..];
-        assert!(matches!(read_frame::<Request>(&mut r).unwrap(), Request::Table { journal: true }));
+        assert!(matches!(
+            read_frame::<Request>(&mut r).unwrap(),
+            Request::Table { journal: true }
+        ));
         assert!(matches!(read_frame::<Response>(&mut r).unwrap(), Response::Error(s) if s == "x"));
         assert!(read_frame::<Response>(&mut &buf[..3]).is_err());
     }

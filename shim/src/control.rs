@@ -14,7 +14,6 @@
 //! table.
 
 use crate::interpose::{block_all_signals, close_real, freeze, move_fd_high, peer_uid, real_tid};
-use std::time::Duration;
 use crate::state::{CTL_PATH, enter_forever, shim, vpid};
 use migrt::wire::{self, PROTOCOL_VERSION, Request, Response};
 use std::ffi::CString;
@@ -22,6 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::*};
+use std::time::Duration;
 
 static LISTEN_FD: AtomicI32 = AtomicI32::new(-1);
 static CONN_FD: AtomicI32 = AtomicI32::new(-1);
@@ -84,7 +84,12 @@ fn listen() -> Option<i32> {
     let _ = std::fs::create_dir_all(dir.ctl_dir());
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
-        .map_err(|e| eprintln!("migshim: control socket {}: {e}; mig cannot reach this process", path.display()))
+        .map_err(|e| {
+            eprintln!(
+                "migshim: control socket {}: {e}; mig cannot reach this process",
+                path.display()
+            )
+        })
         .ok()?;
     let fd = move_fd_high(listener.into_raw_fd());
     LISTEN_FD.store(fd, Relaxed);
@@ -210,7 +215,14 @@ impl Session {
             Request::Freeze => self.freeze(),
             Request::Dump { path, sync } => match (&self.frozen, shim()) {
                 (Some(f), Some(s)) => {
-                    match crate::dump::dump(s, std::path::Path::new(&path), &f.parked, &f.table, &f.folded, sync) {
+                    match crate::dump::dump(
+                        s,
+                        std::path::Path::new(&path),
+                        &f.parked,
+                        &f.table,
+                        &f.folded,
+                        sync,
+                    ) {
                         Ok(d) => Response::Dumped {
                             bytes: d.bytes,
                             threads: d.threads,
@@ -230,7 +242,9 @@ impl Session {
             }
             Request::Stop => match self.frozen {
                 Some(_) => Response::Done,
-                None => Response::Error("not frozen: a process is stopped only after its checkpoint".into()),
+                None => Response::Error(
+                    "not frozen: a process is stopped only after its checkpoint".into(),
+                ),
             },
         }
     }
@@ -251,7 +265,11 @@ impl Session {
                 crate::restart::keep_table(&table);
                 let folded = crate::state::journal(s).folded().clone();
                 let threads = parked.len() as u32;
-                self.frozen = Some(Frozen { parked, table, folded });
+                self.frozen = Some(Frozen {
+                    parked,
+                    table,
+                    folded,
+                });
                 Response::Frozen { threads, micros }
             }
             Err(e) => Response::Error(format!("freezing: {e}")),

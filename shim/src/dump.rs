@@ -14,6 +14,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// Region names of the shim's own mappings in an image.
+pub const MIGSHIM_TABLE: &str = "[migshim-table]";
+pub const MIGSHIM_SCRATCH: &str = "[migshim-scratch]";
+
 /// Pages per PageMap/PageData pair (16 MiB).
 const CHUNK: u64 = 4096;
 
@@ -30,7 +34,19 @@ pub struct Dumped {
 static RESTORED_FROM: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 pub fn restored_from(image: Vec<u8>) {
-    RESTORED_FROM.lock().unwrap_or_else(|p| p.into_inner()).push(image);
+    RESTORED_FROM
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(image);
+}
+
+/// A mapping of the image this process was restored from: its pages are the process's own,
+/// also the ones not touched since (still in the image file, not yet in the page table).
+fn from_old_image(m: &migrt::procfs::MapsLine) -> bool {
+    RESTORED_FROM
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&m.name.0)
 }
 
 /// A mapping backed by a file the restore maps again (its unmodified pages come from there).
@@ -38,7 +54,7 @@ fn file_backed(m: &migrt::procfs::MapsLine) -> bool {
     m.name.0.first() == Some(&b'/')
         && !m.name.0.starts_with(b"/memfd:")
         && !m.name.0.ends_with(b" (deleted)")
-        && !RESTORED_FROM.lock().unwrap_or_else(|p| p.into_inner()).contains(&m.name.0)
+        && !from_old_image(m)
 }
 
 /// Whether the image holds page data of this mapping: every readable mapping but the ones
@@ -55,7 +71,11 @@ fn stored(m: &migrt::procfs::MapsLine, own: &[(u64, u64)]) -> bool {
 }
 
 fn link(p: &str) -> Bytes {
-    Bytes(std::fs::read_link(p).map(|p| p.as_os_str().as_bytes().to_vec()).unwrap_or_default())
+    Bytes(
+        std::fs::read_link(p)
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+            .unwrap_or_default(),
+    )
 }
 
 pub fn dump(
@@ -80,7 +100,10 @@ pub fn dump(
             .unwrap_or(0),
         mm: mm_layout(),
         auxv: std::fs::read("/proc/self/auxv").unwrap_or_default(),
-        comm: std::fs::read_to_string("/proc/self/comm").unwrap_or_default().trim_end().to_string(),
+        comm: std::fs::read_to_string("/proc/self/comm")
+            .unwrap_or_default()
+            .trim_end()
+            .to_string(),
         vpid: vpid(),
         parent_vpid: table.parent_vpid,
         real_pid: table.real_pid,
@@ -112,15 +135,16 @@ pub fn dump(
         .collect();
     w.postcard(Tag::Threads, &threads).map_err(enc)?;
 
+    // Left out: the session table and the scratch buffer, both shared mappings, which the
+    // kernel never merges with the app's private memory. (This thread's stack is stored
+    // like any memory: it may share a mapping with the app's, and every page goes through
+    // the scratch copy, so its changing while being written does no harm.)
     let (shm, shm_len) = s.table.mapping();
-    let here = 0u8;
-    let own = [
-        (shm as u64, (shm + shm_len) as u64),
-        scratch.range(),
-        mapping_of(&here as *const u8 as u64, &migrt::procfs::all_mappings("self")),
-    ];
+    let table_range = (shm as u64, (shm + shm_len) as u64);
+    let own = [table_range, scratch.range()];
     let maps = migrt::procfs::all_mappings("self");
     let from_file: Vec<bool> = maps.iter().map(file_backed).collect();
+    let old_image: Vec<bool> = maps.iter().map(from_old_image).collect();
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
     let regions: Vec<Region> = maps
@@ -132,9 +156,16 @@ pub fn dump(
             offset: m.offset,
             // The shim's own mappings (session table, scratch, control stack) are its
             // business on restore: named so, they are placeholders.
-            name: if is_own(m) {
-                Bytes::from("[migshim]")
-            } else if m.name.0.first() == Some(&b'/') && !file_backed(m) && !m.name.0.starts_with(b"/memfd:") {
+            // The session table is mapped again there by the restart path; the scratch
+            // buffer is not recreated at all.
+            name: if (m.start, m.end) == table_range {
+                Bytes::from(MIGSHIM_TABLE)
+            } else if is_own(m) {
+                Bytes::from(MIGSHIM_SCRATCH)
+            } else if m.name.0.first() == Some(&b'/')
+                && !file_backed(m)
+                && !m.name.0.starts_with(b"/memfd:")
+            {
                 Bytes::default() // memory of a restored process, mapped from its old image
             } else {
                 m.name.clone()
@@ -153,7 +184,7 @@ pub fn dump(
     let mut pages = 0u64;
     for (ri, r) in regions.iter().enumerate().filter(|(_, r)| r.stored) {
         let total = (r.end - r.start) / PAGE as u64;
-        let file = from_file[ri];
+        let (file, whole) = (from_file[ri], old_image[ri]);
         let mut first = 0;
         while first < total {
             let count = CHUNK.min(total - first);
@@ -170,12 +201,14 @@ pub fn dump(
                 let e = u64::from_le_bytes(entries[i as usize * 8..][..8].try_into().unwrap());
                 let swapped = e >> 62 & 1 == 1;
                 let own_page = e >> 63 == 1 && (e >> 61 & 1 == 0 || !file);
-                if !(swapped || own_page) {
+                if !(swapped || own_page || whole) {
                     continue;
                 }
                 // SAFETY: the page lies in a readable mapping of this process, and every app
                 // thread is parked: nothing unmaps it while it is read.
-                let page = unsafe { std::slice::from_raw_parts((addr + i * PAGE as u64) as *const u8, PAGE) };
+                let page = unsafe {
+                    std::slice::from_raw_parts((addr + i * PAGE as u64) as *const u8, PAGE)
+                };
                 if !file && is_zero(page) {
                     continue; // a zero page of a private file mapping may differ from the file's
                 }
@@ -185,8 +218,14 @@ pub fn dump(
             }
             if n > 0 {
                 pages += n as u64;
-                let map = PageMapRef { region: ri as u32, first_page: first, count, present };
-                let enc = postcard::to_slice(&map, &mut scratch.enc[..]).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let map = PageMapRef {
+                    region: ri as u32,
+                    first_page: first,
+                    count,
+                    present,
+                };
+                let enc = postcard::to_slice(&map, &mut scratch.enc[..])
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
                 w.section(Tag::PageMap, enc)?;
                 w.section(Tag::PageData, &scratch.data[..n * PAGE])?;
             }
@@ -210,7 +249,10 @@ pub fn dump(
 fn mm_layout() -> Vec<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
-    let f: Vec<u64> = after.split_whitespace().map(|t| t.parse().unwrap_or(0)).collect();
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
     // Field n of stat(5) is f[n - 3].
     let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
     let brk = migrt::procfs::all_mappings("self")
@@ -218,16 +260,18 @@ fn mm_layout() -> Vec<u64> {
         .find(|m| m.name.0 == b"[heap]")
         .map_or(field(47), |m| m.end);
     vec![
-        field(26), field(27), field(45), field(46), field(47), brk, field(28),
-        field(48), field(49), field(50), field(51),
+        field(26),
+        field(27),
+        field(45),
+        field(46),
+        field(47),
+        brk,
+        field(28),
+        field(48),
+        field(49),
+        field(50),
+        field(51),
     ]
-}
-
-/// The range of the mapping that holds `addr` (this thread's stack, for one).
-fn mapping_of(addr: u64, maps: &[migrt::procfs::MapsLine]) -> (u64, u64) {
-    maps.iter()
-        .find(|m| addr >= m.start && addr < m.end)
-        .map_or((0, 0), |m| (m.start, m.end))
 }
 
 /// A PageMap encoded from borrowed parts (same encoding as `image::PageMap`).
@@ -239,7 +283,8 @@ struct PageMapRef<'a> {
     present: &'a [u64],
 }
 
-/// Working memory of the page loop: its own anonymous mapping, made before the loop.
+/// Working memory of the page loop: its own shared anonymous mapping (never merged with
+/// the app's memory), made before the loop.
 struct Scratch {
     base: *mut u8,
     len: usize,
@@ -255,7 +300,8 @@ impl Scratch {
         let entries = CHUNK as usize * 8;
         let present = CHUNK as usize / 8;
         let enc = PAGE;
-        let len = data + entries + present + enc;
+        // Whole pages, so that the mapping /proc shows is exactly this range.
+        let len = (data + entries + present + enc).div_ceil(PAGE) * PAGE;
         // SAFETY: a fresh private anonymous mapping, carved into disjoint slices below and
         // unmapped in Drop, after which none of them is used.
         unsafe {
@@ -265,7 +311,10 @@ impl Scratch {
                 len,
                 data: std::slice::from_raw_parts_mut(p, data),
                 entries: std::slice::from_raw_parts_mut(p.add(data), entries),
-                present: std::slice::from_raw_parts_mut(p.add(data + entries).cast::<u64>(), present / 8),
+                present: std::slice::from_raw_parts_mut(
+                    p.add(data + entries).cast::<u64>(),
+                    present / 8,
+                ),
                 enc: std::slice::from_raw_parts_mut(p.add(data + entries + present), enc),
             })
         }

@@ -58,10 +58,13 @@ pub fn table(with_journal: bool) -> (ProcessTable, Option<JournalView>) {
         };
         let intent = folded.fds.get(&fd);
         match (&mut object, intent.map(|i| &i.opened)) {
-            (Object::File { path, opened_as, .. }, Some(Opened::File { path: given, .. })) => {
-                if given != path {
-                    *opened_as = Some(given.clone());
-                }
+            (
+                Object::File {
+                    path, opened_as, ..
+                },
+                Some(Opened::File { path: given, .. }),
+            ) if given != path => {
+                *opened_as = Some(given.clone());
             }
             (Object::Inotify { watches }, Some(Opened::Inotify { watches: given })) => {
                 for w in watches {

@@ -23,7 +23,11 @@ struct Args<'a> {
 
 impl<'a> Args<'a> {
     fn u64(&mut self) -> u64 {
-        let v = u64::from_le_bytes(self.words[self.at..self.at + 8].try_into().unwrap_or([0; 8]));
+        let v = u64::from_le_bytes(
+            self.words[self.at..self.at + 8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        );
         self.at += 8;
         v
     }
@@ -47,9 +51,22 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     // mask back): timers and pending signals set again below fire only then.
     let all: u64 = !0;
     // SAFETY: rt_sigprocmask with an 8-byte set.
-    unsafe { syscall6(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK as usize, (&raw const all) as usize, 0, 8, 0, 0) };
+    unsafe {
+        syscall6(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as usize,
+            (&raw const all) as usize,
+            0,
+            8,
+            0,
+            0,
+        )
+    };
     // SAFETY: the block is at most 1 MiB and mapped by the restorer for the whole restart.
-    let mut a = Args { words: unsafe { std::slice::from_raw_parts(args, 1 << 20) }, at: 0 };
+    let mut a = Args {
+        words: unsafe { std::slice::from_raw_parts(args, 1 << 20) },
+        at: 0,
+    };
     let dir = SessionDir(std::ffi::OsStr::from_bytes(a.bytes()).into());
     let image = a.bytes().to_vec();
     let closes: Vec<u64> = (0..a.u64()).map(|_| a.u64()).collect();
@@ -83,8 +100,22 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         crate::interpose::close_real(fd as i32);
     }
     reopen_files();
+    // The restorer's leftovers: its code, the plan (the arguments were copied above), and
+    // the stack the kernel gave it (found by name before set_mm renames the app's stack).
+    let leftovers: Vec<(u64, u64)> = migrt::procfs::all_mappings("self")
+        .iter()
+        .filter(|m| {
+            m.name.0 == b"[stack]"
+                || m.name.0.starts_with(b"/memfd:migrestore")
+                || m.name.0.starts_with(b"/memfd:migshim-plan")
+        })
+        .map(|m| (m.start, m.end))
+        .collect();
     own_pages(mm[7], mm[10]);
     set_mm(&mut mm, &auxv);
+    for (start, end) in leftovers {
+        crate::interpose::unmap(start as *mut u8, (end - start) as usize);
+    }
     // Last, the other threads: each goes straight back into its own saved context.
     for [ucontext, fs_base, vtid] in threads {
         // SAFETY: context and TLS of a thread of this very process, restored with it.
@@ -159,10 +190,17 @@ fn reopen_files() {
     use migrt::table::Object;
     use std::os::fd::IntoRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let Some(t) = FROZEN.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };
+    let Some(t) = FROZEN.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return;
+    };
     for f in t.fds.iter().filter(|f| f.fd > 2) {
         let (path, offset) = match &f.object {
-            Object::File { path, offset, deleted: false, .. } => (path, *offset),
+            Object::File {
+                path,
+                offset,
+                deleted: false,
+                ..
+            } => (path, *offset),
             Object::Device { path, .. } => (path, 0),
             _ => continue,
         };
@@ -170,7 +208,9 @@ fn reopen_files() {
         let opened = std::fs::OpenOptions::new()
             .read(acc != libc::O_WRONLY)
             .write(acc != libc::O_RDONLY)
-            .custom_flags(f.flags & !(libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL))
+            .custom_flags(
+                f.flags & !(libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL),
+            )
             .open(std::ffi::OsStr::from_bytes(&path.0));
         let Ok(file) = opened else {
             eprintln!("migshim: restore: cannot reopen {} as fd {}", path, f.fd);
@@ -230,6 +270,14 @@ fn set_mm(mm: &mut [u64], auxv: &[u8]) {
     const PR_SET_MM_MAP: usize = 14;
     // SAFETY: prctl reads the struct we pass, of the size we say.
     unsafe {
-        syscall6(libc::SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, (&raw const map) as usize, std::mem::size_of::<PrctlMmMap>(), 0, 0);
+        syscall6(
+            libc::SYS_prctl,
+            PR_SET_MM,
+            PR_SET_MM_MAP,
+            (&raw const map) as usize,
+            std::mem::size_of::<PrctlMmMap>(),
+            0,
+            0,
+        );
     }
 }

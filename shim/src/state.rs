@@ -39,7 +39,10 @@ impl Place {
     fn new(dir: SessionDir) -> Place {
         let mut b = format!("{ENV_SESSION}=").into_bytes();
         b.extend(dir.0.as_os_str().as_bytes());
-        Place { dir, env_session: CString::new(b).unwrap_or_default() }
+        Place {
+            dir,
+            env_session: CString::new(b).unwrap_or_default(),
+        }
     }
 }
 
@@ -163,10 +166,11 @@ struct ThreadExit;
 
 impl Drop for ThreadExit {
     fn drop(&mut self) {
-        if let (Some(s), Ok(v)) = (shim(), VTID.try_with(Cell::get)) {
-            if v != 0 && v != vpid() {
-                s.table.set_state(v, State::Reaped, 0);
-            }
+        if let (Some(s), Ok(v)) = (shim(), VTID.try_with(Cell::get))
+            && v != 0
+            && v != vpid()
+        {
+            s.table.set_state(v, State::Reaped, 0);
         }
     }
 }
@@ -322,7 +326,10 @@ pub fn forked_child(real: i32) -> i32 {
 pub fn after_fork_child() {
     let Some(s) = shim() else { return };
     let v = match FORK_CHILD.try_with(|c| c.replace(0)).unwrap_or(0) {
-        0 => s.table.register(real_pid(), Kind::Process, vpid()).unwrap_or(0),
+        0 => s
+            .table
+            .register(real_pid(), Kind::Process, vpid())
+            .unwrap_or(0),
         v => {
             s.table.bind(v, real_pid());
             v

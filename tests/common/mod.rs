@@ -30,7 +30,11 @@ fn ensure_shim_beside_mig() {
             std::fs::copy(&built, &tmp).unwrap();
             std::fs::rename(&tmp, &beside).unwrap();
         }
-        assert!(beside.exists(), "libmigshim.so not built at {}", beside.display());
+        assert!(
+            beside.exists(),
+            "libmigshim.so not built at {}",
+            beside.display()
+        );
     });
 }
 
@@ -92,7 +96,12 @@ impl Env {
     /// that the watchdog can kill it with everything it started.
     pub fn output_pid(&self, mut c: Command) -> (i32, Output) {
         use std::os::unix::process::CommandExt;
-        let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn().expect("starting");
+        let child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("starting");
         let pid = child.id() as i32;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (flag, rt) = (done.clone(), self.rt.clone());
@@ -122,7 +131,11 @@ impl Env {
         let mut args = vec!["run", "--detach", "--name", name, "--log", &log_s, "--"];
         args.extend_from_slice(cmd);
         let out = self.run(&args);
-        assert!(out.status.success(), "mig run --detach failed: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mig run --detach failed: {}",
+            text(&out.stderr)
+        );
         assert_eq!(text(&out.stdout).trim(), name);
         log
     }
@@ -155,14 +168,22 @@ impl Env {
     }
 
     /// Waits until `pred` holds for the session's process list.
-    pub fn wait_processes(&self, session: &str, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub fn wait_processes(
+        &self,
+        session: &str,
+        what: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let p = self.processes(session);
             if pred(&p) {
                 return p;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; processes: {p:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; processes: {p:#?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -179,8 +200,13 @@ impl Env {
 
 /// Kills every process of every session under runtime directory `rt`.
 fn kill_sessions(rt: &Path) {
-    let out = Command::new(mig_bin()).env("MIGSHIM_RUNTIME_DIR", rt).args(["ps", "--json"]).output();
-    if let Ok(Value::Array(sessions)) = out.map(|o| serde_json::from_slice::<Value>(&o.stdout).unwrap_or(Value::Null)) {
+    let out = Command::new(mig_bin())
+        .env("MIGSHIM_RUNTIME_DIR", rt)
+        .args(["ps", "--json"])
+        .output();
+    if let Ok(Value::Array(sessions)) =
+        out.map(|o| serde_json::from_slice::<Value>(&o.stdout).unwrap_or(Value::Null))
+    {
         for s in sessions {
             for p in s["processes"].as_array().into_iter().flatten() {
                 // SAFETY: cleaning up our own test sessions.
@@ -209,7 +235,11 @@ pub fn wait_for_text(path: &Path, needle: &str) -> String {
         if t.contains(needle) {
             return t;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {needle:?} in {}: {t}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {needle:?} in {}: {t}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -223,6 +253,10 @@ pub fn ints_after(s: &str, key: &str) -> Vec<i64> {
     let k = format!("{key}=");
     s.split_whitespace()
         .filter_map(|w| w.strip_prefix(&k))
-        .flat_map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect::<Vec<_>>())
+        .flat_map(|v| {
+            v.split(',')
+                .filter_map(|x| x.parse().ok())
+                .collect::<Vec<_>>()
+        })
         .collect()
 }

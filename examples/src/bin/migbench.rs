@@ -49,34 +49,52 @@ fn rss_kib() -> u64 {
 fn worker() {
     let path = CString::new(format!("/tmp/migbench-{}", std::process::id())).unwrap();
     let mut out = serde_json::Map::new();
-    out.insert("getpid".into(), json!(time(1_000_000, 7, || unsafe {
-        std::hint::black_box(libc::getpid());
-    })));
-    out.insert("open+close".into(), json!(time(50_000, 7, || unsafe {
-        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CREAT, 0o644);
-        libc::close(fd);
-    })));
-    out.insert("socket+close".into(), json!(time(50_000, 7, || unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        libc::close(fd);
-    })));
+    out.insert(
+        "getpid".into(),
+        json!(time(1_000_000, 7, || unsafe {
+            std::hint::black_box(libc::getpid());
+        })),
+    );
+    out.insert(
+        "open+close".into(),
+        json!(time(50_000, 7, || unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CREAT, 0o644);
+            libc::close(fd);
+        })),
+    );
+    out.insert(
+        "socket+close".into(),
+        json!(time(50_000, 7, || unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            libc::close(fd);
+        })),
+    );
     let mut p = [0; 2];
     unsafe { libc::pipe(p.as_mut_ptr()) };
     let mut b = [0u8; 1];
-    out.insert("pipe write+read".into(), json!(time(200_000, 7, || unsafe {
-        libc::write(p[1], b.as_ptr().cast(), 1);
-        libc::read(p[0], b.as_mut_ptr().cast(), 1);
-    })));
-    out.insert("fork+wait".into(), json!(time(300, 7, || unsafe {
-        let c = libc::fork();
-        if c == 0 {
-            libc::_exit(0);
-        }
-        libc::waitpid(c, std::ptr::null_mut(), 0);
-    })));
-    out.insert("exec /bin/true".into(), json!(time(60, 5, || {
-        Command::new("/bin/true").status().unwrap();
-    })));
+    out.insert(
+        "pipe write+read".into(),
+        json!(time(200_000, 7, || unsafe {
+            libc::write(p[1], b.as_ptr().cast(), 1);
+            libc::read(p[0], b.as_mut_ptr().cast(), 1);
+        })),
+    );
+    out.insert(
+        "fork+wait".into(),
+        json!(time(300, 7, || unsafe {
+            let c = libc::fork();
+            if c == 0 {
+                libc::_exit(0);
+            }
+            libc::waitpid(c, std::ptr::null_mut(), 0);
+        })),
+    );
+    out.insert(
+        "exec /bin/true".into(),
+        json!(time(60, 5, || {
+            Command::new("/bin/true").status().unwrap();
+        })),
+    );
     let before = rss_kib();
     for _ in 0..1_000_000 {
         unsafe {
@@ -84,7 +102,10 @@ fn worker() {
             libc::close(fd);
         }
     }
-    out.insert("rss growth after 1M open/close (KiB)".into(), json!(rss_kib().saturating_sub(before)));
+    out.insert(
+        "rss growth after 1M open/close (KiB)".into(),
+        json!(rss_kib().saturating_sub(before)),
+    );
     unsafe { libc::unlink(path.as_ptr()) };
     println!("{}", Value::Object(out));
 }
@@ -99,7 +120,11 @@ fn run_once(exe: &std::path::Path, shim: bool) -> Value {
         Command::new(exe)
     };
     let out = c.arg("--worker").output().expect("running the worker");
-    assert!(out.status.success(), "worker failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "worker failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(s.lines().last().unwrap_or("{}")).expect("worker output")
 }
@@ -110,7 +135,11 @@ fn counter() -> std::path::PathBuf {
 }
 
 /// One checkpoint of a running session; (total ms, frozen ms, bytes) from mig's summary.
-fn checkpoint_once(mig: &std::path::Path, rt: &std::path::Path, dir: &std::path::Path) -> (f64, f64, f64) {
+fn checkpoint_once(
+    mig: &std::path::Path,
+    rt: &std::path::Path,
+    dir: &std::path::Path,
+) -> (f64, f64, f64) {
     let _ = std::fs::remove_dir_all(dir);
     let out = Command::new(mig)
         .env("MIGSHIM_RUNTIME_DIR", rt)
@@ -118,25 +147,37 @@ fn checkpoint_once(mig: &std::path::Path, rt: &std::path::Path, dir: &std::path:
         .arg(dir)
         .output()
         .expect("mig checkpoint");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = String::from_utf8_lossy(&out.stdout).to_string();
     let num_before = |tag: &str| -> f64 {
         let i = s.find(tag).unwrap();
         s[..i].split_whitespace().last().unwrap().parse().unwrap()
     };
-    let bytes = std::fs::metadata(dir.join("proc-4200001.img")).map(|m| m.len() as f64).unwrap_or(0.0);
+    let bytes = std::fs::metadata(dir.join("proc-4200001.img"))
+        .map(|m| m.len() as f64)
+        .unwrap_or(0.0);
     let _ = std::fs::remove_dir_all(dir);
-    (num_before(" ms,"), {
-        let i = s.find("frozen ").unwrap() + 7;
-        s[i..].split_whitespace().next().unwrap().parse().unwrap()
-    }, bytes)
+    (
+        num_before(" ms,"),
+        {
+            let i = s.find("frozen ").unwrap() + 7;
+            s[i..].split_whitespace().next().unwrap().parse().unwrap()
+        },
+        bytes,
+    )
 }
 
 fn checkpoint_bench(runs: usize, base: &std::path::Path) {
     let exe = std::env::current_exe().unwrap();
     let mig = exe.with_file_name("mig");
     let rt = base.join("migbench-rt");
-    println!("| session | checkpoint (total) | frozen | image | GB/s | restore (running again) | memcpy | file write |");
+    println!(
+        "| session | checkpoint (total) | frozen | image | GB/s | restore (running again) | memcpy | file write |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for mib in [64usize, 1024] {
         let log = base.join("migbench-counter.log");
@@ -149,8 +190,15 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
             .args(["2", &mib.to_string()])
             .output()
             .unwrap();
-        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains("count 1 ") {
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("count 1 ")
+        {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let dir = base.join("migbench-img");
@@ -171,43 +219,71 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
             .arg(&img)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let restore = median((0..runs).map(|_| {
-            let t = Instant::now();
-            let out = Command::new(&mig)
-                .env("MIGSHIM_RUNTIME_DIR", &rt)
-                .args(["restore", "--detach", "--log"])
-                .arg(&log)
-                .arg(&img)
-                .output()
-                .unwrap();
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let _ = Command::new("pkill").args(["-f", &format!("counter 2 {mib}")]).output();
-            while Command::new(&mig).env("MIGSHIM_RUNTIME_DIR", &rt).args(["ps"]).output().map(|o| String::from_utf8_lossy(&o.stdout).contains("bench")).unwrap_or(false) {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            ms
-        }).collect());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let restore = median(
+            (0..runs)
+                .map(|_| {
+                    let t = Instant::now();
+                    let out = Command::new(&mig)
+                        .env("MIGSHIM_RUNTIME_DIR", &rt)
+                        .args(["restore", "--detach", "--log"])
+                        .arg(&log)
+                        .arg(&img)
+                        .output()
+                        .unwrap();
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    let _ = Command::new("pkill")
+                        .args(["-f", &format!("counter 2 {mib}")])
+                        .output();
+                    while Command::new(&mig)
+                        .env("MIGSHIM_RUNTIME_DIR", &rt)
+                        .args(["ps"])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).contains("bench"))
+                        .unwrap_or(false)
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    ms
+                })
+                .collect(),
+        );
         let _ = std::fs::remove_dir_all(&img);
         // The same amount of memory copied, and written to a file in the same directory.
         let n = mib << 20;
         let src = vec![7u8; n];
         let mut dst = vec![0u8; n];
-        let memcpy = median((0..runs).map(|_| {
-            let t = Instant::now();
-            dst.copy_from_slice(std::hint::black_box(&src));
-            t.elapsed().as_secs_f64() * 1e3
-        }).collect());
+        let memcpy = median(
+            (0..runs)
+                .map(|_| {
+                    let t = Instant::now();
+                    dst.copy_from_slice(std::hint::black_box(&src));
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect(),
+        );
         std::hint::black_box(&dst);
         let f = base.join("migbench-write");
-        let write = median((0..runs).map(|_| {
-            let t = Instant::now();
-            std::fs::write(&f, &src).unwrap();
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            let _ = std::fs::remove_file(&f);
-            ms
-        }).collect());
+        let write = median(
+            (0..runs)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::fs::write(&f, &src).unwrap();
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    let _ = std::fs::remove_file(&f);
+                    ms
+                })
+                .collect(),
+        );
         let (t, fr) = (median(total), median(frozen));
         println!(
             "| {mib} MiB | {t:.1} ms | {fr:.1} ms | {:.1} MiB | {:.2} | {restore:.1} ms | {memcpy:.1} ms | {write:.1} ms |",
@@ -215,7 +291,10 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
             size / (t / 1e3) / 1e9
         );
     }
-    println!("\n(median of {runs} checkpoints per size; image in {})", base.display());
+    println!(
+        "\n(median of {runs} checkpoints per size; image in {})",
+        base.display()
+    );
     let _ = std::fs::remove_dir_all(&rt);
 }
 
@@ -252,8 +331,18 @@ fn main() {
         let m = |v: &[Value]| median(v.iter().map(|r| r[&k].as_f64().unwrap()).collect());
         let (n, s) = (m(&native), m(&shim));
         let unit = if k.contains("KiB") { " KiB" } else { " ns" };
-        let ratio = if k.contains("KiB") { format!("+{:.0} KiB", s - n) } else { format!("{:.2}×", s / n) };
-        let fmt = |x: f64| if x >= 100.0 { format!("{x:.0}{unit}") } else { format!("{x:.1}{unit}") };
+        let ratio = if k.contains("KiB") {
+            format!("+{:.0} KiB", s - n)
+        } else {
+            format!("{:.2}×", s / n)
+        };
+        let fmt = |x: f64| {
+            if x >= 100.0 {
+                format!("{x:.0}{unit}")
+            } else {
+                format!("{x:.1}{unit}")
+            }
+        };
         println!("| {k} | {} | {} | {ratio} |", fmt(n), fmt(s));
     }
     println!("\n(median of {runs} runs; each run's figure is the median of its batches)");

@@ -49,10 +49,17 @@ unsafe fn session_env(envp: Argv) -> Option<Env> {
         Some(v) if !v.is_empty() => CString::new([ours, b" ", v].concat()).ok(),
         _ => None,
     };
-    entries.push(owned.as_ref().map_or(s.env_preload.as_ptr(), |c| c.as_ptr()));
+    entries.push(
+        owned
+            .as_ref()
+            .map_or(s.env_preload.as_ptr(), |c| c.as_ptr()),
+    );
     entries.push(session.as_ptr());
     entries.push(std::ptr::null());
-    Some(Env { _owned: (owned, session), ptrs: entries })
+    Some(Env {
+        _owned: (owned, session),
+        ptrs: entries,
+    })
 }
 
 /// Runs an exec call with the session's environment and the table carried; on failure the
@@ -74,7 +81,9 @@ unsafe fn exec_with(envp: Argv, f: impl FnOnce(Argv) -> c_int) -> c_int {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execve(path: *const c_char, argv: Argv, envp: Argv) -> c_int {
-    exec_with(envp, |env| real!(execve: fn(*const c_char, Argv, Argv) -> c_int)(path, argv, env))
+    exec_with(envp, |env| {
+        real!(execve: fn(*const c_char, Argv, Argv) -> c_int)(path, argv, env)
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -84,7 +93,9 @@ pub unsafe extern "C" fn execv(path: *const c_char, argv: Argv) -> c_int {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execvpe(file: *const c_char, argv: Argv, envp: Argv) -> c_int {
-    exec_with(envp, |env| real!(execvpe: fn(*const c_char, Argv, Argv) -> c_int)(file, argv, env))
+    exec_with(envp, |env| {
+        real!(execvpe: fn(*const c_char, Argv, Argv) -> c_int)(file, argv, env)
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -94,12 +105,24 @@ pub unsafe extern "C" fn execvp(file: *const c_char, argv: Argv) -> c_int {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fexecve(fd: c_int, argv: Argv, envp: Argv) -> c_int {
-    exec_with(envp, |env| real!(fexecve: fn(c_int, Argv, Argv) -> c_int)(fd, argv, env))
+    exec_with(envp, |env| {
+        real!(fexecve: fn(c_int, Argv, Argv) -> c_int)(fd, argv, env)
+    })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn execveat(dirfd: c_int, path: *const c_char, argv: Argv, envp: Argv, flags: c_int) -> c_int {
-    exec_with(envp, |env| real!(execveat: fn(c_int, *const c_char, Argv, Argv, c_int) -> c_int)(dirfd, path, argv, env, flags))
+pub unsafe extern "C" fn execveat(
+    dirfd: c_int,
+    path: *const c_char,
+    argv: Argv,
+    envp: Argv,
+    flags: c_int,
+) -> c_int {
+    exec_with(envp, |env| {
+        real!(execveat: fn(c_int, *const c_char, Argv, Argv, c_int) -> c_int)(
+            dirfd, path, argv, env, flags,
+        )
+    })
 }
 
 // execl, execlp, execle take a variable argument list: they jump, registers and stack
@@ -129,27 +152,83 @@ pub unsafe extern "C" fn execle() {
     core::arch::naked_asm!("jmp {}", sym migshim_execle)
 }
 
-type SpawnFn = unsafe extern "C" fn(*mut pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, Argv, Argv) -> c_int;
+type SpawnFn = unsafe extern "C" fn(
+    *mut pid_t,
+    *const c_char,
+    *const libc::posix_spawn_file_actions_t,
+    *const libc::posix_spawnattr_t,
+    Argv,
+    Argv,
+) -> c_int;
 
 /// The child joins the session from its own side at start; here the parent learns its vpid
 /// (both land on the same slot, whichever registers first).
-unsafe fn spawned(real: SpawnFn, pid: *mut pid_t, path: *const c_char, fa: *const libc::posix_spawn_file_actions_t, attr: *const libc::posix_spawnattr_t, argv: Argv, envp: Argv) -> c_int {
+unsafe fn spawned(
+    real: SpawnFn,
+    pid: *mut pid_t,
+    path: *const c_char,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: Argv,
+    envp: Argv,
+) -> c_int {
     let env = session_env(envp);
-    let r = real(pid, path, fa, attr, argv, env.as_ref().map_or(envp, |e| e.ptrs.as_ptr()));
-    if r == 0 && !pid.is_null() {
-        if let Some(s) = shim() {
-            *pid = s.table.register_child(*pid, vpid()).unwrap_or_else(|_| to_virtual(*pid));
-        }
+    let r = real(
+        pid,
+        path,
+        fa,
+        attr,
+        argv,
+        env.as_ref().map_or(envp, |e| e.ptrs.as_ptr()),
+    );
+    if r == 0
+        && !pid.is_null()
+        && let Some(s) = shim()
+    {
+        *pid = s
+            .table
+            .register_child(*pid, vpid())
+            .unwrap_or_else(|_| to_virtual(*pid));
     }
     r
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn posix_spawn(pid: *mut pid_t, path: *const c_char, fa: *const libc::posix_spawn_file_actions_t, attr: *const libc::posix_spawnattr_t, argv: Argv, envp: Argv) -> c_int {
-    spawned(real!(posix_spawn: fn(*mut pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, Argv, Argv) -> c_int), pid, path, fa, attr, argv, envp)
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut pid_t,
+    path: *const c_char,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: Argv,
+    envp: Argv,
+) -> c_int {
+    spawned(
+        real!(posix_spawn: fn(*mut pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, Argv, Argv) -> c_int),
+        pid,
+        path,
+        fa,
+        attr,
+        argv,
+        envp,
+    )
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn posix_spawnp(pid: *mut pid_t, file: *const c_char, fa: *const libc::posix_spawn_file_actions_t, attr: *const libc::posix_spawnattr_t, argv: Argv, envp: Argv) -> c_int {
-    spawned(real!(posix_spawnp: fn(*mut pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, Argv, Argv) -> c_int), pid, file, fa, attr, argv, envp)
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut pid_t,
+    file: *const c_char,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: Argv,
+    envp: Argv,
+) -> c_int {
+    spawned(
+        real!(posix_spawnp: fn(*mut pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, Argv, Argv) -> c_int),
+        pid,
+        file,
+        fa,
+        attr,
+        argv,
+        envp,
+    )
 }

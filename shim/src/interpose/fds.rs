@@ -6,7 +6,7 @@ use super::paths::translate;
 use super::process::{to_real, to_virtual};
 use crate::control::{is_shim_fd, relocate_listener};
 use crate::state::{errno, record, set_errno, shim};
-use libc::{c_char, c_int, c_long, c_uint, c_void, mode_t, off_t, size_t, FILE};
+use libc::{FILE, c_char, c_int, c_long, c_uint, c_void, mode_t, off_t, size_t};
 use migrt::record::{BytesRef, Record};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -130,16 +130,35 @@ fn fopened(fp: *mut FILE, path: *const c_char, mode: *const c_char) -> *mut FILE
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut FILE {
     let t = translate(path);
-    fopened(real!(fopen: fn(*const c_char, *const c_char) -> *mut FILE)(t.as_ref().map_or(path, |c| c.as_ptr()), mode), path, mode)
+    fopened(
+        real!(fopen: fn(*const c_char, *const c_char) -> *mut FILE)(
+            t.as_ref().map_or(path, |c| c.as_ptr()),
+            mode,
+        ),
+        path,
+        mode,
+    )
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE {
     let t = translate(path);
-    fopened(real!(fopen64: fn(*const c_char, *const c_char) -> *mut FILE)(t.as_ref().map_or(path, |c| c.as_ptr()), mode), path, mode)
+    fopened(
+        real!(fopen64: fn(*const c_char, *const c_char) -> *mut FILE)(
+            t.as_ref().map_or(path, |c| c.as_ptr()),
+            mode,
+        ),
+        path,
+        mode,
+    )
 }
 
-unsafe fn reopened(old_fd: c_int, fp: *mut FILE, path: *const c_char, mode: *const c_char) -> *mut FILE {
+unsafe fn reopened(
+    old_fd: c_int,
+    fp: *mut FILE,
+    path: *const c_char,
+    mode: *const c_char,
+) -> *mut FILE {
     if !path.is_null() {
         let e = errno();
         record(|| Record::Close { fd: old_fd });
@@ -150,18 +169,34 @@ unsafe fn reopened(old_fd: c_int, fp: *mut FILE, path: *const c_char, mode: *con
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn freopen(path: *const c_char, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
+pub unsafe extern "C" fn freopen(
+    path: *const c_char,
+    mode: *const c_char,
+    stream: *mut FILE,
+) -> *mut FILE {
     let old = libc::fileno(stream);
     let t = translate(path);
-    let fp = real!(freopen: fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE)(t.as_ref().map_or(path, |c| c.as_ptr()), mode, stream);
+    let fp = real!(freopen: fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE)(
+        t.as_ref().map_or(path, |c| c.as_ptr()),
+        mode,
+        stream,
+    );
     reopened(old, fp, path, mode)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn freopen64(path: *const c_char, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
+pub unsafe extern "C" fn freopen64(
+    path: *const c_char,
+    mode: *const c_char,
+    stream: *mut FILE,
+) -> *mut FILE {
     let old = libc::fileno(stream);
     let t = translate(path);
-    let fp = real!(freopen64: fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE)(t.as_ref().map_or(path, |c| c.as_ptr()), mode, stream);
+    let fp = real!(freopen64: fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE)(
+        t.as_ref().map_or(path, |c| c.as_ptr()),
+        mode,
+        stream,
+    );
     reopened(old, fp, path, mode)
 }
 
@@ -179,9 +214,17 @@ pub unsafe extern "C" fn fclose(fp: *mut FILE) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
     let t = translate(path);
-    let d = real!(opendir: fn(*const c_char) -> *mut libc::DIR)(t.as_ref().map_or(path, |c| c.as_ptr()));
+    let d = real!(opendir: fn(*const c_char) -> *mut libc::DIR)(
+        t.as_ref().map_or(path, |c| c.as_ptr()),
+    );
     if !d.is_null() {
-        opened(libc::dirfd(d), libc::AT_FDCWD, path, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC, 0);
+        opened(
+            libc::dirfd(d),
+            libc::AT_FDCWD,
+            path,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            0,
+        );
     }
     d
 }
@@ -236,7 +279,11 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     if from <= last && from >= first {
         r |= real(from, last, flags);
     }
-    record(|| Record::CloseRange { first, last, cloexec_only });
+    record(|| Record::CloseRange {
+        first,
+        last,
+        cloexec_only,
+    });
     if r != 0 { -1 } else { 0 }
 }
 
@@ -265,7 +312,11 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     if is_shim_fd(new) {
         relocate_listener();
     }
-    duped(old, real!(dup3: fn(c_int, c_int, c_int) -> c_int)(old, new, flags), flags & libc::O_CLOEXEC != 0)
+    duped(
+        old,
+        real!(dup3: fn(c_int, c_int, c_int) -> c_int)(old, new, flags),
+        flags & libc::O_CLOEXEC != 0,
+    )
 }
 
 /// F_SETOWN_EX / F_GETOWN_EX and their `struct f_owner_ex` (not in the libc crate).
@@ -278,24 +329,42 @@ struct OwnerEx {
 }
 
 /// fcntl: dup commands and FD_CLOEXEC are journaled; F_SETOWN/F_GETOWN speak vpids.
-unsafe fn fcntl_common(real: unsafe extern "C" fn(c_int, c_int, c_long) -> c_int, fd: c_int, cmd: c_int, arg: c_long) -> c_int {
+unsafe fn fcntl_common(
+    real: unsafe extern "C" fn(c_int, c_int, c_long) -> c_int,
+    fd: c_int,
+    cmd: c_int,
+    arg: c_long,
+) -> c_int {
     match cmd {
-        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => duped(fd, real(fd, cmd, arg), cmd == libc::F_DUPFD_CLOEXEC),
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
+            duped(fd, real(fd, cmd, arg), cmd == libc::F_DUPFD_CLOEXEC)
+        }
         libc::F_SETFD => {
             let r = real(fd, cmd, arg);
             if r == 0 {
-                record(|| Record::SetCloexec { fd, cloexec: arg as c_int & libc::FD_CLOEXEC != 0 });
+                record(|| Record::SetCloexec {
+                    fd,
+                    cloexec: arg as c_int & libc::FD_CLOEXEC != 0,
+                });
             }
             r
         }
         libc::F_SETOWN => {
             let owner = arg as c_int;
-            let owner = if owner < 0 { -to_real(-owner) } else { to_real(owner) };
+            let owner = if owner < 0 {
+                -to_real(-owner)
+            } else {
+                to_real(owner)
+            };
             real(fd, cmd, owner as c_long)
         }
         libc::F_GETOWN => {
             let r = real(fd, cmd, arg);
-            if r < 0 { -to_virtual(-r) } else { to_virtual(r) }
+            if r < 0 {
+                -to_virtual(-r)
+            } else {
+                to_virtual(r)
+            }
         }
         F_SETOWN_EX | F_GETOWN_EX if arg != 0 => {
             // struct f_owner_ex { int type; pid_t pid; } in the caller's memory.
@@ -318,12 +387,22 @@ unsafe fn fcntl_common(real: unsafe extern "C" fn(c_int, c_int, c_long) -> c_int
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
-    fcntl_common(real!(fcntl: fn(c_int, c_int, c_long) -> c_int), fd, cmd, arg)
+    fcntl_common(
+        real!(fcntl: fn(c_int, c_int, c_long) -> c_int),
+        fd,
+        cmd,
+        arg,
+    )
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_long) -> c_int {
-    fcntl_common(real!(fcntl64: fn(c_int, c_int, c_long) -> c_int), fd, cmd, arg)
+    fcntl_common(
+        real!(fcntl64: fn(c_int, c_int, c_long) -> c_int),
+        fd,
+        cmd,
+        arg,
+    )
 }
 
 /// ioctl: the terminal's process group speaks vpids.
@@ -373,17 +452,28 @@ fn made<'a>(fd: c_int, rec: impl FnOnce(c_int) -> Record<BytesRef<'a>>) -> c_int
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
-    made(real!(epoll_create: fn(c_int) -> c_int)(size), |fd| Record::EpollCreate { fd, flags: 0 })
+    made(real!(epoll_create: fn(c_int) -> c_int)(size), |fd| {
+        Record::EpollCreate { fd, flags: 0 }
+    })
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
-    made(real!(epoll_create1: fn(c_int) -> c_int)(flags), |fd| Record::EpollCreate { fd, flags })
+    made(real!(epoll_create1: fn(c_int) -> c_int)(flags), |fd| {
+        Record::EpollCreate { fd, flags }
+    })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int {
-    let r = real!(epoll_ctl: fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int)(epfd, op, fd, ev);
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    ev: *mut libc::epoll_event,
+) -> c_int {
+    let r = real!(epoll_ctl: fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int)(
+        epfd, op, fd, ev,
+    );
     if r == 0 {
         // epoll_event is packed: read it unaligned.
         let (events, data) = if ev.is_null() {
@@ -392,31 +482,57 @@ pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut l
             let e = std::ptr::read_unaligned(ev);
             (e.events, e.u64)
         };
-        record(|| Record::EpollCtl { epfd, op, fd, events, data });
+        record(|| Record::EpollCtl {
+            epfd,
+            op,
+            fd,
+            events,
+            data,
+        });
     }
     r
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn eventfd(initval: c_uint, flags: c_int) -> c_int {
-    made(real!(eventfd: fn(c_uint, c_int) -> c_int)(initval, flags), |fd| Record::EventFd { fd, initval, flags })
+    made(
+        real!(eventfd: fn(c_uint, c_int) -> c_int)(initval, flags),
+        |fd| Record::EventFd { fd, initval, flags },
+    )
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn timerfd_create(clockid: c_int, flags: c_int) -> c_int {
-    made(real!(timerfd_create: fn(c_int, c_int) -> c_int)(clockid, flags), |fd| Record::TimerFd { fd, clockid, flags })
+    made(
+        real!(timerfd_create: fn(c_int, c_int) -> c_int)(clockid, flags),
+        |fd| Record::TimerFd { fd, clockid, flags },
+    )
 }
 
 fn ns(t: &libc::timespec) -> u64 {
-    (t.tv_sec.max(0) as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec.max(0) as u64)
+    (t.tv_sec.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec.max(0) as u64)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn timerfd_settime(fd: c_int, flags: c_int, new: *const libc::itimerspec, old: *mut libc::itimerspec) -> c_int {
-    let r = real!(timerfd_settime: fn(c_int, c_int, *const libc::itimerspec, *mut libc::itimerspec) -> c_int)(fd, flags, new, old);
+pub unsafe extern "C" fn timerfd_settime(
+    fd: c_int,
+    flags: c_int,
+    new: *const libc::itimerspec,
+    old: *mut libc::itimerspec,
+) -> c_int {
+    let r = real!(timerfd_settime: fn(c_int, c_int, *const libc::itimerspec, *mut libc::itimerspec) -> c_int)(
+        fd, flags, new, old,
+    );
     if r == 0 && !new.is_null() {
         let (interval_ns, value_ns) = (ns(&(*new).it_interval), ns(&(*new).it_value));
-        record(|| Record::TimerFdSet { fd, flags, interval_ns, value_ns });
+        record(|| Record::TimerFdSet {
+            fd,
+            flags,
+            interval_ns,
+            value_ns,
+        });
     }
     r
 }
@@ -427,29 +543,41 @@ pub unsafe extern "C" fn signalfd(fd: c_int, mask: *const libc::sigset_t, flags:
     if r >= 0 && !mask.is_null() {
         // The kernel's signal set is the first 64 bits of glibc's sigset_t.
         let m = std::ptr::read_unaligned(mask.cast::<u64>());
-        record(|| Record::SignalFd { fd: r, mask: m, flags });
+        record(|| Record::SignalFd {
+            fd: r,
+            mask: m,
+            flags,
+        });
     }
     r
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memfd_create(name: *const c_char, flags: c_uint) -> c_int {
-    made(real!(memfd_create: fn(*const c_char, c_uint) -> c_int)(name, flags), |fd| Record::MemFd {
-        fd,
-        // SAFETY: memfd_create's name is NUL-terminated.
-        name: unsafe { bytes(name) },
-        flags,
-    })
+    made(
+        real!(memfd_create: fn(*const c_char, c_uint) -> c_int)(name, flags),
+        |fd| Record::MemFd {
+            fd,
+            // SAFETY: memfd_create's name is NUL-terminated.
+            name: unsafe { bytes(name) },
+            flags,
+        },
+    )
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn inotify_init() -> c_int {
-    made(real!(inotify_init: fn() -> c_int)(), |fd| Record::Inotify { fd, flags: 0 })
+    made(real!(inotify_init: fn() -> c_int)(), |fd| Record::Inotify {
+        fd,
+        flags: 0,
+    })
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn inotify_init1(flags: c_int) -> c_int {
-    made(real!(inotify_init1: fn(c_int) -> c_int)(flags), |fd| Record::Inotify { fd, flags })
+    made(real!(inotify_init1: fn(c_int) -> c_int)(flags), |fd| {
+        Record::Inotify { fd, flags }
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -457,7 +585,12 @@ pub unsafe extern "C" fn inotify_add_watch(fd: c_int, path: *const c_char, mask:
     let wd = real!(inotify_add_watch: fn(c_int, *const c_char, u32) -> c_int)(fd, path, mask);
     if wd >= 0 {
         // SAFETY: path is the caller's NUL-terminated path.
-        record(|| Record::InotifyWatch { fd, wd, path: unsafe { bytes(path) }, mask });
+        record(|| Record::InotifyWatch {
+            fd,
+            wd,
+            path: unsafe { bytes(path) },
+            mask,
+        });
     }
     wd
 }
@@ -475,24 +608,43 @@ pub unsafe extern "C" fn inotify_rm_watch(fd: c_int, wd: c_int) -> c_int {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn posix_openpt(flags: c_int) -> c_int {
-    made(real!(posix_openpt: fn(c_int) -> c_int)(flags), |fd| Record::PtyMaster { fd, flags })
+    made(real!(posix_openpt: fn(c_int) -> c_int)(flags), |fd| {
+        Record::PtyMaster { fd, flags }
+    })
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn getpt() -> c_int {
-    made(real!(getpt: fn() -> c_int)(), |fd| Record::PtyMaster { fd, flags: libc::O_RDWR | libc::O_NOCTTY })
+    made(real!(getpt: fn() -> c_int)(), |fd| Record::PtyMaster {
+        fd,
+        flags: libc::O_RDWR | libc::O_NOCTTY,
+    })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn openpty(master: *mut c_int, slave: *mut c_int, name: *mut c_char, termp: *const libc::termios, winp: *const libc::winsize) -> c_int {
-    let r = real!(openpty: fn(*mut c_int, *mut c_int, *mut c_char, *const libc::termios, *const libc::winsize) -> c_int)(master, slave, name, termp, winp);
+pub unsafe extern "C" fn openpty(
+    master: *mut c_int,
+    slave: *mut c_int,
+    name: *mut c_char,
+    termp: *const libc::termios,
+    winp: *const libc::winsize,
+) -> c_int {
+    let r = real!(openpty: fn(*mut c_int, *mut c_int, *mut c_char, *const libc::termios, *const libc::winsize) -> c_int)(
+        master, slave, name, termp, winp,
+    );
     if r == 0 {
         let (m, s) = (*master, *slave);
         let flags = libc::O_RDWR | libc::O_NOCTTY;
         record(|| Record::PtyMaster { fd: m, flags });
         let path = std::fs::read_link(format!("/proc/self/fd/{s}")).unwrap_or_default();
         use std::os::unix::ffi::OsStrExt;
-        record(|| Record::Open { fd: s, dirfd: None, path: BytesRef(path.as_os_str().as_bytes()), flags, mode: 0 });
+        record(|| Record::Open {
+            fd: s,
+            dirfd: None,
+            path: BytesRef(path.as_os_str().as_bytes()),
+            flags,
+            mode: 0,
+        });
     }
     r
 }
@@ -503,17 +655,40 @@ pub unsafe extern "C" fn openpty(master: *mut c_int, slave: *mut c_int, name: *m
 static FILE_MAPS: AtomicUsize = AtomicUsize::new(0);
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off_t) -> *mut c_void {
-    let p = real!(mmap: fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void)(addr, len, prot, flags, fd, off);
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off_t,
+) -> *mut c_void {
+    let p = real!(mmap: fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void)(
+        addr, len, prot, flags, fd, off,
+    );
     if p != libc::MAP_FAILED && fd >= 0 && flags & libc::MAP_ANONYMOUS == 0 && shim().is_some() {
         FILE_MAPS.fetch_add(1, Relaxed);
-        record(|| Record::Mmap { addr: p as u64, len: len as u64, prot, flags, fd, offset: off });
+        record(|| Record::Mmap {
+            addr: p as u64,
+            len: len as u64,
+            prot,
+            flags,
+            fd,
+            offset: off,
+        });
     }
     p
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off_t) -> *mut c_void {
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off_t,
+) -> *mut c_void {
     mmap(addr, len, prot, flags, fd, off)
 }
 
@@ -521,7 +696,10 @@ pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, fla
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
     let r = real!(munmap: fn(*mut c_void, size_t) -> c_int)(addr, len);
     if r == 0 && FILE_MAPS.load(Relaxed) > 0 {
-        record(|| Record::Munmap { addr: addr as u64, len: len as u64 });
+        record(|| Record::Munmap {
+            addr: addr as u64,
+            len: len as u64,
+        });
     }
     r
 }

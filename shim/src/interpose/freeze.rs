@@ -54,19 +54,37 @@ pub struct Parked {
 const ARCH_GET_FS: usize = 0x1003;
 
 unsafe fn futex(word: &AtomicU32, op: libc::c_int, val: u32) {
-    syscall6(libc::SYS_futex, word.as_ptr() as usize, (op | libc::FUTEX_PRIVATE_FLAG) as usize, val as usize, 0, 0, 0);
+    syscall6(
+        libc::SYS_futex,
+        word.as_ptr() as usize,
+        (op | libc::FUTEX_PRIVATE_FLAG) as usize,
+        val as usize,
+        0,
+        0,
+        0,
+    );
 }
 
 /// Signal context: park the calling thread in slot `value - FREEZE` until thawed.
 pub unsafe fn park(value: usize, uc: *const libc::ucontext_t) {
-    let Some(i) = value.checked_sub(FREEZE).filter(|&i| i < MAX_THREADS) else { return };
+    let Some(i) = value.checked_sub(FREEZE).filter(|&i| i < MAX_THREADS) else {
+        return;
+    };
     let slot = &SLOTS[i];
     if slot.state.load(Acquire) != 1 {
         return; // stale request
     }
     let generation = GENERATION.load(Acquire);
     let mut fs: u64 = 0;
-    syscall6(libc::SYS_arch_prctl, ARCH_GET_FS, (&raw mut fs) as usize, 0, 0, 0, 0);
+    syscall6(
+        libc::SYS_arch_prctl,
+        ARCH_GET_FS,
+        (&raw mut fs) as usize,
+        0,
+        0,
+        0,
+        0,
+    );
     let mut ss: libc::stack_t = std::mem::zeroed();
     syscall6(libc::SYS_sigaltstack, 0, (&raw mut ss) as usize, 0, 0, 0, 0);
     slot.ucontext.store(uc as usize, Relaxed);
@@ -95,7 +113,15 @@ fn ask(sig: i32, tid: i32, i: usize) {
         *p.cast::<i32>() = pid;
         *p.add(4).cast::<u32>() = libc::getuid();
         *p.add(8).cast::<usize>() = FREEZE + i;
-        syscall6(libc::SYS_rt_tgsigqueueinfo, pid as usize, tid as usize, sig as usize, (&raw const si) as usize, 0, 0);
+        syscall6(
+            libc::SYS_rt_tgsigqueueinfo,
+            pid as usize,
+            tid as usize,
+            sig as usize,
+            (&raw const si) as usize,
+            0,
+            0,
+        );
     }
 }
 
@@ -106,7 +132,10 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
     let t0 = Instant::now();
     let mut asked: Vec<(i32, usize)> = Vec::new();
     loop {
-        let tasks: Vec<i32> = migrt::procfs::list_tasks("self").into_iter().filter(|&t| t != me).collect();
+        let tasks: Vec<i32> = migrt::procfs::list_tasks("self")
+            .into_iter()
+            .filter(|&t| t != me)
+            .collect();
         for &t in &tasks {
             if !asked.iter().any(|&(a, _)| a == t) {
                 if asked.len() >= MAX_THREADS {
@@ -126,11 +155,17 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
             }
             alive
         });
-        let waiting: Vec<(i32, usize)> =
-            asked.iter().copied().filter(|&(_, i)| SLOTS[i].state.load(Acquire) != 2).collect();
+        let waiting: Vec<(i32, usize)> = asked
+            .iter()
+            .copied()
+            .filter(|&(_, i)| SLOTS[i].state.load(Acquire) != 2)
+            .collect();
         if waiting.is_empty() {
             // Stable? One more listing finds no newcomer.
-            let again = migrt::procfs::list_tasks("self").into_iter().filter(|&t| t != me).count();
+            let again = migrt::procfs::list_tasks("self")
+                .into_iter()
+                .filter(|&t| t != me)
+                .count();
             if again == asked.len() {
                 break;
             }
@@ -157,7 +192,11 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
                 tid,
                 ucontext: s.ucontext.load(Acquire) as *const libc::ucontext_t,
                 fs_base: s.fs_base.load(Relaxed),
-                altstack: (s.alt_base.load(Relaxed), s.alt_size.load(Relaxed), s.alt_flags.load(Relaxed)),
+                altstack: (
+                    s.alt_base.load(Relaxed),
+                    s.alt_size.load(Relaxed),
+                    s.alt_flags.load(Relaxed),
+                ),
             }
         })
         .collect())
@@ -180,7 +219,7 @@ struct Kept {
     pending: u64,
 }
 
-static mut KEPT: Kept = Kept {
+static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(Kept {
     actions: [[0; 4]; 65],
     comm: [0; 16],
     cwd: [0; 4096],
@@ -188,19 +227,30 @@ static mut KEPT: Kept = Kept {
     rlimits: [[0; 2]; 16],
     itimers: [[0; 4]; 3],
     pending: 0,
-};
+});
 
 /// Notes the signal dispositions and the thread name (control thread, app frozen).
 pub fn keep_process_state() {
-    // SAFETY: only the control thread touches KEPT, and only while the app is frozen (or,
-    // in restore_process_state, before any app thread runs); raw rt_sigaction on each signal.
+    // SAFETY: raw rt_sigaction, getrlimit and getitimer into buffers of the kernel's sizes.
     unsafe {
-        let kept = &mut *(&raw mut KEPT);
+        let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
         for sig in 1..65 {
-            syscall6(libc::SYS_rt_sigaction, sig, 0, (&raw mut kept.actions[sig]) as usize, 8, 0, 0);
+            syscall6(
+                libc::SYS_rt_sigaction,
+                sig,
+                0,
+                (&raw mut kept.actions[sig]) as usize,
+                8,
+                0,
+                0,
+            );
         }
         let comm = std::fs::read("/proc/self/comm").unwrap_or_default(); // the main thread's
-        let n = comm.iter().position(|&c| c == b'\n').unwrap_or(comm.len()).min(15);
+        let n = comm
+            .iter()
+            .position(|&c| c == b'\n')
+            .unwrap_or(comm.len())
+            .min(15);
         kept.comm = [0; 16];
         kept.comm[..n].copy_from_slice(&comm[..n]);
         let cwd = std::fs::read_link("/proc/self/cwd").unwrap_or_default();
@@ -209,7 +259,15 @@ pub fn keep_process_state() {
         kept.cwd[..cwd.len().min(4095)].copy_from_slice(&cwd[..cwd.len().min(4095)]);
         kept.umask = super::current_umask();
         for (r, lim) in kept.rlimits.iter_mut().enumerate() {
-            syscall6(libc::SYS_getrlimit, r, lim.as_mut_ptr() as usize, 0, 0, 0, 0);
+            syscall6(
+                libc::SYS_getrlimit,
+                r,
+                lim.as_mut_ptr() as usize,
+                0,
+                0,
+                0,
+                0,
+            );
         }
         for (w, t) in kept.itimers.iter_mut().enumerate() {
             syscall6(libc::SYS_getitimer, w, t.as_mut_ptr() as usize, 0, 0, 0, 0);
@@ -225,18 +283,28 @@ pub fn keep_process_state() {
 
 /// After a restore: the dispositions and the name again.
 pub fn restore_process_state() {
-    // SAFETY: see keep_process_state; SIGKILL and SIGSTOP cannot be set and are skipped.
+    // SAFETY: the kernel's own structures handed back; SIGKILL and SIGSTOP are skipped.
     unsafe {
-        let kept = &*(&raw const KEPT);
+        let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
         for sig in 1..65 {
             if sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize {
                 continue;
             }
-            syscall6(libc::SYS_rt_sigaction, sig, (&raw const kept.actions[sig]) as usize, 0, 8, 0, 0);
+            syscall6(
+                libc::SYS_rt_sigaction,
+                sig,
+                (&raw const kept.actions[sig]) as usize,
+                0,
+                8,
+                0,
+                0,
+            );
         }
         libc::prctl(libc::PR_SET_NAME, kept.comm.as_ptr());
         if kept.cwd[0] == b'/' && libc::chdir(kept.cwd.as_ptr().cast()) != 0 {
-            eprintln!("migshim: restore: the working directory is gone here; staying in the restorer's");
+            eprintln!(
+                "migshim: restore: the working directory is gone here; staying in the restorer's"
+            );
         }
         libc::umask(kept.umask);
         for (r, lim) in kept.rlimits.iter().enumerate() {
@@ -266,7 +334,10 @@ pub fn tid_offset(fs_base: u64, tid: i32) -> Option<u32> {
     if at(0x2d0) == tid {
         return Some(0x2d0);
     }
-    (0x10..0x800).step_by(4).find(|&o| at(o) == tid).map(|o| o as u32)
+    (0x10..0x800)
+        .step_by(4)
+        .find(|&o| at(o) == tid)
+        .map(|o| o as u32)
 }
 
 /// After a restore: no thread is parked any more (they resumed from their saved contexts).
@@ -297,7 +368,11 @@ pub fn context_bytes(p: &Parked) -> (Vec<u8>, Vec<u8>) {
     // SAFETY: p.ucontext points at the kernel's signal frame on the parked thread's stack,
     // which stays put while the thread is parked; fpregs points into the same frame.
     unsafe {
-        let uc = std::slice::from_raw_parts(p.ucontext.cast::<u8>(), std::mem::size_of::<libc::ucontext_t>()).to_vec();
+        let uc = std::slice::from_raw_parts(
+            p.ucontext.cast::<u8>(),
+            std::mem::size_of::<libc::ucontext_t>(),
+        )
+        .to_vec();
         let fp = (*p.ucontext).uc_mcontext.fpregs as *const u8;
         if fp.is_null() {
             return (uc, Vec::new());
@@ -305,7 +380,11 @@ pub fn context_bytes(p: &Parked) -> (Vec<u8>, Vec<u8>) {
         // struct _fpx_sw_bytes sits at byte 464 of the 512-byte legacy area.
         let magic = std::ptr::read_unaligned(fp.add(464).cast::<u32>());
         let extended = std::ptr::read_unaligned(fp.add(468).cast::<u32>()) as usize;
-        let len = if magic == FP_XSTATE_MAGIC1 && extended >= 512 && extended <= 64 * 1024 { extended } else { 512 };
+        let len = if magic == FP_XSTATE_MAGIC1 && (512..=64 * 1024).contains(&extended) {
+            extended
+        } else {
+            512
+        };
         (uc, std::slice::from_raw_parts(fp, len).to_vec())
     }
 }

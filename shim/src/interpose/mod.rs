@@ -47,16 +47,32 @@ pub use signals::{in_handler as in_signal_handler, install as install_signal};
 /// signals and groups, exec or exit). Resolved once at load, so that each child does not
 /// pay for its own dlsym (measured: it was most of the shim's cost on fork+wait).
 const PREFETCH: [&str; 16] = [
-    "execve\0", "execvpe\0", "dup2\0", "dup3\0", "close\0", "close_range\0",
-    "open64\0", "openat64\0", "fcntl\0", "sigaction\0", "sigprocmask\0", "setpgid\0",
-    "setsid\0", "kill\0", "tcsetpgrp\0", "chdir\0",
+    "execve\0",
+    "execvpe\0",
+    "dup2\0",
+    "dup3\0",
+    "close\0",
+    "close_range\0",
+    "open64\0",
+    "openat64\0",
+    "fcntl\0",
+    "sigaction\0",
+    "sigprocmask\0",
+    "setpgid\0",
+    "setsid\0",
+    "kill\0",
+    "tcsetpgrp\0",
+    "chdir\0",
 ];
 static PREFETCHED: [AtomicUsize; PREFETCH.len()] = [const { AtomicUsize::new(0) }; PREFETCH.len()];
 
 pub fn prefetch() {
     for (name, slot) in PREFETCH.iter().zip(&PREFETCHED) {
         // SAFETY: names are NUL-terminated.
-        slot.store(unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast()) } as usize, Relaxed);
+        slot.store(
+            unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast()) } as usize,
+            Relaxed,
+        );
     }
 }
 
@@ -76,7 +92,10 @@ pub fn resolve(slot: &AtomicUsize, name: &'static str) -> usize {
     // object after this one in the lookup order.
     let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast()) } as usize;
     if p == 0 {
-        let msg = format!("migshim: libc has no {}; cannot continue\n", name.trim_end_matches('\0'));
+        let msg = format!(
+            "migshim: libc has no {}; cannot continue\n",
+            name.trim_end_matches('\0')
+        );
         // SAFETY: writing a valid buffer to stderr, then aborting.
         unsafe {
             libc::write(2, msg.as_ptr().cast(), msg.len());
@@ -94,7 +113,9 @@ pub fn own_path() -> std::ffi::OsString {
     // points at a NUL-terminated string owned by the loader.
     unsafe {
         let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(own_path as *const libc::c_void, &mut info) != 0 && !info.dli_fname.is_null() {
+        if libc::dladdr(own_path as *const libc::c_void, &mut info) != 0
+            && !info.dli_fname.is_null()
+        {
             let name = std::ffi::CStr::from_ptr(info.dli_fname);
             let p = std::fs::canonicalize(std::ffi::OsStr::from_bytes(name.to_bytes()))
                 .unwrap_or_else(|_| std::ffi::OsStr::from_bytes(name.to_bytes()).into());
@@ -155,8 +176,8 @@ pub fn peer_uid(fd: i32) -> Option<u32> {
     }
 }
 
-/// A private anonymous mapping of `len` bytes (the shim's own working memory, apart from
-/// the app's heap).
+/// A shared anonymous mapping of `len` bytes: the shim's own working memory, apart from the
+/// app's heap (the kernel never merges it with private memory).
 pub fn map_anonymous(len: usize) -> std::io::Result<*mut u8> {
     // SAFETY: asking the kernel for fresh memory at an address of its choosing.
     let p = unsafe {
@@ -164,7 +185,7 @@ pub fn map_anonymous(len: usize) -> std::io::Result<*mut u8> {
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
         )

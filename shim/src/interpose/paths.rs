@@ -15,7 +15,10 @@ pub fn translate(path: *const c_char) -> Option<CString> {
     }
     // SAFETY: the caller passes a NUL-terminated path (libc's own contract); the loop stops
     // at the first byte that differs, so it never reads past the NUL.
-    let is_proc = PROC.iter().enumerate().all(|(i, &b)| unsafe { *path.add(i) as u8 == b });
+    let is_proc = PROC
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| unsafe { *path.add(i) as u8 == b });
     if !is_proc {
         return None;
     }
@@ -71,16 +74,30 @@ pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, size: u
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: usize) -> ssize_t {
+pub unsafe extern "C" fn readlinkat(
+    dirfd: c_int,
+    path: *const c_char,
+    buf: *mut c_char,
+    size: usize,
+) -> ssize_t {
     let t = translate(path);
     let p = t.as_ref().map_or(path, |c| c.as_ptr());
-    let n = real!(readlinkat: fn(c_int, *const c_char, *mut c_char, usize) -> ssize_t)(dirfd, p, buf, size);
-    if n <= 0 || shim().is_none() || path.is_null() || CStr::from_ptr(path).to_bytes() != b"/proc/self" {
+    let n = real!(readlinkat: fn(c_int, *const c_char, *mut c_char, usize) -> ssize_t)(
+        dirfd, p, buf, size,
+    );
+    if n <= 0
+        || shim().is_none()
+        || path.is_null()
+        || CStr::from_ptr(path).to_bytes() != b"/proc/self"
+    {
         return n;
     }
     // The link's target is the real pid in decimal; the caller's buffer gets the virtual one.
     let got = std::slice::from_raw_parts(buf.cast::<u8>(), n as usize);
-    let Some(real) = std::str::from_utf8(got).ok().and_then(|s| s.parse::<i32>().ok()) else {
+    let Some(real) = std::str::from_utf8(got)
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+    else {
         return n;
     };
     let v = to_virtual(real).to_string();

@@ -156,9 +156,19 @@ fn reported(real: pid_t, status: c_int) -> pid_t {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn wait4(pid: pid_t, status: *mut c_int, options: c_int, ru: *mut libc::rusage) -> pid_t {
+pub unsafe extern "C" fn wait4(
+    pid: pid_t,
+    status: *mut c_int,
+    options: c_int,
+    ru: *mut libc::rusage,
+) -> pid_t {
     let mut st = 0;
-    let r = real!(wait4: fn(pid_t, *mut c_int, c_int, *mut libc::rusage) -> pid_t)(pid_arg(pid), &mut st, options, ru);
+    let r = real!(wait4: fn(pid_t, *mut c_int, c_int, *mut libc::rusage) -> pid_t)(
+        pid_arg(pid),
+        &mut st,
+        options,
+        ru,
+    );
     if r > 0 && !status.is_null() {
         *status = st;
     }
@@ -185,12 +195,19 @@ const SI_PID: usize = 16;
 const SI_STATUS: usize = 24;
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn waitid(idtype: libc::idtype_t, id: libc::id_t, info: *mut libc::siginfo_t, options: c_int) -> c_int {
+pub unsafe extern "C" fn waitid(
+    idtype: libc::idtype_t,
+    id: libc::id_t,
+    info: *mut libc::siginfo_t,
+    options: c_int,
+) -> c_int {
     let id = match idtype {
         libc::P_PID | libc::P_PGID => to_real(id as pid_t) as libc::id_t,
         _ => id,
     };
-    let r = real!(waitid: fn(libc::idtype_t, libc::id_t, *mut libc::siginfo_t, c_int) -> c_int)(idtype, id, info, options);
+    let r = real!(waitid: fn(libc::idtype_t, libc::id_t, *mut libc::siginfo_t, c_int) -> c_int)(
+        idtype, id, info, options,
+    );
     if r == 0 && !info.is_null() && shim().is_some() {
         // Reading and rewriting si_pid in the caller's siginfo buffer (filled by the kernel).
         let pid_ptr = info.cast::<u8>().add(SI_PID).cast::<pid_t>();
@@ -199,7 +216,11 @@ pub unsafe extern "C" fn waitid(idtype: libc::idtype_t, id: libc::id_t, info: *m
             let code = (*info).si_code;
             let ended = matches!(code, libc::CLD_EXITED | libc::CLD_KILLED | libc::CLD_DUMPED);
             let status = *info.cast::<u8>().add(SI_STATUS).cast::<c_int>();
-            let wstatus = if code == libc::CLD_EXITED { (status & 0xff) << 8 } else { status & 0x7f };
+            let wstatus = if code == libc::CLD_EXITED {
+                (status & 0xff) << 8
+            } else {
+                status & 0x7f
+            };
             *pid_ptr = if ended && options & libc::WNOWAIT == 0 {
                 reported(real, wstatus)
             } else {
@@ -277,18 +298,42 @@ pub unsafe extern "C" fn tcgetsid(fd: c_int) -> pid_t {
 // ---- other calls that name a pid or tid ------------------------------------------------
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sched_setaffinity(pid: pid_t, size: usize, mask: *const libc::cpu_set_t) -> c_int {
-    real!(sched_setaffinity: fn(pid_t, usize, *const libc::cpu_set_t) -> c_int)(to_real(pid), size, mask)
+pub unsafe extern "C" fn sched_setaffinity(
+    pid: pid_t,
+    size: usize,
+    mask: *const libc::cpu_set_t,
+) -> c_int {
+    real!(sched_setaffinity: fn(pid_t, usize, *const libc::cpu_set_t) -> c_int)(
+        to_real(pid),
+        size,
+        mask,
+    )
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sched_getaffinity(pid: pid_t, size: usize, mask: *mut libc::cpu_set_t) -> c_int {
-    real!(sched_getaffinity: fn(pid_t, usize, *mut libc::cpu_set_t) -> c_int)(to_real(pid), size, mask)
+pub unsafe extern "C" fn sched_getaffinity(
+    pid: pid_t,
+    size: usize,
+    mask: *mut libc::cpu_set_t,
+) -> c_int {
+    real!(sched_getaffinity: fn(pid_t, usize, *mut libc::cpu_set_t) -> c_int)(
+        to_real(pid),
+        size,
+        mask,
+    )
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sched_setscheduler(pid: pid_t, policy: c_int, p: *const libc::sched_param) -> c_int {
-    real!(sched_setscheduler: fn(pid_t, c_int, *const libc::sched_param) -> c_int)(to_real(pid), policy, p)
+pub unsafe extern "C" fn sched_setscheduler(
+    pid: pid_t,
+    policy: c_int,
+    p: *const libc::sched_param,
+) -> c_int {
+    real!(sched_setscheduler: fn(pid_t, c_int, *const libc::sched_param) -> c_int)(
+        to_real(pid),
+        policy,
+        p,
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -307,13 +352,33 @@ pub unsafe extern "C" fn sched_getparam(pid: pid_t, p: *mut libc::sched_param) -
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn prlimit(pid: pid_t, res: c_int, new: *const libc::rlimit, old: *mut libc::rlimit) -> c_int {
-    real!(prlimit: fn(pid_t, c_int, *const libc::rlimit, *mut libc::rlimit) -> c_int)(to_real(pid), res, new, old)
+pub unsafe extern "C" fn prlimit(
+    pid: pid_t,
+    res: c_int,
+    new: *const libc::rlimit,
+    old: *mut libc::rlimit,
+) -> c_int {
+    real!(prlimit: fn(pid_t, c_int, *const libc::rlimit, *mut libc::rlimit) -> c_int)(
+        to_real(pid),
+        res,
+        new,
+        old,
+    )
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn prlimit64(pid: pid_t, res: c_int, new: *const libc::rlimit64, old: *mut libc::rlimit64) -> c_int {
-    real!(prlimit64: fn(pid_t, c_int, *const libc::rlimit64, *mut libc::rlimit64) -> c_int)(to_real(pid), res, new, old)
+pub unsafe extern "C" fn prlimit64(
+    pid: pid_t,
+    res: c_int,
+    new: *const libc::rlimit64,
+    old: *mut libc::rlimit64,
+) -> c_int {
+    real!(prlimit64: fn(pid_t, c_int, *const libc::rlimit64, *mut libc::rlimit64) -> c_int)(
+        to_real(pid),
+        res,
+        new,
+        old,
+    )
 }
 
 fn who_arg(which: c_int, who: libc::id_t) -> libc::id_t {
@@ -344,8 +409,13 @@ const SIGEV_TID: usize = 16;
 /// A SIGEV_THREAD_ID timer names a thread: the kernel must get the real tid (vim 9 and
 /// glibc's SIGEV_THREAD timers use this).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn timer_create(clock: libc::clockid_t, sev: *mut libc::sigevent, timer: *mut libc::timer_t) -> c_int {
-    let f = real!(timer_create: fn(libc::clockid_t, *mut libc::sigevent, *mut libc::timer_t) -> c_int);
+pub unsafe extern "C" fn timer_create(
+    clock: libc::clockid_t,
+    sev: *mut libc::sigevent,
+    timer: *mut libc::timer_t,
+) -> c_int {
+    let f =
+        real!(timer_create: fn(libc::clockid_t, *mut libc::sigevent, *mut libc::timer_t) -> c_int);
     if sev.is_null() || (*sev).sigev_notify != libc::SIGEV_THREAD_ID {
         return f(clock, sev, timer);
     }
@@ -372,7 +442,15 @@ pub unsafe extern "C" fn _Exit(status: c_int) -> ! {
 
 /// `syscall()` for the id calls; everything else goes through untouched.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn syscall(n: c_long, a1: c_long, a2: c_long, a3: c_long, a4: c_long, a5: c_long, a6: c_long) -> c_long {
+pub unsafe extern "C" fn syscall(
+    n: c_long,
+    a1: c_long,
+    a2: c_long,
+    a3: c_long,
+    a4: c_long,
+    a5: c_long,
+    a6: c_long,
+) -> c_long {
     let pid = |a: c_long| a as pid_t;
     match n {
         libc::SYS_getpid => getpid() as c_long,
@@ -383,14 +461,32 @@ pub unsafe extern "C" fn syscall(n: c_long, a1: c_long, a2: c_long, a3: c_long, 
         libc::SYS_getpgid => getpgid(pid(a1)) as c_long,
         libc::SYS_getsid => getsid(pid(a1)) as c_long,
         libc::SYS_setpgid => setpgid(pid(a1), pid(a2)) as c_long,
-        libc::SYS_tkill | libc::SYS_pidfd_open | libc::SYS_sched_getaffinity | libc::SYS_sched_setaffinity => {
+        libc::SYS_tkill
+        | libc::SYS_pidfd_open
+        | libc::SYS_sched_getaffinity
+        | libc::SYS_sched_setaffinity => {
             raw_syscall(n, to_real(pid(a1)) as c_long, a2, a3, a4, a5, a6)
         }
-        libc::SYS_wait4 => wait4(pid(a1), a2 as *mut c_int, a3 as c_int, a4 as *mut libc::rusage) as c_long,
+        libc::SYS_wait4 => wait4(
+            pid(a1),
+            a2 as *mut c_int,
+            a3 as c_int,
+            a4 as *mut libc::rusage,
+        ) as c_long,
         _ => raw_syscall(n, a1, a2, a3, a4, a5, a6),
     }
 }
 
-unsafe fn raw_syscall(n: c_long, a1: c_long, a2: c_long, a3: c_long, a4: c_long, a5: c_long, a6: c_long) -> c_long {
-    real!(syscall: fn(c_long, c_long, c_long, c_long, c_long, c_long, c_long) -> c_long)(n, a1, a2, a3, a4, a5, a6)
+unsafe fn raw_syscall(
+    n: c_long,
+    a1: c_long,
+    a2: c_long,
+    a3: c_long,
+    a4: c_long,
+    a5: c_long,
+    a6: c_long,
+) -> c_long {
+    real!(syscall: fn(c_long, c_long, c_long, c_long, c_long, c_long, c_long) -> c_long)(
+        n, a1, a2, a3, a4, a5, a6,
+    )
 }

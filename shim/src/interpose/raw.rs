@@ -3,7 +3,15 @@
 
 /// A system call with up to six arguments; returns the kernel's value (-errno on failure).
 #[inline(always)]
-pub unsafe fn syscall6(n: i64, a1: usize, a2: usize, a3: usize, a4: usize, a5: usize, a6: usize) -> isize {
+pub unsafe fn syscall6(
+    n: i64,
+    a1: usize,
+    a2: usize,
+    a3: usize,
+    a4: usize,
+    a5: usize,
+    a6: usize,
+) -> isize {
     let ret: isize;
     // SAFETY (caller): the arguments are what system call `n` expects.
     unsafe {

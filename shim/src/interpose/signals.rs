@@ -33,7 +33,8 @@ static APP_ACTION: Mutex<Option<libc::sigaction>> = Mutex::new(None);
 
 /// The app's handler for each signal, called by the trampoline; with its SA_SIGINFO flag.
 static APP_HANDLER: [AtomicUsize; 65] = [const { AtomicUsize::new(0) }; 65];
-static APP_SIGINFO: [std::sync::atomic::AtomicBool; 65] = [const { std::sync::atomic::AtomicBool::new(false) }; 65];
+static APP_SIGINFO: [std::sync::atomic::AtomicBool; 65] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; 65];
 
 thread_local! {
     static IN_HANDLER: Cell<u32> = const { Cell::new(0) };
@@ -47,7 +48,9 @@ pub fn in_handler() -> bool {
 /// Runs the app's handler for `sig`, marked. A handler that leaves by siglongjmp leaves
 /// the mark set: the thread then stops journaling (reconciliation still covers it).
 extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
-    let Some(i) = usize::try_from(sig).ok().filter(|&i| i < APP_HANDLER.len()) else { return };
+    let Some(i) = usize::try_from(sig).ok().filter(|&i| i < APP_HANDLER.len()) else {
+        return;
+    };
     let h = APP_HANDLER[i].load(Relaxed);
     if h == libc::SIG_DFL || h == libc::SIG_IGN {
         return;
@@ -57,7 +60,9 @@ extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void
     // SA_SIGINFO flag promised.
     unsafe {
         if APP_SIGINFO[i].load(Relaxed) {
-            std::mem::transmute::<usize, extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void)>(h)(sig, info, uc);
+            std::mem::transmute::<usize, extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void)>(
+                h,
+            )(sig, info, uc);
         } else {
             std::mem::transmute::<usize, extern "C" fn(c_int)>(h)(sig);
         }
@@ -67,9 +72,11 @@ extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void
 
 const MAX_RANGES: usize = 32;
 /// Executable ranges where the interrupted thread may hold a libc lock.
-static UNSAFE_TEXT: [(AtomicUsize, AtomicUsize); MAX_RANGES] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RANGES];
+static UNSAFE_TEXT: [(AtomicUsize, AtomicUsize); MAX_RANGES] =
+    [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RANGES];
 /// Writable ranges of libc and the loader: a futex there is one of their internal locks.
-static LIBC_DATA: [(AtomicUsize, AtomicUsize); MAX_RANGES] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RANGES];
+static LIBC_DATA: [(AtomicUsize, AtomicUsize); MAX_RANGES] =
+    [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; MAX_RANGES];
 
 fn in_ranges(ranges: &[(AtomicUsize, AtomicUsize)], a: usize) -> bool {
     ranges.iter().any(|(s, e)| {
@@ -80,12 +87,33 @@ fn in_ranges(ranges: &[(AtomicUsize, AtomicUsize)], a: usize) -> bool {
 
 /// System calls that block without holding any libc lock (numbers as the kernel restarts them).
 const BLOCKING: &[i64] = &[
-    libc::SYS_read, libc::SYS_write, libc::SYS_readv, libc::SYS_writev, libc::SYS_pread64,
-    libc::SYS_pwrite64, libc::SYS_poll, libc::SYS_select, libc::SYS_pause, libc::SYS_nanosleep,
-    libc::SYS_clock_nanosleep, libc::SYS_accept, libc::SYS_accept4, libc::SYS_connect,
-    libc::SYS_recvfrom, libc::SYS_recvmsg, libc::SYS_sendto, libc::SYS_sendmsg, libc::SYS_wait4,
-    libc::SYS_waitid, libc::SYS_rt_sigsuspend, libc::SYS_rt_sigtimedwait, libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2, libc::SYS_pselect6, libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_poll,
+    libc::SYS_select,
+    libc::SYS_pause,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_pselect6,
+    libc::SYS_ppoll,
     libc::SYS_restart_syscall,
 ];
 
@@ -168,10 +196,18 @@ fn collect_unsafe_text() {
         n: usize,
         d: usize,
     }
-    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
         let ctx = &mut *data.cast::<Ctx>();
         let info = &*info;
-        let name = if info.dlpi_name.is_null() { &[][..] } else { std::ffi::CStr::from_ptr(info.dlpi_name).to_bytes() };
+        let name = if info.dlpi_name.is_null() {
+            &[][..]
+        } else {
+            std::ffi::CStr::from_ptr(info.dlpi_name).to_bytes()
+        };
         let named = |n: &[u8]| name.windows(n.len()).any(|w| w == n);
         let segs = |flag: u32| -> Vec<(usize, usize)> {
             (0..info.dlpi_phnum as usize)
@@ -218,12 +254,22 @@ fn collect_unsafe_text() {
     }
 }
 
-unsafe fn real_sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
-    real!(sigaction: fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int)(sig, act, old)
+unsafe fn real_sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    real!(sigaction: fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int)(
+        sig, act, old,
+    )
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
     let ours = reserved();
     if ours == 0 {
         return real_sigaction(sig, act, old);
@@ -248,7 +294,8 @@ pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old:
         let h = copy.sa_sigaction;
         // SA_RESETHAND handlers run once, as the kernel would leave them: not behind the
         // trampoline (which could not follow the reset).
-        let wrap = h != libc::SIG_DFL && h != libc::SIG_IGN && copy.sa_flags & libc::SA_RESETHAND == 0;
+        let wrap =
+            h != libc::SIG_DFL && h != libc::SIG_IGN && copy.sa_flags & libc::SA_RESETHAND == 0;
         if let (Some(i), true) = (slot, wrap) {
             APP_HANDLER[i].store(h, Relaxed);
             APP_SIGINFO[i].store(copy.sa_flags & libc::SA_SIGINFO != 0, Relaxed);
@@ -256,18 +303,21 @@ pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old:
             copy.sa_flags |= libc::SA_SIGINFO;
         }
         let r = real_sigaction(sig, &copy, old);
-        if r != 0 {
-            if let (Some(i), Some((h, si))) = (slot, before) {
-                APP_HANDLER[i].store(h, Relaxed);
-                APP_SIGINFO[i].store(si, Relaxed);
-            }
+        if r != 0
+            && let (Some(i), Some((h, si))) = (slot, before)
+        {
+            APP_HANDLER[i].store(h, Relaxed);
+            APP_SIGINFO[i].store(si, Relaxed);
         }
         r
     };
     if r == 0 && !old.is_null() {
         libc::sigdelset(&mut (*old).sa_mask, ours);
         // Report the app's own handler and flag, not the trampoline.
-        if let (Some((h, si)), true) = (before, (*old).sa_sigaction == trampoline as *const () as usize) {
+        if let (Some((h, si)), true) = (
+            before,
+            (*old).sa_sigaction == trampoline as *const () as usize,
+        ) {
             (*old).sa_sigaction = h;
             if !si {
                 (*old).sa_flags &= !libc::SA_SIGINFO;
@@ -278,7 +328,11 @@ pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old:
 }
 
 /// signal()/bsd_signal(): BSD semantics, as glibc gives them, through the wrapper above.
-unsafe fn install_simple(sig: c_int, handler: libc::sighandler_t, flags: c_int) -> libc::sighandler_t {
+unsafe fn install_simple(
+    sig: c_int,
+    handler: libc::sighandler_t,
+    flags: c_int,
+) -> libc::sighandler_t {
     let mut sa: libc::sigaction = std::mem::zeroed();
     sa.sa_sigaction = handler;
     sa.sa_flags = flags;
@@ -304,20 +358,37 @@ pub unsafe extern "C" fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> 
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sysv_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+pub unsafe extern "C" fn sysv_signal(
+    sig: c_int,
+    handler: libc::sighandler_t,
+) -> libc::sighandler_t {
     install_simple(sig, handler, libc::SA_RESETHAND | libc::SA_NODEFER)
 }
 
 /// A mask call with the reserved signal taken out of what is blocked, and the app's own
 /// wish for it reported back in `old`.
-unsafe fn masked(how: c_int, set: *const sigset_t, old: *mut sigset_t, real: impl FnOnce(*const sigset_t) -> c_int, ok: c_int) -> c_int {
+unsafe fn masked(
+    how: c_int,
+    set: *const sigset_t,
+    old: *mut sigset_t,
+    real: impl FnOnce(*const sigset_t) -> c_int,
+    ok: c_int,
+) -> c_int {
     let ours = reserved();
     if ours == 0 {
         return real(set);
     }
-    let mut copy: sigset_t = if set.is_null() { std::mem::zeroed() } else { *set };
+    let mut copy: sigset_t = if set.is_null() {
+        std::mem::zeroed()
+    } else {
+        *set
+    };
     libc::sigdelset(&mut copy, ours);
-    let set2 = if set.is_null() || how == libc::SIG_UNBLOCK { set } else { &copy };
+    let set2 = if set.is_null() || how == libc::SIG_UNBLOCK {
+        set
+    } else {
+        &copy
+    };
     let before = APP_BLOCKS.try_with(Cell::get).unwrap_or(false);
     let r = real(set2);
     if r != ok {
@@ -343,13 +414,21 @@ unsafe fn masked(how: c_int, set: *const sigset_t, old: *mut sigset_t, real: imp
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sigprocmask(how: c_int, set: *const sigset_t, old: *mut sigset_t) -> c_int {
+pub unsafe extern "C" fn sigprocmask(
+    how: c_int,
+    set: *const sigset_t,
+    old: *mut sigset_t,
+) -> c_int {
     let f = real!(sigprocmask: fn(c_int, *const sigset_t, *mut sigset_t) -> c_int);
     masked(how, set, old, |s| f(how, s, old), 0)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn pthread_sigmask(how: c_int, set: *const sigset_t, old: *mut sigset_t) -> c_int {
+pub unsafe extern "C" fn pthread_sigmask(
+    how: c_int,
+    set: *const sigset_t,
+    old: *mut sigset_t,
+) -> c_int {
     let f = real!(pthread_sigmask: fn(c_int, *const sigset_t, *mut sigset_t) -> c_int);
     masked(how, set, old, |s| f(how, s, old), 0)
 }

@@ -19,17 +19,33 @@ unsafe fn addr_of(addr: *const sockaddr, len: socklen_t) -> SockAddr {
 pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
     let fd = real!(socket: fn(c_int, c_int, c_int) -> c_int)(domain, ty, protocol);
     if fd >= 0 {
-        record(|| Record::Socket { fd, domain, ty, protocol });
+        record(|| Record::Socket {
+            fd,
+            domain,
+            ty,
+            protocol,
+        });
     }
     fd
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn socketpair(domain: c_int, ty: c_int, protocol: c_int, sv: *mut c_int) -> c_int {
-    let r = real!(socketpair: fn(c_int, c_int, c_int, *mut c_int) -> c_int)(domain, ty, protocol, sv);
+pub unsafe extern "C" fn socketpair(
+    domain: c_int,
+    ty: c_int,
+    protocol: c_int,
+    sv: *mut c_int,
+) -> c_int {
+    let r =
+        real!(socketpair: fn(c_int, c_int, c_int, *mut c_int) -> c_int)(domain, ty, protocol, sv);
     if r == 0 {
         let fds = [*sv, *sv.add(1)];
-        record(|| Record::SocketPair { fds, domain, ty, protocol });
+        record(|| Record::SocketPair {
+            fds,
+            domain,
+            ty,
+            protocol,
+        });
     }
     r
 }
@@ -40,10 +56,21 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
-    let new = real!(accept4: fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int)(fd, addr, len, flags);
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    let new = real!(accept4: fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int)(
+        fd, addr, len, flags,
+    );
     if new >= 0 {
-        record(|| Record::Accept { listener: fd, fd: new, flags });
+        record(|| Record::Accept {
+            listener: fd,
+            fd: new,
+            flags,
+        });
     }
     new
 }
@@ -88,8 +115,16 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 
 /// SO_PEERCRED answers the peer's pid: virtual when the peer is in the session.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
-    let r = real!(getsockopt: fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int)(fd, level, name, val, len);
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    let r = real!(getsockopt: fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int)(
+        fd, level, name, val, len,
+    );
     if r == 0
         && level == libc::SOL_SOCKET
         && name == libc::SO_PEERCRED

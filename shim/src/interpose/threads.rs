@@ -20,7 +20,12 @@ extern "C-unwind" fn trampoline(p: *mut c_void) -> *mut c_void {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn pthread_create(thread: *mut pthread_t, attr: *const pthread_attr_t, f: StartFn, arg: *mut c_void) -> c_int {
+pub unsafe extern "C" fn pthread_create(
+    thread: *mut pthread_t,
+    attr: *const pthread_attr_t,
+    f: StartFn,
+    arg: *mut c_void,
+) -> c_int {
     let real = real!(pthread_create: fn(*mut pthread_t, *const pthread_attr_t, *const c_void, *mut c_void) -> c_int);
     // The shim's own threads (its control thread) are not the app's.
     let Some(_busy) = shim().and_then(|_| state::enter()) else {

@@ -1,0 +1,66 @@
+//! `mig image DIR`: what a checkpoint image holds (verified first): per process its meta,
+//! threads, and every region with how many of its pages are stored.
+
+use anyhow::{Result, bail};
+use migrt::image::{self, PageMap, ProcessMeta, Region, SessionManifest, Tag, ThreadState};
+use std::path::Path;
+
+pub fn inspect(dir: &Path) -> Result<i32> {
+    let session = dir.join("session.img");
+    let (kind, sections) = image::read_all(&session)?;
+    let manifest: SessionManifest = match (kind, sections.first()) {
+        (image::Kind::Session, Some(s)) if s.tag == Tag::Meta => s.decode(&session)?,
+        _ => bail!("{}: not a session image", session.display()),
+    };
+    println!(
+        "session {} from {} ({} processes)",
+        manifest.name,
+        manifest.host,
+        manifest.processes.len()
+    );
+    for (vpid, parent, file) in &manifest.processes {
+        let path = dir.join(file);
+        let (_, sections) = image::read_verified_metadata(&path)?;
+        let (mut meta, mut threads, mut regions) = (
+            ProcessMeta::default(),
+            Vec::<ThreadState>::new(),
+            Vec::<Region>::new(),
+        );
+        let mut pages = std::collections::HashMap::<u32, u64>::new();
+        for s in &sections {
+            match s.tag {
+                Tag::Meta => meta = s.decode(&path)?,
+                Tag::Threads => threads = s.decode(&path)?,
+                Tag::Regions => regions = s.decode(&path)?,
+                Tag::PageMap => {
+                    let m: PageMap = s.decode(&path)?;
+                    *pages.entry(m.region).or_default() += m.present_count();
+                }
+                _ => {}
+            }
+        }
+        let cmd: Vec<String> = meta.command.iter().map(|c| c.to_string()).collect();
+        println!("\nprocess {vpid} (parent {parent}): {}", cmd.join(" "));
+        println!(
+            "  threads: {}",
+            threads
+                .iter()
+                .map(|t| t.vtid.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        for (i, r) in regions.iter().enumerate() {
+            let n = pages.get(&(i as u32)).copied().unwrap_or(0);
+            println!(
+                "  {:x}-{:x} {} {:>8} KiB {:>7} pages stored  {}",
+                r.start,
+                r.end,
+                r.perms,
+                (r.end - r.start) / 1024,
+                n,
+                r.name
+            );
+        }
+    }
+    Ok(0)
+}
