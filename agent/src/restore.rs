@@ -2,8 +2,9 @@
 //!
 //! Every image is read and verified in full before anything is created. Then the session
 //! is made anew (same vpids), a restore plan is written for the restorer (which regions
-//! to map where, from which file at which offset), and the restorer — embedded in `mig`
-//! and run from a memfd — becomes the process again. Its stdio is `mig restore`'s own.
+//! to map where — libraries from their files — and which pages to copy in from the image),
+//! and the restorer — embedded in `mig` and run from a memfd — becomes the process again.
+//! Its stdio is `mig restore`'s own.
 //!
 //! Not yet: sessions of several processes (refused with a clear message), and fds other
 //! than files and devices (issue #4: left closed).
@@ -94,18 +95,19 @@ fn prot(perms: &str) -> u64 {
 fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
     let mut keep = Vec::new();
     let mut fds: Vec<u64> = Vec::new();
-    let image_file = std::fs::File::open(std::fs::canonicalize(&img.path)?)?;
+    let image_file = std::fs::File::open(&img.path)?;
     let image_fd = migrt::sys::inheritable_fd(&image_file, FD_BASE)?;
     fds.push(image_fd as u64);
     keep.push(image_file);
     let mut files: HashMap<(Vec<u8>, bool), i32> = HashMap::new();
     let mut entries: Vec<[u64; 7]> = Vec::new();
     let private = libc::MAP_PRIVATE as u64;
-    // The kernel shows the command line only from anonymous memory: the region that holds
-    // it (the stack) gets its pages copied, not mapped from the image.
-    let args_at = img.meta.mm.get(7).copied().unwrap_or(0);
+    // Page data is copied in, not mapped from the image: mapped, anonymous memory would stop
+    // behaving as such (after MADV_DONTNEED it would read back the image's old data, not
+    // zeros, which malloc relies on; the kernel shows the command line only from anonymous
+    // memory). A lazy restore belongs to userfaultfd (issue #5).
+    const COPY: u64 = 1;
     for (ri, r) in img.regions.iter().enumerate() {
-        let copy = (r.start..r.end).contains(&args_at) as u64;
         if SPECIAL.contains(&r.name.0.as_slice()) {
             continue;
         }
@@ -168,7 +170,7 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
                     private,
                     image_fd as u64,
                     data_at + first_k * PAGE as u64,
-                    copy,
+                    COPY,
                 ]);
             }
         }
@@ -195,8 +197,6 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
         }
     };
     push_bytes(&mut args, session_dir.as_os_str().as_bytes());
-    let canonical = std::fs::canonicalize(&img.path)?;
-    push_bytes(&mut args, canonical.as_os_str().as_bytes());
     let m = &img.meta;
     let plan_file = migrt::sys::memfd(c"migshim-plan", false)?;
     let plan_fd = migrt::sys::inheritable_fd(&plan_file, FD_BASE)?;

@@ -29,32 +29,11 @@ pub struct Dumped {
     pub pages: u64,
 }
 
-/// Image files this process was restored from: their mappings hold the process's own
-/// memory (mapped lazily), so a checkpoint stores them whole rather than pointing at them.
-static RESTORED_FROM: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-
-pub fn restored_from(image: Vec<u8>) {
-    RESTORED_FROM
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(image);
-}
-
-/// A mapping of the image this process was restored from: its pages are the process's own,
-/// also the ones not touched since (still in the image file, not yet in the page table).
-fn from_old_image(m: &migrt::procfs::MapsLine) -> bool {
-    RESTORED_FROM
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .contains(&m.name.0)
-}
-
 /// A mapping backed by a file the restore maps again (its unmodified pages come from there).
 fn file_backed(m: &migrt::procfs::MapsLine) -> bool {
     m.name.0.first() == Some(&b'/')
         && !m.name.0.starts_with(b"/memfd:")
         && !m.name.0.ends_with(b" (deleted)")
-        && !from_old_image(m)
 }
 
 /// Whether the image holds page data of this mapping: every readable mapping but the ones
@@ -144,7 +123,6 @@ pub fn dump(
     let own = [table_range, scratch.range()];
     let maps = migrt::procfs::all_mappings("self");
     let from_file: Vec<bool> = maps.iter().map(file_backed).collect();
-    let old_image: Vec<bool> = maps.iter().map(from_old_image).collect();
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
     let regions: Vec<Region> = maps
@@ -162,11 +140,6 @@ pub fn dump(
                 Bytes::from(MIGSHIM_TABLE)
             } else if is_own(m) {
                 Bytes::from(MIGSHIM_SCRATCH)
-            } else if m.name.0.first() == Some(&b'/')
-                && !file_backed(m)
-                && !m.name.0.starts_with(b"/memfd:")
-            {
-                Bytes::default() // memory of a restored process, mapped from its old image
             } else {
                 m.name.clone()
             },
@@ -184,7 +157,7 @@ pub fn dump(
     let mut pages = 0u64;
     for (ri, r) in regions.iter().enumerate().filter(|(_, r)| r.stored) {
         let total = (r.end - r.start) / PAGE as u64;
-        let (file, whole) = (from_file[ri], old_image[ri]);
+        let file = from_file[ri];
         let mut first = 0;
         while first < total {
             let count = CHUNK.min(total - first);
@@ -201,7 +174,7 @@ pub fn dump(
                 let e = u64::from_le_bytes(entries[i as usize * 8..][..8].try_into().unwrap());
                 let swapped = e >> 62 & 1 == 1;
                 let own_page = e >> 63 == 1 && (e >> 61 & 1 == 0 || !file);
-                if !(swapped || own_page || whole) {
+                if !(swapped || own_page) {
                     continue;
                 }
                 // SAFETY: the page lies in a readable mapping of this process, and every app

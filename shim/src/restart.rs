@@ -6,7 +6,7 @@
 //! handled.
 //!
 //! Arguments (written by `mig restore` into the plan): the session directory (u64 length,
-//! bytes, padded to 8), the image file (same form), the number of fds to close (u64) and those fds (u64 each), the old
+//! bytes, padded to 8), the number of fds to close (u64) and those fds (u64 each), the old
 //! process's TLS offset of glibc's tid (u64), the main thread's ucontext (u64), its TLS
 //! base (u64), prctl_mm_map fields (11 u64) with the auxv (u64 length, bytes), and the
 //! other threads (u64 count, then ucontext, TLS base and vtid, u64 each).
@@ -68,7 +68,6 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         at: 0,
     };
     let dir = SessionDir(std::ffi::OsStr::from_bytes(a.bytes()).into());
-    let image = a.bytes().to_vec();
     let closes: Vec<u64> = (0..a.u64()).map(|_| a.u64()).collect();
     let tid_offset = a.u64() as usize;
     let ucontext = a.u64() as usize;
@@ -95,7 +94,6 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         s.move_to(dir);
     }
     crate::interpose::freeze::restore_process_state();
-    crate::dump::restored_from(image);
     for fd in closes {
         crate::interpose::close_real(fd as i32);
     }
@@ -111,7 +109,6 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         })
         .map(|m| (m.start, m.end))
         .collect();
-    own_pages(mm[7], mm[10]);
     set_mm(&mut mm, &auxv);
     for (start, end) in leftovers {
         crate::interpose::unmap(start as *mut u8, (end - start) as usize);
@@ -228,22 +225,6 @@ fn reopen_files() {
                 libc::lseek(f.fd, offset, libc::SEEK_SET);
             }
         }
-    }
-}
-
-/// Makes the pages of [start, end) the process's own (copy-on-write from the image file):
-/// the kernel reads the command line and environment only from anonymous memory.
-fn own_pages(start: u64, end: u64) {
-    let page = migrt::image::PAGE as u64;
-    let mut p = start & !(page - 1);
-    while p < end {
-        // SAFETY: the command line and environment lie in the restored, writable stack;
-        // a byte is written back with its own value.
-        unsafe {
-            let b = std::ptr::read_volatile(p.max(start) as *const u8);
-            std::ptr::write_volatile(p.max(start) as *mut u8, b);
-        }
-        p += page;
     }
 }
 
