@@ -446,3 +446,42 @@ while True:
     );
     env.stop("ps");
 }
+
+#[test]
+fn a_program_file_changed_since_the_checkpoint_is_refused_unless_allowed() {
+    let env = Env::new("changed");
+    // A copy of the counter that the test can change.
+    let prog = env.scratch("bin").join("counter");
+    std::fs::copy(c_program("counter"), &prog).unwrap();
+    let log = env.detach("cnt", &[prog.to_str().unwrap(), "40", "1"]);
+    wait_counts(&log, 3);
+    let img = env.root.join("img");
+    stop_into(&env, "cnt", &img);
+    let bytes = std::fs::read(&prog).unwrap();
+    std::fs::write(&prog, [&bytes[..], b"\0"].concat()).unwrap();
+    let o = env.run(&["restore", img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("changed since the checkpoint") && e.contains("--allow-changed-files"),
+        "{e}"
+    );
+    assert!(
+        env.ps().as_array().unwrap().is_empty(),
+        "nothing was started"
+    );
+    // Put back as it was (same size, same time), it restores; stdout goes where asked.
+    std::fs::write(&prog, &bytes).unwrap();
+    let out = env.root.join("out.txt");
+    let o = env.run(&[
+        "restore",
+        img.to_str().unwrap(),
+        "--allow-changed-files",
+        "--detach",
+        "--stdout",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    wait_counts(&out, 2);
+    env.stop("cnt");
+}

@@ -78,6 +78,19 @@ enum Cmd {
         /// With --detach: where its output goes.
         #[arg(long, requires = "detach")]
         log: Option<PathBuf>,
+        /// Restore even if a mapped file (the program, a library) changed since the
+        /// checkpoint.
+        #[arg(long)]
+        allow_changed_files: bool,
+        /// The restored process's stdin (default: mig restore's own; /dev/null with --detach).
+        #[arg(long, value_name = "FILE")]
+        stdin: Option<PathBuf>,
+        /// Its stdout (appended to; default: mig restore's own, or the log with --detach).
+        #[arg(long, value_name = "FILE")]
+        stdout: Option<PathBuf>,
+        /// Its stderr (appended to; default: as stdout).
+        #[arg(long, value_name = "FILE")]
+        stderr: Option<PathBuf>,
     },
     /// Show what a checkpoint image holds (after verifying it).
     Image { dir: PathBuf },
@@ -144,11 +157,17 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             name,
             detach,
             log,
+            allow_changed_files,
+            stdin,
+            stdout,
+            stderr,
         } => restore::restore(restore::RestoreArgs {
             dir,
             name,
             detach,
             log,
+            allow_changed_files,
+            stdio: [stdin, stdout, stderr],
         }),
         Cmd::Image { dir } => inspect::inspect(&dir),
         Cmd::Demo => demo::demo(),

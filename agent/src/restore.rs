@@ -41,6 +41,9 @@ pub struct RestoreArgs {
     pub name: Option<String>,
     pub detach: bool,
     pub log: Option<PathBuf>,
+    pub allow_changed_files: bool,
+    /// Files for the restored process's stdin/stdout/stderr (default: mig restore's own).
+    pub stdio: [Option<PathBuf>; 3],
 }
 
 /// A process image, verified and decoded; page data stays in the file.
@@ -92,7 +95,33 @@ fn prot(perms: &str) -> u64 {
 }
 
 /// The plan for the restorer (see runtime/restorer/main.rs) and the fds it refers to.
-fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
+/// Refuses a file that changed since the checkpoint: the program would run other code
+/// than its memory was made by.
+fn check_unchanged(r: &Region, f: &std::fs::File) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if r.file_size == 0 && r.file_mtime_ns == 0 {
+        return Ok(());
+    }
+    let md = f.metadata()?;
+    let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    if md.size() != r.file_size || mtime != r.file_mtime_ns {
+        bail!(
+            "{} changed since the checkpoint (size {} → {}, modified {} → {}): the restored program would run other code than its memory expects; pass --allow-changed-files to restore anyway",
+            r.name,
+            r.file_size,
+            md.size(),
+            r.file_mtime_ns,
+            mtime
+        );
+    }
+    Ok(())
+}
+
+fn plan(
+    img: &ProcImage,
+    session_dir: &Path,
+    allow_changed: bool,
+) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
     let mut keep = Vec::new();
     let mut fds: Vec<u64> = Vec::new();
     let image_file = std::fs::File::open(&img.path)?;
@@ -135,6 +164,9 @@ fn plan(img: &ProcImage, session_dir: &Path) -> Result<(Vec<u8>, Vec<std::fs::Fi
                                 r.start
                             )
                         })?;
+                    if !allow_changed {
+                        check_unchanged(r, &f)?;
+                    }
                     let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
                     keep.push(f);
                     files.insert((r.name.0.clone(), write), fd);
@@ -281,7 +313,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
 
     // 3. The plan, and the restorer.
     let result = (|| -> Result<i32> {
-        let (plan_fd, _keep) = plan(img, &dir.0)?;
+        let (plan_fd, _keep) = plan(img, &dir.0, a.allow_changed_files)?;
         let restorer = migrt::sys::memfd(c"migrestore", false)?;
         use std::io::Write;
         (&restorer).write_all(RESTORER)?;
@@ -303,6 +335,23 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
                 .stdout(out.try_clone()?)
                 .stderr(out)
                 .process_group(0);
+        }
+        let [stdin, stdout, stderr] = &a.stdio;
+        if let Some(p) = stdin {
+            c.stdin(std::fs::File::open(p).with_context(|| format!("--stdin {}", p.display()))?);
+        }
+        let append = |p: &PathBuf| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))
+        };
+        if let Some(p) = stdout {
+            c.stdout(append(p)?);
+        }
+        if let Some(p) = stderr.as_ref().or(stdout.as_ref()) {
+            c.stderr(append(p)?);
         }
         let mut child = c.spawn().context("starting the restorer")?;
         // 4. Running again once the shim has taken its new pid.

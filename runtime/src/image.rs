@@ -128,6 +128,10 @@ pub struct Region {
     /// The file or the kernel's name ("[heap]", "[stack]"), empty for anonymous memory.
     pub name: crate::record::Bytes,
     pub inode: u64,
+    /// For a region mapped from a file: the file's size and modification time (ns) at the
+    /// checkpoint, so that a restore notices a file that changed since.
+    pub file_size: u64,
+    pub file_mtime_ns: i64,
     /// Whether the region's pages are in the image (else it is recreated from its file or
     /// left empty).
     pub stored: bool,

@@ -125,9 +125,19 @@ pub fn dump(
     let from_file: Vec<bool> = maps.iter().map(file_backed).collect();
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
+    let identity = |m: &migrt::procfs::MapsLine| -> (u64, i64) {
+        use std::os::unix::fs::MetadataExt;
+        if !file_backed(m) {
+            return (0, 0);
+        }
+        std::fs::metadata(std::ffi::OsStr::from_bytes(&m.name.0)).map_or((0, 0), |md| {
+            (md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec())
+        })
+    };
     let regions: Vec<Region> = maps
         .iter()
-        .map(|m| Region {
+        .map(|m| (m, identity(m)))
+        .map(|(m, (file_size, file_mtime_ns))| Region {
             start: m.start,
             end: m.end,
             perms: m.perms.clone(),
@@ -144,6 +154,8 @@ pub fn dump(
                 m.name.clone()
             },
             inode: m.inode,
+            file_size,
+            file_mtime_ns,
             stored: stored(m, &own),
         })
         .collect();
