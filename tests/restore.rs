@@ -485,3 +485,58 @@ fn a_program_file_changed_since_the_checkpoint_is_refused_unless_allowed() {
     wait_counts(&out, 2);
     env.stop("cnt");
 }
+
+#[test]
+fn a_process_tree_restores_and_its_children_are_reaped_with_their_vpids() {
+    let env = Env::new("tree");
+    let script = r#"
+import os, time
+kids = []
+for k in range(2):
+    pid = os.fork()
+    if pid == 0:
+        for n in range(1, 1000):
+            os.write(1, f"child {k} {os.getpid()} {os.getppid()} {n}\n".encode())
+            time.sleep(0.05)
+            if n >= 30: os._exit(7 + k)
+    kids.append(pid)
+os.write(1, f"kids {kids[0]} {kids[1]}\n".encode())
+for pid in kids:
+    r, st = os.waitpid(pid, 0)
+    os.write(1, f"reaped {r} {os.WEXITSTATUS(st)}\n".encode())
+os.write(1, b"all reaped\n")
+"#;
+    let log = env.detach("tree", &["python3", "-c", script]);
+    env.wait_processes("tree", "3 processes", |p| p.len() == 3);
+    wait_for_text(&log, "child 1");
+    let kids: Vec<i64> = wait_for_text(&log, "kids")
+        .lines()
+        .find(|l| l.starts_with("kids"))
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let img = env.root.join("img");
+    stop_into(&env, "tree", &img);
+    let mut c = env.mig();
+    c.args(["restore", img.to_str().unwrap()]);
+    let o = env.output(c);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}{}", text(&o.stderr));
+    // The children run on under their parent, and it reaps them with their vpids.
+    for (k, kid) in kids.iter().enumerate() {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("child {k} ")))
+            .unwrap_or_else(|| panic!("{out}"));
+        let f: Vec<i64> = line
+            .split_whitespace()
+            .skip(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!((f[0], f[1]), (*kid, VPID_BASE + 1), "{line}");
+        assert!(out.contains(&format!("reaped {kid} {}", 7 + k)), "{out}");
+    }
+    assert!(out.contains("all reaped"), "{out}");
+}

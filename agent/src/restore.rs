@@ -6,8 +6,9 @@
 //! and the restorer — embedded in `mig` and run from a memfd — becomes the process again.
 //! Its stdio is `mig restore`'s own.
 //!
-//! Not yet: sessions of several processes (refused with a clear message), and fds other
-//! than files and devices (issue #4: left closed).
+//! Several processes come back as the same tree (the root's restorer forks one restorer per
+//! child before it restores itself). Not yet: fds other than files and devices (issue #4:
+//! left closed), so pipes between the processes do not come back.
 
 use crate::run::exit_code;
 use crate::sessions;
@@ -117,12 +118,17 @@ fn check_unchanged(r: &Region, f: &std::fs::File) -> Result<()> {
     Ok(())
 }
 
-fn plan(
+/// The mapping part of a process's plan, and the fds it refers to (kept open in `keep`).
+struct Mapped {
+    entries: Vec<[u64; 7]>,
+    fds: Vec<u64>,
+}
+
+fn map_regions(
     img: &ProcImage,
-    session_dir: &Path,
     allow_changed: bool,
-) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
-    let mut keep = Vec::new();
+    keep: &mut Vec<std::fs::File>,
+) -> Result<Mapped> {
     let mut fds: Vec<u64> = Vec::new();
     let image_file = std::fs::File::open(&img.path)?;
     let image_fd = migrt::sys::inheritable_fd(&image_file, FD_BASE)?;
@@ -207,6 +213,20 @@ fn plan(
             }
         }
     }
+    Ok(Mapped { entries, fds })
+}
+
+/// Writes the plan of process `img` into `plan_file` (see runtime/restorer/main.rs): its
+/// mappings, the plan fds of its child processes, and the restart arguments; `closes` are
+/// the fds every restored process closes (all that mig handed down).
+fn write_plan(
+    img: &ProcImage,
+    entries: &[[u64; 7]],
+    plan_file: &std::fs::File,
+    session_dir: &Path,
+    children: &[u64],
+    closes: &[u64],
+) -> Result<()> {
     let size_of = |n: &[u8]| {
         img.regions
             .iter()
@@ -230,11 +250,8 @@ fn plan(
     };
     push_bytes(&mut args, session_dir.as_os_str().as_bytes());
     let m = &img.meta;
-    let plan_file = migrt::sys::memfd(c"migshim-plan", false)?;
-    let plan_fd = migrt::sys::inheritable_fd(&plan_file, FD_BASE)?;
-    fds.push(plan_fd as u64);
-    args.push(fds.len() as u64);
-    args.extend(&fds);
+    args.push(closes.len() as u64);
+    args.extend(closes);
     args.extend([m.tid_offset as u64, m.main_ucontext, m.main_fs_base]);
     let mut mm = m.mm.clone();
     mm.resize(11, 0);
@@ -247,8 +264,9 @@ fn plan(
         args.extend([t.ucontext_addr, t.fs_base, t.vtid as u64]);
     }
 
-    let head = 10u64;
-    let args_at = (head + entries.len() as u64 * 7) * 8;
+    let head = 12u64;
+    let children_at = head + entries.len() as u64 * 7;
+    let args_at = (children_at + children.len() as u64) * 8;
     let mut words: Vec<u64> = vec![
         PLAN_MAGIC,
         entries.len() as u64,
@@ -260,16 +278,18 @@ fn plan(
         size_of(b"[vvar]"),
         size_of(b"[vvar_vclock]"),
         size_of(b"[vdso]"),
+        children.len() as u64,
+        children_at,
     ];
-    for e in &entries {
+    for e in entries {
         words.extend(e);
     }
+    words.extend(children);
     words.extend(args);
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     use std::io::Write;
-    (&plan_file).write_all(&bytes)?;
-    keep.push(plan_file);
-    Ok((plan_fd.to_string().into_bytes(), keep))
+    (&*plan_file).write_all(&bytes)?;
+    Ok(())
 }
 
 pub fn restore(a: RestoreArgs) -> Result<i32> {
@@ -285,18 +305,31 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         .iter()
         .map(|(_, _, f)| read_image(&a.dir.join(f)))
         .collect::<Result<_>>()?;
-    let [img] = &images[..] else {
-        bail!(
-            "this image holds {} processes: restoring a session of several processes is not done yet (issue #3)",
-            images.len()
-        );
-    };
-    if img.meta.restart_entry == 0 || img.meta.main_ucontext == 0 {
-        bail!(
-            "{}: the image does not say where to resume",
-            img.path.display()
-        );
+    for img in &images {
+        if img.meta.restart_entry == 0 || img.meta.main_ucontext == 0 {
+            bail!(
+                "{}: the image does not say where to resume",
+                img.path.display()
+            );
+        }
     }
+    // The tree: one root (its parent outside the session), every other process under a
+    // process of the image.
+    let vpids: Vec<i32> = images.iter().map(|i| i.meta.vpid).collect();
+    let parent_of = |i: &ProcImage| {
+        manifest
+            .processes
+            .iter()
+            .find(|p| p.0 == i.meta.vpid)
+            .map_or(0, |p| p.1)
+    };
+    let roots: Vec<usize> = (0..images.len())
+        .filter(|&k| !vpids.contains(&parent_of(&images[k])))
+        .collect();
+    let [root] = roots[..] else {
+        bail!("the image's processes form {} trees, not one", roots.len());
+    };
+    let img = &images[root];
 
     // 2. The session, with the same vpid.
     let name = a.name.clone().unwrap_or_else(|| manifest.name.clone());
@@ -306,14 +339,51 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     let dir = sessions::create(&rt, Some(&name), &command, signal)
         .map_err(|e| anyhow::anyhow!("{e:#} (restore under another name with --name)"))?;
     let table = SessionTable::open(&dir.procs())?;
-    table.restore_slot(img.meta.vpid, Kind::Process, 0)?;
-    for t in img.threads.iter().filter(|t| t.vtid != img.meta.vpid) {
-        table.restore_slot(t.vtid, Kind::Thread, img.meta.vpid)?;
+    for p in &images {
+        let parent = parent_of(p);
+        table.restore_slot(
+            p.meta.vpid,
+            Kind::Process,
+            if vpids.contains(&parent) { parent } else { 0 },
+        )?;
+        for t in p.threads.iter().filter(|t| t.vtid != p.meta.vpid) {
+            table.restore_slot(t.vtid, Kind::Thread, p.meta.vpid)?;
+        }
     }
 
     // 3. The plan, and the restorer.
     let result = (|| -> Result<i32> {
-        let (plan_fd, _keep) = plan(img, &dir.0, a.allow_changed_files)?;
+        let mut keep = Vec::new();
+        let mapped: Vec<Mapped> = images
+            .iter()
+            .map(|i| map_regions(i, a.allow_changed_files, &mut keep))
+            .collect::<Result<_>>()?;
+        let mut plans = Vec::new();
+        for _ in &images {
+            let f = migrt::sys::memfd(c"migshim-plan", false)?;
+            let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
+            plans.push((f, fd as u64));
+        }
+        let closes: Vec<u64> = mapped
+            .iter()
+            .flat_map(|m| m.fds.iter().copied())
+            .chain(plans.iter().map(|p| p.1))
+            .collect();
+        for (k, i) in images.iter().enumerate() {
+            let children: Vec<u64> = (0..images.len())
+                .filter(|&c| parent_of(&images[c]) == i.meta.vpid)
+                .map(|c| plans[c].1)
+                .collect();
+            write_plan(
+                i,
+                &mapped[k].entries,
+                &plans[k].0,
+                &dir.0,
+                &children,
+                &closes,
+            )?;
+        }
+        let plan_fd = plans[root].1.to_string().into_bytes();
         let restorer = migrt::sys::memfd(c"migrestore", false)?;
         use std::io::Write;
         (&restorer).write_all(RESTORER)?;
@@ -357,10 +427,12 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         // 4. Running again once the shim has taken its new pid.
         let t = Instant::now();
         loop {
-            if table
-                .get(img.meta.vpid)
-                .is_some_and(|e| e.real != 0 && e.state == State::Running)
-            {
+            let running = |v: i32| {
+                table
+                    .get(v)
+                    .is_some_and(|e| e.real != 0 && e.state == State::Running)
+            };
+            if vpids.iter().all(|&v| running(v)) {
                 break;
             }
             if let Some(st) = child.try_wait()? {

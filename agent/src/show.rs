@@ -26,7 +26,7 @@ pub fn ps_text(sessions: &[Live]) -> String {
                 parent,
                 p.threads,
                 p.state,
-                p.command
+                p.command.replace(['\n', '\t'], " ")
             );
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! Signal-handler-grade code: no std, no allocation, no libc, raw system calls only; it
 //! applies its own relocations first (a static-pie has no loader to do it). It:
-//!   1. reads the restore plan `mig` prepared (fd in argv[1]);
+//!   1. reads the restore plan `mig` prepared (fd in argv[1]), and forks one restorer per
+//!      child process, each with that child's plan;
 //!   2. checks that none of the saved regions overlaps where the kernel put the restorer
 //!      (its code, stack, vDSO); if one does, it runs itself again for another random layout;
 //!   3. maps every saved region at its address — page data straight from the image file
@@ -13,8 +14,9 @@
 //!      restart path, which does the rest.
 //!
 //! Plan (little-endian u64 words): magic, entry count, restart entry, offset of the
-//! restart arguments in the plan, fs_base, restart stack, vvar target, then the three
-//! expected block sizes, then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
+//! restart arguments in the plan, fs_base, restart stack, vvar target, the three expected
+//! block sizes, the number of child processes and the word offset of their plan fds, then
+//! 7 words per entry (addr, len, prot, flags, fd, offset, kind:
 //! 0 map, 1 copy from fd into the memory mapped before).
 #![no_std]
 #![no_main]
@@ -22,7 +24,7 @@
 use core::arch::{asm, naked_asm};
 
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
-const HEAD_WORDS: usize = 10;
+const HEAD_WORDS: usize = 12;
 const ENTRY_WORDS: usize = 7;
 const MAX_ATTEMPTS: u8 = 16;
 
@@ -37,6 +39,8 @@ const SYS_MPROTECT: usize = 10;
 const SYS_PREAD64: usize = 17;
 const PROT_WRITE: usize = 2;
 const SYS_EXECVE: usize = 59;
+const SYS_CLONE: usize = 56;
+const SIGCHLD: usize = 17;
 const SYS_EXIT_GROUP: usize = 231;
 const SYS_ARCH_PRCTL: usize = 158;
 const ARCH_SET_FS: usize = 0x1002;
@@ -267,7 +271,12 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
     };
     let plan_fd = arg(1).iter().fold(0usize, |a, &c| a * 10 + (c - b'0') as usize);
     let attempt = arg(2)[0].wrapping_sub(b'a');
+    unsafe { restore(plan_fd, attempt, *argv, envp) }
+}
 
+/// Becomes the process of plan `plan_fd` (after forking one restorer per child process,
+/// so that the restored tree has its real parent-child links).
+unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *const u8) -> ! {
     // 1. The plan, read into fresh memory.
     let mut st = [0u64; 18];
     if unsafe { sys6(SYS_FSTAT, plan_fd, st.as_mut_ptr() as usize, 0, 0, 0, 0) } < 0 {
@@ -300,10 +309,33 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
         if attempt >= MAX_ATTEMPTS {
             die(b"the saved address space overlaps the restorer every time; giving up");
         }
-        let mut next = [b'a' + attempt + 1, 0];
-        let argv2 = [unsafe { *argv }, unsafe { *argv.add(1) }, next.as_mut_ptr() as *const u8, core::ptr::null()];
+        let mut fd = [0u8; 24];
+        let mut n = plan_fd;
+        let mut i = fd.len() - 1; // fd[23] stays the terminating NUL
+        loop {
+            i -= 1;
+            fd[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let next = [b'a' + attempt + 1, 0];
+        let argv2 = [argv0, fd[i..].as_ptr(), next.as_ptr(), core::ptr::null()];
         unsafe { sys6(SYS_EXECVE, c"/proc/self/exe".as_ptr() as usize, argv2.as_ptr() as usize, envp as usize, 0, 0, 0) };
         die(b"cannot run itself again");
+    }
+
+    // The children first: each forked restorer becomes one of them (and forks its own).
+    let (nchildren, at) = (w[10] as usize, w[11] as usize);
+    for &child in w.get(at..at + nchildren).unwrap_or(&[]) {
+        let pid = unsafe { sys6(SYS_CLONE, SIGCHLD, 0, 0, 0, 0, 0) };
+        if pid < 0 {
+            die(b"cannot fork a child process");
+        }
+        if pid == 0 {
+            unsafe { restore(child as usize, 0, argv0, envp) };
+        }
     }
 
     // 3. Every region: mapped (from a file, the image's pages lazily), or, for kind 1,

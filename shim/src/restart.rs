@@ -92,6 +92,23 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         }
         s.table.bind(vpid(), tid);
         s.move_to(dir);
+        // The processes of the tree come back in any order: until the parent and the
+        // children have their new pids, getppid() and waitpid() could not translate them.
+        // Wait for them (briefly).
+        let me = vpid();
+        let parent = s.table.get(me).map_or(0, |e| e.parent);
+        let pending = || {
+            s.table.entries().iter().any(|e| {
+                e.kind == migrt::sessiontable::Kind::Process
+                    && e.state == migrt::sessiontable::State::Running
+                    && e.real == 0
+                    && (e.vid == parent || e.parent == me)
+            })
+        };
+        let t = std::time::Instant::now();
+        while pending() && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
     crate::interpose::freeze::restore_process_state();
     for fd in closes {

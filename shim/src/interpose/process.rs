@@ -155,6 +155,12 @@ fn reported(real: pid_t, status: c_int) -> pid_t {
     }
 }
 
+/// A wait for a child that a restore gave a new real pid: the kernel restarts the
+/// interrupted call with the old one and answers ECHILD; translated again, it goes on.
+fn rewait(pid: pid_t, tried: pid_t, r: isize) -> bool {
+    r == -1 && state::errno() == libc::ECHILD && pid_arg(pid) != tried
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wait4(
     pid: pid_t,
@@ -162,13 +168,15 @@ pub unsafe extern "C" fn wait4(
     options: c_int,
     ru: *mut libc::rusage,
 ) -> pid_t {
+    let real = real!(wait4: fn(pid_t, *mut c_int, c_int, *mut libc::rusage) -> pid_t);
     let mut st = 0;
-    let r = real!(wait4: fn(pid_t, *mut c_int, c_int, *mut libc::rusage) -> pid_t)(
-        pid_arg(pid),
-        &mut st,
-        options,
-        ru,
-    );
+    let r = loop {
+        let tried = pid_arg(pid);
+        let r = real(tried, &mut st, options, ru);
+        if !rewait(pid, tried, r as isize) {
+            break r;
+        }
+    };
     if r > 0 && !status.is_null() {
         *status = st;
     }
@@ -201,13 +209,18 @@ pub unsafe extern "C" fn waitid(
     info: *mut libc::siginfo_t,
     options: c_int,
 ) -> c_int {
-    let id = match idtype {
+    let translate = || match idtype {
         libc::P_PID | libc::P_PGID => to_real(id as pid_t) as libc::id_t,
         _ => id,
     };
-    let r = real!(waitid: fn(libc::idtype_t, libc::id_t, *mut libc::siginfo_t, c_int) -> c_int)(
-        idtype, id, info, options,
-    );
+    let f = real!(waitid: fn(libc::idtype_t, libc::id_t, *mut libc::siginfo_t, c_int) -> c_int);
+    let r = loop {
+        let tried = translate();
+        let r = f(idtype, tried, info, options);
+        if !(r == -1 && state::errno() == libc::ECHILD && translate() != tried) {
+            break r;
+        }
+    };
     if r == 0 && !info.is_null() && shim().is_some() {
         // Reading and rewriting si_pid in the caller's siginfo buffer (filled by the kernel).
         let pid_ptr = info.cast::<u8>().add(SI_PID).cast::<pid_t>();
