@@ -508,6 +508,19 @@ os.write(1, b"all reaped\n")
 "#;
     let log = env.detach("tree", &["python3", "-c", script]);
     env.wait_processes("tree", "3 processes", |p| p.len() == 3);
+    let groups = |env: &Env| -> Vec<(i64, i64)> {
+        env.table("tree", false)["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["pgid"].as_i64().unwrap(), p["sid"].as_i64().unwrap()))
+            .collect()
+    };
+    let before = groups(&env);
+    assert!(
+        before.iter().all(|g| g.0 == VPID_BASE + 1),
+        "one group, led by the root: {before:?}"
+    );
     wait_for_text(&log, "child 1");
     let kids: Vec<i64> = wait_for_text(&log, "kids")
         .lines()
@@ -519,11 +532,24 @@ os.write(1, b"all reaped\n")
         .collect();
     let img = env.root.join("img");
     stop_into(&env, "tree", &img);
-    let mut c = env.mig();
-    c.args(["restore", img.to_str().unwrap()]);
-    let o = env.output(c);
-    let out = text(&o.stdout);
-    assert!(o.status.success(), "{out}{}", text(&o.stderr));
+    let log2 = env.root.join("after.log");
+    ok(
+        &env,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--detach",
+            "--log",
+            log2.to_str().unwrap(),
+        ],
+    );
+    let after = groups(&env);
+    assert_eq!(after.len(), 3);
+    assert!(
+        after.iter().all(|g| g.0 == VPID_BASE + 1),
+        "the same group again: {after:?}"
+    );
+    let out = wait_for_text(&log2, "all reaped");
     // The children run on under their parent, and it reaps them with their vpids.
     for (k, kid) in kids.iter().enumerate() {
         let line = out

@@ -215,14 +215,22 @@ impl Session {
             Request::Freeze => self.freeze(),
             Request::Dump { path, sync } => match (&self.frozen, shim()) {
                 (Some(f), Some(s)) => {
-                    match crate::dump::dump(
-                        s,
-                        std::path::Path::new(&path),
-                        &f.parked,
-                        &f.table,
-                        &f.folded,
-                        sync,
-                    ) {
+                    let write = || {
+                        let p = std::path::Path::new(&path);
+                        crate::dump::dump(s, p, &f.parked, &f.table, &f.folded, sync)
+                    };
+                    // A dump that raced its own heap growth is written again (see dump.rs);
+                    // the second pass fits in the heap the first one grew.
+                    let mut result = write();
+                    for _ in 0..3 {
+                        match &result {
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                                result = write()
+                            }
+                            _ => break,
+                        }
+                    }
+                    match result {
                         Ok(d) => Response::Dumped {
                             bytes: d.bytes,
                             threads: d.threads,

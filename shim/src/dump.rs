@@ -217,6 +217,22 @@ pub fn dump(
             first += count;
         }
     }
+    // This thread's own allocations before the page loop may have grown its malloc arena
+    // (reserved memory made writable) after the map above was read: then the image would
+    // give that memory a stale protection. Checked now, and the caller writes again.
+    let now = migrt::procfs::all_mappings("self");
+    let same = |m: &migrt::procfs::MapsLine| {
+        is_own(m)
+            || regions
+                .iter()
+                .any(|r| r.start == m.start && r.end == m.end && r.perms == m.perms)
+    };
+    if !now.iter().all(same) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "the address space changed while it was written",
+        ));
+    }
     let bytes = w.written();
     w.finish()?;
     if sync {

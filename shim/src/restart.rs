@@ -111,6 +111,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         }
     }
     crate::interpose::freeze::restore_process_state();
+    rejoin_group();
     for fd in closes {
         crate::interpose::close_real(fd as i32);
     }
@@ -146,6 +147,39 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {
         std::arch::asm!("mov rsp, {uc}", "mov eax, 15", "syscall", uc = in(reg) ucontext, options(noreturn));
+    }
+}
+
+/// The process's session and process group as at the checkpoint, when they are the
+/// session's own (ones outside it stay mig restore's). A group whose leader is not back yet
+/// is waited for, briefly.
+fn rejoin_group() {
+    let Some(t) = FROZEN.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return;
+    };
+    let Some(s) = shim() else { return };
+    let me = vpid();
+    // SAFETY: setsid/setpgid on the calling process.
+    unsafe {
+        if t.sid == me {
+            libc::setsid();
+            return;
+        }
+        if t.pgid == me {
+            libc::setpgid(0, 0);
+            return;
+        }
+        if !migrt::sessiontable::is_virtual(t.pgid) {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let real = s.table.real_of(t.pgid).unwrap_or(0);
+            if (real != 0 && libc::setpgid(0, real) == 0) || std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 
