@@ -566,3 +566,58 @@ os.write(1, b"all reaped\n")
     }
     assert!(out.contains("all reaped"), "{out}");
 }
+
+#[test]
+fn a_pipe_between_processes_comes_back_with_its_unread_bytes() {
+    let env = Env::new("pipes");
+    let go = env.root.join("go");
+    let script = format!(
+        r#"
+import os, time
+r, w = os.pipe()
+if os.fork() == 0:
+    os.close(r)
+    os.write(w, b"before the checkpoint\n")
+    while not os.path.exists("{go}"):
+        time.sleep(0.02)
+    os.write(w, b"after the restore\n")
+    os._exit(0)
+os.close(w)
+os.write(1, b"ready\n")
+while not os.path.exists("{go}"):
+    time.sleep(0.02)
+data = b""
+while True:
+    chunk = os.read(r, 100)
+    if not chunk:
+        break
+    data += chunk
+os.write(1, b"read: " + data.replace(b"\n", b"|") + b"\n")
+os.wait()
+"#,
+        go = go.display()
+    );
+    let log = env.detach("p", &["python3", "-c", &script]);
+    wait_for_text(&log, "ready");
+    env.wait_processes("p", "both processes", |p| p.len() == 2);
+    std::thread::sleep(std::time::Duration::from_millis(200)); // the child has written
+    let img = env.root.join("img");
+    stop_into(&env, "p", &img);
+    let log2 = env.root.join("after.log");
+    ok(
+        &env,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--detach",
+            "--log",
+            log2.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(&go, "").unwrap();
+    let out = wait_for_text(&log2, "read:");
+    assert!(
+        out.contains("read: before the checkpoint|after the restore|"),
+        "{out}"
+    );
+}

@@ -14,7 +14,9 @@ use crate::run::exit_code;
 use crate::sessions;
 use anyhow::{Context, Result, bail};
 use migrt::image::{self, PAGE, PageMap, ProcessMeta, Region, SessionManifest, Tag, ThreadState};
+use migrt::record::Bytes;
 use migrt::sessiontable::{Kind, SessionTable, State};
+use migrt::table::{Object, PipeEnd, ProcessTable};
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -51,6 +53,9 @@ pub struct RestoreArgs {
 struct ProcImage {
     path: PathBuf,
     meta: ProcessMeta,
+    table: ProcessTable,
+    /// Unread bytes of the pipes it reads from, by pipe id.
+    pipes: Vec<(u64, Bytes)>,
     threads: Vec<ThreadState>,
     regions: Vec<Region>,
     /// (page map, file offset of its page data)
@@ -65,6 +70,8 @@ fn read_image(path: &Path) -> Result<ProcImage> {
     let mut img = ProcImage {
         path: path.into(),
         meta: Default::default(),
+        table: Default::default(),
+        pipes: vec![],
         threads: vec![],
         regions: vec![],
         pages: vec![],
@@ -73,6 +80,8 @@ fn read_image(path: &Path) -> Result<ProcImage> {
     for s in &sections {
         match s.tag {
             Tag::Meta => img.meta = s.decode(path)?,
+            Tag::Table => img.table = s.decode::<(ProcessTable, migrt::table::Folded)>(path)?.0,
+            Tag::Pipes => img.pipes = s.decode(path)?,
             Tag::Threads => img.threads = s.decode(path)?,
             Tag::Regions => img.regions = s.decode(path)?,
             Tag::PageMap => pending = Some(s.decode(path)?),
@@ -96,6 +105,54 @@ fn prot(perms: &str) -> u64 {
 }
 
 /// The plan for the restorer (see runtime/restorer/main.rs) and the fds it refers to.
+/// The session's pipes, made anew and refilled with their unread bytes; every process gets
+/// its ends at its own fd numbers through its own channel (a seqpacket socket pair: one
+/// message per fd, with the fd attached; an empty message ends). Returns, per process, the
+/// channel end it inherits (kept open here until the restore is done) and its fd number.
+fn hand_down_objects(images: &[ProcImage]) -> Result<Vec<(std::os::unix::net::UnixStream, u64)>> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut pipes: HashMap<u64, (std::fs::File, std::fs::File)> = HashMap::new();
+    for img in images {
+        for f in &img.table.fds {
+            if let Object::Pipe { id, .. } = f.object {
+                if let std::collections::hash_map::Entry::Vacant(v) = pipes.entry(id) {
+                    let (r, mut w) = migrt::sys::pipe()?;
+                    let data = images
+                        .iter()
+                        .flat_map(|i| &i.pipes)
+                        .find(|(pid, _)| *pid == id)
+                        .map(|(_, d)| &d.0);
+                    if let Some(d) = data.filter(|d| !d.is_empty()) {
+                        migrt::sys::grow_pipe(&w, d.len());
+                        w.write_all(d)
+                            .with_context(|| format!("refilling pipe {id} ({} bytes)", d.len()))?;
+                    }
+                    v.insert((r, w));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for img in images {
+        let (ours, theirs) = migrt::sys::seqpacket_pair()?;
+        for f in img.table.fds.iter().filter(|f| f.fd > 2) {
+            if let Object::Pipe { id, end, .. } = f.object {
+                let (r, w) = &pipes[&id];
+                let file = if end == PipeEnd::Read { r } else { w };
+                let mut msg = f.fd.to_le_bytes().to_vec();
+                msg.push(f.cloexec as u8);
+                migrt::sys::send_fd(ours.as_raw_fd(), &msg, file.as_raw_fd())?;
+            }
+        }
+        migrt::sys::send_fd(ours.as_raw_fd(), &[], -1)?;
+        let fd = migrt::sys::inheritable_fd_of(theirs.as_raw_fd(), FD_BASE)?;
+        drop(theirs);
+        out.push((ours, fd as u64));
+    }
+    Ok(out)
+}
+
 /// Refuses a file that changed since the checkpoint: the program would run other code
 /// than its memory was made by.
 fn check_unchanged(r: &Region, f: &std::fs::File) -> Result<()> {
@@ -226,6 +283,7 @@ fn write_plan(
     session_dir: &Path,
     children: &[u64],
     closes: &[u64],
+    channel: u64,
 ) -> Result<()> {
     let size_of = |n: &[u8]| {
         img.regions
@@ -263,6 +321,7 @@ fn write_plan(
     for t in others {
         args.extend([t.ucontext_addr, t.fs_base, t.vtid as u64]);
     }
+    args.push(channel);
 
     let head = 12u64;
     let children_at = head + entries.len() as u64 * 7;
@@ -364,10 +423,12 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
             plans.push((f, fd as u64));
         }
+        let channels = hand_down_objects(&images)?;
         let closes: Vec<u64> = mapped
             .iter()
             .flat_map(|m| m.fds.iter().copied())
             .chain(plans.iter().map(|p| p.1))
+            .chain(channels.iter().map(|c| c.1))
             .collect();
         for (k, i) in images.iter().enumerate() {
             let children: Vec<u64> = (0..images.len())
@@ -381,6 +442,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
                 &dir.0,
                 &children,
                 &closes,
+                channels[k].1,
             )?;
         }
         let plan_fd = plans[root].1.to_string().into_bytes();

@@ -46,6 +46,9 @@ pub enum Tag {
     PageMap = 5,
     /// the present pages of the preceding PageMap, page-aligned in the file
     PageData = 6,
+    /// postcard(Vec<(u64, Bytes)>): unread bytes of the pipes the process reads from, by
+    /// session-wide pipe id
+    Pipes = 7,
     End = 0x454e44,
 }
 
@@ -58,6 +61,7 @@ impl Tag {
             4 => Tag::Regions,
             5 => Tag::PageMap,
             6 => Tag::PageData,
+            7 => Tag::Pipes,
             0x454e44 => Tag::End,
             _ => return None,
         })

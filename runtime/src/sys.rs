@@ -202,12 +202,121 @@ pub fn memfd(name: &std::ffi::CStr, inherit: bool) -> io::Result<std::fs::File> 
 /// (the File keeps the old one, which stays close-on-exec).
 pub fn inheritable_fd(f: &std::fs::File, min: i32) -> io::Result<i32> {
     use std::os::fd::AsRawFd;
+    inheritable_fd_of(f.as_raw_fd(), min)
+}
+
+/// As inheritable_fd, for any fd we hold.
+pub fn inheritable_fd_of(fd: i32, min: i32) -> io::Result<i32> {
     // SAFETY: F_DUPFD on an fd we hold; the duplicate is deliberately left open for the
     // child to inherit (mig exits soon after).
-    let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD, min) };
+    let fd = unsafe { libc::fcntl(fd, libc::F_DUPFD, min) };
     if fd < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(fd)
+    }
+}
+
+/// A pipe (close-on-exec) as (read, write) Files.
+pub fn pipe() -> io::Result<(std::fs::File, std::fs::File)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a 2-int out-array; the fds become Files we own.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        use std::os::fd::FromRawFd;
+        Ok((
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        ))
+    }
+}
+
+/// Grows a pipe to hold at least `bytes` (up to the system's limit).
+pub fn grow_pipe(f: &std::fs::File, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETPIPE_SZ on a pipe we hold; failure leaves it as it was.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, bytes as libc::c_int) };
+}
+
+/// A unix seqpacket socket pair (close-on-exec).
+pub fn seqpacket_pair() -> io::Result<(
+    std::os::unix::net::UnixStream,
+    std::os::unix::net::UnixStream,
+)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a 2-int out-array; the fds become sockets we own.
+    unsafe {
+        if libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        use std::os::fd::FromRawFd;
+        Ok((
+            std::os::unix::net::UnixStream::from_raw_fd(fds[0]),
+            std::os::unix::net::UnixStream::from_raw_fd(fds[1]),
+        ))
+    }
+}
+
+/// Sends `payload` with one fd attached (SCM_RIGHTS), or none when `fd` is negative.
+pub fn send_fd(sock: i32, payload: &[u8], fd: i32) -> io::Result<()> {
+    // SAFETY: msghdr with one iovec over payload and a control buffer sized for one fd.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: payload.as_ptr() as *mut _,
+            iov_len: payload.len(),
+        };
+        let mut cbuf = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if fd >= 0 {
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+        }
+        if libc::sendmsg(sock, &msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receives one message and the fd attached to it (-1 if none): (payload length, fd).
+pub fn recv_fd(sock: i32, payload: &mut [u8]) -> io::Result<(usize, i32)> {
+    // SAFETY: as send_fd; the kernel writes at most the buffers' sizes.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        };
+        let mut cbuf = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        let fd = if !c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS {
+            std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>())
+        } else {
+            -1
+        };
+        Ok((n as usize, fd))
     }
 }

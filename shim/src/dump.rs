@@ -11,6 +11,7 @@ use migrt::image::{ImageWriter, Kind, PAGE, ProcessMeta, Region, Tag, ThreadStat
 use migrt::record::Bytes;
 use migrt::table::{Folded, ProcessTable};
 use std::io::{Read, Seek, SeekFrom};
+
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -113,6 +114,7 @@ pub fn dump(
         })
         .collect();
     w.postcard(Tag::Threads, &threads).map_err(enc)?;
+    w.postcard(Tag::Pipes, &pipe_contents(table)).map_err(enc)?;
 
     // Left out: the session table and the scratch buffer, both shared mappings, which the
     // kernel never merges with the app's private memory. (This thread's stack is stored
@@ -244,6 +246,48 @@ pub fn dump(
         regions: regions.len() as u32,
         pages,
     })
+}
+
+/// The unread bytes of every pipe this process reads from: read out through a second open
+/// of the read end (the app's own flags untouched), and written straight back, in order.
+/// Every process of the session is frozen, so nothing else reads or writes meanwhile. A
+/// pipe read by several processes is in each of their images; restore takes one.
+fn pipe_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
+    use migrt::table::{Object, PipeEnd};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out: Vec<(u64, Bytes)> = Vec::new();
+    for f in &table.fds {
+        let Object::Pipe {
+            id,
+            end: PipeEnd::Read,
+            ..
+        } = f.object
+        else {
+            continue;
+        };
+        if out.iter().any(|(i, _)| *i == id) {
+            continue;
+        }
+        let path = format!("/proc/self/fd/{}", f.fd);
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+        };
+        let Ok(mut r) = open(false) else { continue };
+        let mut data = Vec::new();
+        let _ = r.read_to_end(&mut data); // ends with WouldBlock once the pipe is empty
+        if !data.is_empty() {
+            if let Ok(mut w) = open(true) {
+                let _ = w.write_all(&data);
+            }
+        }
+        out.push((id, Bytes(data)));
+    }
+    out
 }
 
 /// prctl_mm_map's first eleven fields, from /proc/self/stat (brk: the end of [heap]).

@@ -8,8 +8,9 @@
 //! Arguments (written by `mig restore` into the plan): the session directory (u64 length,
 //! bytes, padded to 8), the number of fds to close (u64) and those fds (u64 each), the old
 //! process's TLS offset of glibc's tid (u64), the main thread's ucontext (u64), its TLS
-//! base (u64), prctl_mm_map fields (11 u64) with the auxv (u64 length, bytes), and the
-//! other threads (u64 count, then ucontext, TLS base and vtid, u64 each).
+//! base (u64), prctl_mm_map fields (11 u64) with the auxv (u64 length, bytes), the other
+//! threads (u64 count, then ucontext, TLS base and vtid, u64 each), and the fd of the
+//! channel its pipes come through (u64).
 
 use crate::interpose::raw::syscall6;
 use crate::state::{shim, vpid};
@@ -75,6 +76,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     let mut mm: Vec<u64> = (0..11).map(|_| a.u64()).collect();
     let auxv = a.bytes().to_vec();
     let threads: Vec<[u64; 3]> = (0..a.u64()).map(|_| [a.u64(), a.u64(), a.u64()]).collect();
+    let channel = a.u64() as i32;
 
     // glibc answers pthread_self()->tid from its cache: the new kernel tid.
     let tid = unsafe { syscall6(libc::SYS_gettid, 0, 0, 0, 0, 0, 0) } as i32;
@@ -112,6 +114,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     }
     crate::interpose::freeze::restore_process_state();
     rejoin_group();
+    receive_objects(channel);
     for fd in closes {
         crate::interpose::close_real(fd as i32);
     }
@@ -223,6 +226,30 @@ unsafe fn respawn(ucontext: u64, fs_base: u64, tid_field: u64) -> i64 {
         );
     }
     ret
+}
+
+/// The objects mig made anew for this process (pipes, with their unread bytes): one
+/// message per fd — its number and close-on-exec flag, the fd attached — until an empty one.
+fn receive_objects(channel: i32) {
+    let mut msg = [0u8; 8];
+    while let Ok((n, fd)) = migrt::sys::recv_fd(channel, &mut msg) {
+        if n == 0 || fd < 0 {
+            break;
+        }
+        let target = i32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+        let cloexec = if msg.get(4) == Some(&1) {
+            libc::O_CLOEXEC
+        } else {
+            0
+        };
+        // SAFETY: placing the received fd at the number the app knows.
+        unsafe {
+            if fd != target {
+                libc::dup3(fd, target, cloexec);
+                crate::interpose::close_real(fd);
+            }
+        }
+    }
 }
 
 /// The table as it was at the last freeze (the image carries this static memory).
