@@ -115,21 +115,21 @@ fn hand_down_objects(images: &[ProcImage]) -> Result<Vec<(std::os::unix::net::Un
     let mut pipes: HashMap<u64, (std::fs::File, std::fs::File)> = HashMap::new();
     for img in images {
         for f in &img.table.fds {
-            if let Object::Pipe { id, .. } = f.object {
-                if let std::collections::hash_map::Entry::Vacant(v) = pipes.entry(id) {
-                    let (r, mut w) = migrt::sys::pipe()?;
-                    let data = images
-                        .iter()
-                        .flat_map(|i| &i.pipes)
-                        .find(|(pid, _)| *pid == id)
-                        .map(|(_, d)| &d.0);
-                    if let Some(d) = data.filter(|d| !d.is_empty()) {
-                        migrt::sys::grow_pipe(&w, d.len());
-                        w.write_all(d)
-                            .with_context(|| format!("refilling pipe {id} ({} bytes)", d.len()))?;
-                    }
-                    v.insert((r, w));
+            if let Object::Pipe { id, .. } = f.object
+                && let std::collections::hash_map::Entry::Vacant(v) = pipes.entry(id)
+            {
+                let (r, mut w) = migrt::sys::pipe()?;
+                let data = images
+                    .iter()
+                    .flat_map(|i| &i.pipes)
+                    .find(|(pid, _)| *pid == id)
+                    .map(|(_, d)| &d.0);
+                if let Some(d) = data.filter(|d| !d.is_empty()) {
+                    migrt::sys::grow_pipe(&w, d.len());
+                    w.write_all(d)
+                        .with_context(|| format!("refilling pipe {id} ({} bytes)", d.len()))?;
                 }
+                v.insert((r, w));
             }
         }
     }

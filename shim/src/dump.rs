@@ -280,10 +280,10 @@ fn pipe_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
         let Ok(mut r) = open(false) else { continue };
         let mut data = Vec::new();
         let _ = r.read_to_end(&mut data); // ends with WouldBlock once the pipe is empty
-        if !data.is_empty() {
-            if let Ok(mut w) = open(true) {
-                let _ = w.write_all(&data);
-            }
+        if !data.is_empty()
+            && let Ok(mut w) = open(true)
+        {
+            let _ = w.write_all(&data);
         }
         out.push((id, Bytes(data)));
     }
