@@ -621,3 +621,67 @@ os.wait()
         "{out}"
     );
 }
+
+#[test]
+fn a_bash_loop_script_restores_and_goes_on() {
+    let env = Env::new("bashloop");
+    let log = env.detach(
+        "lb",
+        &[
+            "bash",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo \"loop $i $$\"; sleep 0.05; done",
+        ],
+    );
+    let loops = |p: &Path| -> Vec<u64> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("loop ")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let t = std::time::Instant::now();
+    while loops(&log).len() < 5 {
+        assert!(t.elapsed().as_secs() < 10);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let img = env.root.join("img");
+    stop_into(&env, "lb", &img);
+    let last = *loops(&log).last().unwrap();
+    let log2 = env.root.join("after.log");
+    ok(
+        &env,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--detach",
+            "--log",
+            log2.to_str().unwrap(),
+        ],
+    );
+    let t = std::time::Instant::now();
+    while loops(&log2).len() < 5 {
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "{:?}",
+            std::fs::read_to_string(&log2)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let after = loops(&log2);
+    assert_eq!(after[0], last + 1, "{after:?}");
+    assert!(
+        std::fs::read_to_string(&log2)
+            .unwrap()
+            .lines()
+            .all(|l| l.ends_with(&format!(" {}", VPID_BASE + 1))),
+        "same $$"
+    );
+    env.stop("lb");
+}
