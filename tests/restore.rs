@@ -498,7 +498,7 @@ for k in range(2):
         for n in range(1, 1000):
             os.write(1, f"child {k} {os.getpid()} {os.getppid()} {n}\n".encode())
             time.sleep(0.05)
-            if n >= 30: os._exit(7 + k)
+            if n >= 80: os._exit(7 + k)
     kids.append(pid)
 os.write(1, f"kids {kids[0]} {kids[1]}\n".encode())
 for pid in kids:
