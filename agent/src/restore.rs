@@ -7,8 +7,9 @@
 //! Its stdio is `mig restore`'s own.
 //!
 //! Several processes come back as the same tree (the root's restorer forks one restorer per
-//! child before it restores itself). Not yet: fds other than files and devices (issue #4:
-//! left closed), so pipes between the processes do not come back.
+//! child before it restores itself). Pipes are made anew here, refilled with their unread
+//! bytes and handed to each process over its own channel. Not yet: sockets and the other
+//! fd kinds (issue #4: left closed).
 
 use crate::run::exit_code;
 use crate::sessions;
