@@ -64,6 +64,22 @@ fn stop_into(env: &Env, session: &str, img: &Path) {
     env.wait_processes(session, "the session to end", |p| p.is_empty());
 }
 
+/// `mig restore IMG --detach --log ROOT/NAME`; returns the log.
+fn restore_detached(env: &Env, img: &Path, name: &str) -> std::path::PathBuf {
+    let log = env.root.join(name);
+    ok(
+        env,
+        &[
+            "restore",
+            img.to_str().unwrap(),
+            "--detach",
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    );
+    log
+}
+
 fn start_counter(env: &Env, mib: &str) -> std::path::PathBuf {
     let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", mib]);
     wait_counts(&log, 3);
@@ -276,22 +292,9 @@ while True:
     let log = env.detach("py", &["python3", "-c", &script]);
     wait_counts(&log, 5);
     let img = env.root.join("img");
-    ok(
-        &env,
-        &["checkpoint", "py", "--out", img.to_str().unwrap(), "--stop"],
-    );
+    stop_into(&env, "py", &img);
     let last = *counts(&log).last().unwrap();
-    let log2 = env.root.join("after.log");
-    ok(
-        &env,
-        &[
-            "restore",
-            img.to_str().unwrap(),
-            "--detach",
-            "--log",
-            log2.to_str().unwrap(),
-        ],
-    );
+    let log2 = restore_detached(&env, &img, "after.log");
     let after = wait_counts(&log2, 5);
     assert_eq!(after[0], last + 1, "{after:?}");
     env.stop("py");
@@ -330,10 +333,7 @@ fn threads_with_mutexes_condvars_signals_and_join_restore() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let img = env.root.join("img");
-    ok(
-        &env,
-        &["checkpoint", "th", "--out", img.to_str().unwrap(), "--stop"],
-    );
+    stop_into(&env, "th", &img);
     let before = ticks(&log);
     let last = before.last().unwrap().clone();
     // Not detached: mig restore returns the program's exit status.
@@ -413,24 +413,11 @@ while True:
     let log = env.root.join("a.log");
     wait_counts(&log, 5);
     let img = env.root.join("img");
-    ok(
-        &env,
-        &["checkpoint", "ps", "--out", img.to_str().unwrap(), "--stop"],
-    );
+    stop_into(&env, "ps", &img);
     let before = std::fs::read_to_string(&log).unwrap();
     let alarms = |l: &str| l.split_whitespace().nth(3).unwrap().parse::<u64>().unwrap();
     let a0 = alarms(before.lines().last().unwrap());
-    let log2 = env.root.join("b.log");
-    ok(
-        &env,
-        &[
-            "restore",
-            img.to_str().unwrap(),
-            "--detach",
-            "--log",
-            log2.to_str().unwrap(),
-        ],
-    );
+    let log2 = restore_detached(&env, &img, "b.log");
     let after = wait_counts(&log2, 8);
     assert!(after.len() >= 8);
     let text2 = std::fs::read_to_string(&log2).unwrap();
@@ -532,17 +519,7 @@ os.write(1, b"all reaped\n")
         .collect();
     let img = env.root.join("img");
     stop_into(&env, "tree", &img);
-    let log2 = env.root.join("after.log");
-    ok(
-        &env,
-        &[
-            "restore",
-            img.to_str().unwrap(),
-            "--detach",
-            "--log",
-            log2.to_str().unwrap(),
-        ],
-    );
+    let log2 = restore_detached(&env, &img, "after.log");
     let after = groups(&env);
     assert_eq!(after.len(), 3);
     assert!(
@@ -603,17 +580,7 @@ os.wait()
     std::thread::sleep(std::time::Duration::from_millis(200)); // the child has written
     let img = env.root.join("img");
     stop_into(&env, "p", &img);
-    let log2 = env.root.join("after.log");
-    ok(
-        &env,
-        &[
-            "restore",
-            img.to_str().unwrap(),
-            "--detach",
-            "--log",
-            log2.to_str().unwrap(),
-        ],
-    );
+    let log2 = restore_detached(&env, &img, "after.log");
     std::fs::write(&go, "").unwrap();
     let out = wait_for_text(&log2, "read:");
     assert!(
@@ -654,17 +621,7 @@ fn a_bash_loop_script_restores_and_goes_on() {
     let img = env.root.join("img");
     stop_into(&env, "lb", &img);
     let last = *loops(&log).last().unwrap();
-    let log2 = env.root.join("after.log");
-    ok(
-        &env,
-        &[
-            "restore",
-            img.to_str().unwrap(),
-            "--detach",
-            "--log",
-            log2.to_str().unwrap(),
-        ],
-    );
+    let log2 = restore_detached(&env, &img, "after.log");
     let t = std::time::Instant::now();
     while loops(&log2).len() < 5 {
         assert!(
