@@ -127,31 +127,31 @@ fn fopened(fp: *mut FILE, path: *const c_char, mode: *const c_char) -> *mut FILE
     fp
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut FILE {
-    let t = translate(path);
-    fopened(
-        real!(fopen: fn(*const c_char, *const c_char) -> *mut FILE)(
-            t.as_ref().map_or(path, |c| c.as_ptr()),
-            mode,
-        ),
-        path,
-        mode,
-    )
+/// Declares fopen/fopen64 and freopen/freopen64: path rewritten for /proc/<vpid>, the
+/// stream's fd journaled (freopen: the old fd closed first).
+macro_rules! fopen_like {
+    ($name:ident) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, mode: *const c_char) -> *mut FILE {
+            let t = translate(path);
+            let p = t.as_ref().map_or(path, |c| c.as_ptr());
+            fopened(real!($name: fn(*const c_char, *const c_char) -> *mut FILE)(p, mode), path, mode)
+        }
+    };
+    ($name:ident reopen) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, mode: *const c_char, stream: *mut FILE) -> *mut FILE {
+            let old = libc::fileno(stream);
+            let t = translate(path);
+            let p = t.as_ref().map_or(path, |c| c.as_ptr());
+            let fp = real!($name: fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE)(p, mode, stream);
+            reopened(old, fp, path, mode)
+        }
+    };
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE {
-    let t = translate(path);
-    fopened(
-        real!(fopen64: fn(*const c_char, *const c_char) -> *mut FILE)(
-            t.as_ref().map_or(path, |c| c.as_ptr()),
-            mode,
-        ),
-        path,
-        mode,
-    )
-}
+fopen_like!(fopen);
+fopen_like!(fopen64);
 
 unsafe fn reopened(
     old_fd: c_int,
@@ -168,37 +168,8 @@ unsafe fn reopened(
     fp
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn freopen(
-    path: *const c_char,
-    mode: *const c_char,
-    stream: *mut FILE,
-) -> *mut FILE {
-    let old = libc::fileno(stream);
-    let t = translate(path);
-    let fp = real!(freopen: fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE)(
-        t.as_ref().map_or(path, |c| c.as_ptr()),
-        mode,
-        stream,
-    );
-    reopened(old, fp, path, mode)
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn freopen64(
-    path: *const c_char,
-    mode: *const c_char,
-    stream: *mut FILE,
-) -> *mut FILE {
-    let old = libc::fileno(stream);
-    let t = translate(path);
-    let fp = real!(freopen64: fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE)(
-        t.as_ref().map_or(path, |c| c.as_ptr()),
-        mode,
-        stream,
-    );
-    reopened(old, fp, path, mode)
-}
+fopen_like!(freopen reopen);
+fopen_like!(freopen64 reopen);
 
 /// fclose closes its fd inside libc, past the close wrapper.
 #[unsafe(no_mangle)]
