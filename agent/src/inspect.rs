@@ -26,16 +26,13 @@ pub fn inspect(dir: &Path) -> Result<i32> {
             Vec::<ThreadState>::new(),
             Vec::<Region>::new(),
         );
-        let mut pages = std::collections::HashMap::<u32, u64>::new();
+        let mut maps: Vec<PageMap> = Vec::new();
         for s in &sections {
             match s.tag {
                 Tag::Meta => meta = s.decode(&path)?,
                 Tag::Threads => threads = s.decode(&path)?,
                 Tag::Regions => regions = s.decode(&path)?,
-                Tag::PageMap => {
-                    let m: PageMap = s.decode(&path)?;
-                    *pages.entry(m.region).or_default() += m.present_count();
-                }
+                Tag::PageMap => maps.push(s.decode(&path)?),
                 _ => {}
             }
         }
@@ -49,8 +46,17 @@ pub fn inspect(dir: &Path) -> Result<i32> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        for (i, r) in regions.iter().enumerate() {
-            let n = pages.get(&(i as u32)).copied().unwrap_or(0);
+        for r in &regions {
+            let n: u64 = maps
+                .iter()
+                .map(|m| {
+                    (0..m.count)
+                        .filter(|&i| {
+                            m.is_present(i) && (r.start..r.end).contains(&(m.start + i * 4096))
+                        })
+                        .count() as u64
+                })
+                .sum();
             println!(
                 "  {:x}-{:x} {} {:>8} KiB {:>7} pages stored  {}",
                 r.start,

@@ -200,7 +200,7 @@ fn map_regions(
     // zeros, which malloc relies on; the kernel shows the command line only from anonymous
     // memory). A lazy restore belongs to userfaultfd (issue #5).
     const COPY: u64 = 1;
-    for (ri, r) in img.regions.iter().enumerate() {
+    for r in &img.regions {
         if SPECIAL.contains(&r.name.0.as_slice()) {
             continue;
         }
@@ -245,30 +245,39 @@ fn map_regions(
             };
             entries.push([r.start, len, p, shared, fd as u64, r.offset, 0]);
         }
-        for (map, data_at) in img.pages.iter().filter(|(m, _)| m.region as usize == ri) {
-            let mut k = 0u64; // pages of this map's data seen so far
-            let mut i = 0;
-            while i < map.count {
-                if !map.is_present(i) {
-                    i += 1;
-                    continue;
-                }
-                let (start, first_k) = (i, k);
-                while i < map.count && map.is_present(i) {
-                    i += 1;
-                    k += 1;
-                }
-                let addr = r.start + (map.first_page + start) * PAGE as u64;
-                entries.push([
-                    addr,
-                    (i - start) * PAGE as u64,
-                    p,
-                    private,
-                    image_fd as u64,
-                    data_at + first_k * PAGE as u64,
-                    COPY,
-                ]);
+    }
+    // Then the page data, copied into the memory mapped above: runs of present pages, cut
+    // where a page lies outside every region (memory the process unmapped while it was
+    // being written, e.g. the shim's own).
+    let covered = |a: u64| {
+        img.regions
+            .iter()
+            .any(|r| a >= r.start && a < r.end && !SPECIAL.contains(&r.name.0.as_slice()))
+    };
+    for (map, data_at) in &img.pages {
+        let mut k = 0u64; // pages of this map's data seen so far
+        let mut i = 0;
+        while i < map.count {
+            let at = |i: u64| map.start + i * PAGE as u64;
+            if !map.is_present(i) || !covered(at(i)) {
+                k += map.is_present(i) as u64;
+                i += 1;
+                continue;
             }
+            let (start, first_k) = (i, k);
+            while i < map.count && map.is_present(i) && covered(at(i)) {
+                i += 1;
+                k += 1;
+            }
+            entries.push([
+                at(start),
+                (i - start) * PAGE as u64,
+                0,
+                private,
+                image_fd as u64,
+                data_at + first_k * PAGE as u64,
+                COPY,
+            ]);
         }
     }
     Ok(Mapped { entries, fds })

@@ -40,7 +40,8 @@ pub enum Tag {
     Table = 2,
     /// postcard(Vec<ThreadState>)
     Threads = 3,
-    /// postcard(Vec<Region>)
+    /// postcard(Vec<Region>), written after the pages: the address space as it is once
+    /// they are written (what the restore recreates)
     Regions = 4,
     /// postcard(PageMap): which pages of a region follow
     PageMap = 5,
@@ -141,12 +142,11 @@ pub struct Region {
     pub stored: bool,
 }
 
-/// The pages of `region` from `first_page` on, for `count` pages: bit i of `present`
-/// says page i is in the PageData section that follows (zero pages are not stored).
+/// `count` pages from address `start`: bit i of `present` says page i is in the PageData
+/// section that follows (zero pages are not stored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PageMap {
-    pub region: u32,
-    pub first_page: u64,
+    pub start: u64,
     pub count: u64,
     pub present: Vec<u64>,
 }
@@ -490,8 +490,7 @@ mod tests {
         .unwrap();
         let page = [7u8; PAGE];
         let map = PageMap {
-            region: 0,
-            first_page: 0,
+            start: 0x1000,
             count: 3,
             present: vec![0b101],
         };

@@ -136,32 +136,33 @@ pub fn dump(
             (md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec())
         })
     };
-    let regions: Vec<Region> = maps
-        .iter()
-        .map(|m| (m, identity(m)))
-        .map(|(m, (file_size, file_mtime_ns))| Region {
-            start: m.start,
-            end: m.end,
-            perms: m.perms.clone(),
-            offset: m.offset,
-            // The shim's own mappings (session table, scratch, control stack) are its
-            // business on restore: named so, they are placeholders.
-            // The session table is mapped again there by the restart path; the scratch
-            // buffer is not recreated at all.
-            name: if (m.start, m.end) == table_range {
-                Bytes::from(MIGSHIM_TABLE)
-            } else if is_own(m) {
-                Bytes::from(MIGSHIM_SCRATCH)
-            } else {
-                m.name.clone()
-            },
-            inode: m.inode,
-            file_size,
-            file_mtime_ns,
-            stored: stored(m, &own),
-        })
-        .collect();
-    w.postcard(Tag::Regions, &regions).map_err(enc)?;
+    let describe = |maps: &[migrt::procfs::MapsLine]| -> Vec<Region> {
+        maps.iter()
+            .map(|m| (m, identity(m)))
+            .map(|(m, (file_size, file_mtime_ns))| Region {
+                start: m.start,
+                end: m.end,
+                perms: m.perms.clone(),
+                offset: m.offset,
+                // The shim's own mappings (session table, scratch, control stack) are its
+                // business on restore: named so, they are placeholders.
+                // The session table is mapped again there by the restart path; the scratch
+                // buffer is not recreated at all.
+                name: if (m.start, m.end) == table_range {
+                    Bytes::from(MIGSHIM_TABLE)
+                } else if is_own(m) {
+                    Bytes::from(MIGSHIM_SCRATCH)
+                } else {
+                    m.name.clone()
+                },
+                inode: m.inode,
+                file_size,
+                file_mtime_ns,
+                stored: stored(m, &own),
+            })
+            .collect()
+    };
+    let regions = describe(&maps);
 
     // From here on nothing is allocated or freed: every page written is first copied to the
     // scratch mapping (left out of the image, as is this thread's stack), so that what is
@@ -206,8 +207,7 @@ pub fn dump(
             if n > 0 {
                 pages += n as u64;
                 let map = PageMapRef {
-                    region: ri as u32,
-                    first_page: first,
+                    start: addr,
                     count,
                     present,
                 };
@@ -219,22 +219,11 @@ pub fn dump(
             first += count;
         }
     }
-    // This thread's own allocations before the page loop may have grown its malloc arena
-    // (reserved memory made writable) after the map above was read: then the image would
-    // give that memory a stale protection. Checked now, and the caller writes again.
-    let now = migrt::procfs::all_mappings("self");
-    let same = |m: &migrt::procfs::MapsLine| {
-        is_own(m)
-            || regions
-                .iter()
-                .any(|r| r.start == m.start && r.end == m.end && r.perms == m.perms)
-    };
-    if !now.iter().all(same) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::Interrupted,
-            "the address space changed while it was written",
-        ));
-    }
+    // The regions as they are now: this thread's own allocations before the page loop may
+    // have grown its malloc arena (reserved memory made writable) after the first reading,
+    // and the restore must give every region the protection malloc's books expect.
+    let regions = describe(&migrt::procfs::all_mappings("self"));
+    w.postcard(Tag::Regions, &regions).map_err(enc)?;
     let bytes = w.written();
     w.finish()?;
     if sync {
@@ -322,8 +311,7 @@ fn mm_layout() -> Vec<u64> {
 /// A PageMap encoded from borrowed parts (same encoding as `image::PageMap`).
 #[derive(serde::Serialize)]
 struct PageMapRef<'a> {
-    region: u32,
-    first_page: u64,
+    start: u64,
     count: u64,
     present: &'a [u64],
 }
