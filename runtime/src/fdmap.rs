@@ -42,10 +42,6 @@ impl<V> FdMap<V> {
         }
     }
 
-    pub fn contains_key(&self, fd: &i32) -> bool {
-        self.get(fd).is_some()
-    }
-
     pub fn insert(&mut self, fd: i32, v: V) -> Option<V> {
         match low(fd) {
             Some(i) => {

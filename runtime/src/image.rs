@@ -446,10 +446,6 @@ impl<R: Read> ImageReader<R> {
             payload,
         }))
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {

@@ -7,7 +7,6 @@ use crate::sockaddr::SockAddr;
 use crate::sys;
 use crate::table::{EpollInterest, InotifyWatch, Mapping, Object, PipeEnd, SocketInfo};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 
 /// fds open in `/proc/<pid>` (`pid` may be "self"), ascending.
 pub fn list_fds(pid: &str) -> Vec<i32> {
@@ -356,10 +355,6 @@ fn parse_maps_line(l: &str) -> Option<Mapping> {
         offset,
         path: Bytes(path.into_bytes()),
     })
-}
-
-pub fn exists(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok()
 }
 
 #[cfg(test)]

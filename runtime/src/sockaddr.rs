@@ -49,13 +49,6 @@ impl SockAddr {
             _ => SockAddr::Other { family },
         }
     }
-
-    pub fn port(&self) -> Option<u16> {
-        match self {
-            SockAddr::V4 { port, .. } | SockAddr::V6 { port, .. } => Some(*port),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for SockAddr {
