@@ -642,3 +642,54 @@ fn a_bash_loop_script_restores_and_goes_on() {
     );
     env.stop("lb");
 }
+
+#[test]
+fn anonymous_shared_memory_stays_shared_between_restored_processes() {
+    let env = Env::new("shm");
+    let script = r#"
+import mmap, os, struct, time
+m = mmap.mmap(-1, 4096)   # MAP_SHARED | MAP_ANONYMOUS, kept across fork
+m[:8] = struct.pack("Q", 1000)
+if os.fork() == 0:
+    while True:   # the child counts in the shared page
+        n = struct.unpack("Q", m[:8])[0]
+        m[:8] = struct.pack("Q", n + 1)
+        time.sleep(0.01)
+while True:      # the parent reports what it sees there
+    os.write(1, f"seen {struct.unpack('Q', m[:8])[0]}\n".encode())
+    time.sleep(0.05)
+"#;
+    let log = env.detach("shm", &["python3", "-c", script]);
+    env.wait_processes("shm", "both processes", |p| p.len() == 2);
+    let seen = |p: &Path| -> Vec<u64> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("seen ")?.parse().ok())
+            .collect()
+    };
+    let t = std::time::Instant::now();
+    while seen(&log).last().copied().unwrap_or(0) < 1010 {
+        assert!(t.elapsed().as_secs() < 10, "{:?}", seen(&log));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let img = env.root.join("img");
+    stop_into(&env, "shm", &img);
+    let before = *seen(&log).last().unwrap();
+    let log2 = restore_detached(&env, &img, "after.log");
+    let t = std::time::Instant::now();
+    loop {
+        let s = seen(&log2);
+        // The parent sees the restored child's counting: the page is one object again.
+        if s.len() >= 3 && s.last().unwrap() > &(s[0] + 5) {
+            assert!(s[0] >= before, "{before} then {s:?}");
+            break;
+        }
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "the parent no longer sees the child's writes: {s:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    env.stop("shm");
+}

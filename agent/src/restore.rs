@@ -182,9 +182,56 @@ struct Mapped {
     fds: Vec<u64>,
 }
 
+/// Anonymous memory shared between processes (MAP_SHARED|MAP_ANONYMOUS, kept by fork):
+/// one object per mapping identity (its inode), made anew as a memfd holding the pages
+/// the first image that has it stored, and mapped shared by every process that had it.
+/// Returns inode → inheritable fd.
+fn shared_memory(images: &[ProcImage], keep: &mut Vec<std::fs::File>) -> Result<HashMap<u64, u64>> {
+    use std::os::unix::fs::FileExt;
+    let mut out = HashMap::new();
+    for img in images {
+        let image = std::fs::File::open(&img.path)?;
+        for r in img.regions.iter().filter(|r| shared_anonymous(r)) {
+            if out.contains_key(&r.inode) {
+                continue;
+            }
+            let mem = migrt::sys::memfd(c"migshim-shared", false)?;
+            mem.set_len(r.offset + (r.end - r.start))?;
+            let mut page = vec![0u8; PAGE];
+            for (map, data_at) in &img.pages {
+                let mut k = 0;
+                for i in 0..map.count {
+                    if !map.is_present(i) {
+                        continue;
+                    }
+                    let addr = map.start + i * PAGE as u64;
+                    if (r.start..r.end).contains(&addr) {
+                        image.read_exact_at(&mut page, data_at + k * PAGE as u64)?;
+                        mem.write_all_at(&page, r.offset + (addr - r.start))?;
+                    }
+                    k += 1;
+                }
+            }
+            let fd = migrt::sys::inheritable_fd(&mem, FD_BASE)?;
+            keep.push(mem);
+            out.insert(r.inode, fd as u64);
+        }
+    }
+    Ok(out)
+}
+
+/// A MAP_SHARED mapping of no file of its own (shared anonymous memory, a memfd).
+fn shared_anonymous(r: &Region) -> bool {
+    r.perms.ends_with('s')
+        && (r.name.0.starts_with(b"/dev/zero")
+            || r.name.0.starts_with(b"/memfd:")
+            || r.name.0.ends_with(b" (deleted)"))
+}
+
 fn map_regions(
     img: &ProcImage,
     allow_changed: bool,
+    shared: &HashMap<u64, u64>,
     keep: &mut Vec<std::fs::File>,
 ) -> Result<Mapped> {
     let mut fds: Vec<u64> = Vec::new();
@@ -208,7 +255,9 @@ fn map_regions(
         let file = r.name.0.first() == Some(&b'/')
             && !r.name.0.ends_with(b" (deleted)")
             && !r.name.0.starts_with(b"/memfd:");
-        if !file {
+        if let Some(&fd) = shared_anonymous(r).then(|| shared.get(&r.inode)).flatten() {
+            entries.push([r.start, len, p, libc::MAP_SHARED as u64, fd, r.offset, 0]);
+        } else if !file {
             entries.push([r.start, len, p, private, u64::MAX, 0, 0]);
         } else {
             // A shared writable mapping writes through to its file.
@@ -249,10 +298,14 @@ fn map_regions(
     // Then the page data, copied into the memory mapped above: runs of present pages, cut
     // where a page lies outside every region (memory the process unmapped while it was
     // being written, e.g. the shim's own).
+    // (Shared memory's pages are in its object already.)
     let covered = |a: u64| {
-        img.regions
-            .iter()
-            .any(|r| a >= r.start && a < r.end && !SPECIAL.contains(&r.name.0.as_slice()))
+        img.regions.iter().any(|r| {
+            a >= r.start
+                && a < r.end
+                && !SPECIAL.contains(&r.name.0.as_slice())
+                && !shared_anonymous(r)
+        })
     };
     for (map, data_at) in &img.pages {
         let mut k = 0u64; // pages of this map's data seen so far
@@ -441,9 +494,10 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     // 3. The plan, and the restorer.
     let result = (|| -> Result<i32> {
         let mut keep = Vec::new();
+        let shared = shared_memory(&images, &mut keep)?;
         let mapped: Vec<Mapped> = images
             .iter()
-            .map(|i| map_regions(i, a.allow_changed_files, &mut keep))
+            .map(|i| map_regions(i, a.allow_changed_files, &shared, &mut keep))
             .collect::<Result<_>>()?;
         let mut plans = Vec::new();
         for _ in &images {
@@ -457,6 +511,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             .flat_map(|m| m.fds.iter().copied())
             .chain(plans.iter().map(|p| p.1))
             .chain(channels.iter().map(|c| c.1))
+            .chain(shared.values().copied())
             .collect();
         for (k, i) in images.iter().enumerate() {
             let children: Vec<u64> = (0..images.len())
