@@ -123,7 +123,7 @@ pub struct ThreadState {
 }
 
 /// One mapping of the address space.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Region {
     pub start: u64,
     pub end: u64,

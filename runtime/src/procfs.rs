@@ -300,12 +300,30 @@ pub struct MapsLine {
 
 /// Every mapping of `/proc/<pid>/maps`, in address order.
 pub fn all_mappings(pid: &str) -> Vec<MapsLine> {
-    let Ok(text) = std::fs::read(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
+    std::fs::read(format!("/proc/{pid}/maps")).map_or_else(|_| Vec::new(), |t| parse_maps(&t))
+}
+
+/// The lines of a `/proc/<pid>/maps` text.
+pub fn parse_maps(text: &[u8]) -> Vec<MapsLine> {
     text.split(|&b| b == b'\n')
         .filter_map(parse_maps_bytes)
         .collect()
+}
+
+/// (start, end, perms, name) of one maps line, without allocating.
+pub fn maps_fields(l: &[u8]) -> Option<(u64, u64, &[u8], &[u8])> {
+    let mut fields = l.splitn(6, |&b| b == b' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let (_off, _dev, _ino) = (fields.next()?, fields.next()?, fields.next()?);
+    let name = fields.next().map(|n| n.trim_ascii_start()).unwrap_or(&[]);
+    let dash = range.iter().position(|&b| b == b'-')?;
+    let hex = |s: &[u8]| {
+        std::str::from_utf8(s)
+            .ok()
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+    };
+    Some((hex(&range[..dash])?, hex(&range[dash + 1..])?, perms, name))
 }
 
 fn parse_maps_bytes(l: &[u8]) -> Option<MapsLine> {

@@ -32,9 +32,11 @@ pub struct Dumped {
 
 /// A mapping backed by a file the restore maps again (its unmodified pages come from there).
 fn file_backed(m: &migrt::procfs::MapsLine) -> bool {
-    m.name.0.first() == Some(&b'/')
-        && !m.name.0.starts_with(b"/memfd:")
-        && !m.name.0.ends_with(b" (deleted)")
+    file_name(&m.name.0)
+}
+
+fn file_name(name: &[u8]) -> bool {
+    name.first() == Some(&b'/') && !name.starts_with(b"/memfd:") && !name.ends_with(b" (deleted)")
 }
 
 /// Whether the image holds page data of this mapping: every readable mapping but the ones
@@ -42,12 +44,16 @@ fn file_backed(m: &migrt::procfs::MapsLine) -> bool {
 /// data is the file's). Of a private file mapping only the pages the process changed
 /// (copy-on-write, e.g. relocated RELRO) are stored.
 fn stored(m: &migrt::procfs::MapsLine, own: &[(u64, u64)]) -> bool {
+    stored_raw(m.start, m.end, m.perms.as_bytes(), &m.name.0, own)
+}
+
+fn stored_raw(start: u64, end: u64, perms: &[u8], name: &[u8], own: &[(u64, u64)]) -> bool {
     let special = [&b"[vvar]"[..], b"[vvar_vclock]", b"[vdso]", b"[vsyscall]"];
-    let shared = m.perms.as_bytes().get(3) == Some(&b's');
-    !(special.contains(&m.name.0.as_slice())
-        || own.iter().any(|&(s, e)| m.start >= s && m.end <= e)
-        || !m.perms.starts_with('r')
-        || (file_backed(m) && shared))
+    let shared = perms.get(3) == Some(&b's');
+    !(special.contains(&name)
+        || own.iter().any(|&(s, e)| start >= s && end <= e)
+        || perms.first() != Some(&b'r')
+        || (file_name(name) && shared))
 }
 
 fn link(p: &str) -> Bytes {
@@ -123,8 +129,12 @@ pub fn dump(
     let (shm, shm_len) = s.table.mapping();
     let table_range = (shm as u64, (shm + shm_len) as u64);
     let own = [table_range, scratch.range()];
-    let maps = migrt::procfs::all_mappings("self");
-    let from_file: Vec<bool> = maps.iter().map(file_backed).collect();
+    // Everything the page loop needs is allocated now; the address space is read into it
+    // just before the loop, and nothing is allocated or freed from then until the pages are
+    // written (the control thread's own malloc arena is part of what is written).
+    let mut maps_file = std::fs::File::open("/proc/self/maps")?;
+    let mut maps_text: Vec<u8> = vec![0; 16 << 20];
+    let mut spans: Vec<(u64, u64, bool, bool)> = Vec::with_capacity(1 << 16);
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
     let identity = |m: &migrt::procfs::MapsLine| -> (u64, i64) {
@@ -162,17 +172,42 @@ pub fn dump(
             })
             .collect()
     };
-    let regions = describe(&maps);
 
     // From here on nothing is allocated or freed: every page written is first copied to the
     // scratch mapping (left out of the image, as is this thread's stack), so that what is
     // checksummed is what is written, and the heap the app will find again is the heap as
     // it was when the app was parked.
     let mut pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let mut len = 0;
+    loop {
+        match maps_file.read(&mut maps_text[len..])? {
+            0 => break,
+            n => len += n,
+        }
+        if len == maps_text.len() {
+            return Err(std::io::Error::other("more than 16 MiB of mappings"));
+        }
+    }
+    for line in maps_text[..len].split(|&b| b == b'\n') {
+        if let Some((start, end, perms, name)) = migrt::procfs::maps_fields(line)
+            && spans.len() < spans.capacity()
+        {
+            spans.push((
+                start,
+                end,
+                stored_raw(start, end, perms, name, &own),
+                file_name(name),
+            ));
+        }
+    }
     let mut pages = 0u64;
-    for (ri, r) in regions.iter().enumerate().filter(|(_, r)| r.stored) {
+    for &(start, end, _, file) in spans.iter().filter(|s| s.2) {
+        let r = Region {
+            start,
+            end,
+            ..Default::default()
+        };
         let total = (r.end - r.start) / PAGE as u64;
-        let file = from_file[ri];
         let mut first = 0;
         while first < total {
             let count = CHUNK.min(total - first);
@@ -219,10 +254,8 @@ pub fn dump(
             first += count;
         }
     }
-    // The regions as they are now: this thread's own allocations before the page loop may
-    // have grown its malloc arena (reserved memory made writable) after the first reading,
-    // and the restore must give every region the protection malloc's books expect.
-    let regions = describe(&migrt::procfs::all_mappings("self"));
+    // The regions as the page loop saw them (written last: describing them allocates).
+    let regions = describe(&migrt::procfs::parse_maps(&maps_text[..len]));
     w.postcard(Tag::Regions, &regions).map_err(enc)?;
     let bytes = w.written();
     w.finish()?;
