@@ -6,12 +6,13 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn counts(log: &Path) -> Vec<u64> {
+/// The first number of every line of `log` that starts with `prefix`.
+fn numbers(log: &Path, prefix: &str) -> Vec<u64> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
-            l.strip_prefix("count ")?
+            l.strip_prefix(prefix)?
                 .split_whitespace()
                 .next()?
                 .parse()
@@ -20,22 +21,31 @@ fn counts(log: &Path) -> Vec<u64> {
         .collect()
 }
 
-fn wait_counts(log: &Path, n: usize) -> Vec<u64> {
+/// Waits until `log` has `n` such lines; returns their numbers.
+fn wait_numbers(log: &Path, prefix: &str, n: usize) -> Vec<u64> {
     let t = std::time::Instant::now();
     loop {
-        let c = counts(log);
+        let c = numbers(log, prefix);
         if c.len() >= n {
             return c;
         }
         assert!(
             t.elapsed().as_secs() < 15,
-            "{} counts in {}: {:?}",
+            "{} {prefix:?} lines in {}: {:?}",
             c.len(),
             log.display(),
             std::fs::read_to_string(log)
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+fn counts(log: &Path) -> Vec<u64> {
+    numbers(log, "count ")
+}
+
+fn wait_counts(log: &Path, n: usize) -> Vec<u64> {
+    wait_numbers(log, "count ", n)
 }
 
 fn ok(env: &Env, args: &[&str]) -> String {
@@ -323,15 +333,7 @@ fn threads_with_mutexes_condvars_signals_and_join_restore() {
             .map(String::from)
             .collect()
     };
-    let t = std::time::Instant::now();
-    while ticks(&log).len() < 5 {
-        assert!(
-            t.elapsed().as_secs() < 10,
-            "{:?}",
-            std::fs::read_to_string(&log)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_numbers(&log, "tick ", 5);
     let img = env.root.join("img");
     stop_into(&env, "th", &img);
     let before = ticks(&log);
@@ -600,38 +602,12 @@ fn a_bash_loop_script_restores_and_goes_on() {
             "i=0; while true; do i=$((i+1)); echo \"loop $i $$\"; sleep 0.05; done",
         ],
     );
-    let loops = |p: &Path| -> Vec<u64> {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                l.strip_prefix("loop ")?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect()
-    };
-    let t = std::time::Instant::now();
-    while loops(&log).len() < 5 {
-        assert!(t.elapsed().as_secs() < 10);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_numbers(&log, "loop ", 5);
     let img = env.root.join("img");
     stop_into(&env, "lb", &img);
-    let last = *loops(&log).last().unwrap();
+    let last = *numbers(&log, "loop ").last().unwrap();
     let log2 = restore_detached(&env, &img, "after.log");
-    let t = std::time::Instant::now();
-    while loops(&log2).len() < 5 {
-        assert!(
-            t.elapsed().as_secs() < 10,
-            "{:?}",
-            std::fs::read_to_string(&log2)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let after = loops(&log2);
+    let after = wait_numbers(&log2, "loop ", 5);
     assert_eq!(after[0], last + 1, "{after:?}");
     assert!(
         std::fs::read_to_string(&log2)
