@@ -11,7 +11,7 @@ use migrt::wire::{Request, Response};
 use std::path::Path;
 use std::time::Instant;
 
-pub fn checkpoint(session: &str, out: &Path, stop: bool) -> Result<i32> {
+pub fn checkpoint(session: &str, out: &Path, stop: bool, ignore_unsupported: bool) -> Result<i32> {
     let rt = sessions::runtime_dir()?;
     let live = sessions::find(&rt, session)?;
     if out.exists()
@@ -27,7 +27,7 @@ pub fn checkpoint(session: &str, out: &Path, stop: bool) -> Result<i32> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let t0 = Instant::now();
     let mut clients: Vec<(i32, i32, Client)> = Vec::new();
-    let result = run(&live, out, stop, &mut clients, t0);
+    let result = run(&live, out, stop, ignore_unsupported, &mut clients, t0);
     if result.is_err() {
         // Let everybody go, and leave no partial image behind.
         for (_, _, c) in &mut clients {
@@ -42,15 +42,14 @@ fn run(
     live: &Live,
     out: &Path,
     stop: bool,
+    ignore_unsupported: bool,
     clients: &mut Vec<(i32, i32, Client)>,
     t0: Instant,
 ) -> Result<i32> {
     // 1. Freeze all, so that what passes between them is consistent. A process that ends
     // before it is frozen ended before the checkpoint and is left out; one started
     // meanwhile is frozen too (frozen processes start none, so this settles).
-    let gone = |pid: i32| {
-        !migrt::sys::alive(pid) || migrt::procfs::status(pid).is_some_and(|(s, _)| s == 'Z')
-    };
+    let gone = sessions::gone;
     let frozen_at = Instant::now();
     let mut threads = 0;
     loop {
@@ -82,7 +81,31 @@ fn run(
     if clients.is_empty() {
         bail!("session {} has no live process", live.name());
     }
-    // 2. Write every image.
+    // 2. Nothing the restore could not rebuild, unless told.
+    let mut tables = Vec::new();
+    for (vpid, _, c) in clients.iter_mut() {
+        match c.call(&Request::Table { journal: false })? {
+            Response::Table { table, .. } => tables.push(table),
+            other => bail!("process {vpid}: unexpected answer {other:?}"),
+        }
+    }
+    migrt::link::link_peers(&mut tables);
+    let unsupported = migrt::support::unsupported(&tables);
+    if !unsupported.is_empty() {
+        let list: Vec<String> = unsupported.iter().map(|u| format!("  {u}")).collect();
+        if !ignore_unsupported {
+            bail!(
+                "session {} holds what a restore cannot rebuild:\n{}\n(nothing was written; checkpoint anyway with --ignore-unsupported: after a restore these fds read as closed)",
+                live.name(),
+                list.join("\n")
+            );
+        }
+        eprintln!(
+            "mig: checkpoint: ignored, as asked (they read as closed after a restore):\n{}",
+            list.join("\n")
+        );
+    }
+    // 3. Write every image.
     let mut bytes = 0;
     let mut manifest = SessionManifest {
         name: live.name(),
@@ -113,7 +136,7 @@ fn run(
         session_file.sync_all()?;
         std::fs::File::open(out)?.sync_all()?;
     }
-    // 3. Run on, or end.
+    // 4. Run on, or end.
     let last = if stop { Request::Stop } else { Request::Thaw };
     for (vpid, _, c) in clients.iter_mut() {
         match c.call(&last)? {

@@ -5,15 +5,48 @@ mod client;
 mod demo;
 mod elf;
 mod inspect;
+mod objects;
 mod restore;
 mod run;
 mod sessions;
 mod show;
+mod sockets;
 mod table;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+
+/// Where a restored session's resources bind on this host (default: where they were).
+#[derive(clap::Args, Clone, Debug, Default)]
+struct MapArgs {
+    /// Files and unix socket paths under OLD are found under NEW (a path prefix; repeatable).
+    #[arg(long, value_name = "OLD=NEW")]
+    map_path: Vec<String>,
+    /// Sockets bound to port OLD bind to NEW, connections to OLD go to NEW (repeatable).
+    #[arg(long, value_name = "OLD=NEW")]
+    map_port: Vec<String>,
+    /// The same for IP addresses (repeatable).
+    #[arg(long, value_name = "OLD=NEW")]
+    map_addr: Vec<String>,
+}
+
+impl MapArgs {
+    fn rebind(&self) -> anyhow::Result<migrt::rebind::Rebind> {
+        let mut r = migrt::rebind::Rebind::default();
+        let bad = |flag: &'static str| move |e: String| anyhow::anyhow!("{flag}: {e}");
+        for p in &self.map_path {
+            r.add_path(p).map_err(bad("--map-path"))?;
+        }
+        for p in &self.map_port {
+            r.add_port(p).map_err(bad("--map-port"))?;
+        }
+        for a in &self.map_addr {
+            r.add_addr(a).map_err(bad("--map-addr"))?;
+        }
+        Ok(r)
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +97,11 @@ enum Cmd {
         /// End the session once the image is complete and synced.
         #[arg(long)]
         stop: bool,
+        /// Checkpoint even if some fds cannot be rebuilt (io_uring, devices, connections
+        /// to the outside, ...): the restore puts a stand-in that reads as closed at each
+        /// one and reports it.
+        #[arg(long)]
+        ignore_unsupported: bool,
     },
     /// Bring a checkpointed session back and let it run on.
     Restore {
@@ -91,6 +129,8 @@ enum Cmd {
         /// Its stderr (appended to; default: as stdout).
         #[arg(long, value_name = "FILE")]
         stderr: Option<PathBuf>,
+        #[command(flatten)]
+        map: MapArgs,
     },
     /// Show what a checkpoint image holds (after verifying it).
     Image { dir: PathBuf },
@@ -151,7 +191,12 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Checkpoint { session, out, stop } => checkpoint::checkpoint(&session, &out, stop),
+        Cmd::Checkpoint {
+            session,
+            out,
+            stop,
+            ignore_unsupported,
+        } => checkpoint::checkpoint(&session, &out, stop, ignore_unsupported),
         Cmd::Restore {
             dir,
             name,
@@ -161,12 +206,14 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             stdin,
             stdout,
             stderr,
+            map,
         } => restore::restore(restore::RestoreArgs {
             dir,
             name,
             detach,
             log,
             allow_changed_files,
+            rebind: map.rebind()?,
             stdio: [stdin, stdout, stderr],
         }),
         Cmd::Image { dir } => inspect::inspect(&dir),

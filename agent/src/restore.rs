@@ -11,13 +11,15 @@
 //! bytes and handed to each process over its own channel. Not yet: sockets and the other
 //! fd kinds (issue #4: left closed).
 
+use crate::objects::{self, Objects};
 use crate::run::exit_code;
 use crate::sessions;
 use anyhow::{Context, Result, bail};
 use migrt::image::{self, PAGE, PageMap, ProcessMeta, Region, SessionManifest, Tag, ThreadState};
 use migrt::record::Bytes;
 use migrt::sessiontable::{Kind, SessionTable, State};
-use migrt::table::{Object, PipeEnd, ProcessTable};
+use migrt::sockstate::SocketState;
+use migrt::table::{Folded, ProcessTable};
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -46,21 +48,27 @@ pub struct RestoreArgs {
     pub detach: bool,
     pub log: Option<PathBuf>,
     pub allow_changed_files: bool,
+    pub rebind: migrt::rebind::Rebind,
     /// Files for the restored process's stdin/stdout/stderr (default: mig restore's own).
     pub stdio: [Option<PathBuf>; 3],
 }
 
 /// A process image, verified and decoded; page data stays in the file.
-struct ProcImage {
-    path: PathBuf,
-    meta: ProcessMeta,
-    table: ProcessTable,
+pub struct ProcImage {
+    pub path: PathBuf,
+    pub meta: ProcessMeta,
+    pub table: ProcessTable,
+    /// The journal's intent behind the table (how sockets were made, ...).
+    pub folded: Folded,
     /// Unread bytes of the pipes it reads from, by pipe id.
-    pipes: Vec<(u64, Bytes)>,
-    threads: Vec<ThreadState>,
-    regions: Vec<Region>,
+    pub pipes: Vec<(u64, Bytes)>,
+    pub sockets: Vec<SocketState>,
+    /// Content of its memfds and deleted files, by inode.
+    pub contents: Vec<(u64, Bytes)>,
+    pub threads: Vec<ThreadState>,
+    pub regions: Vec<Region>,
     /// (page map, file offset of its page data)
-    pages: Vec<(PageMap, u64)>,
+    pub pages: Vec<(PageMap, u64)>,
 }
 
 fn read_image(path: &Path) -> Result<ProcImage> {
@@ -72,7 +80,10 @@ fn read_image(path: &Path) -> Result<ProcImage> {
         path: path.into(),
         meta: Default::default(),
         table: Default::default(),
+        folded: Default::default(),
         pipes: vec![],
+        sockets: vec![],
+        contents: vec![],
         threads: vec![],
         regions: vec![],
         pages: vec![],
@@ -81,8 +92,10 @@ fn read_image(path: &Path) -> Result<ProcImage> {
     for s in &sections {
         match s.tag {
             Tag::Meta => img.meta = s.decode(path)?,
-            Tag::Table => img.table = s.decode::<(ProcessTable, migrt::table::Folded)>(path)?.0,
+            Tag::Table => (img.table, img.folded) = s.decode(path)?,
             Tag::Pipes => img.pipes = s.decode(path)?,
+            Tag::Sockets => img.sockets = s.decode(path)?,
+            Tag::Contents => img.contents = s.decode(path)?,
             Tag::Threads => img.threads = s.decode(path)?,
             Tag::Regions => img.regions = s.decode(path)?,
             Tag::PageMap => pending = Some(s.decode(path)?),
@@ -105,46 +118,19 @@ fn prot(perms: &str) -> u64 {
     bit(0, b'r', libc::PROT_READ) | bit(1, b'w', libc::PROT_WRITE) | bit(2, b'x', libc::PROT_EXEC)
 }
 
-/// The plan for the restorer (see runtime/restorer/main.rs) and the fds it refers to.
-/// The session's pipes, made anew and refilled with their unread bytes; every process gets
-/// its ends at its own fd numbers through its own channel (a seqpacket socket pair: one
-/// message per fd, with the fd attached; an empty message ends). Returns, per process, the
-/// channel end it inherits (kept open here until the restore is done) and its fd number.
-fn hand_down_objects(images: &[ProcImage]) -> Result<Vec<(std::os::unix::net::UnixStream, u64)>> {
-    use std::io::Write;
+/// Hands every process its objects through its own channel (a seqpacket socket pair: one
+/// message per fd — its number and close-on-exec flag — with the fd attached; an empty
+/// message ends). Returns, per process, the channel end it inherits (kept open here until
+/// the restore is done) and its fd number.
+fn hand_down(objects: &Objects) -> Result<Vec<(std::os::unix::net::UnixStream, u64)>> {
     use std::os::fd::AsRawFd;
-    let mut pipes: HashMap<u64, (std::fs::File, std::fs::File)> = HashMap::new();
-    for img in images {
-        for f in &img.table.fds {
-            if let Object::Pipe { id, .. } = f.object
-                && let std::collections::hash_map::Entry::Vacant(v) = pipes.entry(id)
-            {
-                let (r, mut w) = migrt::sys::pipe()?;
-                let data = images
-                    .iter()
-                    .flat_map(|i| &i.pipes)
-                    .find(|(pid, _)| *pid == id)
-                    .map(|(_, d)| &d.0);
-                if let Some(d) = data.filter(|d| !d.is_empty()) {
-                    migrt::sys::grow_pipe(&w, d.len());
-                    w.write_all(d)
-                        .with_context(|| format!("refilling pipe {id} ({} bytes)", d.len()))?;
-                }
-                v.insert((r, w));
-            }
-        }
-    }
     let mut out = Vec::new();
-    for img in images {
+    for fds in &objects.fds {
         let (ours, theirs) = migrt::sys::seqpacket_pair()?;
-        for f in img.table.fds.iter().filter(|f| f.fd > 2) {
-            if let Object::Pipe { id, end, .. } = f.object {
-                let (r, w) = &pipes[&id];
-                let file = if end == PipeEnd::Read { r } else { w };
-                let mut msg = f.fd.to_le_bytes().to_vec();
-                msg.push(f.cloexec as u8);
-                migrt::sys::send_fd(ours.as_raw_fd(), &msg, file.as_raw_fd())?;
-            }
+        for (fd, cloexec, obj) in fds {
+            let mut msg = fd.to_le_bytes().to_vec();
+            msg.push(*cloexec as u8);
+            migrt::sys::send_fd(ours.as_raw_fd(), &msg, obj.as_raw_fd())?;
         }
         migrt::sys::send_fd(ours.as_raw_fd(), &[], -1)?;
         let fd = migrt::sys::inheritable_fd_of(theirs.as_raw_fd(), FD_BASE)?;
@@ -186,13 +172,22 @@ struct Mapped {
 /// one object per mapping identity (its inode), made anew as a memfd holding the pages
 /// the first image that has it stored, and mapped shared by every process that had it.
 /// Returns inode → inheritable fd.
-fn shared_memory(images: &[ProcImage], keep: &mut Vec<std::fs::File>) -> Result<HashMap<u64, u64>> {
+fn shared_memory(
+    images: &[ProcImage],
+    by_inode: &HashMap<u64, std::fs::File>,
+    keep: &mut Vec<std::fs::File>,
+) -> Result<HashMap<u64, u64>> {
     use std::os::unix::fs::FileExt;
     let mut out = HashMap::new();
     for img in images {
         let image = std::fs::File::open(&img.path)?;
         for r in img.regions.iter().filter(|r| shared_anonymous(r)) {
             if out.contains_key(&r.inode) {
+                continue;
+            }
+            // A memfd or deleted file that an fd holds too: the object made for the fd.
+            if let Some(f) = by_inode.get(&r.inode) {
+                out.insert(r.inode, migrt::sys::inheritable_fd(f, FD_BASE)? as u64);
                 continue;
             }
             let mem = migrt::sys::memfd(c"migshim-shared", false)?;
@@ -230,7 +225,7 @@ fn shared_anonymous(r: &Region) -> bool {
 
 fn map_regions(
     img: &ProcImage,
-    allow_changed: bool,
+    policy: &objects::Policy,
     shared: &HashMap<u64, u64>,
     keep: &mut Vec<std::fs::File>,
 ) -> Result<Mapped> {
@@ -265,7 +260,8 @@ fn map_regions(
             let fd = match files.get(&(r.name.0.clone(), write)) {
                 Some(&fd) => fd,
                 None => {
-                    let path = std::ffi::OsStr::from_bytes(&r.name.0);
+                    let mapped = policy.rebind.path(&r.name.0);
+                    let path = std::ffi::OsStr::from_bytes(&mapped.0);
                     let f = std::fs::OpenOptions::new()
                         .read(true)
                         .write(write)
@@ -277,7 +273,7 @@ fn map_regions(
                                 r.start
                             )
                         })?;
-                    if !allow_changed {
+                    if !policy.allow_changed_files {
                         check_unchanged(r, &f)?;
                     }
                     let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
@@ -422,11 +418,17 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         (image::Kind::Session, Some(s)) if s.tag == Tag::Meta => s.decode(&session_img)?,
         _ => bail!("{}: not a session image", session_img.display()),
     };
-    let images: Vec<ProcImage> = manifest
+    let mut images: Vec<ProcImage> = manifest
         .processes
         .iter()
         .map(|(_, _, f)| read_image(&a.dir.join(f)))
         .collect::<Result<_>>()?;
+    // Which socket is connected to which, session-wide.
+    let mut tables: Vec<ProcessTable> = images.iter().map(|i| i.table.clone()).collect();
+    migrt::link::link_peers(&mut tables);
+    for (img, t) in images.iter_mut().zip(tables) {
+        img.table = t;
+    }
     for img in &images {
         if img.meta.restart_entry == 0 || img.meta.main_ucontext == 0 {
             bail!(
@@ -453,24 +455,6 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     };
     let img = &images[root];
 
-    // What cannot come back yet is said, not hidden (issue #4 will rebuild it).
-    for i in &images {
-        for f in i.table.fds.iter().filter(|f| f.fd > 2) {
-            let back = matches!(
-                f.object,
-                Object::File { deleted: false, .. } | Object::Device { .. } | Object::Pipe { .. }
-            );
-            if !back {
-                eprintln!(
-                    "mig: restore: process {} fd {} ({}) cannot be restored yet and stays closed",
-                    i.meta.vpid,
-                    f.fd,
-                    f.object.kind()
-                );
-            }
-        }
-    }
-
     // 2. The session, with the same vpid.
     let name = a.name.clone().unwrap_or_else(|| manifest.name.clone());
     let rt = sessions::runtime_dir()?;
@@ -494,10 +478,15 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     // 3. The plan, and the restorer.
     let result = (|| -> Result<i32> {
         let mut keep = Vec::new();
-        let shared = shared_memory(&images, &mut keep)?;
+        let policy = objects::Policy {
+            rebind: &a.rebind,
+            allow_changed_files: a.allow_changed_files,
+        };
+        let objects = objects::build(&images, &policy)?;
+        let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
         let mapped: Vec<Mapped> = images
             .iter()
-            .map(|i| map_regions(i, a.allow_changed_files, &shared, &mut keep))
+            .map(|i| map_regions(i, &policy, &shared, &mut keep))
             .collect::<Result<_>>()?;
         let mut plans = Vec::new();
         for _ in &images {
@@ -505,7 +494,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
             plans.push((f, fd as u64));
         }
-        let channels = hand_down_objects(&images)?;
+        let channels = hand_down(&objects)?;
         let closes: Vec<u64> = mapped
             .iter()
             .flat_map(|m| m.fds.iter().copied())

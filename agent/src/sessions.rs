@@ -200,3 +200,8 @@ pub fn remove_if_dead(dir: &SessionDir) {
         let _ = std::fs::remove_dir_all(&dir.0);
     }
 }
+
+/// Whether a process has ended (gone, or a zombie not reaped yet).
+pub fn gone(pid: i32) -> bool {
+    !migrt::sys::alive(pid) || migrt::procfs::status(pid).is_some_and(|(s, _)| s == 'Z')
+}

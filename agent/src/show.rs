@@ -173,7 +173,7 @@ pub fn describe(f: &FdEntry) -> String {
                 .collect();
             format!("[{}]", l.join(", "))
         }
-        Object::MemFd { name, size } => format!("{name} size {size}"),
+        Object::MemFd { name, size, .. } => format!("{name} size {size}"),
         Object::PtyMaster { index } => match index {
             Some(i) => format!("/dev/pts/{i}"),
             None => "?".into(),

@@ -13,12 +13,14 @@ pub fn fetch(live: &Live, journal: bool) -> Result<Vec<(ProcessTable, Option<Jou
         let mut c = match Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
             Ok(c) => c,
             // It may have exited since it was listed.
-            Err(_) if !migrt::sys::alive(p.pid) => continue,
+            Err(_) if crate::sessions::gone(p.pid) => continue,
             Err(e) => return Err(e),
         };
-        match c.call(&Request::Table { journal })? {
-            Response::Table { table, journal } => tables.push((table, journal)),
-            other => bail!("process {}: unexpected answer {other:?}", p.vpid),
+        match c.call(&Request::Table { journal }) {
+            Ok(Response::Table { table, journal }) => tables.push((table, journal)),
+            Err(_) if crate::sessions::gone(p.pid) => continue,
+            Err(e) => return Err(e),
+            Ok(other) => bail!("process {}: unexpected answer {other:?}", p.vpid),
         }
     }
     let mut plain: Vec<ProcessTable> = tables.iter().map(|(t, _)| t.clone()).collect();

@@ -19,7 +19,7 @@ use std::io::{IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 8] = *b"MIGSHIM\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const PAGE: usize = 4096;
 const HEAD: usize = 32;
 
@@ -50,6 +50,11 @@ pub enum Tag {
     /// postcard(Vec<(u64, Bytes)>): unread bytes of the pipes the process reads from, by
     /// session-wide pipe id
     Pipes = 7,
+    /// postcard(Vec<sockstate::SocketState>): unread bytes and options of its sockets
+    Sockets = 8,
+    /// postcard(Vec<(u64, Bytes)>): the content of files that exist nowhere else (memfds,
+    /// files deleted while open), by inode
+    Contents = 9,
     End = 0x454e44,
 }
 
@@ -63,6 +68,8 @@ impl Tag {
             5 => Tag::PageMap,
             6 => Tag::PageData,
             7 => Tag::Pipes,
+            8 => Tag::Sockets,
+            9 => Tag::Contents,
             0x454e44 => Tag::End,
             _ => return None,
         })
@@ -541,14 +548,14 @@ mod tests {
             assert!(e.contains("img") && e.contains("truncated"), "{cut}: {e}");
         }
         let mut v2 = img.clone();
-        v2[8] = 2;
+        v2[8] = (VERSION + 1) as u8;
         let crc = crc32fast::hash(&v2[..16]);
         v2[16..20].copy_from_slice(&crc.to_le_bytes());
         assert!(
             read(&v2)
                 .unwrap_err()
                 .to_string()
-                .contains("format version 2")
+                .contains(&format!("format version {}", VERSION + 1))
         );
         assert!(
             read(b"hello")

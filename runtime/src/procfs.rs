@@ -242,9 +242,11 @@ pub fn describe_own_fd(
         }
     } else if let Some(name) = link.strip_prefix(b"/memfd:") {
         let name = name.strip_suffix(b" (deleted)").unwrap_or(name);
+        let st = sys::fstat(fd).ok();
         Object::MemFd {
             name: Bytes::from(name),
-            size: sys::fstat(fd).map(|s| s.st_size).unwrap_or(0),
+            size: st.map_or(0, |s| s.st_size),
+            ino: st.map_or(0, |s| s.st_ino),
         }
     } else if link.first() == Some(&b'/') {
         let st = sys::fstat(fd).ok()?;
@@ -262,6 +264,7 @@ pub fn describe_own_fd(
                 size: st.st_size,
                 dev: st.st_dev,
                 ino: st.st_ino,
+                mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
                 deleted,
             },
             libc::S_IFDIR => Object::Directory {

@@ -320,3 +320,159 @@ pub fn recv_fd(sock: i32, payload: &mut [u8]) -> io::Result<(usize, i32)> {
         Ok((n as usize, fd))
     }
 }
+
+/// An option's raw value (up to 64 bytes), or None when the kernel refuses it.
+pub fn getsockopt_bytes(fd: i32, level: i32, name: i32) -> Option<Vec<u8>> {
+    let mut v = [0u8; 64];
+    let mut len = v.len() as libc::socklen_t;
+    // SAFETY: v and len are valid out-pointers of the sizes given.
+    let r = unsafe { libc::getsockopt(fd, level, name, v.as_mut_ptr().cast(), &mut len) };
+    (r == 0).then(|| v[..(len as usize).min(v.len())].to_vec())
+}
+
+pub fn setsockopt_bytes(fd: i32, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+    // SAFETY: the kernel reads value.len() bytes from value.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+pub fn set_sockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
+    setsockopt_bytes(fd, level, name, &value.to_ne_bytes())
+}
+
+/// recv(MSG_PEEK | MSG_DONTWAIT): the length peeked, or None (nothing queued, or an error).
+pub fn recv_peek(fd: i32, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: the kernel writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    (n >= 0).then_some(n as usize)
+}
+
+/// Bytes in a TCP socket's send queue not yet acknowledged by its peer (SIOCOUTQ).
+pub fn unsent_bytes(fd: i32) -> u32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (== SIOCOUTQ) writes one int.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if r == 0 { n.max(0) as u32 } else { 0 }
+}
+
+fn owned(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us by the kernel and is owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// An eventfd holding `count` (the kernel's initial value is only 32 bits wide: the rest
+/// is written).
+pub fn eventfd(count: u64, flags: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: eventfd takes plain values.
+    let fd = owned(unsafe { libc::eventfd(0, flags | libc::EFD_CLOEXEC) })?;
+    if count > 0 {
+        // SAFETY: writes the 8-byte counter increment eventfd expects.
+        let n = unsafe { libc::write(fd.as_raw_fd(), (&raw const count).cast(), 8) };
+        if n != 8 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(fd)
+}
+
+/// A timerfd armed to fire in `value_ns` (0: disarmed), then every `interval_ns`.
+pub fn timerfd(
+    clock: i32,
+    flags: i32,
+    value_ns: u64,
+    interval_ns: u64,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: timerfd_create takes plain values.
+    let fd = owned(unsafe { libc::timerfd_create(clock, flags | libc::TFD_CLOEXEC) })?;
+    let ts = |ns: u64| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as i64,
+        tv_nsec: (ns % 1_000_000_000) as i64,
+    };
+    let spec = libc::itimerspec {
+        it_interval: ts(interval_ns),
+        it_value: ts(value_ns),
+    };
+    // SAFETY: spec is a valid itimerspec; the old value is not asked for.
+    if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// A signalfd for the signals in `mask` (bit n-1 for signal n).
+pub fn signalfd(mask: u64, flags: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: the kernel reads an 8-byte signal set (the size passed).
+    owned(unsafe {
+        libc::syscall(
+            libc::SYS_signalfd4,
+            -1,
+            &raw const mask,
+            8,
+            flags | libc::SFD_CLOEXEC,
+        ) as i32
+    })
+}
+
+pub fn inotify(flags: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: inotify_init1 takes plain flags.
+    owned(unsafe { libc::inotify_init1(flags | libc::IN_CLOEXEC) })
+}
+
+/// inotify_add_watch; returns the watch descriptor.
+pub fn inotify_watch(fd: i32, path: &[u8], mask: u32) -> io::Result<i32> {
+    let path =
+        std::ffi::CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: path is NUL-terminated.
+    let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) };
+    if wd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(wd)
+    }
+}
+
+pub fn inotify_unwatch(fd: i32, wd: i32) {
+    // SAFETY: removes a watch of an inotify fd we hold; failure changes nothing.
+    unsafe { libc::inotify_rm_watch(fd, wd) };
+}
+
+/// Sets an open file's status flags (O_APPEND, O_NONBLOCK, ...).
+pub fn set_status_flags(fd: i32, flags: i32) -> io::Result<()> {
+    // SAFETY: F_SETFL on an fd we hold.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn seek(fd: i32, offset: i64) -> io::Result<()> {
+    // SAFETY: lseek on an fd we hold.
+    if unsafe { libc::lseek(fd, offset, libc::SEEK_SET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -428,6 +428,8 @@ pub enum Object {
         size: i64,
         dev: u64,
         ino: u64,
+        /// Last modification (ns since the epoch), so that a restore notices a change.
+        mtime_ns: i64,
         deleted: bool,
     },
     Directory {
@@ -472,6 +474,7 @@ pub enum Object {
     MemFd {
         name: Bytes,
         size: i64,
+        ino: u64,
     },
     PtyMaster {
         index: Option<u32>,

@@ -121,6 +121,10 @@ pub fn dump(
         .collect();
     w.postcard(Tag::Threads, &threads).map_err(enc)?;
     w.postcard(Tag::Pipes, &pipe_contents(table)).map_err(enc)?;
+    w.postcard(Tag::Sockets, &socket_states(table))
+        .map_err(enc)?;
+    w.postcard(Tag::Contents, &file_contents(table))
+        .map_err(enc)?;
 
     // Left out: the session table and the scratch buffer, both shared mappings, which the
     // kernel never merges with the app's private memory. (This thread's stack is stored
@@ -308,6 +312,61 @@ fn pipe_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
             let _ = w.write_all(&data);
         }
         out.push((id, Bytes(data)));
+    }
+    out
+}
+
+/// Unread bytes and options of every socket this process holds (once per socket).
+fn socket_states(table: &ProcessTable) -> Vec<migrt::sockstate::SocketState> {
+    let mut out: Vec<migrt::sockstate::SocketState> = Vec::new();
+    for f in &table.fds {
+        if let migrt::table::Object::Socket(s) = &f.object
+            && !out.iter().any(|o| o.id == s.id)
+        {
+            out.push(migrt::sockstate::capture(
+                f.fd,
+                s.id,
+                s.domain,
+                s.ty,
+                s.listening,
+            ));
+        }
+    }
+    out
+}
+
+/// The content of files that exist nowhere else: memfds and files deleted while open, by
+/// inode (read without moving the app's offset).
+fn file_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
+    use migrt::table::Object;
+    use std::os::unix::fs::FileExt;
+    let mut out: Vec<(u64, Bytes)> = Vec::new();
+    for f in &table.fds {
+        if !matches!(
+            f.object,
+            Object::MemFd { .. } | Object::File { deleted: true, .. }
+        ) {
+            continue;
+        }
+        let Ok(st) = migrt::sys::fstat(f.fd) else {
+            continue;
+        };
+        if out.iter().any(|(ino, _)| *ino == st.st_ino) {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(format!("/proc/self/fd/{}", f.fd)) else {
+            continue;
+        };
+        let mut data = vec![0u8; st.st_size.max(0) as usize];
+        let mut at = 0;
+        while at < data.len() {
+            match file.read_at(&mut data[at..], at as u64) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => at += n,
+            }
+        }
+        data.truncate(at);
+        out.push((st.st_ino, Bytes(data)));
     }
     out
 }

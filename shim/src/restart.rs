@@ -118,7 +118,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     for fd in closes {
         crate::interpose::close_real(fd as i32);
     }
-    reopen_files();
+    rebuild_epolls();
     // The restorer's leftovers: its code, the plan (the arguments were copied above), and
     // the stack the kernel gave it (found by name before set_mm renames the app's stack).
     let leftovers: Vec<(u64, u64)> = migrt::procfs::all_mappings("self")
@@ -228,7 +228,7 @@ unsafe fn respawn(ucontext: u64, fs_base: u64, tid_field: u64) -> i64 {
     ret
 }
 
-/// The objects mig made anew for this process (pipes, with their unread bytes): one
+/// The objects mig made anew for this process (every fd but epolls, see objects.rs): one
 /// message per fd — its number and close-on-exec flag, the fd attached — until an empty one.
 fn receive_objects(channel: i32) {
     let mut msg = [0u8; 8];
@@ -247,6 +247,8 @@ fn receive_objects(channel: i32) {
             if fd != target {
                 libc::dup3(fd, target, cloexec);
                 crate::interpose::close_real(fd);
+            } else if cloexec == 0 {
+                libc::fcntl(fd, libc::F_SETFD, 0);
             }
         }
     }
@@ -259,48 +261,48 @@ pub fn keep_table(t: &migrt::table::ProcessTable) {
     *FROZEN.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
 }
 
-/// Files and devices come back at their numbers, flags and offsets (stdio excepted: it is
-/// `mig restore`'s own). Other kinds of fds are issue #4's: left closed for now.
-fn reopen_files() {
+/// Epoll instances come back once every other fd is in place (mig made those): their
+/// interest lists name fds by number, and the kernel keys each interest by the fd number
+/// it was added under. Two passes, so that an epoll watching another epoll finds it.
+fn rebuild_epolls() {
     use migrt::table::Object;
-    use std::os::fd::IntoRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
     let Some(t) = FROZEN.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
         return;
     };
-    for f in t.fds.iter().filter(|f| f.fd > 2) {
-        let (path, offset) = match &f.object {
-            Object::File {
-                path,
-                offset,
-                deleted: false,
-                ..
-            } => (path, *offset),
-            Object::Device { path, .. } => (path, 0),
-            _ => continue,
-        };
-        let acc = f.flags & libc::O_ACCMODE;
-        let opened = std::fs::OpenOptions::new()
-            .read(acc != libc::O_WRONLY)
-            .write(acc != libc::O_RDONLY)
-            .custom_flags(
-                f.flags & !(libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL),
-            )
-            .open(std::ffi::OsStr::from_bytes(&path.0));
-        let Ok(file) = opened else {
-            eprintln!("migshim: restore: cannot reopen {} as fd {}", path, f.fd);
-            continue;
-        };
-        let raw = file.into_raw_fd();
-        // SAFETY: placing our fresh fd at the number the app knows, with its offset and
-        // close-on-exec flag; the temporary number is closed.
+    let epolls: Vec<_> = t
+        .fds
+        .iter()
+        .filter_map(|f| match &f.object {
+            Object::Epoll { interest } => Some((f, interest)),
+            _ => None,
+        })
+        .collect();
+    for (f, _) in &epolls {
+        let cloexec = if f.cloexec { libc::EPOLL_CLOEXEC } else { 0 };
+        // SAFETY: a fresh epoll fd, moved to the number the app knows.
         unsafe {
-            if raw != f.fd {
-                libc::dup3(raw, f.fd, if f.cloexec { libc::O_CLOEXEC } else { 0 });
-                crate::interpose::close_real(raw);
+            let ep = libc::epoll_create1(cloexec);
+            if ep >= 0 && ep != f.fd {
+                libc::dup3(ep, f.fd, cloexec);
+                crate::interpose::close_real(ep);
             }
-            if offset > 0 && f.flags & libc::O_APPEND == 0 {
-                libc::lseek(f.fd, offset, libc::SEEK_SET);
+        }
+    }
+    for (f, interest) in &epolls {
+        for i in interest.iter() {
+            let mut ev = libc::epoll_event {
+                events: i.events,
+                u64: i.data,
+            };
+            // SAFETY: ev is a valid epoll_event; both fds are in place.
+            let r = unsafe { libc::epoll_ctl(f.fd, libc::EPOLL_CTL_ADD, i.fd, &mut ev) };
+            if r != 0 {
+                eprintln!(
+                    "migshim: restore: epoll fd {}: watching fd {} again failed ({})",
+                    f.fd,
+                    i.fd,
+                    std::io::Error::last_os_error()
+                );
             }
         }
     }

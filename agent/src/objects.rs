@@ -1,0 +1,338 @@
+//! The objects behind a restored session's fds, made anew by `mig restore` and handed to
+//! each process at its own fd numbers.
+//!
+//! Objects with an identity across processes are made once and handed to every process
+//! that held them: pipes (refilled with their unread bytes), sockets (sockets.rs), and
+//! files that exist nowhere else — memfds and files deleted while open — filled with the
+//! content the image carries (the same object backs their shared mappings). The rest is
+//! made per fd: files and directories reopened at their offsets (through the path policy;
+//! a file that changed since the checkpoint is refused unless allowed), plain devices,
+//! FIFOs, eventfds with their counters, timerfds with their remaining time and interval,
+//! signalfds with their masks, inotify instances with their watches at the same watch
+//! numbers. Epoll instances are the process's own work (shim/src/restart.rs): their
+//! interest lists name fds by number, so they are made once every fd is in place.
+//!
+//! Stdio (fds 0–2) is `mig restore`'s own, unless it was a pipe or socket inside the
+//! session. An fd the checkpoint was told to ignore (`--ignore-unsupported`) gets a
+//! stand-in that reads as closed (a socket whose peer is gone, or /dev/null), so that its
+//! number is not taken by the next file the program opens; each one is reported.
+
+use crate::restore::ProcImage;
+use crate::sockets::{self, SessionSocket};
+use anyhow::{Context, Result, bail};
+use migrt::rebind::Rebind;
+use migrt::record::Bytes;
+use migrt::table::{FdEntry, Object, PipeEnd};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+
+pub struct Policy<'a> {
+    pub rebind: &'a Rebind,
+    pub allow_changed_files: bool,
+}
+
+/// Every process's fds (by image index): (fd, close-on-exec, object).
+pub struct Objects {
+    pub fds: Vec<Vec<(i32, bool, OwnedFd)>>,
+    /// Files that exist nowhere else, by their old inode: their fds and shared mappings
+    /// use the same new object.
+    pub by_inode: HashMap<u64, File>,
+}
+
+fn path_of(b: &Bytes) -> &std::ffi::OsStr {
+    std::ffi::OsStr::from_bytes(&b.0)
+}
+
+pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
+    let listeners = migrt::support::listeners(images.iter().map(|i| &i.table));
+    let kept = |f: &FdEntry| {
+        f.fd > 2 || matches!(f.object, Object::Pipe { .. } | Object::Socket(_)) && inside(f, images)
+    };
+
+    // Sockets, all together (connections need both ends).
+    let mut socks: Vec<SessionSocket> = Vec::new();
+    for img in images {
+        for f in img.table.fds.iter().filter(|f| kept(f)) {
+            if let Object::Socket(s) = &f.object
+                && !socks.iter().any(|x| x.info.id == s.id)
+                && migrt::support::why_unsupported(&f.object, &listeners).is_none()
+            {
+                socks.push(SessionSocket {
+                    info: s,
+                    state: images
+                        .iter()
+                        .flat_map(|i| &i.sockets)
+                        .find(|st| st.id == s.id),
+                    intent: intent(img, f.fd),
+                });
+            }
+        }
+    }
+    let sockets = sockets::build(&socks, policy.rebind)?;
+
+    let mut pipes: HashMap<u64, (File, File)> = HashMap::new();
+    let mut by_inode: HashMap<u64, File> = HashMap::new();
+    let mut out = Vec::new();
+    for img in images {
+        let mut fds = Vec::new();
+        for f in img.table.fds.iter().filter(|f| kept(f)) {
+            let made: OwnedFd = if let Some(why) =
+                migrt::support::why_unsupported(&f.object, &listeners)
+            {
+                eprintln!(
+                    "mig: restore: process {} fd {} ({}): {why}; it reads as closed",
+                    img.meta.vpid,
+                    f.fd,
+                    f.object.kind()
+                );
+                stand_in(&f.object)?
+            } else {
+                match &f.object {
+                    Object::Pipe { id, end, .. } => {
+                        let (r, w) = match pipes.entry(*id) {
+                            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                v.insert(pipe(*id, images)?)
+                            }
+                        };
+                        (if *end == PipeEnd::Read { &*r } else { &*w })
+                            .try_clone()?
+                            .into()
+                    }
+                    Object::Socket(s) => match sockets.get(&s.id) {
+                        Some(sock) => sock.try_clone()?.into(),
+                        None => continue,
+                    },
+                    Object::File {
+                        deleted: true,
+                        ino,
+                        path,
+                        ..
+                    } => {
+                        let obj = content_object(&mut by_inode, *ino, images, Some(path), policy)?;
+                        reopen_content(obj, f)?
+                    }
+                    Object::MemFd { ino, name, .. } => {
+                        let obj = content_object(&mut by_inode, *ino, images, None, policy)
+                            .with_context(|| format!("remaking memfd {name}"))?;
+                        reopen_content(obj, f)?
+                    }
+                    other => match per_fd(other, f, policy) {
+                        Ok(Some(fd)) => fd,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            return Err(e.context(format!(
+                                "process {} fd {} ({})",
+                                img.meta.vpid,
+                                f.fd,
+                                f.object.kind()
+                            )));
+                        }
+                    },
+                }
+            };
+            let _ = migrt::sys::set_status_flags(made.as_raw_fd(), f.flags);
+            fds.push((f.fd, f.cloexec, made));
+        }
+        out.push(fds);
+    }
+    Ok(Objects { fds: out, by_inode })
+}
+
+/// Whether a stdio pipe or socket leads to another fd of the session (else it is the
+/// outside world's, and the restore rebinds it).
+fn inside(f: &FdEntry, images: &[ProcImage]) -> bool {
+    match &f.object {
+        Object::Pipe { id, end, .. } => images.iter().flat_map(|i| &i.table.fds).any(
+            |g| matches!(&g.object, Object::Pipe { id: i, end: e, .. } if i == id && e != end),
+        ),
+        Object::Socket(s) => s.peer_link.is_some() || s.listening,
+        _ => false,
+    }
+}
+
+fn intent<'a>(img: &'a ProcImage, fd: i32) -> Option<&'a migrt::table::SocketIntent> {
+    match img.folded.fds.get(&fd).map(|i| &i.opened) {
+        Some(migrt::table::Opened::Socket(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// A pipe made anew with its unread bytes.
+fn pipe(id: u64, images: &[ProcImage]) -> Result<(File, File)> {
+    let (r, mut w) = migrt::sys::pipe()?;
+    let data = images
+        .iter()
+        .flat_map(|i| &i.pipes)
+        .find(|(pid, _)| *pid == id)
+        .map(|(_, d)| &d.0);
+    if let Some(d) = data.filter(|d| !d.is_empty()) {
+        migrt::sys::grow_pipe(&w, d.len());
+        w.write_all(d)
+            .with_context(|| format!("refilling pipe {id} ({} bytes)", d.len()))?;
+    }
+    Ok((r, w))
+}
+
+/// The new object for a file that exists nowhere else: a file deleted while open comes back
+/// as an unnamed file in its old directory (O_TMPFILE), else — and for memfds — as a memfd;
+/// filled with the content the image carries.
+fn content_object<'a>(
+    by_inode: &'a mut HashMap<u64, File>,
+    ino: u64,
+    images: &[ProcImage],
+    path: Option<&Bytes>,
+    policy: &Policy,
+) -> Result<&'a File> {
+    if !by_inode.contains_key(&ino) {
+        let content = images
+            .iter()
+            .flat_map(|i| &i.contents)
+            .find(|(i, _)| *i == ino)
+            .map(|(_, c)| c.0.as_slice())
+            .unwrap_or_default();
+        let tmp = path.and_then(|p| {
+            let p = policy.rebind.path(&p.0);
+            let dir = std::path::Path::new(path_of(&p)).parent()?.to_path_buf();
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .open(dir)
+                .ok()
+        });
+        let mut f = match tmp {
+            Some(f) => f,
+            None => migrt::sys::memfd(c"migshim-restored", false)?,
+        };
+        f.write_all(content)?;
+        by_inode.insert(ino, f);
+    }
+    Ok(&by_inode[&ino])
+}
+
+/// A new open of a content object with the fd's own access mode and offset.
+fn reopen_content(obj: &File, f: &FdEntry) -> Result<OwnedFd> {
+    let file = open_with(
+        format!("/proc/self/fd/{}", obj.as_raw_fd()).as_ref(),
+        f.flags,
+    )?;
+    if let Object::File { offset, .. } = &f.object {
+        migrt::sys::seek(file.as_raw_fd(), *offset)?;
+    }
+    Ok(file.into())
+}
+
+fn open_with(path: &std::ffi::OsStr, flags: i32) -> std::io::Result<File> {
+    let acc = flags & libc::O_ACCMODE;
+    std::fs::OpenOptions::new()
+        .read(acc != libc::O_WRONLY)
+        .write(acc != libc::O_RDONLY)
+        .custom_flags(flags & !(libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL))
+        .open(path)
+}
+
+/// The objects made for one fd alone (None: left to the process, e.g. epoll).
+fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
+    let nonblock = f.flags & libc::O_NONBLOCK;
+    Ok(Some(match o {
+        Object::File {
+            path,
+            offset,
+            size,
+            ino,
+            mtime_ns,
+            ..
+        } => {
+            let p = policy.rebind.path(&path.0);
+            let file = open_with(path_of(&p), f.flags).with_context(|| format!("reopening {p}"))?;
+            if !policy.allow_changed_files && p.0 == path.0 {
+                use std::os::unix::fs::MetadataExt;
+                let md = file.metadata()?;
+                let now = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+                if md.size() as i64 != *size || md.ino() != *ino || now != *mtime_ns {
+                    bail!(
+                        "{p} changed since the checkpoint (size {size} → {}, inode {ino} → {}, modified {mtime_ns} → {now} ns); pass --allow-changed-files to restore anyway",
+                        md.size(),
+                        md.ino()
+                    );
+                }
+            }
+            migrt::sys::seek(file.as_raw_fd(), *offset)?;
+            file.into()
+        }
+        Object::Directory { path, offset } => {
+            let p = policy.rebind.path(&path.0);
+            let dir = open_with(path_of(&p), libc::O_RDONLY | libc::O_DIRECTORY)
+                .with_context(|| format!("reopening the directory {p}"))?;
+            migrt::sys::seek(dir.as_raw_fd(), *offset)?;
+            dir.into()
+        }
+        Object::Device { tty: true, .. } => match open_with("/dev/tty".as_ref(), libc::O_RDWR) {
+            Ok(t) => t.into(),
+            Err(_) => {
+                eprintln!(
+                    "mig: restore: fd {} was a terminal and this restore has none: it reads from /dev/null",
+                    f.fd
+                );
+                open_with("/dev/null".as_ref(), libc::O_RDWR)?.into()
+            }
+        },
+        Object::Device { path, .. } => open_with(path_of(path), f.flags)
+            .with_context(|| format!("reopening {path}"))?
+            .into(),
+        Object::Fifo { path, .. } => {
+            // Opened for both directions so that the open neither blocks nor fails for
+            // want of the other end.
+            let p = policy.rebind.path(&path.0);
+            open_with(path_of(&p), libc::O_RDWR | libc::O_NONBLOCK)
+                .with_context(|| format!("reopening the FIFO {p}"))?
+                .into()
+        }
+        Object::EventFd { count, semaphore } => {
+            let sem = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
+            migrt::sys::eventfd(*count, sem | nonblock)?
+        }
+        Object::TimerFd {
+            clockid,
+            value_ns,
+            interval_ns,
+            ..
+        } => migrt::sys::timerfd(*clockid, nonblock, *value_ns, *interval_ns)?,
+        Object::SignalFd { mask } => migrt::sys::signalfd(*mask, nonblock)?,
+        Object::Inotify { watches } => {
+            let fd = migrt::sys::inotify(nonblock)?;
+            let mut sorted = watches.clone();
+            sorted.sort_by_key(|w| w.wd);
+            for w in sorted {
+                // Watch numbers are handed out in order: pad the gaps so each watch gets
+                // its old number.
+                let path = policy.rebind.path(&w.path.map(|p| p.0).unwrap_or_default());
+                for _ in 0..=w.wd {
+                    let wd = migrt::sys::inotify_watch(fd.as_raw_fd(), &path.0, w.mask)
+                        .with_context(|| format!("watching {path} again (inotify)"))?;
+                    if wd >= w.wd {
+                        break;
+                    }
+                    migrt::sys::inotify_unwatch(fd.as_raw_fd(), wd);
+                }
+            }
+            fd
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// What an fd the restore cannot rebuild becomes: a socket whose peer has gone (reads end
+/// of file, writes fail), or /dev/null for what was not a socket.
+fn stand_in(o: &Object) -> Result<OwnedFd> {
+    if matches!(o, Object::Socket(_)) {
+        let (a, _gone) = socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+        return Ok(a.into());
+    }
+    Ok(open_with("/dev/null".as_ref(), libc::O_RDWR)?.into())
+}

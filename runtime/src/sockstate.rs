@@ -1,0 +1,154 @@
+//! What a socket holds beyond its addresses, captured at a checkpoint and put back on
+//! restore: the bytes its owner has not read yet and the options it was given.
+//!
+//! Unread bytes are peeked (`MSG_PEEK` with a moving `SO_PEEK_OFF`), never consumed, so the
+//! running session is untouched. They are put back by sending them from the rebuilt peer.
+//! Kept for unix sockets and TCP; a UDP queue is not (its sender's address cannot be
+//! forged without privileges, and UDP may lose datagrams anyway).
+
+use crate::record::Bytes;
+use crate::sys;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SocketState {
+    /// The session-wide socket id (table::SocketInfo::id).
+    pub id: u64,
+    /// Unread data: one entry per message (datagram, seqpacket), or one for a stream.
+    pub unread: Vec<Bytes>,
+    /// (level, option, value as the kernel gave it)
+    pub options: Vec<(i32, i32, Bytes)>,
+    /// Bytes the socket had sent that its peer had not received yet (TCP send queue):
+    /// not captured, counted so that a checkpoint can say so.
+    pub unsent: u32,
+}
+
+/// Options put back on a rebuilt socket (before it is bound, so that e.g. SO_REUSEADDR
+/// and IPV6_V6ONLY take effect as they did).
+const OPTIONS: &[(i32, i32)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::SOL_SOCKET, libc::SO_PASSCRED),
+    (libc::SOL_SOCKET, libc::SO_LINGER),
+    (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+    (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+];
+
+fn applies(level: i32, domain: i32, ty: i32) -> bool {
+    match level {
+        libc::IPPROTO_TCP => domain != libc::AF_UNIX && ty == libc::SOCK_STREAM,
+        libc::IPPROTO_IPV6 => domain == libc::AF_INET6,
+        _ => true,
+    }
+}
+
+/// Captures socket `fd` of the calling process (all of the session frozen). `listening`
+/// sockets have no data of their own.
+pub fn capture(fd: i32, id: u64, domain: i32, ty: i32, listening: bool) -> SocketState {
+    let options = OPTIONS
+        .iter()
+        .filter(|(level, _)| applies(*level, domain, ty))
+        .filter_map(|&(level, name)| {
+            Some((level, name, Bytes(sys::getsockopt_bytes(fd, level, name)?)))
+        })
+        .collect();
+    let keeps_data =
+        domain == libc::AF_UNIX || (ty == libc::SOCK_STREAM && domain != libc::AF_UNIX);
+    let unread = if listening || !keeps_data {
+        Vec::new()
+    } else {
+        peek_all(fd, ty == libc::SOCK_STREAM)
+    };
+    let unsent = if domain != libc::AF_UNIX && ty == libc::SOCK_STREAM {
+        sys::unsent_bytes(fd)
+    } else {
+        0
+    };
+    SocketState {
+        id,
+        unread,
+        options,
+        unsent,
+    }
+}
+
+/// Every unread message (or the stream's bytes, as one), without consuming any.
+fn peek_all(fd: i32, stream: bool) -> Vec<Bytes> {
+    let Some(old_off) = sys::sockopt_int(fd, libc::SO_PEEK_OFF).ok() else {
+        return Vec::new();
+    };
+    if sys::set_sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
+        return Vec::new();
+    }
+    let mut out: Vec<Bytes> = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    // A bound on the number of messages: the queue cannot grow while frozen, but an
+    // empty datagram does not move the peek offset.
+    for _ in 0..1_000_000 {
+        match sys::recv_peek(fd, &mut buf) {
+            Some(n) if n > 0 || !stream => {
+                let got = &buf[..n];
+                match (stream, out.last_mut()) {
+                    (true, Some(last)) => last.0.extend_from_slice(got),
+                    _ => out.push(Bytes(got.to_vec())),
+                }
+                if n == 0 {
+                    break; // an empty datagram: offsets do not pass it
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = sys::set_sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, old_off);
+    out
+}
+
+/// Puts the captured options on a rebuilt socket; returns the ones the kernel refused.
+pub fn apply_options(fd: i32, state: &SocketState) -> Vec<(i32, i32)> {
+    state
+        .options
+        .iter()
+        .filter(|(level, name, value)| sys::setsockopt_bytes(fd, *level, *name, &value.0).is_err())
+        .map(|(l, n, _)| (*l, *n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+
+    #[test]
+    fn peeks_stream_and_datagrams_without_consuming() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"hello ").unwrap();
+        a.write_all(b"world").unwrap();
+        let s = capture(b.as_raw_fd(), 7, libc::AF_UNIX, libc::SOCK_STREAM, false);
+        assert_eq!(s.unread, vec![Bytes(b"hello world".to_vec())]);
+        let again = capture(b.as_raw_fd(), 7, libc::AF_UNIX, libc::SOCK_STREAM, false);
+        assert_eq!(again.unread, s.unread, "peeking consumed data");
+
+        let (c, d) = UnixDatagram::pair().unwrap();
+        for m in [&b"one"[..], b"two", b"three"] {
+            c.send(m).unwrap();
+        }
+        let s = capture(d.as_raw_fd(), 8, libc::AF_UNIX, libc::SOCK_DGRAM, false);
+        let msgs: Vec<&[u8]> = s.unread.iter().map(|m| m.0.as_slice()).collect();
+        assert_eq!(msgs, vec![&b"one"[..], b"two", b"three"]);
+        let mut buf = [0u8; 16];
+        let n = d.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"one");
+    }
+}
