@@ -6,88 +6,12 @@ mod common;
 use common::*;
 use std::path::Path;
 
-/// The first number of every line of `log` that starts with `prefix`.
-fn numbers(log: &Path, prefix: &str) -> Vec<u64> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix(prefix)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// Waits until `log` has `n` such lines; returns their numbers.
-fn wait_numbers(log: &Path, prefix: &str, n: usize) -> Vec<u64> {
-    let t = std::time::Instant::now();
-    loop {
-        let c = numbers(log, prefix);
-        if c.len() >= n {
-            return c;
-        }
-        assert!(
-            t.elapsed().as_secs() < 15,
-            "{} {prefix:?} lines in {}: {:?}",
-            c.len(),
-            log.display(),
-            std::fs::read_to_string(log)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 fn counts(log: &Path) -> Vec<u64> {
     numbers(log, "count ")
 }
 
 fn wait_counts(log: &Path, n: usize) -> Vec<u64> {
     wait_numbers(log, "count ", n)
-}
-
-fn ok(env: &Env, args: &[&str]) -> String {
-    let o = env.run(args);
-    assert!(
-        o.status.success(),
-        "mig {args:?}: {}{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    text(&o.stdout)
-}
-
-/// `mig checkpoint SESSION --out IMG --stop`, and the session is gone.
-fn stop_into(env: &Env, session: &str, img: &Path) {
-    ok(
-        env,
-        &[
-            "checkpoint",
-            session,
-            "--out",
-            img.to_str().unwrap(),
-            "--stop",
-        ],
-    );
-    env.wait_processes(session, "the session to end", |p| p.is_empty());
-}
-
-/// `mig restore IMG --detach --log ROOT/NAME`; returns the log.
-fn restore_detached(env: &Env, img: &Path, name: &str) -> std::path::PathBuf {
-    let log = env.root.join(name);
-    ok(
-        env,
-        &[
-            "restore",
-            img.to_str().unwrap(),
-            "--detach",
-            "--log",
-            log.to_str().unwrap(),
-        ],
-    );
-    log
 }
 
 fn start_counter(env: &Env, mib: &str) -> std::path::PathBuf {

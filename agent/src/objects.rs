@@ -12,8 +12,10 @@
 //! numbers. Epoll instances are the process's own work (shim/src/restart.rs): their
 //! interest lists name fds by number, so they are made once every fd is in place.
 //!
-//! Stdio (fds 0–2) is `mig restore`'s own, unless it was a pipe or socket inside the
-//! session. An fd the checkpoint was told to ignore (`--ignore-unsupported`) gets a
+//! Stdio (fds 0–2) that came from outside the session (a terminal, a pipe, `mig run`'s log)
+//! is `mig restore`'s own; a file the session opened itself (a shell's redirection) or a
+//! pipe or socket inside the session comes back as it was, unless the user chose that fd
+//! (--stdin/--stdout/--stderr/--log). An fd the checkpoint was told to ignore (`--ignore-unsupported`) gets a
 //! stand-in that reads as closed (a socket whose peer is gone, or /dev/null), so that its
 //! number is not taken by the next file the program opens; each one is reported.
 
@@ -33,6 +35,8 @@ use std::os::unix::fs::OpenOptionsExt;
 pub struct Policy<'a> {
     pub rebind: &'a Rebind,
     pub allow_changed_files: bool,
+    /// Stdio fds the user gave `mig restore` explicitly (--stdin/--stdout/--stderr/--log).
+    pub stdio_given: [bool; 3],
 }
 
 /// Every process's fds (by image index): (fd, close-on-exec, object).
@@ -49,9 +53,7 @@ fn path_of(b: &Bytes) -> &std::ffi::OsStr {
 
 pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
     let listeners = migrt::support::listeners(images.iter().map(|i| &i.table));
-    let kept = |f: &FdEntry| {
-        f.fd > 2 || matches!(f.object, Object::Pipe { .. } | Object::Socket(_)) && inside(f, images)
-    };
+    let kept = |f: &FdEntry| f.fd > 2 || !policy.stdio_given[f.fd as usize] && inside(f, images);
 
     // Sockets, all together (connections need both ends).
     let mut socks: Vec<SessionSocket> = Vec::new();
@@ -143,10 +145,15 @@ pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
     Ok(Objects { fds: out, by_inode })
 }
 
-/// Whether a stdio pipe or socket leads to another fd of the session (else it is the
-/// outside world's, and the restore rebinds it).
+/// Whether a stdio object belongs to the session: a pipe or socket that leads to another
+/// fd of the session, a file the session opened itself (a shell's redirection; not the log
+/// `mig run` gave it). Else it is the outside world's, and the restore rebinds it.
 fn inside(f: &FdEntry, images: &[ProcImage]) -> bool {
     match &f.object {
+        Object::File { dev, ino, .. } => images.iter().flat_map(|i| &i.table.fds).any(|g| {
+            g.journaled
+                && matches!(&g.object, Object::File { dev: d, ino: n, .. } if d == dev && n == ino)
+        }),
         Object::Pipe { id, end, .. } => images.iter().flat_map(|i| &i.table.fds).any(
             |g| matches!(&g.object, Object::Pipe { id: i, end: e, .. } if i == id && e != end),
         ),
@@ -155,7 +162,7 @@ fn inside(f: &FdEntry, images: &[ProcImage]) -> bool {
     }
 }
 
-fn intent<'a>(img: &'a ProcImage, fd: i32) -> Option<&'a migrt::table::SocketIntent> {
+fn intent(img: &ProcImage, fd: i32) -> Option<&migrt::table::SocketIntent> {
     match img.folded.fds.get(&fd).map(|i| &i.opened) {
         Some(migrt::table::Opened::Socket(s)) => Some(s),
         _ => None,
@@ -188,7 +195,7 @@ fn content_object<'a>(
     path: Option<&Bytes>,
     policy: &Policy,
 ) -> Result<&'a File> {
-    if !by_inode.contains_key(&ino) {
+    if let std::collections::hash_map::Entry::Vacant(v) = by_inode.entry(ino) {
         let content = images
             .iter()
             .flat_map(|i| &i.contents)
@@ -210,7 +217,7 @@ fn content_object<'a>(
             None => migrt::sys::memfd(c"migshim-restored", false)?,
         };
         f.write_all(content)?;
-        by_inode.insert(ino, f);
+        v.insert(f);
     }
     Ok(&by_inode[&ino])
 }
@@ -321,7 +328,12 @@ fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
                     migrt::sys::inotify_unwatch(fd.as_raw_fd(), wd);
                 }
             }
-            fd
+            // The padding left IN_IGNORED events the program must not see.
+            let mut f = File::from(fd);
+            migrt::sys::set_status_flags(f.as_raw_fd(), libc::O_NONBLOCK)?;
+            let mut buf = [0u8; 4096];
+            while std::io::Read::read(&mut f, &mut buf).is_ok_and(|n| n > 0) {}
+            f.into()
         }
         _ => return Ok(None),
     }))

@@ -481,6 +481,11 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         let policy = objects::Policy {
             rebind: &a.rebind,
             allow_changed_files: a.allow_changed_files,
+            stdio_given: [
+                a.stdio[0].is_some(),
+                a.stdio[1].is_some() || a.log.is_some(),
+                a.stdio[2].is_some() || a.stdio[1].is_some() || a.log.is_some(),
+            ],
         };
         let objects = objects::build(&images, &policy)?;
         let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;

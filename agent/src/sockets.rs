@@ -135,8 +135,14 @@ impl<'a> Builder<'a> {
         if inet(client.info.domain)
             && let Some(ca) = ca
         {
+            // The connecting end's port was the kernel's choice: if something else took
+            // it meanwhile, the kernel chooses again (both ends are rebuilt, so they agree).
             conn.set_reuse_address(true)?;
-            self.bind(&conn, ca, client.info.id)?;
+            if let Err(e) = self.bind(&conn, ca, client.info.id)
+                && forced_bind(&conn, &os_addr(&self.addr(ca))?).is_err()
+            {
+                eprintln!("mig: restore: {e:#}; it connects from another port");
+            }
         }
         conn.connect(&os_addr(&self.addr(sa))?)
             .with_context(|| format!("reconnecting socket {} to {sa}", client.info.id))?;
@@ -231,6 +237,18 @@ impl<'a> Builder<'a> {
         self.built.insert(s.info.id, sock);
         Ok(())
     }
+}
+
+/// A connecting end's old port may share its bucket with an unrelated TIME_WAIT socket
+/// (the kernel's own choice of port allows that, an explicit bind does not). In TCP repair
+/// mode a bind ignores such conflicts; repair mode needs CAP_NET_ADMIN and is left again
+/// before the connect.
+fn forced_bind(sock: &Socket, addr: &socket2::SockAddr) -> std::io::Result<()> {
+    let fd = sock.as_raw_fd();
+    migrt::sys::set_sockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1)?;
+    let bound = sock.bind(addr);
+    migrt::sys::set_sockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 0)?;
+    bound
 }
 
 fn sock_domain(a: &SockAddr) -> i32 {

@@ -62,8 +62,7 @@ pub fn capture(fd: i32, id: u64, domain: i32, ty: i32, listening: bool) -> Socke
             Some((level, name, Bytes(sys::getsockopt_bytes(fd, level, name)?)))
         })
         .collect();
-    let keeps_data =
-        domain == libc::AF_UNIX || (ty == libc::SOCK_STREAM && domain != libc::AF_UNIX);
+    let keeps_data = domain == libc::AF_UNIX || ty == libc::SOCK_STREAM;
     let unread = if listening || !keeps_data {
         Vec::new()
     } else {
@@ -121,6 +120,14 @@ pub fn apply_options(fd: i32, state: &SocketState) -> Vec<(i32, i32)> {
         .filter(|(level, name, value)| sys::setsockopt_bytes(fd, *level, *name, &value.0).is_err())
         .map(|(l, n, _)| (*l, *n))
         .collect()
+}
+
+/// Makes closing a TCP socket send a reset instead of a FIN, so that no TIME_WAIT is left
+/// holding its address (for a session that ends because it moves).
+pub fn abort_on_close(fd: i32) {
+    // struct linger { int l_onoff = 1; int l_linger = 0; }
+    let linger = [1i32.to_ne_bytes(), 0i32.to_ne_bytes()].concat();
+    let _ = sys::setsockopt_bytes(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
 }
 
 #[cfg(test)]

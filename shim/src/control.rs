@@ -248,8 +248,20 @@ impl Session {
                 }
                 Response::Done
             }
-            Request::Stop => match self.frozen {
-                Some(_) => Response::Done,
+            Request::Stop => match &self.frozen {
+                Some(f) => {
+                    // Its TCP connections end without TIME_WAIT, which would keep their
+                    // ports from the restored session on this host.
+                    for fd in &f.table.fds {
+                        if let migrt::table::Object::Socket(s) = &fd.object
+                            && s.domain != libc::AF_UNIX
+                            && s.ty == libc::SOCK_STREAM
+                        {
+                            migrt::sockstate::abort_on_close(fd.fd);
+                        }
+                    }
+                    Response::Done
+                }
                 None => Response::Error(
                     "not frozen: a process is stopped only after its checkpoint".into(),
                 ),

@@ -260,3 +260,96 @@ pub fn ints_after(s: &str, key: &str) -> Vec<i64> {
         })
         .collect()
 }
+
+/// `mig ARGS`, which must succeed; returns its stdout.
+pub fn ok(env: &Env, args: &[&str]) -> String {
+    let o = env.run(args);
+    assert!(
+        o.status.success(),
+        "mig {args:?}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// `mig checkpoint SESSION --out IMG --stop`, and the session is gone.
+pub fn stop_into(env: &Env, session: &str, img: &Path) {
+    ok(
+        env,
+        &[
+            "checkpoint",
+            session,
+            "--out",
+            img.to_str().unwrap(),
+            "--stop",
+        ],
+    );
+    env.wait_processes(session, "the session to end", |p| p.is_empty());
+}
+
+/// `mig restore IMG --detach --log ROOT/NAME`; returns the log.
+pub fn restore_detached(env: &Env, img: &Path, name: &str) -> std::path::PathBuf {
+    restore_detached_with(env, img, name, &[])
+}
+
+/// The same, with more arguments (`--map-port ...`).
+pub fn restore_detached_with(env: &Env, img: &Path, name: &str, more: &[&str]) -> PathBuf {
+    let (log, o) = try_restore_detached(env, img, name, more);
+    assert!(
+        o.status.success(),
+        "mig restore: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    log
+}
+
+/// `mig restore IMG --detach --log ROOT/NAME MORE...`, which may fail: (log, its output).
+pub fn try_restore_detached(env: &Env, img: &Path, name: &str, more: &[&str]) -> (PathBuf, Output) {
+    let log = env.root.join(name);
+    let mut args = vec![
+        "restore",
+        img.to_str().unwrap(),
+        "--detach",
+        "--log",
+        log.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    let o = env.run(&args);
+    (log, o)
+}
+
+/// The first number of every line of `log` that starts with `prefix`.
+pub fn numbers(log: &Path, prefix: &str) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix(prefix)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Waits until `log` has `n` such lines; returns their numbers.
+pub fn wait_numbers(log: &Path, prefix: &str, n: usize) -> Vec<u64> {
+    let t = std::time::Instant::now();
+    loop {
+        let c = numbers(log, prefix);
+        if c.len() >= n {
+            return c;
+        }
+        assert!(
+            t.elapsed().as_secs() < 15,
+            "{} {prefix:?} lines in {}: {:?}",
+            c.len(),
+            log.display(),
+            std::fs::read_to_string(log)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
