@@ -12,6 +12,7 @@ mod sessions;
 mod show;
 mod sockets;
 mod table;
+mod terminal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -14,6 +14,7 @@
 use crate::objects::{self, Objects};
 use crate::run::exit_code;
 use crate::sessions;
+use crate::terminal;
 use anyhow::{Context, Result, bail};
 use migrt::image::{self, PAGE, PageMap, ProcessMeta, Region, SessionManifest, Tag, ThreadState};
 use migrt::record::Bytes;
@@ -562,6 +563,9 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         if let Some(p) = stderr.as_ref().or(stdout.as_ref()) {
             c.stderr(append(p)?);
         }
+        if !a.detach {
+            terminal::restore_modes(&images);
+        }
         let mut child = c.spawn().context("starting the restorer")?;
         // 4. Running again once the shim has taken its new pid.
         let t = Instant::now();
@@ -588,6 +592,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             return Ok(0);
         }
         migrt::sys::ignore_terminal_signals();
+        terminal::redraw(&images);
         Ok(exit_code(child.wait()?))
     })();
     if a.detach && result.is_ok() {

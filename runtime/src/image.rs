@@ -111,6 +111,19 @@ pub struct ProcessMeta {
     pub auxv: Vec<u8>,
     /// The thread name (comm).
     pub comm: String,
+    /// The terminal its stdio was, if any.
+    pub tty: Option<TtyState>,
+}
+
+/// A terminal as a process left it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TtyState {
+    /// `struct termios` as tcgetattr gave it.
+    pub termios: Vec<u8>,
+    pub rows: u16,
+    pub cols: u16,
+    /// Whether the process's group was the terminal's foreground group.
+    pub foreground: bool,
 }
 
 /// One thread, frozen.

@@ -290,6 +290,22 @@ pub fn describe_own_fd(
     Some((info, object))
 }
 
+/// The blocked-signal mask of thread `tid` of the calling process.
+pub fn task_sigmask(tid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// The system call thread `tid` of the calling process is in (-1: none, running).
+pub fn task_syscall(tid: i32) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    match s.split_whitespace().next()? {
+        "running" => Some(-1),
+        n => n.parse().ok(),
+    }
+}
+
 /// One line of `/proc/<pid>/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapsLine {

@@ -476,3 +476,64 @@ pub fn seek(fd: i32, offset: i64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The terminal `fd` is, as a process left it: (termios bytes, rows, cols, whether the
+/// caller's process group is its foreground group). None if `fd` is no terminal.
+pub fn tty_state(fd: i32) -> Option<crate::image::TtyState> {
+    // SAFETY: termios and winsize are plain out-structs of the sizes the calls expect.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) != 0 {
+            return None;
+        }
+        let mut w: libc::winsize = std::mem::zeroed();
+        libc::ioctl(fd, libc::TIOCGWINSZ, &mut w);
+        let bytes = std::slice::from_raw_parts(
+            (&raw const t).cast::<u8>(),
+            std::mem::size_of::<libc::termios>(),
+        );
+        Some(crate::image::TtyState {
+            termios: bytes.to_vec(),
+            rows: w.ws_row,
+            cols: w.ws_col,
+            foreground: libc::tcgetpgrp(fd) == libc::getpgrp(),
+        })
+    }
+}
+
+/// Puts saved terminal modes (tcgetattr bytes) on terminal `fd`.
+pub fn set_termios(fd: i32, termios: &[u8]) -> io::Result<()> {
+    if termios.len() != std::mem::size_of::<libc::termios>() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the bytes are a termios of this very layout (checked by size), copied out.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        std::ptr::copy_nonoverlapping(termios.as_ptr(), (&raw mut t).cast::<u8>(), termios.len());
+        if libc::tcsetattr(fd, libc::TCSANOW, &t) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A terminal's window size (rows, cols).
+pub fn window_size(fd: i32) -> Option<(u16, u16)> {
+    // SAFETY: winsize is a plain out-struct.
+    unsafe {
+        let mut w: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(fd, libc::TIOCGWINSZ, &mut w) == 0).then_some((w.ws_row, w.ws_col))
+    }
+}
+
+/// Sets a terminal's window size; the kernel signals SIGWINCH to its foreground group.
+pub fn set_window_size(fd: i32, rows: u16, cols: u16) {
+    let w = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &w) };
+}

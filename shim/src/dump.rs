@@ -90,6 +90,7 @@ pub fn dump(
             .unwrap_or_default()
             .trim_end()
             .to_string(),
+        tty: (0..3).find_map(migrt::sys::tty_state),
         vpid: vpid(),
         parent_vpid: table.parent_vpid,
         real_pid: table.real_pid,

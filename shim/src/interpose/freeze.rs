@@ -125,6 +125,11 @@ fn ask(sig: i32, tid: i32, i: usize) {
     }
 }
 
+/// Whether thread `tid` of this process has signal `sig` blocked.
+fn blocks_signal(tid: i32, sig: i32) -> bool {
+    migrt::procfs::task_sigmask(tid).is_some_and(|m| m & (1u64 << (sig - 1)) != 0)
+}
+
 /// Freezes every thread of the process but the caller (the control thread). Threads
 /// created meanwhile are caught by listing the tasks again until the list is stable.
 pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
@@ -170,6 +175,17 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
                 break;
             }
             continue;
+        }
+        // A thread that keeps the freeze signal blocked (libc's own helper threads block
+        // every signal: glibc's SIGEV_THREAD timer thread does) never parks: say so soon.
+        // (glibc blocks all signals for short moments too, e.g. in pthread_create.)
+        let blocked = waiting.iter().find(|&&(t, _)| blocks_signal(t, sig));
+        if let Some(&(t, _)) = blocked.filter(|_| t0.elapsed() > Duration::from_millis(300)) {
+            thaw();
+            return Err(format!(
+                "thread {t} blocks the freeze signal {sig} (it is in system call {}; glibc's helper thread for SIGEV_THREAD timers does this, e.g. in vim): such a thread cannot be frozen yet",
+                migrt::procfs::task_syscall(t).unwrap_or(-1)
+            ));
         }
         if t0.elapsed() > deadline {
             thaw();

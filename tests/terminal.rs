@@ -1,0 +1,101 @@
+//! A full-screen program on the user's terminal (issue #4, terminals): less inside a tmux
+//! pane is checkpointed and stopped, restored from the shell in the same pane, and shows
+//! the same screen, in the same modes, going on from the same place.
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> String {
+        let o = Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .unwrap();
+        text(&o.stdout)
+    }
+
+    fn keys(&self, keys: &str) {
+        self.cmd(&["send-keys", keys]);
+    }
+
+    fn line(&self, line: &str) {
+        self.cmd(&["send-keys", line, "Enter"]);
+    }
+
+    fn screen(&self) -> String {
+        self.cmd(&["capture-pane", "-p"])
+    }
+
+    /// Waits until the screen satisfies `pred`; returns it.
+    fn wait(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let t = Instant::now();
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "waiting for {what}; the screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.cmd(&["kill-server"]);
+    }
+}
+
+#[test]
+fn less_in_tmux_shows_the_same_screen_after_restore_and_goes_on() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        println!("SKIP: tmux not installed (apt install tmux; .ci/run does)");
+        return;
+    }
+    let env = Env::new("less");
+    let file = env.root.join("file.txt");
+    let text_lines: String = (1..=500).map(|i| format!("line number {i}\n")).collect();
+    std::fs::write(&file, text_lines).unwrap();
+    let tmux = Tmux {
+        socket: format!("migtest-{}", std::process::id()),
+    };
+    let shell = format!(
+        "env MIGSHIM_RUNTIME_DIR={} PS1='PROMPT$ ' TERM=screen bash --norc --noprofile",
+        env.rt.display()
+    );
+    tmux.cmd(&["new-session", "-d", "-x", "80", "-y", "24", &shell]);
+    tmux.wait("the shell", |s| s.contains("PROMPT$"));
+    let mig = mig_bin().display().to_string();
+    tmux.line(&format!(
+        "{mig} run --name pager -- less {}",
+        file.display()
+    ));
+    tmux.wait("less", |s| s.starts_with("line number 1\n"));
+    tmux.keys("j");
+    tmux.keys("j");
+    let before = tmux.wait("two lines down", |s| s.starts_with("line number 3\n"));
+
+    let img = env.root.join("img");
+    stop_into(&env, "pager", &img);
+    tmux.wait("the shell again", |s| s.contains("PROMPT$"));
+    tmux.line(&format!("{mig} restore {}", img.display()));
+    let after = tmux.wait("less's screen again", |s| s == before);
+    assert_eq!(after, before);
+    // Its modes are back (keys act at once, unechoed) and it goes on from line 3.
+    tmux.keys("j");
+    tmux.wait("one more line down", |s| s.starts_with("line number 4\n"));
+    tmux.keys("q");
+    tmux.wait("the shell after less", |s| {
+        s.lines().filter(|l| l.starts_with("PROMPT$")).count() >= 1 && !s.contains("line number 4")
+    });
+}
