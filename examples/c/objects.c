@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/signalfd.h>
@@ -72,6 +73,10 @@ int main(int argc, char **argv) {
     lseek(file, 5, SEEK_SET);
     int logf = open(at("log.txt"), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     write(logf, "one\n", 4);
+    // Locks: a flock on one file, a POSIX record lock on part of the other.
+    flock(file, LOCK_EX);
+    struct flock rec = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 10};
+    fcntl(logf, F_SETLK, &rec);
     mkdir(at("d"), 0755);
     for (int i = 0; i < 6; i++) {
         char n[32];
@@ -209,6 +214,19 @@ int main(int argc, char **argv) {
     int seen_after = 0;
     while (readdir(d)) seen_after++;
     result("directory", seen_before + seen_after == 8, "entries before and after");
+    // Another process sees both locks held.
+    pid_t probe = fork();
+    if (probe == 0) {
+        int a = open(at("data.txt"), O_RDONLY);
+        int b = open(at("log.txt"), O_RDWR);
+        struct flock q = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 2, .l_len = 1};
+        fcntl(b, F_GETLK, &q);
+        _exit((flock(a, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK ? 0 : 1) | (q.l_type == F_WRLCK ? 0 : 2));
+    }
+    int pst = 0;
+    waitpid(probe, &pst, 0);
+    result("flock", WIFEXITED(pst) && (WEXITSTATUS(pst) & 1) == 0, "another process got the flock");
+    result("posix-lock", WIFEXITED(pst) && (WEXITSTATUS(pst) & 2) == 0, "another process saw no record lock");
     memset(buf, 0, sizeof buf);
     result("deleted-file", lseek(gone, 0, SEEK_CUR) == 3 && pread(gone, buf, 6, 0) == 6 && strcmp(buf, "secret") == 0, buf);
     result("dev-null", write(devnull, "x", 1) == 1, "write");

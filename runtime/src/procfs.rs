@@ -5,7 +5,7 @@ use crate::record::Bytes;
 use crate::sessiontable::ObjectKind;
 use crate::sockaddr::SockAddr;
 use crate::sys;
-use crate::table::{EpollInterest, InotifyWatch, Mapping, Object, PipeEnd, SocketInfo};
+use crate::table::{EpollInterest, FileLock, InotifyWatch, Mapping, Object, PipeEnd, SocketInfo};
 use std::os::unix::ffi::OsStrExt;
 
 /// fds open in `/proc/<pid>` (`pid` may be "self"), ascending.
@@ -73,6 +73,33 @@ impl FdInfo {
             }
         }
         fi
+    }
+
+    /// The flock and POSIX locks process `pid` holds on the file (from the `lock:` lines,
+    /// which list every lock on the file; waiters are marked `->` and left out).
+    pub fn locks(&self, pid: u32) -> Vec<FileLock> {
+        self.lines
+            .iter()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.strip_prefix("lock:")?.split_whitespace().collect();
+                // "1:" KIND ADVISORY|MANDATORY READ|WRITE PID DEV:INO START END|EOF
+                let [_, kind, _, mode, who, _, start, end] = f[..] else {
+                    return None;
+                };
+                let posix = match kind {
+                    "POSIX" => true,
+                    "FLOCK" => false,
+                    _ => return None,
+                };
+                (who.parse::<u32>().ok()? == pid).then_some(())?;
+                Some(FileLock {
+                    posix,
+                    write: mode == "WRITE",
+                    start: start.parse().ok()?,
+                    end: end.parse().ok(),
+                })
+            })
+            .collect()
     }
 
     fn value(&self, key: &str) -> Option<&str> {
@@ -182,6 +209,15 @@ fn bracket_ino(link: &[u8], prefix: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// The calling process's real pid (getpid and readlink("/proc/self") answer the virtual
+/// one inside a session; the content of /proc/self/stat is the kernel's).
+fn own_pid() -> u32 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Describes one fd of the calling process from the kernel's side. `ids` hands out
 /// session-unique ids for sockets and pipes (by inode).
 pub fn describe_own_fd(
@@ -266,6 +302,7 @@ pub fn describe_own_fd(
                 ino: st.st_ino,
                 mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
                 deleted,
+                locks: info.locks(own_pid()),
             },
             libc::S_IFDIR => Object::Directory {
                 path,
@@ -397,6 +434,27 @@ fn parse_maps_line(l: &str) -> Option<Mapping> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_own_locks() {
+        let f = FdInfo::parse(
+            "pos:\t0\nflags:\t02\n\
+             lock:\t1: FLOCK  ADVISORY  WRITE 77 fe:00:12 0 EOF\n\
+             lock:\t2: POSIX  ADVISORY  READ 77 fe:00:12 5 14\n\
+             lock:\t3: POSIX  ADVISORY  WRITE 99 fe:00:12 20 30\n\
+             lock:\t3: -> POSIX  ADVISORY  WRITE 77 fe:00:12 20 30\n",
+        );
+        let l = f.locks(77);
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert_eq!(
+            (l[0].posix, l[0].write, l[0].start, l[0].end),
+            (false, true, 0, None)
+        );
+        assert_eq!(
+            (l[1].posix, l[1].write, l[1].start, l[1].end),
+            (true, false, 5, Some(14))
+        );
+    }
 
     #[test]
     fn parses_fdinfo_kinds() {

@@ -537,3 +537,29 @@ pub fn set_window_size(fd: i32, rows: u16, cols: u16) {
     // SAFETY: TIOCSWINSZ reads one winsize.
     unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &w) };
 }
+
+/// Takes a flock on an open file without waiting.
+pub fn flock(fd: i32, write: bool) -> io::Result<()> {
+    let op = if write { libc::LOCK_EX } else { libc::LOCK_SH };
+    // SAFETY: flock on an fd we hold.
+    if unsafe { libc::flock(fd, op | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes a POSIX record lock for the calling process without waiting (`end` None: to EOF).
+pub fn posix_lock(fd: i32, write: bool, start: u64, end: Option<u64>) -> io::Result<()> {
+    // SAFETY: a zeroed flock is valid; F_SETLK reads it.
+    unsafe {
+        let mut l: libc::flock = std::mem::zeroed();
+        l.l_type = if write { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
+        l.l_whence = libc::SEEK_SET as i16;
+        l.l_start = start as i64;
+        l.l_len = end.map_or(0, |e| (e + 1 - start) as i64);
+        if libc::fcntl(fd, libc::F_SETLK, &l) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -431,6 +431,8 @@ pub enum Object {
         /// Last modification (ns since the epoch), so that a restore notices a change.
         mtime_ns: i64,
         deleted: bool,
+        /// Locks this process holds on it.
+        locks: Vec<FileLock>,
     },
     Directory {
         path: Bytes,
@@ -483,6 +485,16 @@ pub enum Object {
     Other {
         link: Bytes,
     },
+}
+
+/// A lock held on a file: flock (of the open file) or POSIX record lock (of the process).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    pub posix: bool,
+    pub write: bool,
+    pub start: u64,
+    /// Last byte locked; None: to the end of the file, however long.
+    pub end: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -119,6 +119,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         crate::interpose::close_real(fd as i32);
     }
     rebuild_epolls();
+    retake_record_locks();
     // The restorer's leftovers: its code, the plan (the arguments were copied above), and
     // the stack the kernel gave it (found by name before set_mm renames the app's stack).
     let leftovers: Vec<(u64, u64)> = migrt::procfs::all_mappings("self")
@@ -303,6 +304,27 @@ fn rebuild_epolls() {
                     i.fd,
                     std::io::Error::last_os_error()
                 );
+            }
+        }
+    }
+}
+
+/// POSIX record locks belong to the process: it takes them again itself, on the files mig
+/// reopened.
+fn retake_record_locks() {
+    use migrt::table::Object;
+    let Some(t) = FROZEN.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return;
+    };
+    for f in &t.fds {
+        if let Object::File { locks, path, .. } = &f.object {
+            for l in locks.iter().filter(|l| l.posix) {
+                if let Err(e) = migrt::sys::posix_lock(f.fd, l.write, l.start, l.end) {
+                    eprintln!(
+                        "migshim: restore: the lock on {path} (fd {}) cannot be taken again: {e}",
+                        f.fd
+                    );
+                }
             }
         }
     }
