@@ -4,6 +4,7 @@ mod checkpoint;
 mod client;
 mod demo;
 mod elf;
+mod frozen;
 mod inspect;
 mod objects;
 mod restore;

@@ -1,0 +1,173 @@
+//! A session held frozen by `mig` (for a checkpoint or a migration): every process frozen
+//! consistently, its images written one by one, then let go — thawed, or ended. Dropping a
+//! `Frozen` that was not released thaws every process: whatever fails on the way, the
+//! session goes on as if nothing happened.
+
+use crate::client::Client;
+use crate::sessions::{self, Live};
+use anyhow::{Result, bail};
+use migrt::image::{ImageWriter, Kind, SessionManifest, Tag};
+use migrt::wire::{Request, Response};
+use std::time::{Duration, Instant};
+
+pub struct Frozen<'a> {
+    pub live: &'a Live,
+    /// (vpid, parent vpid, control connection), in the order they were frozen.
+    clients: Vec<(i32, i32, Client)>,
+    pub threads: u32,
+    pub at: Instant,
+    released: bool,
+}
+
+impl<'a> Frozen<'a> {
+    /// Freezes all, so that what passes between them is consistent. A process that ends
+    /// before it is frozen ended before the checkpoint and is left out; one started
+    /// meanwhile is frozen too (frozen processes start none, so this settles).
+    pub fn freeze(live: &'a Live) -> Result<Frozen<'a>> {
+        let mut f = Frozen {
+            live,
+            clients: Vec::new(),
+            threads: 0,
+            at: Instant::now(),
+            released: false,
+        };
+        loop {
+            let newcomers: Vec<_> = live
+                .processes()
+                .into_iter()
+                .filter(|p| !f.clients.iter().any(|c| c.0 == p.vpid))
+                .collect();
+            if newcomers.is_empty() {
+                break;
+            }
+            for p in newcomers {
+                let mut c = match Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
+                    Ok(c) => c,
+                    Err(_) if sessions::gone(p.pid) => continue,
+                    Err(e) => return Err(e),
+                };
+                match c.call(&Request::Freeze) {
+                    Ok(Response::Frozen { threads: n, .. }) => {
+                        f.threads += n;
+                        f.clients.push((p.vpid, p.parent_vpid, c));
+                    }
+                    Err(_) if sessions::gone(p.pid) => {}
+                    Ok(other) => bail!("process {}: unexpected answer {other:?}", p.vpid),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if f.clients.is_empty() {
+            bail!("session {} has no live process", live.name());
+        }
+        Ok(f)
+    }
+
+    pub fn processes(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Refuses (naming each) the fds a restore could not rebuild, unless told to ignore
+    /// them (they then read as closed after a restore).
+    pub fn check_supported(&mut self, ignore: bool) -> Result<()> {
+        let mut tables = Vec::new();
+        for (vpid, _, c) in self.clients.iter_mut() {
+            match c.call(&Request::Table { journal: false })? {
+                Response::Table { table, .. } => tables.push(table),
+                other => bail!("process {vpid}: unexpected answer {other:?}"),
+            }
+        }
+        migrt::link::link_peers(&mut tables);
+        let unsupported = migrt::support::unsupported(&tables);
+        if unsupported.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = unsupported.iter().map(|u| format!("  {u}")).collect();
+        if !ignore {
+            bail!(
+                "session {} holds what a restore cannot rebuild:\n{}\n(nothing was written; checkpoint anyway with --ignore-unsupported: after a restore these fds read as closed)",
+                self.live.name(),
+                list.join("\n")
+            );
+        }
+        eprintln!(
+            "mig: ignored, as asked (they read as closed after a restore):\n{}",
+            list.join("\n")
+        );
+        Ok(())
+    }
+
+    /// Writes every process's image to the path `place(vpid)` names (a file, or a pipe
+    /// that streams it elsewhere); returns the bytes written and the session manifest.
+    pub fn dump(
+        &mut self,
+        mut place: impl FnMut(i32) -> Result<(String, String)>,
+        sync: bool,
+    ) -> Result<(u64, SessionManifest)> {
+        let mut bytes = 0;
+        let mut manifest = SessionManifest {
+            name: self.live.name(),
+            host: self.live.meta.host.clone(),
+            taken: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            processes: Vec::new(),
+        };
+        for (vpid, parent, c) in self.clients.iter_mut() {
+            let (file, path) = place(*vpid)?;
+            match c.call(&Request::Dump { path, sync })? {
+                Response::Dumped { bytes: b, .. } => bytes += b,
+                Response::Error(e) => bail!("process {vpid}: {e}"),
+                other => bail!("process {vpid}: unexpected answer {other:?}"),
+            }
+            manifest.processes.push((*vpid, *parent, file));
+        }
+        Ok((bytes, manifest))
+    }
+
+    /// Lets the session go: running on, or ended (then gone before this returns, briefly
+    /// waited for). Returns how long it was frozen.
+    pub fn release(mut self, stop: bool) -> Result<Duration> {
+        self.released = true;
+        let last = if stop { Request::Stop } else { Request::Thaw };
+        for (vpid, _, c) in self.clients.iter_mut() {
+            match c.call(&last)? {
+                Response::Done => {}
+                other => bail!("process {vpid}: unexpected answer {other:?}"),
+            }
+        }
+        let frozen = self.at.elapsed();
+        if stop {
+            let t = Instant::now();
+            while !self.live.processes().is_empty() && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(frozen)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            for (_, _, c) in &mut self.clients {
+                let _ = c.call(&Request::Thaw);
+            }
+        }
+    }
+}
+
+/// The session manifest as an image file's bytes.
+pub fn manifest_bytes(m: &SessionManifest) -> Result<Vec<u8>> {
+    let mut w = ImageWriter::new(Vec::new(), Kind::Session)?;
+    w.postcard(Tag::Meta, m)?;
+    Ok(w.finish()?)
+}
+
+pub fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
+}
