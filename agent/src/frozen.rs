@@ -67,6 +67,10 @@ impl<'a> Frozen<'a> {
         self.clients.len()
     }
 
+    pub fn vpids(&self) -> Vec<i32> {
+        self.clients.iter().map(|c| c.0).collect()
+    }
+
     /// Refuses (naming each) the fds a restore could not rebuild, unless told to ignore
     /// them (they then read as closed after a restore).
     pub fn check_supported(&mut self, ignore: bool) -> Result<()> {

@@ -1,12 +1,15 @@
 //! mig — launch migshim sessions, list them, read their state tables.
 
+mod agentd;
 mod checkpoint;
 mod client;
 mod demo;
 mod elf;
 mod frozen;
 mod inspect;
+mod migrate;
 mod objects;
+mod peer;
 mod restore;
 mod run;
 mod sessions;
@@ -34,6 +37,19 @@ struct MapArgs {
 }
 
 impl MapArgs {
+    /// The same rules as `mig restore` arguments.
+    fn args(&self) -> Vec<String> {
+        let flags = [
+            ("--map-path", &self.map_path),
+            ("--map-port", &self.map_port),
+            ("--map-addr", &self.map_addr),
+        ];
+        flags
+            .iter()
+            .flat_map(|(f, v)| v.iter().flat_map(move |r| [f.to_string(), r.clone()]))
+            .collect()
+    }
+
     fn rebind(&self) -> anyhow::Result<migrt::rebind::Rebind> {
         let mut r = migrt::rebind::Rebind::default();
         let bad = |flag: &'static str| move |e: String| anyhow::anyhow!("{flag}: {e}");
@@ -89,6 +105,58 @@ enum Cmd {
     Ps {
         #[arg(long)]
         json: bool,
+        /// Ask the agent on HOST[:PORT] instead (its sessions).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        host: Option<String>,
+        /// The agents' shared key (default: $MIGSHIM_KEY, else ~/.config/migshim/agent.key).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
+    /// The per-host daemon: accepts sessions from peers holding the shared key, restores
+    /// them here, answers `mig ps --host`.
+    Agent {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR")]
+        listen: String,
+        /// The shared key (made if missing; default: $MIGSHIM_KEY, else
+        /// ~/.config/migshim/agent.key).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Where incoming images and the sessions restored here live (default: the runtime
+        /// directory `mig ps` reads).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Sessions that may come in at the same time.
+        #[arg(long, default_value_t = 2)]
+        max_incoming: usize,
+        /// Largest session image accepted, in bytes.
+        #[arg(long, default_value_t = 64 << 30)]
+        max_bytes: u64,
+        /// Seconds a peer may stay silent.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Move a running session to the agent on another host; it ends here only once it runs
+    /// there (any failure leaves it running here).
+    Migrate {
+        session: String,
+        /// The target agent.
+        #[arg(long, value_name = "HOST[:PORT]")]
+        to: String,
+        /// precopy | stop-and-copy | lazy (only stop-and-copy yet).
+        #[arg(long, default_value = "stop-and-copy")]
+        mode: String,
+        /// The agents' shared key (default: $MIGSHIM_KEY, else ~/.config/migshim/agent.key).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Move it even if some fds cannot be rebuilt (they read as closed there).
+        #[arg(long)]
+        ignore_unsupported: bool,
+        /// Seconds to wait for the agent at each step.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[command(flatten)]
+        map: MapArgs,
     },
     /// Freeze a session, write its image to DIR, and let it run on (or end it).
     Checkpoint {
@@ -183,7 +251,56 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             log,
             command,
         }),
-        Cmd::Ps { json } => {
+        Cmd::Ps {
+            host: Some(host),
+            key,
+            ..
+        } => {
+            let key = peer::read_key(&peer::key_path(key.as_deref()))?;
+            let mut link = peer::connect(&host, &key, std::time::Duration::from_secs(10))?;
+            link.send(&peer::Msg::Ps)?;
+            match link.recv()? {
+                peer::Msg::Sessions(text) => print!("{text}"),
+                other => anyhow::bail!("the agent at {host} said {other:?}"),
+            }
+            Ok(0)
+        }
+        Cmd::Agent {
+            listen,
+            key,
+            state_dir,
+            max_incoming,
+            max_bytes,
+            timeout,
+        } => agentd::agent(agentd::AgentArgs {
+            listen,
+            key,
+            state_dir,
+            max_incoming,
+            max_bytes,
+            timeout: std::time::Duration::from_secs(timeout),
+        }),
+        Cmd::Migrate {
+            session,
+            to,
+            mode,
+            key,
+            ignore_unsupported,
+            timeout,
+            map,
+        } => {
+            map.rebind()?; // refused here, not on the target
+            migrate::migrate(migrate::MigrateArgs {
+                session,
+                to,
+                mode,
+                key,
+                ignore_unsupported,
+                restore_args: map.args(),
+                timeout: std::time::Duration::from_secs(timeout),
+            })
+        }
+        Cmd::Ps { json, .. } => {
             let rt = sessions::runtime_dir()?;
             let live = sessions::list(&rt);
             if json {

@@ -73,21 +73,30 @@ pub struct JournalView {
 }
 
 pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
-    let body = postcard::to_stdvec(msg)?;
+    write_frame_body(w, &postcard::to_stdvec(msg)?)
+}
+
+/// Sends an already encoded frame body.
+pub fn write_frame_body(w: &mut impl Write, body: &[u8]) -> Result<()> {
     let mut out = Vec::with_capacity(body.len() + 4);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     w.write_all(&out)
         .and_then(|_| w.flush())
         .map_err(|e| Error::Wire(format!("sending: {e}")))
 }
 
 pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {
+    read_frame_upto(r, MAX_FRAME).map(|(v, _)| v)
+}
+
+/// A frame of at most `max` bytes; also returns its encoded body (for a running MAC).
+pub fn read_frame_upto<T: DeserializeOwned>(r: &mut impl Read, max: usize) -> Result<(T, Vec<u8>)> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)
         .map_err(|e| Error::Wire(format!("receiving: {e}")))?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(Error::Wire(format!(
             "frame of {len} bytes is over the limit"
         )));
@@ -95,7 +104,7 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)
         .map_err(|e| Error::Wire(format!("receiving {len} bytes: {e}")))?;
-    Ok(postcard::from_bytes(&body)?)
+    Ok((postcard::from_bytes(&body)?, body))
 }
 
 #[cfg(test)]

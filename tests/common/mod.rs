@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use migshim_examples::c_program;
 
 pub const VPID_BASE: i64 = 4_200_000;

@@ -1,0 +1,246 @@
+//! `mig agent [--listen ADDR] [--key FILE] [--state-dir DIR]`: the per-host daemon. It
+//! accepts sessions from peers holding the shared key, restores them here, and answers
+//! `mig ps --host`.
+//!
+//! An incoming session is received into the state directory (its images, checked against
+//! the stream's MAC before anything is used), restored with `mig restore --detach`, and
+//! its files removed again; the sender hears "running" or why not. Limits: how many
+//! sessions may come in at once, how large one may be, how long the peer may stay silent.
+//! Every refusal is logged with its reason and sent to the peer.
+
+use crate::peer::{self, Link, Msg};
+use crate::sessions;
+use anyhow::{Context, Result, bail};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub struct AgentArgs {
+    pub listen: String,
+    pub key: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub max_incoming: usize,
+    pub max_bytes: u64,
+    pub timeout: Duration,
+}
+
+struct Agent {
+    key: Vec<u8>,
+    state: PathBuf,
+    incoming: AtomicUsize,
+    max_incoming: usize,
+    max_bytes: u64,
+    timeout: Duration,
+    counter: AtomicUsize,
+}
+
+fn log(msg: std::fmt::Arguments) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    eprintln!("[{t}] mig agent: {msg}");
+}
+
+pub fn agent(a: AgentArgs) -> Result<i32> {
+    let key = peer::read_or_make_key(&peer::key_path(a.key.as_deref()))?;
+    if let Some(d) = &a.state_dir {
+        // The sessions restored here live in the state directory's runtime area (seen by
+        // `mig ps` with the same MIGSHIM_RUNTIME_DIR, and by `mig ps --host`).
+        std::fs::create_dir_all(d)?;
+        let d = d.canonicalize()?;
+        // SAFETY: set before this process starts any thread (nothing reads it concurrently).
+        unsafe { std::env::set_var("MIGSHIM_RUNTIME_DIR", d.join("run")) };
+    }
+    let rt = sessions::runtime_dir()?;
+    let state = a.state_dir.clone().unwrap_or_else(|| rt.clone());
+    let listener = std::net::TcpListener::bind(&a.listen)
+        .with_context(|| format!("listening on {}", a.listen))?;
+    log(format_args!(
+        "listening on {} (state {})",
+        listener.local_addr()?,
+        state.display()
+    ));
+    let agent = Arc::new(Agent {
+        key,
+        state,
+        incoming: AtomicUsize::new(0),
+        max_incoming: a.max_incoming,
+        max_bytes: a.max_bytes,
+        timeout: a.timeout,
+        counter: AtomicUsize::new(0),
+    });
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            let peer = stream.peer_addr().map_or("?".into(), |p| p.to_string());
+            if let Err(e) = agent.serve(stream) {
+                log(format_args!("{peer}: {e:#}"));
+            }
+        });
+    }
+    Ok(0)
+}
+
+impl Agent {
+    fn serve(&self, stream: std::net::TcpStream) -> Result<()> {
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_nodelay(true)?;
+        let mut link = peer::accept(stream, &self.key)?;
+        match link.recv()? {
+            Msg::Ps => {
+                let rt = sessions::runtime_dir()?;
+                link.send(&Msg::Sessions(crate::show::ps_text(&sessions::list(&rt))))?;
+                Ok(())
+            }
+            Msg::Incoming {
+                name,
+                uid,
+                restore_args,
+            } => {
+                if let Err(e) = self.admit(&name, uid) {
+                    return refuse(&mut link, format!("session {name}: {e:#}"));
+                }
+                if self.incoming.fetch_add(1, Ordering::SeqCst) >= self.max_incoming {
+                    self.incoming.fetch_sub(1, Ordering::SeqCst);
+                    return refuse(
+                        &mut link,
+                        format!(
+                            "{} migrations are coming in already; try again later",
+                            self.max_incoming
+                        ),
+                    );
+                }
+                let result = link
+                    .send(&Msg::Ready)
+                    .and_then(|_| self.receive(&mut link, &name, &restore_args));
+                self.incoming.fetch_sub(1, Ordering::SeqCst);
+                match result {
+                    Ok(()) => {
+                        log(format_args!("session {name} restored, running"));
+                        link.send(&Msg::Running { name })
+                    }
+                    Err(e) => {
+                        // The sender hears why once it has sent all (it is not listening
+                        // before); what it still sends is read and dropped.
+                        while let Ok(m) = link.recv() {
+                            if matches!(m, Msg::Sent { .. }) {
+                                break;
+                            }
+                        }
+                        refuse(&mut link, format!("session {name}: {e:#}"))
+                    }
+                }
+            }
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+
+    /// Whether a session of this name and owner may come.
+    fn admit(&self, name: &str, uid: u32) -> Result<()> {
+        migrt::paths::validate_name(name)?;
+        if uid != migrt::sys::getuid() {
+            bail!(
+                "the session belongs to uid {uid}; this agent runs as uid {} and restores only its own user's sessions",
+                migrt::sys::getuid()
+            );
+        }
+        if let Ok(rt) = sessions::runtime_dir()
+            && sessions::find(&rt, name).is_ok()
+        {
+            bail!("a session named {name} runs here already");
+        }
+        Ok(())
+    }
+
+    /// Receives a session's images and restores it; the image files go again either way.
+    fn receive(&self, link: &mut Link, name: &str, restore_args: &[String]) -> Result<()> {
+        let files = match link.recv()? {
+            Msg::Files(f) => f,
+            other => bail!("expected the image's file list, got {other:?}"),
+        };
+        if files.is_empty()
+            || files
+                .iter()
+                .any(|f| f.contains('/') || f.starts_with('.') || f.is_empty())
+        {
+            bail!("bad image file names {files:?}");
+        }
+        let n = self.counter.fetch_add(1, Ordering::SeqCst);
+        let dir = self
+            .state
+            .join("incoming")
+            .join(format!("{name}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let result = self.receive_into(link, &dir, name, &files, restore_args);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn receive_into(
+        &self,
+        link: &mut Link,
+        dir: &Path,
+        name: &str,
+        files: &[String],
+        restore_args: &[String],
+    ) -> Result<()> {
+        let mut out: Vec<std::fs::File> = files
+            .iter()
+            .map(|f| std::fs::File::create(dir.join(f)))
+            .collect::<std::io::Result<_>>()?;
+        let mut total = 0u64;
+        loop {
+            match link.recv()? {
+                Msg::Chunk { file, data } => {
+                    let f = out
+                        .get_mut(file as usize)
+                        .context("a chunk of no announced file")?;
+                    total += data.len() as u64;
+                    if total > self.max_bytes {
+                        bail!(
+                            "the image is over this agent's limit of {} bytes",
+                            self.max_bytes
+                        );
+                    }
+                    f.write_all(&data)?;
+                }
+                Msg::Sent { mac } => {
+                    if !link.verify(&mac) {
+                        bail!(
+                            "the stream does not match its MAC: damaged or tampered with on the way"
+                        );
+                    }
+                    break;
+                }
+                other => bail!("unexpected {other:?} in the middle of the images"),
+            }
+        }
+        drop(out);
+        log(format_args!(
+            "session {name}: {total} bytes received, restoring"
+        ));
+        let rt = sessions::runtime_dir()?;
+        let logf = migrt::paths::logs_dir(&rt).join(format!("{name}.log"));
+        let o = std::process::Command::new(std::env::current_exe()?)
+            .arg("restore")
+            .arg(dir)
+            .args(["--detach", "--name", name, "--log"])
+            .arg(&logf)
+            .args(restore_args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running mig restore")?;
+        if !o.status.success() {
+            bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
+        }
+        Ok(())
+    }
+}
+
+fn refuse(link: &mut Link, why: String) -> Result<()> {
+    log(format_args!("refused: {why}"));
+    link.send(&Msg::Refused(why))
+}

@@ -1,0 +1,281 @@
+//! The link between `mig` and a host's agent: postcard frames over TCP, opened by a mutual
+//! challenge-response on a shared key (HMAC-SHA256: each side proves it holds the key
+//! without sending it), then a running HMAC over every frame the client sends, checked by
+//! the agent before it uses any of it. Not a cipher: the stream is authenticated, not
+//! secret (put it in a tunnel where secrecy matters).
+
+use anyhow::{Context, Result, bail};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_PORT: u16 = 7070;
+const VERSION: u32 = 1;
+/// No frame is larger (a chunk of image is 1 MiB).
+pub const MAX_FRAME: usize = 4 << 20;
+pub const CHUNK: usize = 1 << 20;
+
+type HmacSha256 = Hmac<Sha256>;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Msg {
+    /// agent → client, first: its challenge.
+    Hello {
+        version: u32,
+        nonce: [u8; 32],
+    },
+    /// client → agent: its own challenge and the answer to the agent's.
+    Auth {
+        nonce: [u8; 32],
+        mac: [u8; 32],
+    },
+    /// agent → client: the answer to the client's challenge.
+    Welcome {
+        mac: [u8; 32],
+    },
+    /// What sessions run on the agent's host (`mig ps --host`).
+    Ps,
+    Sessions(String),
+    /// A session would come: its name, owner and the rebinding rules for the restore
+    /// (`--map-...` arguments). Answered by Ready or Refused before anything is frozen.
+    Incoming {
+        name: String,
+        uid: u32,
+        restore_args: Vec<String>,
+    },
+    Ready,
+    /// The session's image files, in the order their chunks refer to them.
+    Files(Vec<String>),
+    /// A piece of file `file` (index into `files`); an empty piece ends the file.
+    Chunk {
+        file: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// End of the stream: the MAC over every frame the client sent since Welcome.
+    Sent {
+        mac: [u8; 32],
+    },
+    /// agent → client: the session runs on the agent's host.
+    Running {
+        name: String,
+    },
+    /// agent → client: refused, and why.
+    Refused(String),
+}
+
+fn mac_of(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+fn nonce() -> Result<[u8; 32]> {
+    use std::io::Read;
+    let mut n = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
+    Ok(n)
+}
+
+/// The key file: `--key`, else $MIGSHIM_KEY, else ~/.config/migshim/agent.key.
+pub fn key_path(given: Option<&Path>) -> PathBuf {
+    if let Some(p) = given {
+        return p.into();
+    }
+    if let Some(p) = std::env::var_os("MIGSHIM_KEY") {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/".into());
+    Path::new(&home).join(".config/migshim/agent.key")
+}
+
+pub fn read_key(path: &Path) -> Result<Vec<u8>> {
+    let key = std::fs::read(path).with_context(|| {
+        format!(
+            "reading the agent key {} (the same file on both hosts; `mig agent` makes one if it has none)",
+            path.display()
+        )
+    })?;
+    if key.len() < 16 {
+        bail!("{}: a key needs at least 16 bytes", path.display());
+    }
+    Ok(key)
+}
+
+/// Reads the key, or makes a new random one (mode 0600) when there is none.
+pub fn read_or_make_key(path: &Path) -> Result<Vec<u8>> {
+    if !path.exists() {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let key: String = nonce()?.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, key.as_bytes()))
+            .with_context(|| format!("creating the key {}", path.display()))?;
+        eprintln!(
+            "mig agent: made a new key {} — copy it to the hosts that migrate sessions here",
+            path.display()
+        );
+    }
+    read_key(path)
+}
+
+/// One end of an authenticated link.
+pub struct Link {
+    pub stream: TcpStream,
+    /// The running MAC over the client's frames (both ends keep it).
+    stream_mac: HmacSha256,
+}
+
+impl Link {
+    pub fn send(&mut self, m: &Msg) -> Result<()> {
+        let body = postcard::to_stdvec(m)?;
+        self.stream_mac.update(&body);
+        migrt::wire::write_frame_body(&mut self.stream, &body)?;
+        Ok(())
+    }
+
+    /// Sends the MAC of everything sent so far (ends the client's stream).
+    pub fn send_mac(&mut self) -> Result<()> {
+        let mac = self.stream_mac.clone().finalize().into_bytes().into();
+        migrt::wire::write_frame(&mut self.stream, &Msg::Sent { mac })?;
+        Ok(())
+    }
+
+    pub fn recv(&mut self) -> Result<Msg> {
+        let (m, body) = migrt::wire::read_frame_upto::<Msg>(&mut self.stream, MAX_FRAME)?;
+        if !matches!(m, Msg::Sent { .. }) {
+            self.stream_mac.update(&body);
+        }
+        Ok(m)
+    }
+
+    /// Whether `mac` is the MAC of everything received so far.
+    pub fn verify(&self, mac: &[u8; 32]) -> bool {
+        self.stream_mac.clone().verify_slice(mac).is_ok()
+    }
+}
+
+fn stream_mac(key: &[u8], a: &[u8; 32], c: &[u8; 32]) -> HmacSha256 {
+    let k = mac_of(key, &[b"mig-stream\0", a, c]);
+    HmacSha256::new_from_slice(&k).expect("HMAC takes any key length")
+}
+
+/// The client side: connects to an agent at `to` (HOST or HOST:PORT) and authenticates.
+pub fn connect(to: &str, key: &[u8], timeout: Duration) -> Result<Link> {
+    let addr = if to.contains(':') && !to.ends_with(']') {
+        to.to_string()
+    } else {
+        format!("{to}:{DEFAULT_PORT}")
+    };
+    let sa = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .with_context(|| format!("{addr}: no address"))?;
+    let mut stream = TcpStream::connect_timeout(&sa, timeout).with_context(|| {
+        format!("connecting to the agent at {addr} (is `mig agent` running there?)")
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    let agent_nonce = match migrt::wire::read_frame_upto::<Msg>(&mut stream, MAX_FRAME)?.0 {
+        Msg::Hello { version, nonce } if version == VERSION => nonce,
+        Msg::Hello { version, .. } => {
+            bail!("the agent at {addr} speaks protocol {version}, this mig {VERSION}")
+        }
+        Msg::Refused(why) => bail!("the agent at {addr} refused: {why}"),
+        other => bail!("the agent at {addr} said {other:?}"),
+    };
+    let mine = nonce()?;
+    let mac = mac_of(key, &[b"mig-client\0", &agent_nonce, &mine]);
+    migrt::wire::write_frame(&mut stream, &Msg::Auth { nonce: mine, mac })?;
+    match migrt::wire::read_frame_upto::<Msg>(&mut stream, MAX_FRAME)
+        .with_context(|| format!("the agent at {addr} closed the link: wrong key?"))?
+        .0
+    {
+        Msg::Welcome { mac } if mac == mac_of(key, &[b"mig-agent\0", &mine, &agent_nonce]) => {}
+        Msg::Welcome { .. } => {
+            bail!("the agent at {addr} does not hold our key: not talking to it")
+        }
+        Msg::Refused(why) => bail!("the agent at {addr} refused: {why}"),
+        other => bail!("the agent at {addr} said {other:?}"),
+    }
+    Ok(Link {
+        stream_mac: stream_mac(key, &agent_nonce, &mine),
+        stream,
+    })
+}
+
+/// The agent side: challenges a new peer; Ok only if it answered with the key.
+pub fn accept(mut stream: TcpStream, key: &[u8]) -> Result<Link> {
+    let mine = nonce()?;
+    migrt::wire::write_frame(
+        &mut stream,
+        &Msg::Hello {
+            version: VERSION,
+            nonce: mine,
+        },
+    )?;
+    let (theirs, mac) = match migrt::wire::read_frame_upto::<Msg>(&mut stream, 256)?.0 {
+        Msg::Auth { nonce, mac } => (nonce, mac),
+        other => bail!("expected an answer to the challenge, got {other:?}"),
+    };
+    if mac != mac_of(key, &[b"mig-client\0", &mine, &theirs]) {
+        let _ = migrt::wire::write_frame(
+            &mut stream,
+            &Msg::Refused("authentication failed: not our key".into()),
+        );
+        bail!("authentication failed: the peer does not hold our key");
+    }
+    let mac = mac_of(key, &[b"mig-agent\0", &theirs, &mine]);
+    migrt::wire::write_frame(&mut stream, &Msg::Welcome { mac })?;
+    Ok(Link {
+        stream_mac: stream_mac(key, &mine, &theirs),
+        stream,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_ends_authenticate_and_the_stream_is_checked() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let key = b"0123456789abcdef0123".to_vec();
+        let k2 = key.clone();
+        let agent = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut link = accept(s, &k2).unwrap();
+            let m = link.recv().unwrap();
+            assert!(matches!(m, Msg::Ps));
+            let Msg::Sent { mac } = link.recv().unwrap() else {
+                panic!()
+            };
+            assert!(link.verify(&mac));
+            // A wrong key is turned away.
+            let (s, _) = l.accept().unwrap();
+            assert!(accept(s, &k2).is_err());
+        });
+        let mut link = connect(&format!("127.0.0.1:{port}"), &key, Duration::from_secs(5)).unwrap();
+        link.send(&Msg::Ps).unwrap();
+        link.send_mac().unwrap();
+        let e = connect(
+            &format!("127.0.0.1:{port}"),
+            b"another key, 16+ bytes",
+            Duration::from_secs(5),
+        );
+        assert!(e.is_err());
+        agent.join().unwrap();
+    }
+}
