@@ -37,6 +37,8 @@ pub struct Policy<'a> {
     pub allow_changed_files: bool,
     /// Stdio fds the user gave `mig restore` explicitly (--stdin/--stdout/--stderr/--log).
     pub stdio_given: [bool; 3],
+    /// What FIFOs held unread, by inode (taken by the first fd of each that is made).
+    pub fifo_contents: std::cell::RefCell<HashMap<u64, Vec<u8>>>,
 }
 
 /// Every process's fds (by image index): (fd, close-on-exec, object).
@@ -300,13 +302,17 @@ fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
         Object::Device { path, .. } => open_with(path_of(path), f.flags)
             .with_context(|| format!("reopening {path}"))?
             .into(),
-        Object::Fifo { path, .. } => {
+        Object::Fifo { path, ino, .. } => {
             // Opened for both directions so that the open neither blocks nor fails for
-            // want of the other end.
+            // want of the other end; refilled with what it held, once.
             let p = policy.rebind.path(&path.0);
-            open_with(path_of(&p), libc::O_RDWR | libc::O_NONBLOCK)
-                .with_context(|| format!("reopening the FIFO {p}"))?
-                .into()
+            let mut fifo = open_with(path_of(&p), libc::O_RDWR | libc::O_NONBLOCK)
+                .with_context(|| format!("reopening the FIFO {p}"))?;
+            if let Some(data) = policy.fifo_contents.borrow_mut().remove(ino) {
+                fifo.write_all(&data)
+                    .with_context(|| format!("refilling the FIFO {p}"))?;
+            }
+            fifo.into()
         }
         Object::EventFd { count, semaphore } => {
             let sem = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };

@@ -482,6 +482,13 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         let policy = objects::Policy {
             rebind: &a.rebind,
             allow_changed_files: a.allow_changed_files,
+            fifo_contents: std::cell::RefCell::new(
+                images
+                    .iter()
+                    .flat_map(|i| &i.contents)
+                    .map(|(ino, c)| (*ino, c.0.clone()))
+                    .collect(),
+            ),
             stdio_given: [
                 a.stdio[0].is_some(),
                 a.stdio[1].is_some() || a.log.is_some(),

@@ -117,7 +117,7 @@ pub fn describe(f: &FdEntry) -> String {
         }
         Object::Directory { path, offset } => format!("{path} position {offset}"),
         Object::Device { path, tty, .. } => format!("{path}{}", if *tty { " (tty)" } else { "" }),
-        Object::Fifo { path, end } => format!("{path} {}", end_name(*end)),
+        Object::Fifo { path, end, .. } => format!("{path} {}", end_name(*end)),
         Object::Pipe { id, end, .. } => format!("#{id} {} end", end_name(*end)),
         Object::Socket(s) => {
             let mut out = format!("#{} {}", s.id, sock_type(s.domain, s.ty));

@@ -99,6 +99,18 @@ int main(int argc, char **argv) {
     char *memmap = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, mem, 0);
     ftruncate(mem, 4096);
 
+    // A FIFO holding unread bytes; POSIX shared memory, shared with the child below.
+    mkfifo(at("fifo"), 0600);
+    int fifo = open(at("fifo"), O_RDWR | O_NONBLOCK);
+    write(fifo, "fifo-data", 9);
+    char shm_name[128];
+    snprintf(shm_name, sizeof shm_name, "/migshim-objects-%d-%ld", getpid(), (long)time(NULL));
+    int shm = shm_open(shm_name, O_CREAT | O_RDWR, 0600);
+    ftruncate(shm, 4096);
+    char *shared = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, shm, 0);
+    close(shm);
+    shm_unlink(shm_name);  // the mapping keeps it (a deleted file then)
+
     // Unix socket pairs with unread data: stream both ways, datagrams, seqpacket.
     int sp[2], dg[2], sq[2];
     socketpair(AF_UNIX, SOCK_STREAM, 0, sp);
@@ -192,6 +204,7 @@ int main(int argc, char **argv) {
         char c;
         // Answers each byte that comes over the socket with the next letter.
         while (read(cp[1], &c, 1) == 1) {
+            shared[100] = 'S';
             c++;
             write(cp[1], &c, 1);
         }
@@ -243,6 +256,9 @@ int main(int argc, char **argv) {
         got88 |= evs[i].data.u64 == 88;
     }
     result("epoll", got77 && got88, "both ready with their data");
+    memset(buf, 0, sizeof buf);
+    result("fifo", read(fifo, buf, sizeof buf) == 9 && strcmp(buf, "fifo-data") == 0, buf);
+
     // Sockets.
     result("socketpair-stream", recv_is(sp[1], "ping", MSG_DONTWAIT) && recv_is(sp[0], "pong", MSG_DONTWAIT), "unread bytes");
     result("socketpair-dgram", recv_is(dg[1], "d1", MSG_DONTWAIT) && recv_is(dg[1], "d2", MSG_DONTWAIT), "datagrams");
@@ -293,6 +309,7 @@ int main(int argc, char **argv) {
     char c = 'a';
     write(cp[0], &c, 1);
     result("child-socket", read(cp[0], &c, 1) == 1 && c == 'b', "answer");
+    result("posix-shm", shared[100] == 'S', "the child's write");
     write(pp[1], "-pipe", 5);
     close(pp[1]);
     close(cp[0]);

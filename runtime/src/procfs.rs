@@ -308,7 +308,11 @@ pub fn describe_own_fd(
                 path,
                 offset: info.pos,
             },
-            libc::S_IFIFO => Object::Fifo { path, end },
+            libc::S_IFIFO => Object::Fifo {
+                path,
+                end,
+                ino: st.st_ino,
+            },
             libc::S_IFCHR if path.0 == b"/dev/ptmx" || path.0 == b"/dev/pts/ptmx" => {
                 Object::PtyMaster {
                     index: sys::pty_index(fd),

@@ -447,6 +447,7 @@ pub enum Object {
     Fifo {
         path: Bytes,
         end: PipeEnd,
+        ino: u64,
     },
     Pipe {
         id: u64,

@@ -281,40 +281,44 @@ pub fn dump(
 /// pipe read by several processes is in each of their images; restore takes one.
 fn pipe_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
     use migrt::table::{Object, PipeEnd};
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut out: Vec<(u64, Bytes)> = Vec::new();
     for f in &table.fds {
-        let Object::Pipe {
+        if let Object::Pipe {
             id,
             end: PipeEnd::Read,
             ..
         } = f.object
-        else {
-            continue;
-        };
-        if out.iter().any(|(i, _)| *i == id) {
-            continue;
-        }
-        let path = format!("/proc/self/fd/{}", f.fd);
-        let open = |write: bool| {
-            std::fs::OpenOptions::new()
-                .read(!write)
-                .write(write)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&path)
-        };
-        let Ok(mut r) = open(false) else { continue };
-        let mut data = Vec::new();
-        let _ = r.read_to_end(&mut data); // ends with WouldBlock once the pipe is empty
-        if !data.is_empty()
-            && let Ok(mut w) = open(true)
+            && !out.iter().any(|(i, _)| *i == id)
         {
-            let _ = w.write_all(&data);
+            out.push((id, Bytes(unread_bytes(f.fd))));
         }
-        out.push((id, Bytes(data)));
     }
     out
+}
+
+/// Reads what a pipe or FIFO holds and puts it back (see pipe_contents).
+fn unread_bytes(fd: i32) -> Vec<u8> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = format!("/proc/self/fd/{fd}");
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+    };
+    let Ok(mut r) = open(false) else {
+        return Vec::new();
+    };
+    let mut data = Vec::new();
+    let _ = r.read_to_end(&mut data); // ends with WouldBlock once the pipe is empty
+    if !data.is_empty()
+        && let Ok(mut w) = open(true)
+    {
+        let _ = w.write_all(&data);
+    }
+    data
 }
 
 /// Unread bytes and options of every socket this process holds (once per socket).
@@ -336,13 +340,20 @@ fn socket_states(table: &ProcessTable) -> Vec<migrt::sockstate::SocketState> {
     out
 }
 
-/// The content of files that exist nowhere else: memfds and files deleted while open, by
-/// inode (read without moving the app's offset).
+/// The content of files that exist nowhere else — memfds and files deleted while open (read
+/// without moving the app's offset) — and what FIFOs hold unread, by inode.
 fn file_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
     use migrt::table::Object;
     use std::os::unix::fs::FileExt;
     let mut out: Vec<(u64, Bytes)> = Vec::new();
     for f in &table.fds {
+        // A FIFO's content is what it holds unread.
+        if let Object::Fifo { ino, .. } = f.object {
+            if !out.iter().any(|(i, _)| *i == ino) {
+                out.push((ino, Bytes(unread_bytes(f.fd))));
+            }
+            continue;
+        }
         if !matches!(
             f.object,
             Object::MemFd { .. } | Object::File { deleted: true, .. }
