@@ -99,3 +99,36 @@ fn less_in_tmux_shows_the_same_screen_after_restore_and_goes_on() {
         s.lines().filter(|l| l.starts_with("PROMPT$")).count() >= 1 && !s.contains("line number 4")
     });
 }
+
+#[test]
+fn a_session_that_owns_a_pseudo_terminal_comes_back_with_it() {
+    // script(1) makes a pty pair: bash runs on the slave (its controlling terminal), script
+    // copies the master's output to its log.
+    let env = Env::new("pty");
+    let inner = "i=0; while true; i=$((i+1)); do c=no; (exec </dev/tty) 2>/dev/null && c=yes; echo \"tick $i ctty=$c $(tty)\"; sleep 0.05; done";
+    let log = env.detach(
+        "pty",
+        &[
+            "script",
+            "-qfec",
+            &format!("bash -c '{inner}'"),
+            "/dev/null",
+        ],
+    );
+    let before = wait_numbers(&log, "tick ", 3);
+    let text_before = std::fs::read_to_string(&log).unwrap();
+    assert!(text_before.contains("ctty=yes /dev/pts/"), "{text_before}");
+    let img = env.root.join("img");
+    stop_into(&env, "pty", &img);
+    let last = *numbers(&log, "tick ").last().unwrap();
+    assert!(last >= *before.last().unwrap());
+    let rlog = restore_detached(&env, &img, "restored.log");
+    let after = wait_numbers(&rlog, "tick ", 3);
+    assert_eq!(after[0], last + 1, "it went on: {after:?}");
+    let text_after = std::fs::read_to_string(&rlog).unwrap();
+    assert!(
+        text_after.lines().all(|l| l.contains("ctty=yes /dev/pts/")),
+        "bash has its terminal, as its controlling terminal, after the restore:\n{text_after}"
+    );
+    env.stop("pty");
+}

@@ -35,7 +35,7 @@ impl Client {
                 }
                 Err(_) => {}
             }
-            if !migrt::sys::alive(pid) {
+            if crate::sessions::gone(pid) {
                 bail!(
                     "process {vpid} (pid {pid}) of session {} has exited",
                     dir.name()

@@ -55,7 +55,15 @@ fn path_of(b: &Bytes) -> &std::ffi::OsStr {
 
 pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
     let listeners = migrt::support::listeners(images.iter().map(|i| &i.table));
-    let kept = |f: &FdEntry| f.fd > 2 || !policy.stdio_given[f.fd as usize] && inside(f, images);
+    // Stdio inside the session always comes back; a file the session opened for itself,
+    // unless the user chose that fd.
+    let kept = |f: &FdEntry| {
+        f.fd > 2
+            || match f.object {
+                Object::File { .. } => !policy.stdio_given[f.fd as usize] && inside(f, images),
+                _ => inside(f, images),
+            }
+    };
 
     // Sockets, all together (connections need both ends).
     let mut socks: Vec<SessionSocket> = Vec::new();
@@ -78,6 +86,7 @@ pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
     }
     let sockets = sockets::build(&socks, policy.rebind)?;
 
+    let ptys = pseudo_terminals(images)?;
     let mut pipes: HashMap<u64, (File, File)> = HashMap::new();
     let mut by_inode: HashMap<u64, File> = HashMap::new();
     let mut out = Vec::new();
@@ -105,6 +114,19 @@ pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
                         };
                         (if *end == PipeEnd::Read { &*r } else { &*w })
                             .try_clone()?
+                            .into()
+                    }
+                    Object::PtyMaster { index: Some(i) } if ptys.contains_key(i) => {
+                        ptys[i].0.try_clone()?.into()
+                    }
+                    Object::Device {
+                        path, tty: true, ..
+                    } if pty_number(path).is_some_and(|n| ptys.contains_key(&n)) => {
+                        let slave = &ptys[&pty_number(path).unwrap_or_default()].1;
+                        open_with(slave.as_os_str(), f.flags | libc::O_NOCTTY)
+                            .with_context(|| {
+                                format!("opening the new terminal {}", slave.display())
+                            })?
                             .into()
                     }
                     Object::Socket(s) => match sockets.get(&s.id) {
@@ -147,11 +169,43 @@ pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
     Ok(Objects { fds: out, by_inode })
 }
 
+/// The session's pseudo-terminals made anew, by their old number: (master, slave path),
+/// with their modes, window size, and the output that was waiting on the master.
+fn pseudo_terminals(images: &[ProcImage]) -> Result<HashMap<u32, (File, std::path::PathBuf)>> {
+    let mut out = HashMap::new();
+    for p in images.iter().flat_map(|i| &i.ptys) {
+        if out.contains_key(&p.index) {
+            continue;
+        }
+        let (master, slave, _) = migrt::sys::pty_pair().context("making a pseudo-terminal")?;
+        migrt::sys::set_termios(master.as_raw_fd(), &p.tty.termios)?;
+        migrt::sys::set_window_size(master.as_raw_fd(), p.tty.rows, p.tty.cols);
+        if !p.output.0.is_empty() {
+            let mut s = open_with(slave.as_os_str(), libc::O_RDWR | libc::O_NOCTTY)?;
+            migrt::sys::write_raw_output(&mut s, &p.output.0)?;
+        }
+        out.insert(p.index, (master, slave));
+    }
+    Ok(out)
+}
+
+/// N of /dev/pts/N.
+fn pty_number(path: &Bytes) -> Option<u32> {
+    std::str::from_utf8(path.0.strip_prefix(b"/dev/pts/")?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Whether a stdio object belongs to the session: a pipe or socket that leads to another
 /// fd of the session, a file the session opened itself (a shell's redirection; not the log
 /// `mig run` gave it). Else it is the outside world's, and the restore rebinds it.
 fn inside(f: &FdEntry, images: &[ProcImage]) -> bool {
     match &f.object {
+        Object::Device {
+            path, tty: true, ..
+        } => pty_number(path)
+            .is_some_and(|n| images.iter().flat_map(|i| &i.ptys).any(|p| p.index == n)),
         Object::File { dev, ino, .. } => images.iter().flat_map(|i| &i.table.fds).any(|g| {
             g.journaled
                 && matches!(&g.object, Object::File { dev: d, ino: n, .. } if d == dev && n == ino)

@@ -66,6 +66,8 @@ pub struct ProcImage {
     pub sockets: Vec<SocketState>,
     /// Content of its memfds and deleted files, by inode.
     pub contents: Vec<(u64, Bytes)>,
+    /// The pseudo-terminals whose master it holds.
+    pub ptys: Vec<migrt::image::PtyState>,
     pub threads: Vec<ThreadState>,
     pub regions: Vec<Region>,
     /// (page map, file offset of its page data)
@@ -85,6 +87,7 @@ fn read_image(path: &Path) -> Result<ProcImage> {
         pipes: vec![],
         sockets: vec![],
         contents: vec![],
+        ptys: vec![],
         threads: vec![],
         regions: vec![],
         pages: vec![],
@@ -97,6 +100,7 @@ fn read_image(path: &Path) -> Result<ProcImage> {
             Tag::Pipes => img.pipes = s.decode(path)?,
             Tag::Sockets => img.sockets = s.decode(path)?,
             Tag::Contents => img.contents = s.decode(path)?,
+            Tag::Ptys => img.ptys = s.decode(path)?,
             Tag::Threads => img.threads = s.decode(path)?,
             Tag::Regions => img.regions = s.decode(path)?,
             Tag::PageMap => pending = Some(s.decode(path)?),
@@ -383,7 +387,9 @@ fn write_plan(
     }
     args.push(channel);
 
-    let head = 12u64;
+    let head = 13u64;
+    let t = &img.table;
+    let leads = (t.sid == m.vpid) as u64 | ((t.pgid == m.vpid) as u64) << 1;
     let children_at = head + entries.len() as u64 * 7;
     let args_at = (children_at + children.len() as u64) * 8;
     let mut words: Vec<u64> = vec![
@@ -399,6 +405,7 @@ fn write_plan(
         size_of(b"[vdso]"),
         children.len() as u64,
         children_at,
+        leads,
     ];
     for e in entries {
         words.extend(e);

@@ -15,8 +15,8 @@
 //!
 //! Plan (little-endian u64 words): magic, entry count, restart entry, offset of the
 //! restart arguments in the plan, fs_base, restart stack, vvar target, the three expected
-//! block sizes, the number of child processes and the word offset of their plan fds, then
-//! 7 words per entry (addr, len, prot, flags, fd, offset, kind:
+//! block sizes, the number of child processes and the word offset of their plan fds, the
+//! leadership flags (1: session leader, 2: process group leader), then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
 //! 0 map, 1 copy from fd into the memory mapped before).
 #![no_std]
 #![no_main]
@@ -24,7 +24,7 @@
 use core::arch::{asm, naked_asm};
 
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
-const HEAD_WORDS: usize = 12;
+const HEAD_WORDS: usize = 13;
 const ENTRY_WORDS: usize = 7;
 const MAX_ATTEMPTS: u8 = 16;
 
@@ -40,6 +40,8 @@ const SYS_PREAD64: usize = 17;
 const PROT_WRITE: usize = 2;
 const SYS_EXECVE: usize = 59;
 const SYS_CLONE: usize = 56;
+const SYS_SETPGID: usize = 109;
+const SYS_SETSID: usize = 112;
 const SIGCHLD: usize = 17;
 const SYS_EXIT_GROUP: usize = 231;
 const SYS_ARCH_PRCTL: usize = 158;
@@ -326,6 +328,13 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
         die(b"cannot run itself again");
     }
 
+    // A session or group it leads is made before its children are forked, so that they
+    // are born into it (a process cannot join another session later).
+    if w[12] & 1 != 0 {
+        unsafe { sys6(SYS_SETSID, 0, 0, 0, 0, 0, 0) };
+    } else if w[12] & 2 != 0 {
+        unsafe { sys6(SYS_SETPGID, 0, 0, 0, 0, 0, 0) };
+    }
     // The children first: each forked restorer becomes one of them (and forks its own).
     let (nchildren, at) = (w[10] as usize, w[11] as usize);
     for &child in w.get(at..at + nchildren).unwrap_or(&[]) {

@@ -55,6 +55,8 @@ pub enum Tag {
     /// postcard(Vec<(u64, Bytes)>): the content of files that exist nowhere else (memfds,
     /// files deleted while open), by inode
     Contents = 9,
+    /// postcard(Vec<PtyState>): the pseudo-terminals whose master it holds
+    Ptys = 10,
     End = 0x454e44,
 }
 
@@ -70,6 +72,7 @@ impl Tag {
             7 => Tag::Pipes,
             8 => Tag::Sockets,
             9 => Tag::Contents,
+            10 => Tag::Ptys,
             0x454e44 => Tag::End,
             _ => return None,
         })
@@ -124,6 +127,17 @@ pub struct TtyState {
     pub cols: u16,
     /// Whether the process's group was the terminal's foreground group.
     pub foreground: bool,
+}
+
+/// A pseudo-terminal of the session (its master held by a process of it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PtyState {
+    /// Its number (/dev/pts/N) at the checkpoint.
+    pub index: u32,
+    /// Modes and window size.
+    pub tty: TtyState,
+    /// Output the program on the terminal wrote that the master's holder had not read.
+    pub output: crate::record::Bytes,
 }
 
 /// One thread, frozen.

@@ -110,7 +110,9 @@ impl std::fmt::Display for Unsupported {
 pub fn why_unsupported(o: &Object, listeners: &[&SocketInfo]) -> Option<String> {
     match o {
         Object::Other { link } => Some(format!("{link} is not something a restore can rebuild")),
-        Object::PtyMaster { .. } => Some("a pseudo-terminal master is not rebuilt yet".into()),
+        Object::PtyMaster { index: None } => {
+            Some("a pseudo-terminal master of unknown number".into())
+        }
         Object::Device {
             path, tty: false, ..
         } if !PLAIN_DEVICES.contains(&path.0.as_slice()) => Some(format!(

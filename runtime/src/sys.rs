@@ -563,3 +563,89 @@ pub fn posix_lock(fd: i32, write: bool, start: u64, end: Option<u64>) -> io::Res
     }
     Ok(())
 }
+
+/// A new pseudo-terminal: (master, slave path, its number). The master is close-on-exec.
+pub fn pty_pair() -> io::Result<(std::fs::File, std::path::PathBuf, u32)> {
+    // SAFETY: posix_openpt/grantpt/unlockpt on the fd we just got; TIOCGPTN writes one int.
+    unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if m < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        use std::os::fd::FromRawFd;
+        let master = std::fs::File::from_raw_fd(m);
+        let mut n: libc::c_uint = 0;
+        if libc::grantpt(m) != 0
+            || libc::unlockpt(m) != 0
+            || libc::ioctl(m, libc::TIOCGPTN, &mut n) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((master, format!("/dev/pts/{n}").into(), n))
+    }
+}
+
+/// Bytes waiting to be read on a terminal or pipe (FIONREAD).
+pub fn readable_bytes(fd: i32) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r == 0 { n.max(0) as usize } else { 0 }
+}
+
+/// Makes terminal `fd` the calling session leader's controlling terminal.
+pub fn take_controlling_tty(fd: i32) -> io::Result<()> {
+    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal).
+    if unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The foreground process group of terminal `fd` (the caller's terminal), if any.
+pub fn foreground_group(fd: i32) -> Option<i32> {
+    // SAFETY: tcgetpgrp only queries.
+    let g = unsafe { libc::tcgetpgrp(fd) };
+    (g > 0).then_some(g)
+}
+
+pub fn set_foreground_group(fd: i32, pgid: i32) -> io::Result<()> {
+    // SAFETY: tcsetpgrp takes plain values.
+    if unsafe { libc::tcsetpgrp(fd, pgid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes `data` to a terminal as raw output (output processing off meanwhile, so that it
+/// reaches the other side exactly as given).
+pub fn write_raw_output(tty: &mut std::fs::File, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let fd = tty.as_raw_fd();
+    // SAFETY: termios is a plain struct tcgetattr fills.
+    let old = unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        t
+    };
+    let mut raw = old;
+    raw.c_oflag &= !libc::OPOST;
+    // SAFETY: setting termios values we read and changed.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) };
+    let written = tty.write_all(data);
+    // SAFETY: as above, the old modes.
+    unsafe { libc::tcsetattr(fd, libc::TCSADRAIN, &old) };
+    written
+}
+
+/// Reads up to `n` bytes from an fd we do not own (the caller knows they are there).
+pub fn read_some(fd: i32, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    // SAFETY: the kernel writes at most n bytes into buf.
+    let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), n) };
+    buf.truncate(got.max(0) as usize);
+    buf
+}

@@ -126,6 +126,7 @@ pub fn dump(
         .map_err(enc)?;
     w.postcard(Tag::Contents, &file_contents(table))
         .map_err(enc)?;
+    w.postcard(Tag::Ptys, &pty_states(table)).map_err(enc)?;
 
     // Left out: the session table and the scratch buffer, both shared mappings, which the
     // kernel never merges with the app's private memory. (This thread's stack is stored
@@ -319,6 +320,43 @@ fn unread_bytes(fd: i32) -> Vec<u8> {
         let _ = w.write_all(&data);
     }
     data
+}
+
+/// The pseudo-terminals whose master this process holds: modes, window size, and the
+/// output waiting on the master — read, and written back through the slave (output
+/// processing off) so that the running session still finds it there.
+fn pty_states(table: &ProcessTable) -> Vec<migrt::image::PtyState> {
+    use migrt::table::Object;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out: Vec<migrt::image::PtyState> = Vec::new();
+    for f in &table.fds {
+        let Object::PtyMaster { index: Some(index) } = f.object else {
+            continue;
+        };
+        if out.iter().any(|p| p.index == index) {
+            continue;
+        }
+        let Some(tty) = migrt::sys::tty_state(f.fd) else {
+            continue;
+        };
+        let output = migrt::sys::read_some(f.fd, migrt::sys::readable_bytes(f.fd));
+        if !output.is_empty() {
+            let slave = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOCTTY)
+                .open(format!("/dev/pts/{index}"));
+            if let Ok(mut s) = slave {
+                let _ = migrt::sys::write_raw_output(&mut s, &output);
+            }
+        }
+        out.push(migrt::image::PtyState {
+            index,
+            tty,
+            output: Bytes(output),
+        });
+    }
+    out
 }
 
 /// Unread bytes and options of every socket this process holds (once per socket).

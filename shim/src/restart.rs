@@ -119,6 +119,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         crate::interpose::close_real(fd as i32);
     }
     rebuild_epolls();
+    retake_terminal();
     retake_record_locks();
     // The restorer's leftovers: its code, the plan (the arguments were copied above), and
     // the stack the kernel gave it (found by name before set_mm renames the app's stack).
@@ -260,6 +261,62 @@ static FROZEN: std::sync::Mutex<Option<migrt::table::ProcessTable>> = std::sync:
 
 pub fn keep_table(t: &migrt::table::ProcessTable) {
     *FROZEN.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
+    *CTTY.lock().unwrap_or_else(|p| p.into_inner()) = controlling_terminal(t);
+}
+
+/// The process's controlling terminal as at the last freeze, when it holds it open: (an fd
+/// that is it, the vpid of its foreground process group).
+static CTTY: std::sync::Mutex<Option<(i32, i32)>> = std::sync::Mutex::new(None);
+
+fn controlling_terminal(t: &migrt::table::ProcessTable) -> Option<(i32, i32)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let tty_nr: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(4)?
+        .parse()
+        .ok()?;
+    if tty_nr == 0 {
+        return None;
+    }
+    // tty_nr packs major and minor as the kernel's new_encode_dev does.
+    let (major, minor) = (
+        (tty_nr >> 8) & 0xfff,
+        (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00),
+    );
+    let fd = t.fds.iter().find_map(|f| match &f.object {
+        migrt::table::Object::Device { rdev, .. }
+            if libc::major(*rdev) as u64 == major && libc::minor(*rdev) as u64 == minor =>
+        {
+            Some(f.fd)
+        }
+        _ => None,
+    })?;
+    // (tcgetpgrp and tcsetpgrp go through the shim's wrappers: virtual ids.)
+    let fg = migrt::sys::foreground_group(fd)?;
+    Some((fd, fg))
+}
+
+/// A session leader whose controlling terminal came back (a pseudo-terminal of the
+/// session) takes it again, and gives it its foreground group back once that group exists.
+fn retake_terminal() {
+    let (Some(t), Some((fd, fg))) = (
+        FROZEN.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        *CTTY.lock().unwrap_or_else(|p| p.into_inner()),
+    ) else {
+        return;
+    };
+    if t.sid != vpid() || migrt::sys::take_controlling_tty(fd).is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if migrt::sys::set_foreground_group(fd, fg).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Epoll instances come back once every other fd is in place (mig made those): their

@@ -39,6 +39,7 @@ pub mod raw;
 mod signals;
 mod sockets;
 mod threads;
+mod waits;
 
 pub use process::{real_pgid_sid, real_pid, real_ppid, real_tid, register_atfork};
 pub use signals::{in_handler as in_signal_handler, install as install_signal};

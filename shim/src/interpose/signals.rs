@@ -38,6 +38,18 @@ static APP_SIGINFO: [std::sync::atomic::AtomicBool; 65] =
 
 thread_local! {
     static IN_HANDLER: Cell<u32> = const { Cell::new(0) };
+    /// How often the reserved signal, and an app handler, ran on this thread (waits.rs
+    /// tells by them whose signal cut a wait short).
+    static OURS: Cell<u64> = const { Cell::new(0) };
+    static APPS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// (reserved-signal runs, app-handler runs) on the calling thread so far.
+pub fn interruptions() -> (u64, u64) {
+    (
+        OURS.try_with(Cell::get).unwrap_or(0),
+        APPS.try_with(Cell::get).unwrap_or(0),
+    )
 }
 
 /// Whether the calling thread is running an app signal handler.
@@ -56,6 +68,7 @@ extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void
         return;
     }
     let _ = IN_HANDLER.try_with(|c| c.set(c.get() + 1));
+    let _ = APPS.try_with(|c| c.set(c.get() + 1));
     // SAFETY: h is the handler the app installed for sig, with the signature its
     // SA_SIGINFO flag promised.
     unsafe {
@@ -141,6 +154,7 @@ pub fn install(sig: c_int) {
 
 /// Signal context: see the module comment.
 extern "C" fn on_signal(_sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
+    let _ = OURS.try_with(|c| c.set(c.get() + 1));
     // SAFETY: the kernel hands a valid siginfo and ucontext for an SA_SIGINFO handler.
     let (value, safe) = unsafe { ((*info).si_value().sival_ptr as usize, safe_point(uc.cast())) };
     if !safe {
