@@ -133,6 +133,19 @@ impl<'a> Frozen<'a> {
     /// waited for). Returns how long it was frozen.
     pub fn release(mut self, stop: bool) -> Result<Duration> {
         self.released = true;
+        // System V segments outlive their processes: the ones only this session used go
+        // with it (the session now lives in its image, or elsewhere).
+        let sysv: Vec<u64> = if stop {
+            self.live
+                .processes()
+                .iter()
+                .flat_map(|p| migrt::procfs::all_mappings(&p.pid.to_string()))
+                .filter(|m| m.name.0.starts_with(b"/SYSV"))
+                .map(|m| m.inode)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let last = if stop { Request::Stop } else { Request::Thaw };
         for (vpid, _, c) in self.clients.iter_mut() {
             match c.call(&last)? {
@@ -145,6 +158,11 @@ impl<'a> Frozen<'a> {
             let t = Instant::now();
             while !self.live.processes().is_empty() && t.elapsed() < Duration::from_secs(5) {
                 std::thread::sleep(Duration::from_millis(2));
+            }
+            for s in migrt::procfs::sysv_segments() {
+                if sysv.contains(&(s.id as u64)) && s.attached == 0 {
+                    migrt::sys::sysv_remove(s.id);
+                }
             }
         }
         Ok(frozen)

@@ -15,6 +15,7 @@ mod run;
 mod sessions;
 mod show;
 mod sockets;
+mod sysv;
 mod table;
 mod terminal;
 

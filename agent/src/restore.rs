@@ -185,7 +185,6 @@ fn shared_memory(
     use std::os::unix::fs::FileExt;
     let mut out = HashMap::new();
     for img in images {
-        let image = std::fs::File::open(&img.path)?;
         for r in img.regions.iter().filter(|r| shared_anonymous(r)) {
             if out.contains_key(&r.inode) {
                 continue;
@@ -197,21 +196,11 @@ fn shared_memory(
             }
             let mem = migrt::sys::memfd(c"migshim-shared", false)?;
             mem.set_len(r.offset + (r.end - r.start))?;
-            let mut page = vec![0u8; PAGE];
-            for (map, data_at) in &img.pages {
-                let mut k = 0;
-                for i in 0..map.count {
-                    if !map.is_present(i) {
-                        continue;
-                    }
-                    let addr = map.start + i * PAGE as u64;
-                    if (r.start..r.end).contains(&addr) {
-                        image.read_exact_at(&mut page, data_at + k * PAGE as u64)?;
-                        mem.write_all_at(&page, r.offset + (addr - r.start))?;
-                    }
-                    k += 1;
-                }
-            }
+            region_pages(
+                img,
+                r,
+                |at, page| Ok(mem.write_all_at(page, r.offset + at)?),
+            )?;
             let fd = migrt::sys::inheritable_fd(&mem, FD_BASE)?;
             keep.push(mem);
             out.insert(r.inode, fd as u64);
@@ -220,9 +209,37 @@ fn shared_memory(
     Ok(out)
 }
 
-/// A MAP_SHARED mapping of no file of its own (shared anonymous memory, a memfd).
+/// Calls `put(offset in the region, page)` for every page of region `r` the image stores.
+pub fn region_pages(
+    img: &ProcImage,
+    r: &Region,
+    mut put: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let image = std::fs::File::open(&img.path)?;
+    let mut page = vec![0u8; PAGE];
+    for (map, data_at) in &img.pages {
+        let mut k = 0;
+        for i in 0..map.count {
+            if !map.is_present(i) {
+                continue;
+            }
+            let addr = map.start + i * PAGE as u64;
+            if (r.start..r.end).contains(&addr) {
+                image.read_exact_at(&mut page, data_at + k * PAGE as u64)?;
+                put(addr - r.start, &page)?;
+            }
+            k += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A MAP_SHARED mapping of no file of its own (shared anonymous memory, a memfd), System V
+/// segments aside (sysv.rs).
 fn shared_anonymous(r: &Region) -> bool {
-    r.perms.ends_with('s')
+    !crate::sysv::is_sysv(r)
+        && r.perms.ends_with('s')
         && (r.name.0.starts_with(b"/dev/zero")
             || r.name.0.starts_with(b"/memfd:")
             || r.name.0.ends_with(b" (deleted)"))
@@ -248,7 +265,8 @@ fn map_regions(
     // memory). A lazy restore belongs to userfaultfd (issue #5).
     const COPY: u64 = 1;
     for r in &img.regions {
-        if SPECIAL.contains(&r.name.0.as_slice()) {
+        // (System V segments are attached by the process itself.)
+        if SPECIAL.contains(&r.name.0.as_slice()) || crate::sysv::is_sysv(r) {
             continue;
         }
         let (len, p) = (r.end - r.start, prot(&r.perms));
@@ -306,6 +324,7 @@ fn map_regions(
                 && a < r.end
                 && !SPECIAL.contains(&r.name.0.as_slice())
                 && !shared_anonymous(r)
+                && !crate::sysv::is_sysv(r)
         })
     };
     for (map, data_at) in &img.pages {
@@ -337,18 +356,32 @@ fn map_regions(
     Ok(Mapped { entries, fds })
 }
 
-/// Writes the plan of process `img` into `plan_file` (see runtime/restorer/main.rs): its
-/// mappings, the plan fds of its child processes, and the restart arguments; `closes` are
-/// the fds every restored process closes (all that mig handed down).
+/// What a process's plan refers to besides its own image.
+struct Links<'a> {
+    session_dir: &'a Path,
+    /// The plan fds of its child processes.
+    children: &'a [u64],
+    /// The fds every restored process closes.
+    closes: &'a [u64],
+    /// The fd of its objects' channel.
+    channel: u64,
+    /// Its System V attachments (sysv.rs).
+    sysv: &'a [[u64; 3]],
+}
+
 fn write_plan(
     img: &ProcImage,
     entries: &[[u64; 7]],
     plan_file: &std::fs::File,
-    session_dir: &Path,
-    children: &[u64],
-    closes: &[u64],
-    channel: u64,
+    l: &Links,
 ) -> Result<()> {
+    let Links {
+        session_dir,
+        children,
+        closes,
+        channel,
+        sysv,
+    } = *l;
     let size_of = |n: &[u8]| {
         img.regions
             .iter()
@@ -386,6 +419,8 @@ fn write_plan(
         args.extend([t.ucontext_addr, t.fs_base, t.vtid as u64]);
     }
     args.push(channel);
+    args.push(sysv.len() as u64);
+    args.extend(sysv.iter().flatten());
 
     let head = 13u64;
     let t = &img.table;
@@ -504,6 +539,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         };
         let objects = objects::build(&images, &policy)?;
         let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
+        let sysv_ids = crate::sysv::make(&images, &dir.0)?;
         let mapped: Vec<Mapped> = images
             .iter()
             .map(|i| map_regions(i, &policy, &shared, &mut keep))
@@ -527,15 +563,14 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
                 .filter(|&c| parent_of(&images[c]) == i.meta.vpid)
                 .map(|c| plans[c].1)
                 .collect();
-            write_plan(
-                i,
-                &mapped[k].entries,
-                &plans[k].0,
-                &dir.0,
-                &children,
-                &closes,
-                channels[k].1,
-            )?;
+            let links = Links {
+                session_dir: &dir.0,
+                children: &children,
+                closes: &closes,
+                channel: channels[k].1,
+                sysv: &crate::sysv::attachments(i, &sysv_ids),
+            };
+            write_plan(i, &mapped[k].entries, &plans[k].0, &links)?;
         }
         let plan_fd = plans[root].1.to_string().into_bytes();
         let restorer = migrt::sys::memfd(c"migrestore", false)?;
@@ -611,6 +646,9 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     })();
     if a.detach && result.is_ok() {
         return result;
+    }
+    if result.is_err() {
+        crate::sysv::remove_made(&dir.0);
     }
     sessions::remove_if_dead(&dir);
     result

@@ -19,6 +19,7 @@
 #include <sys/file.h>
 #include <sys/inotify.h>
 #include <sys/mman.h>
+#include <sys/shm.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -110,6 +111,17 @@ int main(int argc, char **argv) {
     char *shared = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, shm, 0);
     close(shm);
     shm_unlink(shm_name);  // the mapping keeps it (a deleted file then)
+
+    // System V shared memory: a private segment shared with the child, and a keyed one
+    // marked for removal while attached.
+    int svid = shmget(IPC_PRIVATE, 8192, IPC_CREAT | 0600);
+    char *sv = shmat(svid, NULL, 0);
+    strcpy(sv, "sysv-data");
+    key_t svkey = (key_t)(0x6d690000 | (getpid() & 0xffff));
+    int keyed = shmget(svkey, 4096, IPC_CREAT | 0600);
+    char *kv = shmat(keyed, NULL, 0);
+    strcpy(kv, "keyed");
+    shmctl(keyed, IPC_RMID, NULL);
 
     // Unix socket pairs with unread data: stream both ways, datagrams, seqpacket.
     int sp[2], dg[2], sq[2];
@@ -205,6 +217,7 @@ int main(int argc, char **argv) {
         // Answers each byte that comes over the socket with the next letter.
         while (read(cp[1], &c, 1) == 1) {
             shared[100] = 'S';
+            sv[100] = 'V';
             c++;
             write(cp[1], &c, 1);
         }
@@ -310,6 +323,13 @@ int main(int argc, char **argv) {
     write(cp[0], &c, 1);
     result("child-socket", read(cp[0], &c, 1) == 1 && c == 'b', "answer");
     result("posix-shm", shared[100] == 'S', "the child's write");
+    result("sysv-shared", sv[100] == 'V' && strcmp(sv, "sysv-data") == 0, "content and the child's write");
+    char *sv2 = shmat(svid, NULL, SHM_RDONLY);
+    result("sysv-reattach", sv2 != (void *)-1 && sv2[100] == 'V', "attached again by its old id");
+    struct shmid_ds ds;
+    result("sysv-stat", shmctl(svid, IPC_STAT, &ds) == 0 && ds.shm_segsz == 8192, "IPC_STAT by its old id");
+    result("sysv-removed", strcmp(kv, "keyed") == 0 && shmget(svkey, 0, 0) == -1 && errno == ENOENT, "marked for removal, content kept");
+    shmctl(svid, IPC_RMID, NULL);
     write(pp[1], "-pipe", 5);
     close(pp[1]);
     close(cp[0]);

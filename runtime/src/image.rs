@@ -116,6 +116,20 @@ pub struct ProcessMeta {
     pub comm: String,
     /// The terminal its stdio was, if any.
     pub tty: Option<TtyState>,
+    /// The System V shared memory segments it has attached.
+    pub sysv: Vec<SysvSegment>,
+}
+
+/// A System V shared memory segment, as /proc/sysvipc/shm describes it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SysvSegment {
+    pub key: i32,
+    pub id: i32,
+    /// Permission bits, with SHM_DEST (0o1000) when it is marked for removal.
+    pub mode: u32,
+    pub size: u64,
+    /// How many attachments it has (nattch).
+    pub attached: u32,
 }
 
 /// A terminal as a process left it.

@@ -347,6 +347,25 @@ pub fn task_syscall(tid: i32) -> Option<i64> {
     }
 }
 
+/// The System V shared memory segments of this host (IPC namespace), from
+/// /proc/sysvipc/shm.
+pub fn sysv_segments() -> Vec<crate::image::SysvSegment> {
+    let text = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(crate::image::SysvSegment {
+                key: f.first()?.parse().ok()?,
+                id: f.get(1)?.parse().ok()?,
+                mode: u32::from_str_radix(f.get(2)?, 8).ok()?,
+                size: f.get(3)?.parse().ok()?,
+                attached: f.get(6)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
 /// One line of `/proc/<pid>/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapsLine {

@@ -649,3 +649,44 @@ pub fn read_some(fd: i32, n: usize) -> Vec<u8> {
     buf.truncate(got.max(0) as usize);
     buf
 }
+
+/// A new System V shared memory segment (IPC_EXCL: never someone else's): its id.
+pub fn sysv_create(key: i32, size: u64, mode: u32) -> io::Result<i32> {
+    let key = if key == 0 { libc::IPC_PRIVATE } else { key };
+    // SAFETY: shmget takes plain values.
+    let id = unsafe {
+        libc::shmget(
+            key,
+            size as usize,
+            libc::IPC_CREAT | libc::IPC_EXCL | (mode & 0o777) as i32,
+        )
+    };
+    if id < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(id)
+    }
+}
+
+/// Runs `f` on the memory of segment `id`, attached for the moment.
+pub fn sysv_fill(id: i32, size: u64, f: impl FnOnce(&mut [u8])) -> io::Result<()> {
+    // SAFETY: a fresh attachment of `size` bytes, ours until the shmdt below.
+    unsafe {
+        let p = libc::shmat(id, std::ptr::null(), 0);
+        if p as isize == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        f(std::slice::from_raw_parts_mut(
+            p.cast::<u8>(),
+            size as usize,
+        ));
+        libc::shmdt(p);
+    }
+    Ok(())
+}
+
+/// Marks a segment for removal (it goes once no process has it attached).
+pub fn sysv_remove(id: i32) {
+    // SAFETY: IPC_RMID takes no buffer.
+    unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+}

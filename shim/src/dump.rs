@@ -91,6 +91,7 @@ pub fn dump(
             .trim_end()
             .to_string(),
         tty: (0..3).find_map(migrt::sys::tty_state),
+        sysv: sysv_attached(),
         vpid: vpid(),
         parent_vpid: table.parent_vpid,
         real_pid: table.real_pid,
@@ -320,6 +321,19 @@ fn unread_bytes(fd: i32) -> Vec<u8> {
         let _ = w.write_all(&data);
     }
     data
+}
+
+/// The System V segments this process has attached (a mapping named /SYSV<key> whose
+/// inode is the segment's id).
+fn sysv_attached() -> Vec<migrt::image::SysvSegment> {
+    let maps = migrt::procfs::all_mappings("self");
+    migrt::procfs::sysv_segments()
+        .into_iter()
+        .filter(|s| {
+            maps.iter()
+                .any(|m| m.name.0.starts_with(b"/SYSV") && m.inode == s.id as u64)
+        })
+        .collect()
 }
 
 /// The pseudo-terminals whose master this process holds: modes, window size, and the

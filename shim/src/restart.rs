@@ -9,8 +9,9 @@
 //! bytes, padded to 8), the number of fds to close (u64) and those fds (u64 each), the old
 //! process's TLS offset of glibc's tid (u64), the main thread's ucontext (u64), its TLS
 //! base (u64), prctl_mm_map fields (11 u64) with the auxv (u64 length, bytes), the other
-//! threads (u64 count, then ucontext, TLS base and vtid, u64 each), and the fd of the
-//! channel its pipes come through (u64).
+//! threads (u64 count, then ucontext, TLS base and vtid, u64 each), the fd of the
+//! channel its objects come through (u64), and its System V attachments (u64 count, then
+//! address, segment id and flags, u64 each).
 
 use crate::interpose::raw::syscall6;
 use crate::state::{shim, vpid};
@@ -77,6 +78,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     let auxv = a.bytes().to_vec();
     let threads: Vec<[u64; 3]> = (0..a.u64()).map(|_| [a.u64(), a.u64(), a.u64()]).collect();
     let channel = a.u64() as i32;
+    let sysv: Vec<[u64; 3]> = (0..a.u64()).map(|_| [a.u64(), a.u64(), a.u64()]).collect();
 
     // glibc answers pthread_self()->tid from its cache: the new kernel tid.
     let tid = unsafe { syscall6(libc::SYS_gettid, 0, 0, 0, 0, 0, 0) } as i32;
@@ -93,6 +95,9 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
             eprintln!("migshim: restore: {e}");
         }
         s.table.bind(vpid(), tid);
+        crate::interpose::sysv::load_ids(
+            &std::fs::read_to_string(dir.0.join("sysv")).unwrap_or_default(),
+        );
         s.move_to(dir);
         // The processes of the tree come back in any order: until the parent and the
         // children have their new pids, getppid() and waitpid() could not translate them.
@@ -119,6 +124,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         crate::interpose::close_real(fd as i32);
     }
     rebuild_epolls();
+    attach_sysv(&sysv);
     retake_terminal();
     retake_record_locks();
     // The restorer's leftovers: its code, the plan (the arguments were copied above), and
@@ -316,6 +322,39 @@ fn retake_terminal() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// System V segments attached again at their addresses (mig made them anew; `flags`: 1
+/// read-only, 2 marked for removal — done once attached, as the process had it).
+fn attach_sysv(segments: &[[u64; 3]]) {
+    const SHM_REMAP: usize = 0o40000;
+    for &[addr, id, flags] in segments {
+        let ro = if flags & 1 != 0 {
+            libc::SHM_RDONLY as usize
+        } else {
+            0
+        };
+        // SAFETY: maps the segment over the hole the restorer left at its old address.
+        let r = unsafe {
+            syscall6(
+                libc::SYS_shmat,
+                id as usize,
+                addr as usize,
+                SHM_REMAP | ro,
+                0,
+                0,
+                0,
+            )
+        };
+        if r as i64 != addr as i64 {
+            eprintln!(
+                "migshim: restore: System V segment {id} cannot be attached at {addr:#x} ({r})"
+            );
+        }
+        if flags & 2 != 0 {
+            migrt::sys::sysv_remove(id as i32);
+        }
     }
 }
 

@@ -38,6 +38,7 @@ mod process;
 pub mod raw;
 mod signals;
 mod sockets;
+pub mod sysv;
 mod threads;
 mod waits;
 
