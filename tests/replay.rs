@@ -205,6 +205,13 @@ fn python_http_server_answers_before_and_after_and_moves_port_with_map_port() {
         http_get(old, "/hello.txt").is_err(),
         "it listens on the new port only"
     );
+    // mig table says how it came back and what it is bound to now.
+    let o = env.run(&["table", "web"]);
+    let table = text(&o.stdout);
+    assert!(
+        table.contains(&format!("--map-port {map}")) && table.contains(&format!("127.0.0.1:{new}")),
+        "{table}"
+    );
     env.stop("web");
 }
 

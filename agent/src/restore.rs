@@ -506,6 +506,20 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     let dir = sessions::create(&rt, Some(&name), &command, signal)
         .map_err(|e| anyhow::anyhow!("{e:#} (restore under another name with --name)"))?;
     let table = SessionTable::open(&dir.procs())?;
+    let rules = a.rebind.to_string();
+    std::fs::write(
+        dir.0.join("restored"),
+        format!(
+            "from {} (checkpointed on {}); rebinding: {}",
+            a.dir.display(),
+            manifest.host,
+            if rules.is_empty() {
+                "none, old bindings"
+            } else {
+                &rules
+            }
+        ),
+    )?;
     for p in &images {
         let parent = parent_of(p);
         table.restore_slot(

@@ -202,6 +202,9 @@ fn end_name(e: PipeEnd) -> &'static str {
 
 pub fn table_text(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]) -> String {
     let mut out = format!("session {} on {}\n", session.name(), session.meta.host);
+    if let Some(r) = restored(session) {
+        out += &format!("restored {r}\n");
+    }
     for (t, j) in tables {
         let cmd: Vec<String> = t.command.iter().map(|a| a.to_string()).collect();
         let parent = if t.parent_vpid == 0 {
@@ -274,5 +277,17 @@ pub fn table_json(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]
             v
         })
         .collect();
-    json!({ "session": session.name(), "host": session.meta.host, "processes": procs })
+    json!({
+        "session": session.name(),
+        "host": session.meta.host,
+        "restored": restored(session),
+        "processes": procs
+    })
+}
+
+/// How a restored session came back (written by `mig restore`): from which image, and
+/// the rebinding rules it was given. The fds listed are what each resource is bound to now.
+fn restored(session: &Live) -> Option<String> {
+    let t = std::fs::read_to_string(session.dir.0.join("restored")).ok()?;
+    Some(t.trim().to_string())
 }

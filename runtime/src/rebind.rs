@@ -99,6 +99,31 @@ impl Rebind {
     }
 }
 
+/// The rules as `mig restore` arguments (empty: none).
+impl std::fmt::Display for Rebind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rules: Vec<String> = Vec::new();
+        for (old, new) in &self.paths {
+            rules.push(format!(
+                "--map-path {}={}",
+                String::from_utf8_lossy(old),
+                String::from_utf8_lossy(new)
+            ));
+        }
+        rules.extend(
+            self.ports
+                .iter()
+                .map(|(o, n)| format!("--map-port {o}={n}")),
+        );
+        rules.extend(
+            self.addrs
+                .iter()
+                .map(|(o, n)| format!("--map-addr {o}={n}")),
+        );
+        write!(f, "{}", rules.join(" "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
