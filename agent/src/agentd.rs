@@ -39,8 +39,8 @@ struct Agent {
 fn log(msg: std::fmt::Arguments) {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    eprintln!("[{t}] mig agent: {msg}");
+        .map_or(0.0, |d| d.as_secs_f64());
+    eprintln!("[{t:.3}] mig agent: {msg}");
 }
 
 pub fn agent(a: AgentArgs) -> Result<i32> {

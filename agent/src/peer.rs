@@ -1,8 +1,10 @@
 //! The link between `mig` and a host's agent: postcard frames over TCP, opened by a mutual
 //! challenge-response on a shared key (HMAC-SHA256: each side proves it holds the key
-//! without sending it), then a running HMAC over every frame the client sends, checked by
-//! the agent before it uses any of it. Not a cipher: the stream is authenticated, not
-//! secret (put it in a tunnel where secrecy matters).
+//! without sending it), then a running MAC over every frame the client sends (keyed
+//! BLAKE3, with a key derived from the shared key and both challenges: several times
+//! faster than HMAC-SHA256 over gigabytes of image), checked by the agent before it uses
+//! any of it. Not a cipher: the stream is authenticated, not secret (put it in a tunnel
+//! where secrecy matters).
 
 use anyhow::{Context, Result, bail};
 use hmac::{Hmac, Mac};
@@ -134,7 +136,7 @@ pub fn read_or_make_key(path: &Path) -> Result<Vec<u8>> {
 pub struct Link {
     pub stream: TcpStream,
     /// The running MAC over the client's frames (both ends keep it).
-    stream_mac: HmacSha256,
+    stream_mac: blake3::Hasher,
 }
 
 impl Link {
@@ -147,7 +149,7 @@ impl Link {
 
     /// Sends the MAC of everything sent so far (ends the client's stream).
     pub fn send_mac(&mut self) -> Result<()> {
-        let mac = self.stream_mac.clone().finalize().into_bytes().into();
+        let mac = *self.stream_mac.finalize().as_bytes();
         migrt::wire::write_frame(&mut self.stream, &Msg::Sent { mac })?;
         Ok(())
     }
@@ -162,13 +164,13 @@ impl Link {
 
     /// Whether `mac` is the MAC of everything received so far.
     pub fn verify(&self, mac: &[u8; 32]) -> bool {
-        self.stream_mac.clone().verify_slice(mac).is_ok()
+        // (blake3::Hash compares in constant time)
+        self.stream_mac.finalize() == blake3::Hash::from_bytes(*mac)
     }
 }
 
-fn stream_mac(key: &[u8], a: &[u8; 32], c: &[u8; 32]) -> HmacSha256 {
-    let k = mac_of(key, &[b"mig-stream\0", a, c]);
-    HmacSha256::new_from_slice(&k).expect("HMAC takes any key length")
+fn stream_mac(key: &[u8], a: &[u8; 32], c: &[u8; 32]) -> blake3::Hasher {
+    blake3::Hasher::new_keyed(&mac_of(key, &[b"mig-stream\0", a, c]))
 }
 
 /// The client side: connects to an agent at `to` (HOST or HOST:PORT) and authenticates.

@@ -3,6 +3,7 @@
 //!
 //!   cargo build --release && target/release/migbench [--runs 5]
 //!   cargo build --release && target/release/migbench --checkpoint [--runs 5] [--dir DIR]
+//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR]
 //!
 //! `--checkpoint`: checkpoint time, freeze time, image size and restore time (until the
 //! process runs again) of 64 MiB and 1 GiB sessions (the C counter subject), beside a
@@ -298,6 +299,124 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
     let _ = std::fs::remove_dir_all(&rt);
 }
 
+/// A number in mig's summary: the word before `tag` (e.g. "frozen 12.3 ms" → before " ms").
+fn summary_ms(s: &str, after: &str) -> f64 {
+    let i = s.find(after).unwrap() + after.len();
+    s[i..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Time to send `n` bytes over a loopback TCP connection (1 MiB writes), in ms.
+fn loopback_ms(n: usize) -> f64 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        while s.read(&mut buf).unwrap() > 0 {}
+    });
+    let chunk = vec![1u8; 1 << 20];
+    let t = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    for _ in 0..n / chunk.len() {
+        s.write_all(&chunk).unwrap();
+    }
+    drop(s);
+    reader.join().unwrap();
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// `--migrate`: a session migrated (stop-and-copy) to an agent on this host, per size:
+/// freeze and total time and bytes sent, beside a plain loopback transfer of as many bytes.
+fn migrate_bench(runs: usize, base: &std::path::Path) {
+    let mig = std::env::current_exe().unwrap().with_file_name("mig");
+    let (rt, state, key) = (
+        base.join("migbench-src"),
+        base.join("migbench-agent"),
+        base.join("migbench.key"),
+    );
+    std::fs::write(&key, "migbench's agent key, 32 bytes long").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let to = format!("127.0.0.1:{port}");
+    let mut agent = Command::new(&mig)
+        .args(["agent", "--listen", &to, "--key"])
+        .arg(&key)
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    println!(
+        "| session | frozen | total | sent | loopback transfer of as much | total ÷ loopback |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for mib in [64usize, 1024] {
+        let (mut frozen, mut total, mut sent, mut wire) = (vec![], vec![], String::new(), vec![]);
+        for _ in 0..runs {
+            let log = base.join("migbench-counter.log");
+            let st = Command::new(&mig)
+                .env("MIGSHIM_RUNTIME_DIR", &rt)
+                .args(["run", "--detach", "--name", "bench", "--log"])
+                .arg(&log)
+                .arg("--")
+                .arg(counter())
+                .args(["2", &mib.to_string()])
+                .output()
+                .unwrap();
+            assert!(
+                st.status.success(),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+            while !std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("count 1 ")
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let out = Command::new(&mig)
+                .env("MIGSHIM_RUNTIME_DIR", &rt)
+                .args(["migrate", "bench", "--to", &to, "--key"])
+                .arg(&key)
+                .output()
+                .unwrap();
+            let s = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            frozen.push(summary_ms(&s, "frozen "));
+            total.push(summary_ms(&s, "total "));
+            sent = s[s.find("thread(s), ").unwrap() + 11..]
+                .split(" sent")
+                .next()
+                .unwrap()
+                .to_string();
+            let _ = Command::new("pkill")
+                .args(["-f", &format!("counter 2 {mib}")])
+                .output();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            wire.push(loopback_ms(mib << 20));
+        }
+        let (f, t, w) = (median(frozen), median(total), median(wire));
+        println!(
+            "| {mib} MiB | {f:.1} ms | {t:.1} ms | {sent} | {w:.1} ms | {:.2} |",
+            t / w
+        );
+    }
+    println!("\n(stop-and-copy; median of {runs} migrations per size, agent on 127.0.0.1)");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&rt);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--worker") {
@@ -308,13 +427,16 @@ fn main() {
         .position(|a| a == "--runs")
         .and_then(|i| args.get(i + 1)?.parse().ok())
         .unwrap_or(5);
+    let dir = args
+        .iter()
+        .position(|a| a == "--dir")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
     if args.iter().any(|a| a == "--checkpoint") {
-        let dir = args
-            .iter()
-            .position(|a| a == "--dir")
-            .and_then(|i| args.get(i + 1))
-            .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
         return checkpoint_bench(runs, &dir);
+    }
+    if args.iter().any(|a| a == "--migrate") {
+        return migrate_bench(runs, &dir);
     }
     let exe = std::env::current_exe().unwrap();
     let mut native = Vec::new();
