@@ -269,8 +269,8 @@ fn threads_with_mutexes_condvars_signals_and_join_restore() {
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}{}", text(&o.stderr));
     assert!(
-        out.contains("joined"),
-        "every thread was joined with its return value: {out}"
+        out.contains("joined rseq=1,1,1,1"),
+        "every thread was joined with its return value, its rseq area registered again: {out}"
     );
     let after: Vec<&str> = out.lines().filter(|l| l.starts_with("tick")).collect();
     let n = |l: &str| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();

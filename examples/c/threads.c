@@ -1,7 +1,8 @@
 /* threads: workers that count under a mutex and wait on a condition variable; the main
  * thread wakes them each tick, pthread_kill()s each (a SIGUSR1 handler counts per thread),
  * and prints "tick N work=a,b,c sig=x,y,z tids=..." . At tick STOP it tells them to end,
- * pthread_join()s each, checks what they returned, prints "joined" and exits 0.
+ * pthread_join()s each, checks what they returned, prints "joined rseq=a,b,c,m" (1 where
+ * the thread's rseq area is registered with the kernel, as glibc left it) and exits 0.
  * usage: threads [STOP] [HZ] */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -9,6 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#include <errno.h>
+#include <sys/rseq.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define N 3
@@ -19,6 +23,19 @@ static int stop;
 static volatile sig_atomic_t sigs[N];
 static __thread int me = -1;
 static pid_t tids[N];
+static int rseq_ok[N + 1];
+
+/* Whether the calling thread's rseq area is registered: registering it again says EBUSY
+ * then (if it was not, it was registered by this probe, and is taken back). */
+static int rseq_registered(void) {
+    if (__rseq_size == 0) return 1; /* glibc registered none: nothing to keep */
+    void *area = (char *)__builtin_thread_pointer() + __rseq_offset;
+    if (syscall(SYS_rseq, area, 32, 0, RSEQ_SIG) == 0) {
+        syscall(SYS_rseq, area, 32, 1 /* RSEQ_FLAG_UNREGISTER */, RSEQ_SIG);
+        return 0;
+    }
+    return errno == EBUSY;
+}
 
 static void on_usr1(int s) {
     (void)s;
@@ -36,6 +53,7 @@ static void *worker(void *arg) {
         work[me]++;
     }
     pthread_mutex_unlock(&mu);
+    rseq_ok[me] = rseq_registered();
     return (void *)(100L + me);
 }
 
@@ -70,6 +88,7 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
-    printf("joined\n");
+    rseq_ok[N] = rseq_registered();
+    printf("joined rseq=%d,%d,%d,%d\n", rseq_ok[0], rseq_ok[1], rseq_ok[2], rseq_ok[3]);
     return 0;
 }

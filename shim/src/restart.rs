@@ -86,6 +86,24 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         // SAFETY: the offset was found in this very thread descriptor at checkpoint time.
         unsafe { std::ptr::write_volatile((fs_base + tid_offset) as *mut i32, tid) };
     }
+    // rseq: glibc registered an area per thread at a fixed offset from the thread pointer;
+    // the new process has none registered. Each thread registers its own again (the
+    // others in respawn), so that sched_getcpu and glibc's rseq users see this CPU.
+    let rseq = rseq_area();
+    if let Some((off, size)) = rseq {
+        // SAFETY: the area lies in this thread's TLS block, restored with the process.
+        unsafe {
+            syscall6(
+                libc::SYS_rseq,
+                (fs_base as i64 + off) as usize,
+                size as usize,
+                0,
+                RSEQ_SIG as usize,
+                0,
+                0,
+            )
+        };
+    }
     // The old process's control socket and listener are gone: forget them first (their fd
     // numbers mean other things now).
     crate::control::forget();
@@ -145,7 +163,8 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     // Last, the other threads: each goes straight back into its own saved context.
     for [ucontext, fs_base, vtid] in threads {
         // SAFETY: context and TLS of a thread of this very process, restored with it.
-        let tid = unsafe { respawn(ucontext, fs_base, fs_base + tid_offset as u64) };
+        let area = rseq.map_or((0, 0), |(off, size)| ((fs_base as i64 + off) as u64, size));
+        let tid = unsafe { respawn(ucontext, fs_base, fs_base + tid_offset as u64, area) };
         if tid > 0 {
             if let Some(s) = shim() {
                 s.table.bind(vtid as i32, tid as i32);
@@ -158,6 +177,23 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {
         std::arch::asm!("mov rsp, {uc}", "mov eax, 15", "syscall", uc = in(reg) ucontext, options(noreturn));
+    }
+}
+
+/// The signature glibc registers its rseq areas with (x86-64).
+const RSEQ_SIG: u32 = 0x5305_3053;
+
+/// glibc's rseq area of every thread: (offset from the thread pointer, size); None when
+/// glibc registered none (turned off with GLIBC_TUNABLES, or a kernel without rseq).
+fn rseq_area() -> Option<(i64, u32)> {
+    // SAFETY: dlsym of two data symbols glibc ≥ 2.35 exports; read only if present.
+    unsafe {
+        let off = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) as *const isize;
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) as *const u32;
+        if off.is_null() || size.is_null() || *size == 0 {
+            return None;
+        }
+        Some((*off as i64, (*size).max(32)))
     }
 }
 
@@ -198,7 +234,7 @@ fn rejoin_group() {
 /// field written by the kernel at start and cleared (with a futex wake, for pthread_join)
 /// at its end; the new thread rt_sigreturns at once into its saved context. Returns the
 /// new tid (or -errno).
-unsafe fn respawn(ucontext: u64, fs_base: u64, tid_field: u64) -> i64 {
+unsafe fn respawn(ucontext: u64, fs_base: u64, tid_field: u64, rseq: (u64, u32)) -> i64 {
     let flags = libc::CLONE_VM
         | libc::CLONE_FS
         | libc::CLONE_FILES
@@ -217,6 +253,17 @@ unsafe fn respawn(ucontext: u64, fs_base: u64, tid_field: u64) -> i64 {
             "syscall",
             "test rax, rax",
             "jnz 2f",
+            // The new thread: its rseq area registered again (when glibc had one), then
+            // back into its saved context.
+            "test r13, r13",
+            "jz 3f",
+            "mov rdi, r13",
+            "mov esi, r14d",
+            "xor edx, edx",
+            "mov r10d, 0x53053053",
+            "mov eax, 334",
+            "syscall",
+            "3:",
             "mov rsp, r12",
             "mov eax, 15",
             "syscall",
@@ -229,6 +276,8 @@ unsafe fn respawn(ucontext: u64, fs_base: u64, tid_field: u64) -> i64 {
             in("r10") tid_field,
             in("r8") fs_base,
             in("r12") ucontext,
+            in("r13") rseq.0,
+            in("r14") rseq.1 as u64,
             lateout("rcx") _,
             lateout("r11") _,
         );
