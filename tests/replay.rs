@@ -12,7 +12,7 @@ fn objects_verdict(dir: &Path, log: &Path) -> String {
     std::fs::write(dir.join("go"), "").unwrap();
     let out = wait_for_text(log, "checked ");
     assert!(
-        out.contains("checked 38 failed 0"),
+        out.contains("checked 40 failed 0"),
         "some objects did not come back:\n{out}"
     );
     out

@@ -56,18 +56,24 @@ impl Drop for Tmux {
     }
 }
 
-#[test]
-fn less_in_tmux_shows_the_same_screen_after_restore_and_goes_on() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        println!("SKIP: tmux not installed (apt install tmux; .ci/run does)");
-        return;
+/// A shell in a fresh tmux pane (80×24) with this test's runtime directory, and a file of
+/// 500 numbered lines; None (after saying why) without tmux or `program`.
+fn pane(env: &Env, program: &str) -> Option<(Tmux, std::path::PathBuf)> {
+    for p in ["tmux", program] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            println!("SKIP: {p} not installed (.ci/run installs it)");
+            return None;
+        }
     }
-    let env = Env::new("less");
     let file = env.root.join("file.txt");
     let text_lines: String = (1..=500).map(|i| format!("line number {i}\n")).collect();
     std::fs::write(&file, text_lines).unwrap();
     let tmux = Tmux {
-        socket: format!("migtest-{}", std::process::id()),
+        socket: format!("migtest-{}-{program}", std::process::id()),
     };
     let shell = format!(
         "env MIGSHIM_RUNTIME_DIR={} PS1='PROMPT$ ' TERM=screen bash --norc --noprofile",
@@ -75,6 +81,27 @@ fn less_in_tmux_shows_the_same_screen_after_restore_and_goes_on() {
     );
     tmux.cmd(&["new-session", "-d", "-x", "80", "-y", "24", &shell]);
     tmux.wait("the shell", |s| s.contains("PROMPT$"));
+    Some((tmux, file))
+}
+
+/// Stops `session` into an image and restores it from the shell in the same pane.
+fn stop_and_restore_in_pane(env: &Env, tmux: &Tmux, session: &str) {
+    let img = env.root.join("img");
+    stop_into(env, session, &img);
+    tmux.wait("the shell again", |s| s.contains("PROMPT$"));
+    tmux.line(&format!(
+        "{} restore {}",
+        mig_bin().display(),
+        img.display()
+    ));
+}
+
+#[test]
+fn less_in_tmux_shows_the_same_screen_after_restore_and_goes_on() {
+    let env = Env::new("less");
+    let Some((tmux, file)) = pane(&env, "less") else {
+        return;
+    };
     let mig = mig_bin().display().to_string();
     tmux.line(&format!(
         "{mig} run --name pager -- less {}",
@@ -84,11 +111,7 @@ fn less_in_tmux_shows_the_same_screen_after_restore_and_goes_on() {
     tmux.keys("j");
     tmux.keys("j");
     let before = tmux.wait("two lines down", |s| s.starts_with("line number 3\n"));
-
-    let img = env.root.join("img");
-    stop_into(&env, "pager", &img);
-    tmux.wait("the shell again", |s| s.contains("PROMPT$"));
-    tmux.line(&format!("{mig} restore {}", img.display()));
+    stop_and_restore_in_pane(&env, &tmux, "pager");
     let after = tmux.wait("less's screen again", |s| s == before);
     assert_eq!(after, before);
     // Its modes are back (keys act at once, unechoed) and it goes on from line 3.
@@ -97,6 +120,41 @@ fn less_in_tmux_shows_the_same_screen_after_restore_and_goes_on() {
     tmux.keys("q");
     tmux.wait("the shell after less", |s| {
         s.lines().filter(|l| l.starts_with("PROMPT$")).count() >= 1 && !s.contains("line number 4")
+    });
+}
+
+#[test]
+fn vim_in_tmux_comes_back_with_its_screen_cursor_and_timers() {
+    // vim starts glibc-style SIGEV_THREAD timers (its search time-outs): they must freeze
+    // and come back with their ids, or vim complains on the next search.
+    let env = Env::new("vim");
+    let Some((tmux, file)) = pane(&env, "vim") else {
+        return;
+    };
+    let mig = mig_bin().display().to_string();
+    tmux.line(&format!(
+        "{mig} run --name editor -- vim -u NONE -N -n {}",
+        file.display()
+    ));
+    tmux.wait("vim", |s| s.starts_with("line number 1\n"));
+    tmux.keys("jjj");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = tmux.screen();
+    let body = |s: &str| s.lines().take(23).map(String::from).collect::<Vec<_>>();
+    stop_and_restore_in_pane(&env, &tmux, "editor");
+    let after = tmux.wait("vim's text again", |s| body(s) == body(&before));
+    assert_eq!(body(&after), body(&before));
+    // The cursor is still on line 4: dd deletes it.
+    tmux.keys("dd");
+    tmux.wait("line 4 deleted", |s| {
+        s.starts_with("line number 1\nline number 2\nline number 3\nline number 5\n")
+    });
+    tmux.line("/number 40");
+    let s = tmux.wait("the search", |s| s.contains("line number 40"));
+    assert!(!s.contains("E12"), "no timer errors: {s}");
+    tmux.line(":q!");
+    tmux.wait("the shell after vim", |s| {
+        s.contains("PROMPT$") && !s.contains("line number 40")
     });
 }
 

@@ -30,6 +30,18 @@
 #include <unistd.h>
 
 static const char *dir;
+static volatile sig_atomic_t alarms;
+static volatile int thread_timer_ran;
+
+static void on_usr2(int s) {
+    (void)s;
+    alarms++;
+}
+
+static void on_thread_timer(union sigval v) {
+    (void)v;
+    thread_timer_ran = 1;
+}
 static int checked, failed;
 
 static void result(const char *name, int ok, const char *why) {
@@ -205,6 +217,18 @@ int main(int argc, char **argv) {
     ev.data.u64 = 88;
     epoll_ctl(ep, EPOLL_CTL_ADD, sp[1], &ev);
 
+    // POSIX timers: a periodic one signalling SIGUSR2, and a SIGEV_THREAD one far away.
+    signal(SIGUSR2, on_usr2);
+    timer_t periodic, threaded;
+    struct sigevent se = {.sigev_notify = SIGEV_SIGNAL, .sigev_signo = SIGUSR2};
+    timer_create(CLOCK_MONOTONIC, &se, &periodic);
+    struct itimerspec every = {.it_interval = {0, 50000000}, .it_value = {0, 50000000}};
+    timer_settime(periodic, 0, &every, NULL);
+    struct sigevent sth = {.sigev_notify = SIGEV_THREAD, .sigev_notify_function = on_thread_timer};
+    timer_create(CLOCK_MONOTONIC, &sth, &threaded);
+    struct itimerspec later = {.it_value = {3600, 0}};
+    timer_settime(threaded, 0, &later, NULL);
+
     // A child holding the other end of a socket pair and of a pipe.
     int cp[2], pp[2];
     socketpair(AF_UNIX, SOCK_STREAM, 0, cp);
@@ -317,6 +341,18 @@ int main(int argc, char **argv) {
     ssize_t in = read(ino, ibuf, sizeof ibuf);
     struct inotify_event *ie = (struct inotify_event *)ibuf;
     result("inotify", in > 0 && ie->wd == wd && (ie->mask & IN_CREATE), "event with the old watch number");
+
+    // Timers: the periodic one goes on; the threaded one is still armed, and runs.
+    int a0 = alarms;
+    struct timespec pause = {0, 300000000};
+    while (nanosleep(&pause, &pause) != 0) {}
+    result("posix-timer", alarms >= a0 + 2, "SIGUSR2 every 50 ms");
+    struct itimerspec left;
+    int armed = timer_gettime(threaded, &left) == 0 && left.it_value.tv_sec > 3500;
+    struct itimerspec soon = {.it_value = {0, 10000000}};
+    timer_settime(threaded, 0, &soon, NULL);
+    for (int i = 0; i < 100 && !thread_timer_ran; i++) usleep(10000);
+    result("thread-timer", armed && thread_timer_ran, "armed as it was, runs its function");
 
     // The child.
     char c = 'a';

@@ -281,6 +281,7 @@ impl Session {
             Ok(parked) => {
                 let micros = t0.elapsed().as_micros() as u64;
                 freeze::keep_process_state();
+                crate::interpose::timers::keep();
                 let (table, _) = crate::reconcile::table(false);
                 crate::restart::keep_table(&table);
                 let folded = crate::state::journal(s).folded().clone();

@@ -173,6 +173,8 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
             eprintln!("migshim: restore: recreating thread {vtid} failed ({tid})");
         }
     }
+    // Its POSIX timers (some notify the threads just made).
+    crate::interpose::timers::restore();
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {

@@ -40,6 +40,7 @@ mod signals;
 mod sockets;
 pub mod sysv;
 mod threads;
+pub mod timers;
 mod waits;
 
 pub use process::{real_pgid_sid, real_pid, real_ppid, real_tid, register_atfork};

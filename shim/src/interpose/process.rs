@@ -417,7 +417,7 @@ pub unsafe extern "C" fn pidfd_open(pid: pid_t, flags: libc::c_uint) -> c_int {
 }
 
 /// In `struct sigevent`, the thread id of SIGEV_THREAD_ID sits at byte 16 (x86-64).
-const SIGEV_TID: usize = 16;
+pub(super) const SIGEV_TID: usize = 16;
 
 /// A SIGEV_THREAD_ID timer names a thread: the kernel must get the real tid (vim 9 and
 /// glibc's SIGEV_THREAD timers use this).
@@ -429,14 +429,25 @@ pub unsafe extern "C" fn timer_create(
 ) -> c_int {
     let f =
         real!(timer_create: fn(libc::clockid_t, *mut libc::sigevent, *mut libc::timer_t) -> c_int);
+    if !sev.is_null() && (*sev).sigev_notify == libc::SIGEV_THREAD {
+        return super::timers::create_thread_timer(f, clock, sev, timer);
+    }
     if sev.is_null() || (*sev).sigev_notify != libc::SIGEV_THREAD_ID {
-        return f(clock, sev, timer);
+        let r = f(clock, sev, timer);
+        if r == 0 {
+            super::timers::note(*timer, clock, sev);
+        }
+        return r;
     }
     // A copy of the caller's sigevent with the tid translated.
     let mut copy = std::ptr::read(sev);
     let tid = (&raw mut copy).cast::<u8>().add(SIGEV_TID).cast::<pid_t>();
     *tid = to_real(*tid);
-    f(clock, &mut copy, timer)
+    let r = f(clock, &mut copy, timer);
+    if r == 0 {
+        super::timers::note(*timer, clock, &copy);
+    }
+    r
 }
 
 /// Straight to exit_group, as glibc's _exit does: a fork child's exit path then touches no
