@@ -79,6 +79,11 @@ impl<'a> Builder<'a> {
                     i.id
                 );
             }
+            // Room for what is put back (a new TCP socket starts with small buffers that
+            // grow only as its owner reads): set before connecting, for the window scale.
+            let unread: usize = st.unread.iter().map(|m| m.0.len()).sum();
+            migrt::sys::ensure_buffer(sock.as_raw_fd(), libc::SO_RCVBUF, unread);
+            migrt::sys::ensure_buffer(sock.as_raw_fd(), libc::SO_SNDBUF, st.unsent.0.len());
         }
         Ok(sock)
     }
@@ -251,6 +256,23 @@ fn forced_bind(sock: &Socket, addr: &socket2::SockAddr) -> std::io::Result<()> {
     bound
 }
 
+/// Sends one message (or stream piece) whole; an empty one as an empty datagram.
+fn send_all(sock: &Socket, data: &[u8], id: u64) -> Result<()> {
+    // A peer that cannot take it all makes the restore fail, not hang.
+    sock.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut at = 0;
+    loop {
+        let n = sock
+            .send(&data[at..])
+            .with_context(|| format!("putting back the bytes of socket {id}"))?;
+        at += n;
+        if at >= data.len() {
+            sock.set_write_timeout(None)?;
+            return Ok(());
+        }
+    }
+}
+
 fn sock_domain(a: &SockAddr) -> i32 {
     match a {
         SockAddr::V4 { .. } => libc::AF_INET,
@@ -303,7 +325,8 @@ pub fn build(socks: &[SessionSocket], rebind: &Rebind) -> Result<HashMap<u64, So
     Ok(b.built)
 }
 
-/// Sends every end's unread bytes again from its peer, then shuts down what was shut down.
+/// Sends every end's unread bytes again from its peer, then what each end had sent that
+/// its peer had not taken yet, then shuts down what was shut down.
 fn refill(b: &Builder) -> Result<()> {
     for s in b.socks.values() {
         let Some(st) = s.state.filter(|st| !st.unread.is_empty()) else {
@@ -319,16 +342,19 @@ fn refill(b: &Builder) -> Result<()> {
             continue;
         };
         for m in &st.unread {
-            let mut at = 0;
-            while at < m.0.len() || (at == 0 && m.0.is_empty()) {
-                let n = sender.send(&m.0[at..]).with_context(|| {
-                    format!("putting back the unread bytes of socket {}", s.info.id)
-                })?;
-                at += n;
-                if m.0.is_empty() {
-                    break;
-                }
-            }
+            send_all(sender, &m.0, s.info.id)?;
+        }
+    }
+    for s in b.socks.values() {
+        let Some(st) = s.state else { continue };
+        if st.unsent_lost > 0 {
+            eprintln!(
+                "mig: restore: socket {}: {} byte(s) it had sent were not acknowledged yet and could not be read (needs root): lost",
+                s.info.id, st.unsent_lost
+            );
+        }
+        if let Some(sock) = b.built.get(&s.info.id).filter(|_| !st.unsent.0.is_empty()) {
+            send_all(sock, &st.unsent.0, s.info.id)?;
         }
     }
     for s in b.socks.values() {

@@ -18,9 +18,12 @@ pub struct SocketState {
     pub unread: Vec<Bytes>,
     /// (level, option, value as the kernel gave it)
     pub options: Vec<(i32, i32, Bytes)>,
-    /// Bytes the socket had sent that its peer had not received yet (TCP send queue):
-    /// not captured, counted so that a checkpoint can say so.
-    pub unsent: u32,
+    /// Bytes a TCP socket had sent that its peer had not acknowledged yet (its send queue,
+    /// e.g. when the peer's receive window was full): read in repair mode (root), sent
+    /// again after the peer's unread bytes on restore.
+    pub unsent: Bytes,
+    /// How many of those could not be read (no CAP_NET_ADMIN): lost, and said so.
+    pub unsent_lost: u32,
 }
 
 /// Options put back on a rebuilt socket (before it is bound, so that e.g. SO_REUSEADDR
@@ -68,16 +71,22 @@ pub fn capture(fd: i32, id: u64, domain: i32, ty: i32, listening: bool) -> Socke
     } else {
         peek_all(fd, ty == libc::SOCK_STREAM)
     };
-    let unsent = if domain != libc::AF_UNIX && ty == libc::SOCK_STREAM {
+    let queued = if domain != libc::AF_UNIX && ty == libc::SOCK_STREAM && !listening {
         sys::unsent_bytes(fd)
     } else {
         0
+    };
+    let unsent = if queued > 0 {
+        sys::tcp_send_queue(fd, queued as usize).unwrap_or_default()
+    } else {
+        Vec::new()
     };
     SocketState {
         id,
         unread,
         options,
-        unsent,
+        unsent_lost: queued.saturating_sub(unsent.len() as u32),
+        unsent: Bytes(unsent),
     }
 }
 

@@ -690,3 +690,46 @@ pub fn sysv_remove(id: i32) {
     // SAFETY: IPC_RMID takes no buffer.
     unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
 }
+
+/// A TCP socket's send queue (`len` bytes), read without consuming it in repair mode
+/// (needs CAP_NET_ADMIN; None without). Repair mode is left again without a window probe.
+pub fn tcp_send_queue(fd: i32, len: usize) -> Option<Vec<u8>> {
+    const TCP_REPAIR_QUEUE: i32 = 20;
+    const TCP_SEND_QUEUE: i32 = 2;
+    const TCP_NO_QUEUE: i32 = 0;
+    const TCP_REPAIR_OFF_NO_WP: i32 = -1;
+    set_sockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1).ok()?;
+    let mut buf = vec![0u8; len];
+    let got = set_sockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        .ok()
+        .and_then(|_| recv_peek(fd, &mut buf));
+    let _ = set_sockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE);
+    let _ = set_sockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_OFF_NO_WP,
+    );
+    buf.truncate(got?);
+    Some(buf)
+}
+
+/// Makes a socket buffer (SO_RCVBUF or SO_SNDBUF) hold at least `bytes` more than its
+/// default: the privileged form first (past net.core.*mem_max), else the plain one.
+pub fn ensure_buffer(fd: i32, which: i32, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let force = if which == libc::SO_RCVBUF {
+        libc::SO_RCVBUFFORCE
+    } else {
+        libc::SO_SNDBUFFORCE
+    };
+    let want = (bytes * 2 + (256 << 10)).min(i32::MAX as usize) as i32;
+    if sockopt_int(fd, which).is_ok_and(|now| now >= want) {
+        return;
+    }
+    if set_sockopt_int(fd, libc::SOL_SOCKET, force, want).is_err() {
+        let _ = set_sockopt_int(fd, libc::SOL_SOCKET, which, want);
+    }
+}
