@@ -93,15 +93,20 @@ fn key(env: &Env) -> PathBuf {
     k
 }
 
-fn migrate(env: &Env, session: &str, to: &str, key: &Path) -> std::process::Output {
-    env.run(&[
+/// `mig migrate SESSION --to TO --key KEY`'s arguments.
+fn migrate_args<'a>(session: &'a str, to: &'a str, key: &'a Path) -> [&'a str; 6] {
+    [
         "migrate",
         session,
         "--to",
         to,
         "--key",
         key.to_str().unwrap(),
-    ])
+    ]
+}
+
+fn migrate(env: &Env, session: &str, to: &str, key: &Path) -> std::process::Output {
+    env.run(&migrate_args(session, to, key))
 }
 
 /// Counts on the target from where it stopped here, its memory verified each tick.
@@ -266,43 +271,208 @@ impl Drop for Hosts {
     }
 }
 
-#[test]
-fn a_session_migrates_between_network_namespaces() {
+/// `mig ARGS` inside network namespace `ns` with this test's runtime directory.
+fn mig_in(env: &Env, ns: &str, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(mig_bin())
+        .args(args)
+        .env("MIGSHIM_RUNTIME_DIR", &env.rt);
+    env.output(c)
+}
+
+/// `mig run --detach --name NAME --log LOG -- CMD...` inside namespace `ns`.
+fn run_in(env: &Env, ns: &str, name: &str, log: &Path, cmd: &[&str]) {
+    let l = log.to_str().unwrap();
+    let mut args = vec!["run", "--detach", "--name", name, "--log", l, "--"];
+    args.extend_from_slice(cmd);
+    let o = mig_in(env, ns, &args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+/// `mig migrate SESSION --to TO --key KEY` inside namespace `ns`, which must succeed.
+fn migrate_in(env: &Env, ns: &str, session: &str, to: &str, key: &Path) {
+    let o = mig_in(env, ns, &migrate_args(session, to, key));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+/// Root, iproute2, two namespaces and an agent in the second: (hosts, agent, key); None
+/// (after saying why) without root.
+fn two_hosts(env: &Env, tag: &str) -> Option<(Hosts, Agent, PathBuf)> {
     if !is_root() || Command::new("ip").arg("-V").output().is_err() {
         println!("SKIP: needs root and iproute2 for network namespaces");
-        return;
+        return None;
     }
-    let env = Env::new("migrate-ns");
-    let key = key(&env);
-    let hosts = Hosts::new("m");
+    let key = key(env);
+    let hosts = Hosts::new(tag);
     let agent = Agent::start(
-        &env,
+        env,
         "agent",
         &key,
         Some((&hosts.names[1], "10.77.0.2")),
         &[],
     );
+    Some((hosts, agent, key))
+}
+
+#[test]
+fn a_session_migrates_between_network_namespaces() {
+    let env = Env::new("migrate-ns");
+    let Some((hosts, agent, key)) = two_hosts(&env, "m") else {
+        return;
+    };
     // The session runs in the first namespace (host A).
     let log = env.root.join("cnt.log");
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &hosts.names[0]])
-        .arg(mig_bin())
-        .args(["run", "--detach", "--name", "cnt", "--log"])
-        .arg(&log)
-        .arg("--")
-        .arg(c_program("counter"))
-        .args(["40", "64"])
-        .env("MIGSHIM_RUNTIME_DIR", &env.rt);
-    assert!(env.output(c).status.success());
+    let cnt = c_program("counter");
+    run_in(
+        &env,
+        &hosts.names[0],
+        "cnt",
+        &log,
+        &[cnt.to_str().unwrap(), "40", "64"],
+    );
     wait_numbers(&log, "count ", 3);
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &hosts.names[0]])
-        .arg(mig_bin())
-        .args(["migrate", "cnt", "--to", &agent.addr, "--key"])
-        .arg(&key)
-        .env("MIGSHIM_RUNTIME_DIR", &env.rt);
-    let o = env.output(c);
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    migrate_in(&env, &hosts.names[0], "cnt", &agent.addr, &key);
     assert_went_on(&log, &agent.session_log("cnt"));
     assert!(env.processes("cnt").is_empty());
+}
+
+#[test]
+fn every_kind_of_fd_comes_back_after_a_migration_between_namespaces() {
+    // The objects subject (two processes, every kind of fd, its own TCP listener, a unix
+    // socket path) moves to host B, whose agent has a filesystem of its own for the
+    // subject's directory (a private tmpfs holding a copy of it, as another host would),
+    // and checks each object there.
+    let env = Env::new("migrate-objects");
+    if !is_root() || Command::new("ip").arg("-V").output().is_err() {
+        println!("SKIP: needs root and iproute2 for network namespaces");
+        return;
+    }
+    let key = key(&env);
+    let hosts = Hosts::new("o");
+    let dir = env.scratch("objects");
+    let log = env.root.join("obj.log");
+    let obj = c_program("objects");
+    run_in(
+        &env,
+        &hosts.names[0],
+        "obj",
+        &log,
+        &[obj.to_str().unwrap(), dir.to_str().unwrap()],
+    );
+    wait_for_text(&log, "ready");
+    // Host B: its own copy of the directory (files as the subject left them, no sockets).
+    let copy = env.scratch("copy");
+    let sh = |c: &str| {
+        Command::new("sh")
+            .args(["-c", c])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(sh(&format!(
+        "cp -a {}/. {}/ && rm -f {}/sock",
+        dir.display(),
+        copy.display(),
+        copy.display()
+    )));
+    let state = env.root.join("agent");
+    let port = 7071;
+    let agent_log = env.root.join("agent.log");
+    let script = format!(
+        "mount -t tmpfs none {dir} && cp -a {copy}/. {dir}/ && exec {mig} agent --listen 10.77.0.2:{port} --key {key} --state-dir {state}",
+        dir = dir.display(),
+        copy = copy.display(),
+        mig = mig_bin().display(),
+        key = key.display(),
+        state = state.display()
+    );
+    let mut agent = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.names[1],
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(std::fs::File::create(&agent_log).unwrap())
+        .stderr(std::fs::File::create(env.root.join("agent.err")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_text(&env.root.join("agent.err"), "listening on");
+    migrate_in(
+        &env,
+        &hosts.names[0],
+        "obj",
+        &format!("10.77.0.2:{port}"),
+        &key,
+    );
+    // "go" in host B's directory (the agent's mount namespace).
+    let agent_pid = agent.id().to_string();
+    assert!(sh(&format!(
+        "nsenter -t $(pgrep -P {agent_pid} -f 'mig agent' || echo {agent_pid}) -m touch {}/go",
+        dir.display()
+    )));
+    let restored = state.join("run/logs/obj.log");
+    let out = wait_for_text(&restored, "checked ");
+    let _ = sh(&format!("pkill -f 'objects {}'", dir.display()));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        out.contains("checked 41 failed 0"),
+        "after the migration:\n{out}"
+    );
+}
+
+#[test]
+fn redis_keeps_its_keys_across_a_migration_between_namespaces() {
+    if !have("redis-server") {
+        println!("SKIP: redis-server not installed (.ci/run installs it)");
+        return;
+    }
+    let env = Env::new("migrate-redis");
+    let Some((hosts, agent, key)) = two_hosts(&env, "r") else {
+        return;
+    };
+    let data = env.scratch("redis");
+    let log = env.root.join("redis.log");
+    let server = redis_server("6390", &data);
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+    run_in(&env, &hosts.names[0], "redis", &log, &server);
+    let cli = |ns: &str, args: &[&str]| -> String {
+        let o = Command::new("ip")
+            .args(["netns", "exec", ns, "redis-cli", "-p", "6390"])
+            .args(args)
+            .output()
+            .unwrap();
+        text(&o.stdout).trim().to_string()
+    };
+    let t = Instant::now();
+    while cli(&hosts.names[0], &["ping"]) != "PONG" {
+        assert!(t.elapsed() < Duration::from_secs(15), "redis did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 0..200 {
+        cli(
+            &hosts.names[0],
+            &["set", &format!("key{i}"), &format!("value{i}")],
+        );
+    }
+    migrate_in(&env, &hosts.names[0], "redis", &agent.addr, &key);
+    assert_ne!(cli(&hosts.names[0], &["ping"]), "PONG", "gone from host A");
+    let t = Instant::now();
+    while cli(&hosts.names[1], &["ping"]) != "PONG" {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "redis does not answer on host B"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cli(&hosts.names[1], &["dbsize"]), "200");
+    assert_eq!(cli(&hosts.names[1], &["get", "key123"]), "value123");
 }

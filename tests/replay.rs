@@ -257,12 +257,6 @@ fn a_file_moved_elsewhere_is_found_again_through_map_path() {
 
 #[test]
 fn redis_server_keeps_its_keys_and_answers_redis_cli() {
-    let have = |p: &str| {
-        std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {p}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     if !have("redis-server") || !have("redis-cli") {
         println!(
             "SKIP: redis-server/redis-cli not installed (apt install redis-server; .ci/run does)"
@@ -272,21 +266,10 @@ fn redis_server_keeps_its_keys_and_answers_redis_cli() {
     let env = Env::new("redis");
     let port = free_port().to_string();
     let data = env.scratch("redis");
+    let server = redis_server(&port, &data);
     env.detach(
         "redis",
-        &[
-            "redis-server",
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            data.to_str().unwrap(),
-        ],
+        &server.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let cli = |args: &[&str]| -> String {
         let o = std::process::Command::new("redis-cli")

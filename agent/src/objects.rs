@@ -307,6 +307,7 @@ fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
             path,
             offset,
             size,
+            dev,
             ino,
             mtime_ns,
             locks,
@@ -318,7 +319,10 @@ fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
                 use std::os::unix::fs::MetadataExt;
                 let md = file.metadata()?;
                 let now = md.mtime() * 1_000_000_000 + md.mtime_nsec();
-                if md.size() as i64 != *size || md.ino() != *ino || now != *mtime_ns {
+                // The inode says something only on the same filesystem (on another host,
+                // a copy of the file has another one).
+                let same_fs = md.dev() == *dev;
+                if md.size() as i64 != *size || (same_fs && md.ino() != *ino) || now != *mtime_ns {
                     bail!(
                         "{p} changed since the checkpoint (size {size} → {}, inode {ino} → {}, modified {mtime_ns} → {now} ns); pass --allow-changed-files to restore anyway",
                         md.size(),
@@ -336,11 +340,25 @@ fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
             }
             file.into()
         }
-        Object::Directory { path, offset } => {
+        Object::Directory {
+            path,
+            offset,
+            dev,
+            before,
+        } => {
             let p = policy.rebind.path(&path.0);
             let dir = open_with(path_of(&p), libc::O_RDONLY | libc::O_DIRECTORY)
                 .with_context(|| format!("reopening the directory {p}"))?;
-            migrt::sys::seek(dir.as_raw_fd(), *offset)?;
+            // A read position is a cookie of its filesystem: elsewhere, skip as many
+            // entries as had been read.
+            use std::os::unix::fs::MetadataExt;
+            let at = if dir.metadata()?.dev() == *dev || *before == 0 {
+                *offset
+            } else {
+                let positions = migrt::sys::dir_positions(&dir, *before as usize);
+                positions.last().copied().unwrap_or(0)
+            };
+            migrt::sys::seek(dir.as_raw_fd(), at)?;
             dir.into()
         }
         Object::Device { tty: true, .. } => match open_with("/dev/tty".as_ref(), libc::O_RDWR) {

@@ -115,7 +115,7 @@ pub fn describe(f: &FdEntry) -> String {
             }
             s
         }
-        Object::Directory { path, offset } => format!("{path} position {offset}"),
+        Object::Directory { path, offset, .. } => format!("{path} position {offset}"),
         Object::Device { path, tty, .. } => format!("{path}{}", if *tty { " (tty)" } else { "" }),
         Object::Fifo { path, end, .. } => format!("{path} {}", end_name(*end)),
         Object::Pipe { id, end, .. } => format!("#{id} {} end", end_name(*end)),

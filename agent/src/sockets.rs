@@ -98,7 +98,7 @@ impl<'a> Builder<'a> {
         let a = self.addr(a);
         if let SockAddr::Path(p) = &a {
             let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&p.0));
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if listened_on(path) {
                 bail!(
                     "socket {id}: {} is in use by a live listener (is the original session still running? stop it, or restore with --map-path)",
                     path.display()
@@ -270,6 +270,22 @@ fn send_all(sock: &Socket, data: &[u8], id: u64) -> Result<()> {
             sock.set_write_timeout(None)?;
             return Ok(());
         }
+    }
+}
+
+/// Whether a live listener has unix socket `path` (a connect that is not refused: without
+/// waiting, since a frozen listener with a full backlog would keep a blocking one waiting).
+fn listened_on(path: &std::path::Path) -> bool {
+    let Ok(s) = Socket::new(Domain::UNIX, Type::STREAM, None) else {
+        return false;
+    };
+    let _ = s.set_nonblocking(true);
+    let Ok(addr) = socket2::SockAddr::unix(path) else {
+        return false;
+    };
+    match s.connect(&addr) {
+        Ok(()) => true,
+        Err(e) => e.raw_os_error() == Some(libc::EAGAIN),
     }
 }
 

@@ -209,6 +209,22 @@ fn bracket_ino(link: &[u8], prefix: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// How many entries of directory fd `fd` lie before read position `pos` (read through a
+/// second open of it, so the app's position stays).
+fn entries_before(fd: i32, pos: i64) -> u32 {
+    if pos == 0 {
+        return 0;
+    }
+    let Ok(dir) = std::fs::File::open(format!("/proc/self/fd/{fd}")) else {
+        return 0;
+    };
+    let positions = sys::dir_positions(&dir, 1 << 20);
+    positions
+        .iter()
+        .position(|&p| p == pos)
+        .map_or(0, |i| i as u32 + 1)
+}
+
 /// The calling process's real pid (getpid and readlink("/proc/self") answer the virtual
 /// one inside a session; the content of /proc/self/stat is the kernel's).
 fn own_pid() -> u32 {
@@ -305,8 +321,10 @@ pub fn describe_own_fd(
                 locks: info.locks(own_pid()),
             },
             libc::S_IFDIR => Object::Directory {
+                before: entries_before(fd, info.pos),
                 path,
                 offset: info.pos,
+                dev: st.st_dev,
             },
             libc::S_IFIFO => Object::Fifo {
                 path,

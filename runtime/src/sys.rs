@@ -733,3 +733,34 @@ pub fn ensure_buffer(fd: i32, which: i32, bytes: usize) {
         let _ = set_sockopt_int(fd, libc::SOL_SOCKET, which, want);
     }
 }
+
+/// The read positions (d_off) of a directory's entries in order, as getdents64 gives them,
+/// reading `dir` from its start (at most `max` entries).
+pub fn dir_positions(dir: &std::fs::File, max: usize) -> Vec<i64> {
+    use std::os::fd::AsRawFd;
+    let fd = dir.as_raw_fd();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 32 << 10];
+    // SAFETY: getdents64 writes at most buf.len() bytes of records into buf; each record is
+    // read within the length the kernel returned (d_off at 8, d_reclen at 16).
+    unsafe {
+        libc::lseek(fd, 0, libc::SEEK_SET);
+        while out.len() < max {
+            let n = libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            let mut at = 0usize;
+            while at + 19 <= n as usize && out.len() < max {
+                let off = i64::from_ne_bytes(buf[at + 8..at + 16].try_into().unwrap_or([0; 8]));
+                let len = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+                out.push(off);
+                if len == 0 {
+                    break;
+                }
+                at += len;
+            }
+        }
+    }
+    out
+}

@@ -437,6 +437,10 @@ pub enum Object {
     Directory {
         path: Bytes,
         offset: i64,
+        dev: u64,
+        /// How many entries lie before the read position (positions are cookies of one
+        /// filesystem: on another, the restore skips this many entries instead).
+        before: u32,
     },
     /// A character device: /dev/null, /dev/urandom, a terminal, ...
     Device {

@@ -83,16 +83,56 @@ fn listen() -> Option<i32> {
     let path = dir.ctl(v);
     let _ = std::fs::create_dir_all(dir.ctl_dir());
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| {
-            eprintln!(
-                "migshim: control socket {}: {e}; mig cannot reach this process",
-                path.display()
+    // A fork holds the journal: none can happen between making the socket and noting its
+    // number, so a fork child always knows the parent's listener and drops its copy (the
+    // copy is the same socket: kept, it would listen on the parent's path for ever).
+    let fd = {
+        let _no_fork = crate::state::journal(s);
+        // SAFETY: a raw socket(2) (the wrapper would journal, under the lock held here).
+        let n = unsafe {
+            crate::interpose::raw::syscall6(
+                libc::SYS_socket,
+                libc::AF_UNIX as usize,
+                (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as usize,
+                0,
+                0,
+                0,
+                0,
             )
-        })
-        .ok()?;
-    let fd = move_fd_high(listener.into_raw_fd());
-    LISTEN_FD.store(fd, Relaxed);
+        } as i32;
+        if n < 0 {
+            return None;
+        }
+        let fd = move_fd_high(n);
+        LISTEN_FD.store(fd, Relaxed);
+        fd
+    };
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: as above; the path is cut to fit sun_path with its terminating zero.
+    let bound = unsafe {
+        let mut a: libc::sockaddr_un = std::mem::zeroed();
+        a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let n = bytes.len().min(a.sun_path.len() - 1);
+        for (d, s) in a.sun_path.iter_mut().zip(&bytes[..n]) {
+            *d = *s as libc::c_char;
+        }
+        libc::bind(
+            fd,
+            (&raw const a).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        ) == 0
+            && libc::listen(fd, 16) == 0
+    };
+    if !bound {
+        eprintln!(
+            "migshim: control socket {}: {}; mig cannot reach this process",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        LISTEN_FD.store(-1, Relaxed);
+        close_real(fd);
+        return None;
+    }
     if let Ok(c) = CString::new(path.as_os_str().as_bytes()) {
         CTL_PATH.store(c.into_raw(), Release);
     }

@@ -338,6 +338,7 @@ pub fn after_fork_child() {
     VPID.store(v, Relaxed);
     let _ = VTID.try_with(|c| c.set(v));
     crate::control::after_fork();
+    crate::interpose::timers::after_fork();
 }
 
 /// Process exit: the slot says so, the control socket goes. Allocation-free.

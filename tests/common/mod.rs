@@ -354,3 +354,32 @@ pub fn wait_numbers(log: &Path, prefix: &str, n: usize) -> Vec<u64> {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Whether `program` is installed (on PATH).
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A redis-server on 127.0.0.1:`port` that keeps nothing on disk (its files in `dir`).
+pub fn redis_server(port: &str, dir: &Path) -> Vec<String> {
+    let dir = dir.to_str().unwrap();
+    [
+        "redis-server",
+        "--port",
+        port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        dir,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

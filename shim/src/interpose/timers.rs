@@ -171,12 +171,28 @@ struct Timer {
 unsafe impl Send for Timer {}
 
 static TIMERS: Mutex<Vec<Timer>> = Mutex::new(Vec::new());
+/// Whether the process ever made a timer (a fork child checks this first: clearing the
+/// lists costs it a copy-on-write fault).
+static ANY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// In a fork child: timers and the helper thread are the parent's (POSIX timers are not
+/// inherited).
+pub fn after_fork() {
+    if !ANY.load(Relaxed) {
+        return;
+    }
+    ANY.store(false, Relaxed);
+    HELPER.store(0, Relaxed);
+    TIMERS.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    JOBS.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
 
 /// Notes a timer the kernel made (`sev` as passed to it).
 ///
 /// # Safety
 /// `sev` is null or points to a sigevent.
 pub unsafe fn note(id: libc::timer_t, clock: libc::clockid_t, sev: *const libc::sigevent) {
+    ANY.store(true, Relaxed);
     let sev = (!sev.is_null()).then(|| std::ptr::read(sev));
     let vtid = match &sev {
         Some(e) if e.sigev_notify == libc::SIGEV_THREAD_ID => super::process::to_virtual(
