@@ -140,3 +140,23 @@ fn mig_finds_a_missing_shim_clearly() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn the_demo_runs_a_session_checkpoints_restores_and_migrates_it() {
+    let env = Env::new("demo");
+    let o = env.run(&["demo"]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}{}", text(&o.stderr));
+    for step in [
+        "it goes on where it stopped",
+        "migrated session",
+        "it counts on there, from where it was",
+        "done.",
+    ] {
+        assert!(out.contains(step), "missing {step:?} in:\n{out}");
+    }
+    assert!(
+        env.ps().as_array().unwrap().is_empty(),
+        "the demo leaves no session behind"
+    );
+}

@@ -1,7 +1,9 @@
 //! `mig demo`: a guided run on this host, with nothing to set up. A counter (mig's own
 //! hidden `counter` subcommand, so no other program is needed) runs as a session; the demo
 //! shows it from outside (`mig ps`) and inside (`mig table`), checkpoints and stops it,
-//! restores it — it counts on from where it stopped — and ends it.
+//! restores it — it counts on from where it stopped — then migrates it to an agent (a
+//! second "host": this one, with a state directory and key of its own) where it counts on
+//! again, and ends it.
 
 use crate::sessions;
 use anyhow::{Context, Result, bail};
@@ -95,12 +97,64 @@ pub fn demo() -> Result<i32> {
     );
     let live = sessions::find(&rt, &name)?;
     print!("{}", crate::show::ps_text(std::slice::from_ref(&live)));
-    println!("\n== 6. ending the session");
-    for p in live.processes() {
-        migrt::sys::terminate(p.pid);
+    println!("\n== 6. mig agent   (a second host: this one, with its own state directory and key)");
+    let (state, key) = (work.join("agent"), work.join("agent.key"));
+    // (any 16 bytes or more; between real hosts, the same secret file on both)
+    std::fs::write(
+        &key,
+        format!("mig demo key of process {:>16}", std::process::id()),
+    )?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let to = format!("127.0.0.1:{port}");
+    let mut agent = Command::new(&exe)
+        .args([
+            "agent",
+            "--listen",
+            &to,
+            "--key",
+            &key.display().to_string(),
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(std::fs::File::create(work.join("agent.log"))?)
+        .spawn()?;
+    wait_for(&work.join("agent.log"), "listening on")?;
+    println!("   listening on {to}");
+    println!("\n== 7. mig migrate {name} --to {to}");
+    let migrated = mig(&[
+        "migrate",
+        &name,
+        "--to",
+        &to,
+        "--key",
+        &key.display().to_string(),
+    ]);
+    let there = state.join("run").join("logs").join(format!("{name}.log"));
+    let moved = migrated.and_then(|_| {
+        let at = last_count(&log2);
+        wait_for(&there, &format!("count {} ", at + 3))?;
+        show_tail(&there, "   it counts on there, from where it was:");
+        println!("\n   mig ps --host {to}:");
+        mig(&["ps", "--host", &to, "--key", &key.display().to_string()])
+    });
+    println!("\n== 8. ending the session");
+    for l in sessions::list(&rt)
+        .iter()
+        .chain(&sessions::list(&state.join("run")))
+    {
+        if l.name() == name {
+            for p in l.processes() {
+                migrt::sys::terminate(p.pid);
+            }
+        }
     }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    moved?;
     let _ = std::fs::remove_dir_all(&work);
-    println!("   done. Next: a move to another host (mig migrate, issue #5).");
+    println!("   done.");
     Ok(0)
 }
 
@@ -128,6 +182,7 @@ fn show_tail(log: &std::path::Path, title: &str) {
     }
 }
 
+/// Waits (10 s at most) until `log` contains `needle`.
 fn wait_for(log: &std::path::Path, needle: &str) -> Result<()> {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
@@ -139,5 +194,5 @@ fn wait_for(log: &std::path::Path, needle: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    bail!("the demo counter did not start; see {}", log.display())
+    bail!("{needle:?} did not show within 10 s; see {}", log.display())
 }

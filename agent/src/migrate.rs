@@ -108,6 +108,7 @@ fn transfer(frozen: &mut Frozen, link: &Shared, ignore_unsupported: bool) -> Res
             data: piece.to_vec(),
         })?;
     }
+    link.lock().unwrap_or_else(|p| p.into_inner()).1 += session.len() as u64;
     Ok(bytes)
 }
 
