@@ -64,10 +64,6 @@ impl Rebind {
         Bytes(p.to_vec())
     }
 
-    pub fn is_identity(&self) -> bool {
-        self.paths.is_empty() && self.ports.is_empty() && self.addrs.is_empty()
-    }
-
     /// A socket address on the new host.
     pub fn addr(&self, a: &SockAddr) -> SockAddr {
         let port = |p: u16| self.ports.iter().find(|r| r.0 == p).map_or(p, |r| r.1);
@@ -152,6 +148,7 @@ mod tests {
         );
         assert!(r.add_port("x=1").is_err());
         assert!(r.add_path("nothing").is_err());
-        assert!(Rebind::default().is_identity());
+        assert_eq!(Rebind::default().to_string(), "");
+        assert_eq!(r.to_string().matches("--map-").count(), 4);
     }
 }
