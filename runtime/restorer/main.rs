@@ -36,6 +36,8 @@ const SYS_FSTAT: usize = 5;
 const SYS_MMAP: usize = 9;
 const SYS_MREMAP: usize = 25;
 const SYS_MPROTECT: usize = 10;
+const SYS_MADVISE: usize = 28;
+const MADV_POPULATE_WRITE: usize = 23;
 const SYS_PREAD64: usize = 17;
 const PROT_WRITE: usize = 2;
 const SYS_EXECVE: usize = 59;
@@ -352,6 +354,9 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
     for e in entries.chunks(ENTRY_WORDS) {
         let (addr, len, prot, flags, fd, off) = (e[0] as usize, e[1] as usize, e[2] as usize, e[3] as usize, e[4] as i64, e[5] as usize);
         if e[6] == 1 {
+            // The run's pages made present in one go (cheaper than a fault per page while
+            // pread fills them); a kernel without MADV_POPULATE_WRITE just faults them in.
+            unsafe { sys6(SYS_MADVISE, addr, len, MADV_POPULATE_WRITE, 0, 0, 0) };
             let mut done = 0;
             while done < len {
                 let n = unsafe { sys6(SYS_PREAD64, fd as usize, addr + done, len - done, off + done, 0, 0) };
