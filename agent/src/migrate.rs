@@ -142,6 +142,9 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let sent = transfer(&mut frozen, &link, a.ignore_unsupported)
         .and_then(|bytes| {
             let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
+            // From here until the session has ended here, an interrupt must not leave it
+            // running on both hosts (a frozen session left by a vanished mig thaws itself).
+            migrt::sys::ignore_terminal_signals();
             l.0.send_mac()?;
             if migrt::sys::isatty(2) {
                 eprintln!();
