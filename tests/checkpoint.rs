@@ -11,18 +11,7 @@ const ROOT: i32 = VPID_BASE as i32 + 1;
 
 /// The last count the counter printed.
 fn last_count(log: &Path) -> u64 {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .find_map(|l| {
-            l.strip_prefix("count ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    numbers(log, "count ").last().copied().unwrap_or(0)
 }
 
 fn wait_count_above(log: &Path, n: u64) -> u64 {

@@ -135,6 +135,38 @@ fn counter() -> std::path::PathBuf {
     migshim_examples::c_program("counter")
 }
 
+/// Starts the counter subject with `mib` MiB as session "bench" and waits for its first
+/// count; returns its log.
+fn start_counter(
+    mig: &std::path::Path,
+    rt: &std::path::Path,
+    base: &std::path::Path,
+    mib: usize,
+) -> std::path::PathBuf {
+    let log = base.join("migbench-counter.log");
+    let st = Command::new(mig)
+        .env("MIGSHIM_RUNTIME_DIR", rt)
+        .args(["run", "--detach", "--name", "bench", "--log"])
+        .arg(&log)
+        .arg("--")
+        .arg(counter())
+        .args(["2", &mib.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("count 1 ")
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    log
+}
+
 /// One checkpoint of a running session; (total ms, frozen ms, bytes) from mig's summary.
 fn checkpoint_once(
     mig: &std::path::Path,
@@ -181,27 +213,7 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for mib in [64usize, 1024] {
-        let log = base.join("migbench-counter.log");
-        let st = Command::new(&mig)
-            .env("MIGSHIM_RUNTIME_DIR", &rt)
-            .args(["run", "--detach", "--name", "bench", "--log"])
-            .arg(&log)
-            .arg("--")
-            .arg(counter())
-            .args(["2", &mib.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("count 1 ")
-        {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let log = start_counter(&mig, &rt, base, mib);
         let dir = base.join("migbench-img");
         let (mut total, mut frozen, mut size) = (vec![], vec![], 0.0);
         for _ in 0..runs {
@@ -358,27 +370,7 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
     for mib in [64usize, 1024] {
         let (mut frozen, mut total, mut sent, mut wire) = (vec![], vec![], String::new(), vec![]);
         for _ in 0..runs {
-            let log = base.join("migbench-counter.log");
-            let st = Command::new(&mig)
-                .env("MIGSHIM_RUNTIME_DIR", &rt)
-                .args(["run", "--detach", "--name", "bench", "--log"])
-                .arg(&log)
-                .arg("--")
-                .arg(counter())
-                .args(["2", &mib.to_string()])
-                .output()
-                .unwrap();
-            assert!(
-                st.status.success(),
-                "{}",
-                String::from_utf8_lossy(&st.stderr)
-            );
-            while !std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("count 1 ")
-            {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            start_counter(&mig, &rt, base, mib);
             let out = Command::new(&mig)
                 .env("MIGSHIM_RUNTIME_DIR", &rt)
                 .args(["migrate", "bench", "--to", &to, "--key"])
