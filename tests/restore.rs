@@ -204,9 +204,68 @@ fn restores_inside_a_fresh_pid_namespace_with_other_real_pids() {
     );
 }
 
-#[test]
-fn python_with_a_large_dict_and_an_open_file_restores_intact() {
-    let env = Env::new("pyrestore");
+/// A restore for the tests that run both ways: plainly, or inside a fresh PID namespace
+/// (its init kept alive until this is dropped). Returns the restored session's log.
+enum Restored {
+    Plain,
+    InPidNamespace(std::process::Child),
+}
+
+impl Restored {
+    fn new(
+        env: &Env,
+        img: &Path,
+        name: &str,
+        pid_namespace: bool,
+    ) -> (Restored, std::path::PathBuf) {
+        if !pid_namespace {
+            return (Restored::Plain, restore_detached(env, img, name));
+        }
+        let log = env.root.join(name);
+        let script = format!(
+            "{} restore {} --detach --log {} >/dev/null && exec sleep 600",
+            mig_bin().display(),
+            img.display(),
+            log.display()
+        );
+        let child = std::process::Command::new("unshare")
+            .args([
+                "-p",
+                "-f",
+                "--kill-child",
+                "--mount-proc",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .env("MIGSHIM_RUNTIME_DIR", &env.rt)
+            .spawn()
+            .unwrap();
+        (Restored::InPidNamespace(child), log)
+    }
+
+    /// Ends the restored session.
+    fn end(self, env: &Env, session: &str) {
+        match self {
+            Restored::Plain => env.stop(session),
+            Restored::InPidNamespace(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn python_dict_and_file(pid_namespace: bool) {
+    if pid_namespace && !is_root() {
+        println!("SKIP: needs root for a PID namespace (unshare -p)");
+        return;
+    }
+    let env = Env::new(if pid_namespace {
+        "pyrestore-ns"
+    } else {
+        "pyrestore"
+    });
     let out = env.root.join("numbers.txt");
     let script = format!(
         r#"
@@ -228,10 +287,10 @@ while True:
     let img = env.root.join("img");
     stop_into(&env, "py", &img);
     let last = *counts(&log).last().unwrap();
-    let log2 = restore_detached(&env, &img, "after.log");
+    let (restored, log2) = Restored::new(&env, &img, "after.log", pid_namespace);
     let after = wait_counts(&log2, 5);
+    restored.end(&env, "py");
     assert_eq!(after[0], last + 1, "{after:?}");
-    env.stop("py");
     // The file went on at its offset: every number once, in order.
     let nums: Vec<u64> = std::fs::read_to_string(&out)
         .unwrap()
@@ -246,9 +305,32 @@ while True:
 }
 
 #[test]
+fn python_with_a_large_dict_and_an_open_file_restores_intact() {
+    python_dict_and_file(false);
+}
+
+#[test]
+fn python_with_a_large_dict_restores_inside_a_fresh_pid_namespace() {
+    python_dict_and_file(true);
+}
+
+#[test]
 fn threads_with_mutexes_condvars_signals_and_join_restore() {
-    let env = Env::new("threads");
-    let log = env.detach("th", &[c_program("threads").to_str().unwrap(), "60", "20"]);
+    threads_case("0");
+}
+
+#[test]
+fn a_threaded_program_with_a_gibibyte_of_patterned_memory_restores_verified() {
+    // The subject verifies its 1 GiB every tick and fails on the first wrong byte.
+    threads_case("1024");
+}
+
+fn threads_case(mib: &str) {
+    let env = Env::new(&format!("threads-{mib}"));
+    let log = env.detach(
+        "th",
+        &[c_program("threads").to_str().unwrap(), "60", "20", mib],
+    );
     let ticks = |p: &Path| -> Vec<String> {
         std::fs::read_to_string(p)
             .unwrap_or_default()
@@ -515,9 +597,16 @@ os.wait()
     );
 }
 
-#[test]
-fn a_bash_loop_script_restores_and_goes_on() {
-    let env = Env::new("bashloop");
+fn bash_loop(pid_namespace: bool) {
+    if pid_namespace && !is_root() {
+        println!("SKIP: needs root for a PID namespace (unshare -p)");
+        return;
+    }
+    let env = Env::new(if pid_namespace {
+        "bashloop-ns"
+    } else {
+        "bashloop"
+    });
     let log = env.detach(
         "lb",
         &[
@@ -530,8 +619,9 @@ fn a_bash_loop_script_restores_and_goes_on() {
     let img = env.root.join("img");
     stop_into(&env, "lb", &img);
     let last = *numbers(&log, "loop ").last().unwrap();
-    let log2 = restore_detached(&env, &img, "after.log");
+    let (restored, log2) = Restored::new(&env, &img, "after.log", pid_namespace);
     let after = wait_numbers(&log2, "loop ", 5);
+    restored.end(&env, "lb");
     assert_eq!(after[0], last + 1, "{after:?}");
     assert!(
         std::fs::read_to_string(&log2)
@@ -540,7 +630,16 @@ fn a_bash_loop_script_restores_and_goes_on() {
             .all(|l| l.ends_with(&format!(" {}", VPID_BASE + 1))),
         "same $$"
     );
-    env.stop("lb");
+}
+
+#[test]
+fn a_bash_loop_script_restores_and_goes_on() {
+    bash_loop(false);
+}
+
+#[test]
+fn a_bash_loop_script_restores_inside_a_fresh_pid_namespace() {
+    bash_loop(true);
 }
 
 #[test]

@@ -3,7 +3,8 @@
  * and prints "tick N work=a,b,c sig=x,y,z tids=..." . At tick STOP it tells them to end,
  * pthread_join()s each, checks what they returned, prints "joined rseq=a,b,c,m" (1 where
  * the thread's rseq area is registered with the kernel, as glibc left it) and exits 0.
- * usage: threads [STOP] [HZ] */
+ * With MiB, it also holds that much patterned memory and verifies it every tick.
+ * usage: threads [STOP] [HZ] [MiB] */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
@@ -60,12 +61,20 @@ static void *worker(void *arg) {
 int main(int argc, char **argv) {
     long stop_at = argc > 1 ? atol(argv[1]) : 40;
     double hz = argc > 2 ? atof(argv[2]) : 20;
+    size_t mem_len = (argc > 3 ? strtoul(argv[3], NULL, 10) : 0) << 20;
+    unsigned char *mem = mem_len ? malloc(mem_len) : NULL;
+    for (size_t i = 0; i < mem_len; i++) mem[i] = (unsigned char)(i * 31 + 7);
     signal(SIGUSR1, on_usr1);
     pthread_t th[N];
     for (long i = 0; i < N; i++) pthread_create(&th[i], NULL, worker, (void *)i);
     struct timespec d = {0, (long)(1e9 / hz)};
     for (long tick = 1; tick <= stop_at; tick++) {
         nanosleep(&d, NULL);
+        for (size_t i = 0; i < mem_len; i += 4093)
+            if (mem[i] != (unsigned char)(i * 31 + 7)) {
+                printf("FAIL: memory damaged at %zu\n", i);
+                return 1;
+            }
         pthread_mutex_lock(&mu);
         round_no++;
         pthread_cond_broadcast(&cv);
