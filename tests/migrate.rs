@@ -109,6 +109,16 @@ fn migrate(env: &Env, session: &str, to: &str, key: &Path) -> std::process::Outp
     env.run(&migrate_args(session, to, key))
 }
 
+/// Whether part of an image (8 MiB or more) has reached `agent`'s state directory.
+fn arrived(agent: &Agent) -> bool {
+    std::fs::read_dir(agent.state.join("incoming"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .any(|f| f.metadata().is_ok_and(|m| m.len() > 8 << 20))
+}
+
 /// Counts on the target from where it stopped here, its memory verified each tick.
 fn assert_went_on(source_log: &Path, target_log: &Path) {
     let last = *numbers(source_log, "count ").last().unwrap();
@@ -196,6 +206,28 @@ fn a_wrong_key_or_a_refusing_agent_leaves_the_session_running_here() {
 }
 
 #[test]
+fn no_agent_at_the_target_leaves_the_session_running_here() {
+    let env = Env::new("migrate-none");
+    let key = key(&env);
+    let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", "4"]);
+    wait_numbers(&log, "count ", 3);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = migrate(&env, "cnt", &format!("127.0.0.1:{port}"), &key);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("is `mig agent` running there?"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_runs_on_here(&env, &log);
+    env.stop("cnt");
+}
+
+#[test]
 fn an_agent_that_dies_mid_transfer_leaves_the_session_running_here() {
     let env = Env::new("migrate-dies");
     let key = key(&env);
@@ -219,15 +251,7 @@ fn an_agent_that_dies_mid_transfer_leaves_the_session_running_here() {
     let m = c.spawn().unwrap();
     // Kill the agent once part of the image has arrived.
     let t = Instant::now();
-    let arrived = || {
-        std::fs::read_dir(agent.state.join("incoming"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
-            .any(|f| f.metadata().is_ok_and(|m| m.len() > 8 << 20))
-    };
-    while !arrived() {
+    while !arrived(&agent) {
         assert!(t.elapsed() < Duration::from_secs(30), "nothing arrived");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -242,6 +266,8 @@ fn an_agent_that_dies_mid_transfer_leaves_the_session_running_here() {
 /// Two network namespaces joined by a veth pair, removed when dropped.
 struct Hosts {
     names: [String; 2],
+    /// The veth ends, in the same order.
+    links: [String; 2],
 }
 
 impl Hosts {
@@ -259,7 +285,10 @@ impl Hosts {
              ip -n {a} addr add 10.77.0.1/24 dev {va} && ip -n {b} addr add 10.77.0.2/24 dev {vb} && \
              ip -n {a} link set {va} up && ip -n {b} link set {vb} up && ip -n {a} link set lo up && ip -n {b} link set lo up"
         ));
-        Hosts { names }
+        Hosts {
+            names,
+            links: [va, vb],
+        }
     }
 }
 
@@ -475,4 +504,63 @@ fn redis_keeps_its_keys_across_a_migration_between_namespaces() {
     }
     assert_eq!(cli(&hosts.names[1], &["dbsize"]), "200");
     assert_eq!(cli(&hosts.names[1], &["get", "key123"]), "value123");
+}
+
+#[test]
+fn a_link_cut_mid_transfer_leaves_the_session_running_here() {
+    let env = Env::new("migrate-cut");
+    let Some((hosts, agent, key)) = two_hosts(&env, "c") else {
+        return;
+    };
+    let log = env.root.join("cnt.log");
+    let cnt = c_program("counter");
+    run_in(
+        &env,
+        &hosts.names[0],
+        "cnt",
+        &log,
+        &[cnt.to_str().unwrap(), "40", "1024"],
+    );
+    wait_numbers(&log, "count ", 2);
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &hosts.names[0]])
+        .arg(mig_bin())
+        .args([
+            "migrate",
+            "cnt",
+            "--to",
+            &agent.addr,
+            "--timeout",
+            "3",
+            "--key",
+        ])
+        .arg(&key)
+        .env("MIGSHIM_RUNTIME_DIR", &env.rt)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let m = c.spawn().unwrap();
+    // Cut the link once part of the image has arrived.
+    let t = Instant::now();
+    while !arrived(&agent) {
+        assert!(t.elapsed() < Duration::from_secs(30), "nothing arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cut = Command::new("ip")
+        .args([
+            "-n",
+            &hosts.names[0],
+            "link",
+            "set",
+            &hosts.links[0],
+            "down",
+        ])
+        .status()
+        .unwrap();
+    assert!(cut.success());
+    let o = m.wait_with_output().unwrap();
+    assert!(!o.status.success(), "the migration cannot have succeeded");
+    // The session runs on in the first namespace.
+    let before = numbers(&log, "count ").len();
+    wait_numbers(&log, "count ", before + 3);
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("damaged"));
 }

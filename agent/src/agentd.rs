@@ -87,6 +87,7 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
 impl Agent {
     fn serve(&self, stream: std::net::TcpStream) -> Result<()> {
         stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
         stream.set_nodelay(true)?;
         let mut link = peer::accept(stream, &self.key)?;
         match link.recv()? {

@@ -187,7 +187,9 @@ pub fn connect(to: &str, key: &[u8], timeout: Duration) -> Result<Link> {
     let mut stream = TcpStream::connect_timeout(&sa, timeout).with_context(|| {
         format!("connecting to the agent at {addr} (is `mig agent` running there?)")
     })?;
+    // A peer or link that goes silent fails the call within `timeout`, both ways.
     stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
     let agent_nonce = match migrt::wire::read_frame_upto::<Msg>(&mut stream, MAX_FRAME)?.0 {
         Msg::Hello { version, nonce } if version == VERSION => nonce,
