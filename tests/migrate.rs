@@ -319,6 +319,14 @@ fn run_in(env: &Env, ns: &str, name: &str, log: &Path, cmd: &[&str]) {
     assert!(o.status.success(), "{}", text(&o.stderr));
 }
 
+/// The counter subject with `mib` MiB as session "cnt" inside namespace `ns`; its log.
+fn counter_in(env: &Env, ns: &str, mib: &str) -> PathBuf {
+    let log = env.root.join("cnt.log");
+    let cnt = c_program("counter");
+    run_in(env, ns, "cnt", &log, &[cnt.to_str().unwrap(), "40", mib]);
+    log
+}
+
 /// `mig migrate SESSION --to TO --key KEY` inside namespace `ns`, which must succeed.
 fn migrate_in(env: &Env, ns: &str, session: &str, to: &str, key: &Path) {
     let o = mig_in(env, ns, &migrate_args(session, to, key));
@@ -351,15 +359,7 @@ fn a_session_migrates_between_network_namespaces() {
         return;
     };
     // The session runs in the first namespace (host A).
-    let log = env.root.join("cnt.log");
-    let cnt = c_program("counter");
-    run_in(
-        &env,
-        &hosts.names[0],
-        "cnt",
-        &log,
-        &[cnt.to_str().unwrap(), "40", "64"],
-    );
+    let log = counter_in(&env, &hosts.names[0], "64");
     wait_numbers(&log, "count ", 3);
     migrate_in(&env, &hosts.names[0], "cnt", &agent.addr, &key);
     assert_went_on(&log, &agent.session_log("cnt"));
@@ -512,15 +512,7 @@ fn a_link_cut_mid_transfer_leaves_the_session_running_here() {
     let Some((hosts, agent, key)) = two_hosts(&env, "c") else {
         return;
     };
-    let log = env.root.join("cnt.log");
-    let cnt = c_program("counter");
-    run_in(
-        &env,
-        &hosts.names[0],
-        "cnt",
-        &log,
-        &[cnt.to_str().unwrap(), "40", "1024"],
-    );
+    let log = counter_in(&env, &hosts.names[0], "1024");
     wait_numbers(&log, "count ", 2);
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &hosts.names[0]])
