@@ -453,7 +453,7 @@ fn every_kind_of_fd_comes_back_after_a_migration_between_namespaces() {
     let _ = agent.kill();
     let _ = agent.wait();
     assert!(
-        out.contains("checked 41 failed 0"),
+        out.contains("checked 43 failed 0"),
         "after the migration:\n{out}"
     );
 }

@@ -12,7 +12,7 @@ fn objects_verdict(dir: &Path, log: &Path) -> String {
     std::fs::write(dir.join("go"), "").unwrap();
     let out = wait_for_text(log, "checked ");
     // (One check needs root: a TCP send queue is read in repair mode.)
-    let checks = if is_root() { 41 } else { 40 };
+    let checks = if is_root() { 43 } else { 42 };
     assert!(
         out.contains(&format!("checked {checks} failed 0")),
         "some objects did not come back:\n{out}"

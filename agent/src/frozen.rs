@@ -17,6 +17,8 @@ pub struct Frozen<'a> {
     pub threads: u32,
     pub at: Instant,
     released: bool,
+    /// fds that are one open file, found while frozen (check_supported).
+    shared: migrt::sharing::Shared,
 }
 
 impl<'a> Frozen<'a> {
@@ -30,6 +32,7 @@ impl<'a> Frozen<'a> {
             threads: 0,
             at: Instant::now(),
             released: false,
+            shared: Vec::new(),
         };
         loop {
             let newcomers: Vec<_> = live
@@ -72,7 +75,7 @@ impl<'a> Frozen<'a> {
     }
 
     /// Refuses (naming each) the fds a restore could not rebuild, unless told to ignore
-    /// them (they then read as closed after a restore).
+    /// them (they then read as closed after a restore); notes which fds are one open file.
     pub fn check_supported(&mut self, ignore: bool) -> Result<()> {
         let mut tables = Vec::new();
         for (vpid, _, c) in self.clients.iter_mut() {
@@ -82,6 +85,7 @@ impl<'a> Frozen<'a> {
             }
         }
         migrt::link::link_peers(&mut tables);
+        self.shared = migrt::sharing::find(&tables);
         let unsupported = migrt::support::unsupported(&tables);
         if unsupported.is_empty() {
             return Ok(());
@@ -116,6 +120,7 @@ impl<'a> Frozen<'a> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             processes: Vec::new(),
+            shared: self.shared.clone(),
         };
         for (vpid, parent, c) in self.clients.iter_mut() {
             let (file, path) = place(*vpid)?;

@@ -1,8 +1,9 @@
 //! The objects behind a restored session's fds, made anew by `mig restore` and handed to
 //! each process at its own fd numbers.
 //!
-//! Objects with an identity across processes are made once and handed to every process
-//! that held them: pipes (refilled with their unread bytes), sockets (sockets.rs), and
+//! fds that were one open file (dup, or inherited across fork: one offset, one set of
+//! status flags — found with kcmp at the checkpoint) get one object again. Objects with
+//! an identity across processes are made once and handed to every process that held them: pipes (refilled with their unread bytes), sockets (sockets.rs), and
 //! files that exist nowhere else — memfds and files deleted while open — filled with the
 //! content the image carries (the same object backs their shared mappings). The rest is
 //! made per fd: files and directories reopened at their offsets (through the path policy;
@@ -53,7 +54,14 @@ fn path_of(b: &Bytes) -> &std::ffi::OsStr {
     std::ffi::OsStr::from_bytes(&b.0)
 }
 
-pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
+pub fn build(
+    images: &[ProcImage],
+    shared: &migrt::sharing::Shared,
+    policy: &Policy,
+) -> Result<Objects> {
+    // fds that were one open file are made once (the first one met) and shared.
+    let group_of = |vpid: i32, fd: i32| shared.iter().position(|g| g.contains(&(vpid, fd)));
+    let mut made_for_group: HashMap<usize, OwnedFd> = HashMap::new();
     let listeners = migrt::support::listeners(images.iter().map(|i| &i.table));
     // Stdio inside the session always comes back; a file the session opened for itself,
     // unless the user chose that fd.
@@ -93,6 +101,11 @@ pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
     for img in images {
         let mut fds = Vec::new();
         for f in img.table.fds.iter().filter(|f| kept(f)) {
+            let group = group_of(img.meta.vpid, f.fd);
+            if let Some(one) = group.and_then(|g| made_for_group.get(&g)) {
+                fds.push((f.fd, f.cloexec, one.try_clone()?));
+                continue;
+            }
             let made: OwnedFd = if let Some(why) =
                 migrt::support::why_unsupported(&f.object, &listeners)
             {
@@ -162,6 +175,9 @@ pub fn build(images: &[ProcImage], policy: &Policy) -> Result<Objects> {
                 }
             };
             let _ = migrt::sys::set_status_flags(made.as_raw_fd(), f.flags);
+            if let Some(g) = group {
+                made_for_group.insert(g, made.try_clone()?);
+            }
             fds.push((f.fd, f.cloexec, made));
         }
         out.push(fds);

@@ -551,7 +551,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
                 a.stdio[2].is_some() || a.stdio[1].is_some() || a.log.is_some(),
             ],
         };
-        let objects = objects::build(&images, &policy)?;
+        let objects = objects::build(&images, &manifest.shared, &policy)?;
         let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
         let sysv_ids = crate::sysv::make(&images, &dir.0)?;
         let mapped: Vec<Mapped> = images

@@ -243,6 +243,10 @@ int main(int argc, char **argv) {
     struct itimerspec later = {.it_value = {3600, 0}};
     timer_settime(threaded, 0, &later, NULL);
 
+    // One open file shared with the child (no O_APPEND: one offset for both), and a dup.
+    int shared_out = open(at("shared.txt"), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int dupfd = dup(file);
+
     // A child holding the other end of a socket pair and of a pipe.
     int cp[2], pp[2];
     socketpair(AF_UNIX, SOCK_STREAM, 0, cp);
@@ -254,6 +258,7 @@ int main(int argc, char **argv) {
         char c;
         // Answers each byte that comes over the socket with the next letter.
         while (read(cp[1], &c, 1) == 1) {
+            write(shared_out, "C", 1);
             shared[100] = 'S';
             sv[100] = 'V';
             c++;
@@ -384,9 +389,16 @@ int main(int argc, char **argv) {
 
     // The child.
     char c = 'a';
+    write(shared_out, "P", 1);
     write(cp[0], &c, 1);
     result("child-socket", read(cp[0], &c, 1) == 1 && c == 'b', "answer");
     result("posix-shm", shared[100] == 'S', "the child's write");
+    write(shared_out, "P", 1);
+    char sbuf[8] = {0};
+    int rd = open(at("shared.txt"), O_RDONLY);
+    result("shared-offset", lseek(shared_out, 0, SEEK_CUR) == 3 && read(rd, sbuf, 7) == 3 && strcmp(sbuf, "PCP") == 0, sbuf);
+    lseek(file, 2, SEEK_SET);
+    result("dup-offset", lseek(dupfd, 0, SEEK_CUR) == 2, "a dup moves with its original");
     result("sysv-shared", sv[100] == 'V' && strcmp(sv, "sysv-data") == 0, "content and the child's write");
     char *sv2 = shmat(svid, NULL, SHM_RDONLY);
     result("sysv-reattach", sv2 != (void *)-1 && sv2[100] == 'V', "attached again by its old id");

@@ -219,6 +219,8 @@ pub struct SessionManifest {
     pub taken: u64,
     /// (vpid, parent vpid, file name) of every process.
     pub processes: Vec<(i32, i32, String)>,
+    /// fds that are one open file (crate::sharing).
+    pub shared: crate::sharing::Shared,
 }
 
 fn pad(offset: u64, align: u64) -> u64 {

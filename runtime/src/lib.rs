@@ -12,6 +12,7 @@ pub mod procfs;
 pub mod rebind;
 pub mod record;
 pub mod sessiontable;
+pub mod sharing;
 pub mod sockaddr;
 pub mod sockdiag;
 pub mod sockstate;

@@ -764,3 +764,11 @@ pub fn dir_positions(dir: &std::fs::File, max: usize) -> Vec<i64> {
     }
     out
 }
+
+/// Whether fd `a` of process `pa` and fd `b` of process `pb` are one open file (kcmp
+/// KCMP_FILE: same offset and status flags, as after dup or fork). False when unsure.
+pub fn same_open_file(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+    const KCMP_FILE: i64 = 0;
+    // SAFETY: kcmp only compares kernel objects; no memory is passed.
+    unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
+}
