@@ -29,18 +29,29 @@ fn real(id: c_int) -> c_int {
         .map_or(id, |(_, new)| *new)
 }
 
-fn virtual_id(id: c_int) -> c_int {
-    IDS.read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .find(|(_, new)| *new == id)
-        .map_or(id, |(old, _)| *old)
+/// The id the app gets for kernel id `id`: the old id of a restored segment; the kernel's
+/// own for a new one — unless that number is an old id the app already holds for another
+/// segment, then a number of the shim's (noted, so that it translates back).
+fn id_for_app(id: c_int) -> c_int {
+    let mut ids = IDS.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(old, _)) = ids.iter().find(|(_, new)| *new == id) {
+        return old;
+    }
+    if !ids.iter().any(|(old, _)| *old == id) {
+        return id;
+    }
+    let mut v = id | 0x4000_0000;
+    while ids.iter().any(|(old, _)| *old == v) {
+        v += 1;
+    }
+    ids.push((v, id));
+    v
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn shmget(key: libc::key_t, size: libc::size_t, flags: c_int) -> c_int {
     let r = real!(shmget: fn(libc::key_t, libc::size_t, c_int) -> c_int)(key, size, flags);
-    if r < 0 { r } else { virtual_id(r) }
+    if r < 0 { r } else { id_for_app(r) }
 }
 
 #[unsafe(no_mangle)]
@@ -55,7 +66,7 @@ pub unsafe extern "C" fn shmctl(id: c_int, cmd: c_int, buf: *mut libc::shmid_ds)
     const SHM_STAT: c_int = 13;
     const SHM_STAT_ANY: c_int = 15;
     if r > 0 && (cmd == SHM_STAT || cmd == SHM_STAT_ANY) {
-        virtual_id(r)
+        id_for_app(r)
     } else {
         r
     }
