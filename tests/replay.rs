@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The objects subject's verdict after DIR/go appears: its "ok"/"FAIL" lines.
 fn objects_verdict(dir: &Path, log: &Path) -> String {
@@ -42,6 +42,21 @@ fn every_kind_of_fd_comes_back_in_its_state() {
     let log = restore_detached(&env, &img, "restored.log");
     let out = objects_verdict(&dir, &log);
     assert!(!out.contains("ready"), "it went on, it did not start again");
+}
+
+#[test]
+fn every_kind_of_fd_comes_back_after_three_cycles_in_a_row() {
+    // What a restore made (reopened files, made-anew sockets, ptys, SysV segments attached
+    // again, locks taken again) must itself checkpoint right.
+    let env = Env::new("objects-cycles");
+    let dir = start_objects(&env);
+    let mut log = PathBuf::new();
+    for i in 0..3 {
+        let img = env.root.join(format!("img{i}"));
+        stop_into(&env, "obj", &img);
+        log = restore_detached(&env, &img, &format!("restored{i}.log"));
+    }
+    objects_verdict(&dir, &log);
 }
 
 #[test]

@@ -326,7 +326,6 @@ fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
             dev,
             ino,
             mtime_ns,
-            locks,
             ..
         } => {
             let p = policy.rebind.path(&path.0);
@@ -347,13 +346,6 @@ fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
                 }
             }
             migrt::sys::seek(file.as_raw_fd(), *offset)?;
-            // flocks belong to the open file: taken here (POSIX locks belong to the
-            // process: it takes them itself, shim/src/restart.rs).
-            for l in locks.iter().filter(|l| !l.posix) {
-                migrt::sys::flock(file.as_raw_fd(), l.write).with_context(|| {
-                    format!("taking the flock on {p} again (someone else holds it now)")
-                })?;
-            }
             file.into()
         }
         Object::Directory {

@@ -14,8 +14,12 @@ pub fn is_sysv(r: &Region) -> bool {
     r.name.0.starts_with(b"/SYSV")
 }
 
-/// Makes the segments; returns old id → new id, and writes that table into `session_dir`.
-pub fn make(images: &[ProcImage], session_dir: &std::path::Path) -> Result<HashMap<i32, i32>> {
+/// Makes the segments; returns the kernel id at the checkpoint → (the app's id, new id), and
+/// writes the app's id → new id table into `session_dir` for the shim.
+pub fn make(
+    images: &[ProcImage],
+    session_dir: &std::path::Path,
+) -> Result<HashMap<i32, (i32, i32)>> {
     let mut ids = HashMap::new();
     for img in images {
         for seg in &img.meta.sysv {
@@ -46,12 +50,12 @@ pub fn make(images: &[ProcImage], session_dir: &std::path::Path) -> Result<HashM
                 })?;
                 result?;
             }
-            ids.insert(seg.id, new);
+            ids.insert(seg.id, (seg.app_id, new));
         }
     }
     let table: String = ids
-        .iter()
-        .map(|(old, new)| format!("{old} {new}\n"))
+        .values()
+        .map(|(app, new)| format!("{app} {new}\n"))
         .collect();
     std::fs::write(session_dir.join("sysv"), table)?;
     Ok(ids)
@@ -59,12 +63,12 @@ pub fn make(images: &[ProcImage], session_dir: &std::path::Path) -> Result<HashM
 
 /// A process's attachments for its restart: (address, new id, flags: 1 read-only, 2 marked
 /// for removal).
-pub fn attachments(img: &ProcImage, ids: &HashMap<i32, i32>) -> Vec<[u64; 3]> {
+pub fn attachments(img: &ProcImage, ids: &HashMap<i32, (i32, i32)>) -> Vec<[u64; 3]> {
     img.regions
         .iter()
         .filter(|r| is_sysv(r))
         .filter_map(|r| {
-            let new = *ids.get(&(r.inode as i32))?;
+            let (_, new) = *ids.get(&(r.inode as i32))?;
             let dest = img
                 .meta
                 .sysv

@@ -124,7 +124,9 @@ pub struct ProcessMeta {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SysvSegment {
     pub key: i32,
+    /// The kernel's id (a mapping's inode), and the id the app knows it by.
     pub id: i32,
+    pub app_id: i32,
     /// Permission bits, with SHM_DEST (0o1000) when it is marked for removal.
     pub mode: u32,
     pub size: u64,

@@ -376,6 +376,7 @@ pub fn sysv_segments() -> Vec<crate::image::SysvSegment> {
             Some(crate::image::SysvSegment {
                 key: f.first()?.parse().ok()?,
                 id: f.get(1)?.parse().ok()?,
+                app_id: f.get(1)?.parse().ok()?,
                 mode: u32::from_str_radix(f.get(2)?, 8).ok()?,
                 size: f.get(3)?.parse().ok()?,
                 attached: f.get(6)?.parse().ok()?,

@@ -18,9 +18,9 @@ pub struct SocketState {
     pub unread: Vec<Bytes>,
     /// (level, option, value as the kernel gave it)
     pub options: Vec<(i32, i32, Bytes)>,
-    /// Bytes a TCP socket had sent that its peer had not acknowledged yet (its send queue,
-    /// e.g. when the peer's receive window was full): read in repair mode (root), sent
-    /// again after the peer's unread bytes on restore.
+    /// Bytes a TCP socket had not sent yet (the tail of its send queue, e.g. while the
+    /// peer's receive window was full): read in repair mode (root), sent again after the
+    /// peer's unread bytes on restore.
     pub unsent: Bytes,
     /// How many of those could not be read (no CAP_NET_ADMIN): lost, and said so.
     pub unsent_lost: u32,
@@ -71,21 +71,26 @@ pub fn capture(fd: i32, id: u64, domain: i32, ty: i32, listening: bool) -> Socke
     } else {
         peek_all(fd, ty == libc::SOCK_STREAM)
     };
-    let queued = if domain != libc::AF_UNIX && ty == libc::SOCK_STREAM && !listening {
-        sys::unsent_bytes(fd)
+    // Only what was never sent: bytes sent but not acknowledged yet are in the peer's
+    // receive queue already (between processes of one host nothing is lost on the way),
+    // where they are captured as its unread bytes.
+    let (queued, not_sent) = if domain != libc::AF_UNIX && ty == libc::SOCK_STREAM && !listening {
+        sys::send_queue_sizes(fd)
     } else {
-        0
+        (0, 0)
     };
-    let unsent = if queued > 0 {
+    let mut unsent = if not_sent > 0 {
         sys::tcp_send_queue(fd, queued as usize).unwrap_or_default()
     } else {
         Vec::new()
     };
+    let captured = unsent.len() as u32 >= not_sent;
+    unsent.drain(..unsent.len().saturating_sub(not_sent as usize));
     SocketState {
         id,
         unread,
         options,
-        unsent_lost: queued.saturating_sub(unsent.len() as u32),
+        unsent_lost: if captured { 0 } else { not_sent },
         unsent: Bytes(unsent),
     }
 }
@@ -119,6 +124,25 @@ fn peek_all(fd: i32, stream: bool) -> Vec<Bytes> {
     }
     let _ = sys::set_sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, old_off);
     out
+}
+
+/// Waits (at most `patience`) until the TCP sockets `fds` (of a frozen session) have no
+/// data on the way: every byte they sent acknowledged — so in its receiver's queue — and
+/// what is left unsent no longer moving (the peer's window is full). Only then do a
+/// receiver's unread bytes and a sender's queue add up to what was written, whichever is
+/// captured first. A session just restored may still be pouring bytes back in.
+pub fn settle(fds: &[i32], patience: std::time::Duration) {
+    let t = std::time::Instant::now();
+    let mut last: Vec<(u32, u32)> = Vec::new();
+    loop {
+        let now: Vec<(u32, u32)> = fds.iter().map(|&fd| sys::send_queue_sizes(fd)).collect();
+        let quiet = now.iter().all(|(all, not_sent)| all == not_sent) && now == last;
+        if quiet || t.elapsed() > patience {
+            return;
+        }
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Puts the captured options on a rebuilt socket; returns the ones the kernel refused.

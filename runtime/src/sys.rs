@@ -366,12 +366,21 @@ pub fn recv_peek(fd: i32, buf: &mut [u8]) -> Option<usize> {
     (n >= 0).then_some(n as usize)
 }
 
-/// Bytes in a TCP socket's send queue not yet acknowledged by its peer (SIOCOUTQ).
-pub fn unsent_bytes(fd: i32) -> u32 {
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (== SIOCOUTQ) writes one int.
-    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
-    if r == 0 { n.max(0) as u32 } else { 0 }
+/// A TCP socket's send queue: (bytes not yet acknowledged by its peer (SIOCOUTQ), of
+/// which not even sent yet (SIOCOUTQNSD)).
+pub fn send_queue_sizes(fd: i32) -> (u32, u32) {
+    const SIOCOUTQNSD: libc::c_ulong = 0x894b;
+    let (mut all, mut unsent): (libc::c_int, libc::c_int) = (0, 0);
+    // SAFETY: both ioctls write one int.
+    unsafe {
+        if libc::ioctl(fd, libc::TIOCOUTQ, &mut all) != 0 {
+            all = 0;
+        }
+        if libc::ioctl(fd, SIOCOUTQNSD, &mut unsent) != 0 {
+            unsent = 0;
+        }
+    }
+    (all.max(0) as u32, unsent.clamp(0, all.max(0)) as u32)
 }
 
 fn owned(fd: i32) -> io::Result<std::os::fd::OwnedFd> {

@@ -323,6 +323,16 @@ impl Session {
                 freeze::keep_process_state();
                 crate::interpose::timers::keep();
                 let (table, _) = crate::reconcile::table(false);
+                let tcp: Vec<i32> = table
+                    .fds
+                    .iter()
+                    .filter(|f| {
+                        matches!(&f.object, migrt::table::Object::Socket(s)
+                            if s.domain != libc::AF_UNIX && s.ty == libc::SOCK_STREAM && !s.listening)
+                    })
+                    .map(|f| f.fd)
+                    .collect();
+                migrt::sockstate::settle(&tcp, Duration::from_millis(500));
                 crate::restart::keep_table(&table);
                 let folded = crate::state::journal(s).folded().clone();
                 let threads = parked.len() as u32;

@@ -141,7 +141,7 @@ pub fn dump(
     // written (the control thread's own malloc arena is part of what is written).
     let mut maps_file = std::fs::File::open("/proc/self/maps")?;
     let mut maps_text: Vec<u8> = vec![0; 16 << 20];
-    let mut spans: Vec<(u64, u64, bool, bool)> = Vec::with_capacity(1 << 16);
+    let mut spans: Vec<(u64, u64, bool, bool, bool)> = Vec::with_capacity(1 << 16);
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
     let identity = |m: &migrt::procfs::MapsLine| -> (u64, i64) {
@@ -204,11 +204,12 @@ pub fn dump(
                 end,
                 stored_raw(start, end, perms, name, &own),
                 file_name(name),
+                perms.get(3) == Some(&b's'),
             ));
         }
     }
     let mut pages = 0u64;
-    for &(start, end, _, file) in spans.iter().filter(|s| s.2) {
+    for &(start, end, _, file, shared) in spans.iter().filter(|s| s.2) {
         let r = Region {
             start,
             end,
@@ -224,6 +225,22 @@ pub fn dump(
             pagemap.seek(SeekFrom::Start(addr / PAGE as u64 * 8))?;
             let entries = &mut scratch.entries[..count as usize * 8];
             pagemap.read_exact(entries)?;
+            // Shared memory (anonymous, memfd, System V) holds pages this process has not
+            // touched since it was restored: the object's residency says what it holds.
+            let resident = if shared {
+                let v = &mut scratch.resident[..count as usize];
+                // SAFETY: mincore writes one byte per page of a range this process maps.
+                let ok = unsafe {
+                    libc::mincore(
+                        addr as *mut libc::c_void,
+                        (count * PAGE as u64) as usize,
+                        v.as_mut_ptr(),
+                    ) == 0
+                };
+                ok.then_some(&*v)
+            } else {
+                None
+            };
             let present = &mut scratch.present[..count.div_ceil(64) as usize];
             present.fill(0);
             let mut n = 0usize;
@@ -231,7 +248,8 @@ pub fn dump(
                 let e = u64::from_le_bytes(entries[i as usize * 8..][..8].try_into().unwrap());
                 let swapped = e >> 62 & 1 == 1;
                 let own_page = e >> 63 == 1 && (e >> 61 & 1 == 0 || !file);
-                if !(swapped || own_page) {
+                let held = resident.is_some_and(|r| r[i as usize] & 1 == 1);
+                if !(swapped || own_page || held) {
                     continue;
                 }
                 // SAFETY: the page lies in a readable mapping of this process, and every app
@@ -332,6 +350,10 @@ fn sysv_attached() -> Vec<migrt::image::SysvSegment> {
         .filter(|s| {
             maps.iter()
                 .any(|m| m.name.0.starts_with(b"/SYSV") && m.inode == s.id as u64)
+        })
+        .map(|s| migrt::image::SysvSegment {
+            app_id: crate::interpose::sysv::app_id(s.id),
+            ..s
         })
         .collect()
 }
@@ -481,6 +503,8 @@ struct Scratch {
     entries: &'static mut [u8],
     present: &'static mut [u64],
     enc: &'static mut [u8],
+    /// mincore's answer for a chunk of shared memory (a byte per page).
+    resident: &'static mut [u8],
 }
 
 impl Scratch {
@@ -489,8 +513,9 @@ impl Scratch {
         let entries = CHUNK as usize * 8;
         let present = CHUNK as usize / 8;
         let enc = PAGE;
+        let resident = CHUNK as usize;
         // Whole pages, so that the mapping /proc shows is exactly this range.
-        let len = (data + entries + present + enc).div_ceil(PAGE) * PAGE;
+        let len = (data + entries + present + enc + resident).div_ceil(PAGE) * PAGE;
         // SAFETY: a fresh private anonymous mapping, carved into disjoint slices below and
         // unmapped in Drop, after which none of them is used.
         unsafe {
@@ -505,6 +530,10 @@ impl Scratch {
                     present / 8,
                 ),
                 enc: std::slice::from_raw_parts_mut(p.add(data + entries + present), enc),
+                resident: std::slice::from_raw_parts_mut(
+                    p.add(data + entries + present + enc),
+                    resident,
+                ),
             })
         }
     }

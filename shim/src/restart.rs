@@ -144,7 +144,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     rebuild_epolls();
     attach_sysv(&sysv);
     retake_terminal();
-    retake_record_locks();
+    retake_locks();
     // The restorer's leftovers: its code, the plan (the arguments were copied above), and
     // the stack the kernel gave it (found by name before set_mm renames the app's stack).
     let leftovers: Vec<(u64, u64)> = migrt::procfs::all_mappings("self")
@@ -456,17 +456,23 @@ fn rebuild_epolls() {
     }
 }
 
-/// POSIX record locks belong to the process: it takes them again itself, on the files mig
-/// reopened.
-fn retake_record_locks() {
+/// Locks come back taken by the process itself, on the files mig reopened: POSIX record
+/// locks belong to the process, and a flock taken here names this process as its holder
+/// (taken by mig, the next checkpoint would not know it as this process's).
+fn retake_locks() {
     use migrt::table::Object;
     let Some(t) = FROZEN.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
         return;
     };
     for f in &t.fds {
         if let Object::File { locks, path, .. } = &f.object {
-            for l in locks.iter().filter(|l| l.posix) {
-                if let Err(e) = migrt::sys::posix_lock(f.fd, l.write, l.start, l.end) {
+            for l in locks {
+                let taken = if l.posix {
+                    migrt::sys::posix_lock(f.fd, l.write, l.start, l.end)
+                } else {
+                    migrt::sys::flock(f.fd, l.write)
+                };
+                if let Err(e) = taken {
                     eprintln!(
                         "migshim: restore: the lock on {path} (fd {}) cannot be taken again: {e}",
                         f.fd

@@ -29,16 +29,23 @@ fn real(id: c_int) -> c_int {
         .map_or(id, |(_, new)| *new)
 }
 
+/// The id the app knows kernel segment `id` by (as noted; the kernel's own otherwise).
+pub fn app_id(id: c_int) -> c_int {
+    IDS.read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(_, new)| *new == id)
+        .map_or(id, |(old, _)| *old)
+}
+
 /// The id the app gets for kernel id `id`: the old id of a restored segment; the kernel's
 /// own for a new one — unless that number is an old id the app already holds for another
 /// segment, then a number of the shim's (noted, so that it translates back).
 fn id_for_app(id: c_int) -> c_int {
+    let known = app_id(id);
     let mut ids = IDS.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(&(old, _)) = ids.iter().find(|(_, new)| *new == id) {
-        return old;
-    }
-    if !ids.iter().any(|(old, _)| *old == id) {
-        return id;
+    if known != id || !ids.iter().any(|(old, _)| *old == id) {
+        return known;
     }
     let mut v = id | 0x4000_0000;
     while ids.iter().any(|(old, _)| *old == v) {
