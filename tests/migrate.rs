@@ -556,3 +556,33 @@ fn a_link_cut_mid_transfer_leaves_the_session_running_here() {
     wait_numbers(&log, "count ", before + 3);
     assert!(!std::fs::read_to_string(&log).unwrap().contains("damaged"));
 }
+
+#[test]
+fn a_session_migrates_there_and_back() {
+    // A → B → A: what the agent on B restored migrates again, to an agent on A.
+    let env = Env::new("migrate-back");
+    let Some((hosts, agent_b, key)) = two_hosts(&env, "p") else {
+        return;
+    };
+    let agent_a = Agent::start(
+        &env,
+        "agent-a",
+        &key,
+        Some((&hosts.names[0], "10.77.0.1")),
+        &[],
+    );
+    let log = counter_in(&env, &hosts.names[0], "64");
+    wait_numbers(&log, "count ", 3);
+    migrate_in(&env, &hosts.names[0], "cnt", &agent_b.addr, &key);
+    let on_b = agent_b.session_log("cnt");
+    assert_went_on(&log, &on_b);
+    // From B (its agent's runtime area) back to A.
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &hosts.names[1]])
+        .arg(mig_bin())
+        .args(migrate_args("cnt", &agent_a.addr, &key))
+        .env("MIGSHIM_RUNTIME_DIR", agent_b.state.join("run"));
+    let o = env.output(c);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_went_on(&on_b, &agent_a.session_log("cnt"));
+}
