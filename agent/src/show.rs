@@ -83,7 +83,7 @@ fn access(flags: i32) -> &'static str {
 }
 
 /// One line for one fd.
-pub fn describe(f: &FdEntry) -> String {
+pub fn describe(f: &FdEntry, listeners: &[&migrt::table::SocketInfo]) -> String {
     let mut extra = Vec::new();
     if f.flags & libc::O_APPEND != 0 {
         extra.push("append");
@@ -130,12 +130,12 @@ pub fn describe(f: &FdEntry) -> String {
             if let Some(p) = &s.peer {
                 out += &format!(" peer {p}");
             }
-            match &s.peer_link {
-                Some(l) => out += &format!(" <-> #{} (vpid {} fd {})", l.id, l.vpid, l.fd),
-                None if s.peer_ino.is_some() || s.peer.is_some() => {
-                    out += " (peer outside the session)"
-                }
-                None => {}
+            use migrt::support::SocketRole;
+            match (&s.peer_link, migrt::support::socket_role(s, listeners)) {
+                (Some(l), _) => out += &format!(" <-> #{} (vpid {} fd {})", l.id, l.vpid, l.fd),
+                (None, SocketRole::Pending(l)) => out += &format!(" (not accepted yet by #{l})"),
+                (None, SocketRole::External(_)) => out += " (peer outside the session)",
+                _ => {}
             }
             out
         }
@@ -201,6 +201,7 @@ fn end_name(e: PipeEnd) -> &'static str {
 }
 
 pub fn table_text(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]) -> String {
+    let listeners = migrt::support::listeners(tables.iter().map(|(t, _)| t));
     let mut out = format!("session {} on {}\n", session.name(), session.meta.host);
     if let Some(r) = restored(session) {
         out += &format!("restored {r}\n");
@@ -228,7 +229,7 @@ pub fn table_text(session: &Live, tables: &[(ProcessTable, Option<JournalView>)]
             .collect();
         out += &format!("  threads (vtid=tid): {}\n", threads.join(" "));
         for f in &t.fds {
-            out += &format!("  {}\n", describe(f));
+            out += &format!("  {}\n", describe(f, &listeners));
         }
         out += &format!("  file mappings: {}\n", t.mappings.len());
         for n in &t.notes {
