@@ -145,6 +145,16 @@ fn a_session_migrates_to_an_agent_and_goes_on_there() {
     assert!(env.processes("cnt").is_empty(), "the session ended here");
     assert_went_on(&log, &agent.session_log("cnt"));
     // The agent answers for its sessions.
+    let o = env.run(&[
+        "ps",
+        "--host",
+        &agent.addr,
+        "--key",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(v[0]["name"], "cnt", "mig ps --host --json: {v}");
     let o = env.run(&["ps", "--host", &agent.addr, "--key", key.to_str().unwrap()]);
     assert!(
         text(&o.stdout).contains("cnt"),

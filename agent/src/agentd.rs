@@ -91,9 +91,9 @@ impl Agent {
         stream.set_nodelay(true)?;
         let mut link = peer::accept(stream, &self.key)?;
         match link.recv()? {
-            Msg::Ps => {
+            Msg::Ps { json } => {
                 let rt = sessions::runtime_dir()?;
-                link.send(&Msg::Sessions(crate::show::ps_text(&sessions::list(&rt))))?;
+                link.send(&Msg::Sessions(crate::show::ps(&sessions::list(&rt), json)?))?;
                 Ok(())
             }
             Msg::Incoming {

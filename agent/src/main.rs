@@ -255,11 +255,11 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         Cmd::Ps {
             host: Some(host),
             key,
-            ..
+            json,
         } => {
             let key = peer::read_key(&peer::key_path(key.as_deref()))?;
             let mut link = peer::connect(&host, &key, std::time::Duration::from_secs(10))?;
-            link.send(&peer::Msg::Ps)?;
+            link.send(&peer::Msg::Ps { json })?;
             match link.recv()? {
                 peer::Msg::Sessions(text) => print!("{text}"),
                 other => anyhow::bail!("the agent at {host} said {other:?}"),
@@ -303,12 +303,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         }
         Cmd::Ps { json, .. } => {
             let rt = sessions::runtime_dir()?;
-            let live = sessions::list(&rt);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&show::ps_json(&live))?);
-            } else {
-                print!("{}", show::ps_text(&live));
-            }
+            print!("{}", show::ps(&sessions::list(&rt), json)?);
             Ok(0)
         }
         Cmd::Checkpoint {

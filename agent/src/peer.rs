@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_PORT: u16 = 7070;
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// No frame is larger (a chunk of image is 1 MiB).
 pub const MAX_FRAME: usize = 4 << 20;
 pub const CHUNK: usize = 1 << 20;
@@ -38,8 +38,11 @@ pub enum Msg {
     Welcome {
         mac: [u8; 32],
     },
-    /// What sessions run on the agent's host (`mig ps --host`).
-    Ps,
+    /// What sessions run on the agent's host (`mig ps --host [--json]`): as `mig ps` prints
+    /// them there.
+    Ps {
+        json: bool,
+    },
     Sessions(String),
     /// A session would come: its name, owner and the rebinding rules for the restore
     /// (`--map-...` arguments). Answered by Ready or Refused before anything is frozen.
@@ -262,7 +265,7 @@ mod tests {
             let (s, _) = l.accept().unwrap();
             let mut link = accept(s, &k2).unwrap();
             let m = link.recv().unwrap();
-            assert!(matches!(m, Msg::Ps));
+            assert!(matches!(m, Msg::Ps { json: false }));
             let Msg::Sent { mac } = link.recv().unwrap() else {
                 panic!()
             };
@@ -272,7 +275,7 @@ mod tests {
             assert!(accept(s, &k2).is_err());
         });
         let mut link = connect(&format!("127.0.0.1:{port}"), &key, Duration::from_secs(5)).unwrap();
-        link.send(&Msg::Ps).unwrap();
+        link.send(&Msg::Ps { json: false }).unwrap();
         link.send_mac().unwrap();
         let e = connect(
             &format!("127.0.0.1:{port}"),

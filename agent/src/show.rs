@@ -5,6 +5,15 @@ use migrt::table::{FdEntry, Object, PipeEnd, ProcessTable};
 use migrt::wire::JournalView;
 use serde_json::{Value, json};
 
+/// `mig ps`'s output: the table, or JSON.
+pub fn ps(sessions: &[Live], json: bool) -> anyhow::Result<String> {
+    Ok(if json {
+        serde_json::to_string_pretty(&ps_json(sessions))? + "\n"
+    } else {
+        ps_text(sessions)
+    })
+}
+
 pub fn ps_text(sessions: &[Live]) -> String {
     let mut out = format!(
         "{:<12} {:<14} {:>8} {:>8} {:>8} {:>4} {:<5} {}\n",
