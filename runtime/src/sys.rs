@@ -781,3 +781,51 @@ pub fn same_open_file(pa: i32, a: i32, pb: i32, b: i32) -> bool {
     // SAFETY: kcmp only compares kernel objects; no memory is passed.
     unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) == 0 }
 }
+
+/// A whole file mapped read-only (prefaulted), unmapped when dropped.
+pub struct MappedFile {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl MappedFile {
+    pub fn new(f: &std::fs::File) -> io::Result<MappedFile> {
+        use std::os::fd::AsRawFd;
+        let len = f.metadata()?.len() as usize;
+        if len == 0 {
+            return Ok(MappedFile { ptr: std::ptr::null_mut(), len: 0 });
+        }
+        // SAFETY: a fresh private read-only mapping of the whole file; it lives until Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MappedFile { ptr: p.cast(), len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: ptr maps len readable bytes for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping what new() mapped; no slice of it outlives self.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
