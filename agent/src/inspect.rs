@@ -1,5 +1,6 @@
 //! `mig image DIR`: what a checkpoint image holds (verified first): per process its meta,
-//! threads, and every region with how many of its pages are stored.
+//! threads, its fds and what the image carries for them, and every region with how many of
+//! its pages are stored.
 
 use anyhow::{Result, bail};
 use migrt::image::{self, PageMap, ProcessMeta, Region, SessionManifest, Tag, ThreadState};
@@ -26,6 +27,8 @@ pub fn inspect(dir: &Path) -> Result<i32> {
             Vec::<ThreadState>::new(),
             Vec::<Region>::new(),
         );
+        let mut table = migrt::table::ProcessTable::default();
+        let mut carried: Vec<String> = Vec::new();
         let mut maps: Vec<PageMap> = Vec::new();
         for s in &sections {
             match s.tag {
@@ -33,6 +36,29 @@ pub fn inspect(dir: &Path) -> Result<i32> {
                 Tag::Threads => threads = s.decode(&path)?,
                 Tag::Regions => regions = s.decode(&path)?,
                 Tag::PageMap => maps.push(s.decode(&path)?),
+                Tag::Table => table = s.decode::<(_, migrt::table::Folded)>(&path)?.0,
+                Tag::Sockets => {
+                    let st: Vec<migrt::sockstate::SocketState> = s.decode(&path)?;
+                    let unread: usize = st.iter().flat_map(|s| &s.unread).map(|m| m.0.len()).sum();
+                    carried.push(format!("{} socket(s), {unread} unread byte(s)", st.len()));
+                }
+                Tag::Pipes => {
+                    let p: Vec<(u64, migrt::record::Bytes)> = s.decode(&path)?;
+                    let n: usize = p.iter().map(|(_, b)| b.0.len()).sum();
+                    carried.push(format!("{} pipe(s), {n} unread byte(s)", p.len()));
+                }
+                Tag::Contents => {
+                    let c: Vec<(u64, migrt::record::Bytes)> = s.decode(&path)?;
+                    let n: usize = c.iter().map(|(_, b)| b.0.len()).sum();
+                    carried.push(format!(
+                        "{} memfd/deleted file/FIFO content(s), {n} byte(s)",
+                        c.len()
+                    ));
+                }
+                Tag::Ptys => {
+                    let p: Vec<migrt::image::PtyState> = s.decode(&path)?;
+                    carried.push(format!("{} pseudo-terminal(s)", p.len()));
+                }
                 _ => {}
             }
         }
@@ -46,6 +72,16 @@ pub fn inspect(dir: &Path) -> Result<i32> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+        let listeners = migrt::support::listeners([&table]);
+        for f in &table.fds {
+            println!("  {}", crate::show::describe(f, &listeners));
+        }
+        if !meta.sysv.is_empty() {
+            carried.push(format!("{} System V segment(s)", meta.sysv.len()));
+        }
+        if !carried.is_empty() {
+            println!("  carried: {}", carried.join("; "));
+        }
         for r in &regions {
             let n: u64 = maps
                 .iter()

@@ -302,6 +302,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             })
         }
         Cmd::Ps { json, .. } => {
+            migrt::sys::quiet_broken_pipe();
             let rt = sessions::runtime_dir()?;
             print!("{}", show::ps(&sessions::list(&rt), json)?);
             Ok(0)
@@ -331,7 +332,10 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             rebind: map.rebind()?,
             stdio: [stdin, stdout, stderr],
         }),
-        Cmd::Image { dir } => inspect::inspect(&dir),
+        Cmd::Image { dir } => {
+            migrt::sys::quiet_broken_pipe();
+            inspect::inspect(&dir)
+        }
         Cmd::Demo => demo::demo(),
         Cmd::Counter { hz, dir } => demo::counter(hz, &dir),
         Cmd::Table {

@@ -539,7 +539,8 @@ pub fn read_all(path: &Path) -> Result<(Kind, Vec<Section>)> {
 /// file mapped: no copy of gigabytes through a buffer).
 pub fn read_verified_metadata(path: &Path) -> Result<(Kind, Vec<Section>)> {
     let f = std::fs::File::open(path).map_err(|e| Error::io("opening image", path, e))?;
-    let mapped = crate::sys::MappedFile::new(&f).map_err(|e| Error::io("mapping image", path, e))?;
+    let mapped =
+        crate::sys::MappedFile::new(&f).map_err(|e| Error::io("mapping image", path, e))?;
     read_sections(ImageReader::new(mapped.bytes(), path)?.skip_page_data())
 }
 

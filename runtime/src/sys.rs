@@ -793,7 +793,10 @@ impl MappedFile {
         use std::os::fd::AsRawFd;
         let len = f.metadata()?.len() as usize;
         if len == 0 {
-            return Ok(MappedFile { ptr: std::ptr::null_mut(), len: 0 });
+            return Ok(MappedFile {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
         }
         // SAFETY: a fresh private read-only mapping of the whole file; it lives until Drop.
         let p = unsafe {
@@ -828,4 +831,11 @@ impl Drop for MappedFile {
             unsafe { libc::munmap(self.ptr.cast(), self.len) };
         }
     }
+}
+
+/// A command that only prints ends quietly when its reader goes away (`mig ps | head`),
+/// as Unix tools do, instead of failing on EPIPE. (Rust ignores SIGPIPE by default.)
+pub fn quiet_broken_pipe() {
+    // SAFETY: setting SIGPIPE's disposition back to the default.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
