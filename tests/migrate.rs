@@ -26,12 +26,8 @@ impl Agent {
     ) -> Agent {
         let state = env.root.join(name);
         let ip = netns.map_or("127.0.0.1", |n| n.1);
-        // A port nobody holds (in a namespace of its own any port is free).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // (In a namespace of its own any port is free.)
+        let port = free_port();
         let addr = format!("{ip}:{port}");
         let log = std::fs::File::create(env.root.join(format!("{name}.log"))).unwrap();
         let mut c = match netns {
@@ -171,6 +167,16 @@ fn a_session_migrates_to_an_agent_and_goes_on_there() {
     );
 }
 
+/// A migration that failed, saying each of `needles`.
+fn assert_refused(o: &std::process::Output, needles: &[&str]) {
+    assert!(!o.status.success(), "the migration cannot have succeeded");
+    let err = text(&o.stderr);
+    assert!(
+        needles.iter().all(|n| err.contains(n)),
+        "{needles:?} in: {err}"
+    );
+}
+
 /// The session runs on here, counting, after a failed migration.
 fn assert_runs_on_here(env: &Env, log: &Path) {
     let before = numbers(log, "count ").len();
@@ -205,12 +211,7 @@ fn a_wrong_key_or_a_refusing_agent_leaves_the_session_running_here() {
 
     // 16 MiB is over this agent's limit: refused mid-transfer, thawed here.
     let o = migrate(&env, "cnt", &agent.addr, &key);
-    assert!(!o.status.success());
-    assert!(
-        text(&o.stderr).contains("limit") && text(&o.stderr).contains("runs on here"),
-        "{}",
-        text(&o.stderr)
-    );
+    assert_refused(&o, &["limit", "runs on here"]);
     assert_runs_on_here(&env, &log);
     env.stop("cnt");
 }
@@ -221,18 +222,8 @@ fn no_agent_at_the_target_leaves_the_session_running_here() {
     let key = key(&env);
     let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", "4"]);
     wait_numbers(&log, "count ", 3);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let o = migrate(&env, "cnt", &format!("127.0.0.1:{port}"), &key);
-    assert!(!o.status.success());
-    assert!(
-        text(&o.stderr).contains("is `mig agent` running there?"),
-        "{}",
-        text(&o.stderr)
-    );
+    let o = migrate(&env, "cnt", &format!("127.0.0.1:{}", free_port()), &key);
+    assert_refused(&o, &["is `mig agent` running there?"]);
     assert_runs_on_here(&env, &log);
     env.stop("cnt");
 }

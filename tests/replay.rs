@@ -163,11 +163,6 @@ fn an_fd_that_cannot_be_rebuilt_makes_the_checkpoint_refuse_unless_ignored() {
     env.stop("py");
 }
 
-/// A free TCP port on loopback (bound and released).
-fn free_port() -> u16 {
-    outside_listener().1
-}
-
 /// GET `path` over HTTP/1.0 from 127.0.0.1:port; the whole answer.
 fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;

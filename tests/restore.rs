@@ -256,16 +256,24 @@ impl Restored {
     }
 }
 
-fn python_dict_and_file(pid_namespace: bool) {
+/// The test's Env (tag suffixed for the PID-namespace run); None, said why, without root
+/// for a PID namespace.
+fn env_for(pid_namespace: bool, tag: &str) -> Option<Env> {
     if pid_namespace && !is_root() {
         println!("SKIP: needs root for a PID namespace (unshare -p)");
-        return;
+        return None;
     }
-    let env = Env::new(if pid_namespace {
-        "pyrestore-ns"
+    Some(Env::new(&if pid_namespace {
+        format!("{tag}-ns")
     } else {
-        "pyrestore"
-    });
+        tag.to_string()
+    }))
+}
+
+fn python_dict_and_file(pid_namespace: bool) {
+    let Some(env) = env_for(pid_namespace, "pyrestore") else {
+        return;
+    };
     let out = env.root.join("numbers.txt");
     let script = format!(
         r#"
@@ -598,15 +606,9 @@ os.wait()
 }
 
 fn bash_loop(pid_namespace: bool) {
-    if pid_namespace && !is_root() {
-        println!("SKIP: needs root for a PID namespace (unshare -p)");
+    let Some(env) = env_for(pid_namespace, "bashloop") else {
         return;
-    }
-    let env = Env::new(if pid_namespace {
-        "bashloop-ns"
-    } else {
-        "bashloop"
-    });
+    };
     let log = env.detach(
         "lb",
         &[

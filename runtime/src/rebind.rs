@@ -20,6 +20,16 @@ fn split(rule: &str) -> Result<(&str, &str), String> {
         .ok_or_else(|| format!("{rule:?}: expected OLD=NEW"))
 }
 
+/// OLD=NEW parsed as two values of one kind (`what` names it in the error).
+fn pair<T: std::str::FromStr>(rule: &str, what: &str) -> Result<(T, T), String> {
+    let (old, new) = split(rule)?;
+    let parse = |s: &str| {
+        s.parse::<T>()
+            .map_err(|_| format!("{rule:?}: {s:?} is not {what}"))
+    };
+    Ok((parse(old)?, parse(new)?))
+}
+
 impl Rebind {
     pub fn add_path(&mut self, rule: &str) -> Result<(), String> {
         let (old, new) = split(rule)?;
@@ -31,22 +41,12 @@ impl Rebind {
     }
 
     pub fn add_port(&mut self, rule: &str) -> Result<(), String> {
-        let (old, new) = split(rule)?;
-        let port = |s: &str| {
-            s.parse::<u16>()
-                .map_err(|_| format!("{rule:?}: {s:?} is not a port"))
-        };
-        self.ports.push((port(old)?, port(new)?));
+        self.ports.push(pair(rule, "a port")?);
         Ok(())
     }
 
     pub fn add_addr(&mut self, rule: &str) -> Result<(), String> {
-        let (old, new) = split(rule)?;
-        let ip = |s: &str| {
-            s.parse::<IpAddr>()
-                .map_err(|_| format!("{rule:?}: {s:?} is not an IP address"))
-        };
-        self.addrs.push((ip(old)?, ip(new)?));
+        self.addrs.push(pair(rule, "an IP address")?);
         Ok(())
     }
 

@@ -383,3 +383,12 @@ pub fn redis_server(port: &str, dir: &Path) -> Vec<String> {
     .map(|s| s.to_string())
     .collect()
 }
+
+/// A TCP port on loopback nobody holds (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
