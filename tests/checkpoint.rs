@@ -254,3 +254,28 @@ fn a_checkpoint_that_fails_midway_leaves_the_session_running_and_no_partial_imag
     assert!(!std::fs::read_to_string(&log).unwrap().contains("damaged"));
     env.stop("cnt");
 }
+
+#[test]
+fn programs_caught_in_the_middle_of_exec_are_not_lost() {
+    // A shell that runs a new program every few milliseconds: checkpoints catch some
+    // process between exec and the new image's start, which must wait rather than die.
+    let env = Env::new("exec");
+    let script = "i=0; while true; do i=$((i+1)); echo \"run $i $(/bin/echo out$i)\"; done";
+    let log = env.detach("execs", &["bash", "-c", script]);
+    wait_numbers(&log, "run ", 3);
+    for i in 0..20 {
+        checkpoint(&env, "execs", &env.root.join(format!("img{i}")), false);
+    }
+    let before = numbers(&log, "run ").len();
+    wait_numbers(&log, "run ", before + 3);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("run ")).collect();
+    for l in &runs[..runs.len() - 1] {
+        let n = l.split(' ').nth(1).unwrap();
+        assert!(
+            l.ends_with(&format!(" out{n}")),
+            "a command's output went missing: {l:?}"
+        );
+    }
+    env.stop("execs");
+}

@@ -169,7 +169,9 @@ fn a_session_that_owns_a_pseudo_terminal_comes_back_with_it() {
         &[
             "script",
             "-qfec",
-            &format!("bash -c '{inner}'"),
+            // Not the last command: the shell script starts stays, as the session leader
+            // whose children had the terminal only by being born after it took it.
+            &format!("bash -c '{inner}'; exit $?"),
             "/dev/null",
         ],
     );

@@ -145,6 +145,30 @@ fn hand_down(objects: &Objects) -> Result<Vec<(std::os::unix::net::UnixStream, u
     Ok(out)
 }
 
+/// Per process, the fd (inherited by the restorer) of the terminal it takes as its
+/// controlling terminal before it forks its children — only a session leader can, and its
+/// children have one only if born with it — or u64::MAX.
+fn controlling_terminals(images: &[ProcImage], objects: &Objects) -> Result<Vec<u64>> {
+    use std::os::fd::AsRawFd;
+    images
+        .iter()
+        .zip(&objects.fds)
+        .map(|(img, fds)| {
+            let held = img
+                .meta
+                .ctty_fd
+                .filter(|_| img.table.sid == img.meta.vpid)
+                .and_then(|n| fds.iter().find(|(fd, _, _)| *fd == n));
+            Ok(match held {
+                Some((_, _, obj)) => {
+                    migrt::sys::inheritable_fd_of(obj.as_raw_fd(), FD_BASE)? as u64
+                }
+                None => u64::MAX,
+            })
+        })
+        .collect()
+}
+
 /// Refuses a file that changed since the checkpoint: the program would run other code
 /// than its memory was made by.
 fn check_unchanged(r: &Region, f: &std::fs::File) -> Result<()> {
@@ -367,6 +391,8 @@ struct Links<'a> {
     channel: u64,
     /// Its System V attachments (sysv.rs).
     sysv: &'a [[u64; 3]],
+    /// The fd of the terminal it takes as its controlling terminal, or u64::MAX.
+    ctty: u64,
 }
 
 fn write_plan(
@@ -381,6 +407,7 @@ fn write_plan(
         closes,
         channel,
         sysv,
+        ctty,
     } = *l;
     let size_of = |n: &[u8]| {
         img.regions
@@ -422,7 +449,7 @@ fn write_plan(
     args.push(sysv.len() as u64);
     args.extend(sysv.iter().flatten());
 
-    let head = 13u64;
+    let head = 14u64;
     let t = &img.table;
     let leads = (t.sid == m.vpid) as u64 | ((t.pgid == m.vpid) as u64) << 1;
     let children_at = head + entries.len() as u64 * 7;
@@ -441,6 +468,7 @@ fn write_plan(
         children.len() as u64,
         children_at,
         leads,
+        ctty,
     ];
     for e in entries {
         words.extend(e);
@@ -565,12 +593,14 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             plans.push((f, fd as u64));
         }
         let channels = hand_down(&objects)?;
+        let cttys = controlling_terminals(&images, &objects)?;
         let closes: Vec<u64> = mapped
             .iter()
             .flat_map(|m| m.fds.iter().copied())
             .chain(plans.iter().map(|p| p.1))
             .chain(channels.iter().map(|c| c.1))
             .chain(shared.values().copied())
+            .chain(cttys.iter().copied().filter(|&f| f != u64::MAX))
             .collect();
         for (k, i) in images.iter().enumerate() {
             let children: Vec<u64> = (0..images.len())
@@ -583,6 +613,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
                 closes: &closes,
                 channel: channels[k].1,
                 sysv: &crate::sysv::attachments(i, &sysv_ids),
+                ctty: cttys[k],
             };
             write_plan(i, &mapped[k].entries, &plans[k].0, &links)?;
         }

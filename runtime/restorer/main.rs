@@ -16,7 +16,8 @@
 //! Plan (little-endian u64 words): magic, entry count, restart entry, offset of the
 //! restart arguments in the plan, fs_base, restart stack, vvar target, the three expected
 //! block sizes, the number of child processes and the word offset of their plan fds, the
-//! leadership flags (1: session leader, 2: process group leader), then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
+//! leadership flags (1: session leader, 2: process group leader), the fd of the terminal a
+//! session leader takes as its controlling terminal (or u64::MAX), then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
 //! 0 map, 1 copy from fd into the memory mapped before).
 #![no_std]
 #![no_main]
@@ -24,7 +25,7 @@
 use core::arch::{asm, naked_asm};
 
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
-const HEAD_WORDS: usize = 13;
+const HEAD_WORDS: usize = 14;
 const ENTRY_WORDS: usize = 7;
 const MAX_ATTEMPTS: u8 = 16;
 
@@ -44,6 +45,8 @@ const SYS_EXECVE: usize = 59;
 const SYS_CLONE: usize = 56;
 const SYS_SETPGID: usize = 109;
 const SYS_SETSID: usize = 112;
+const SYS_IOCTL: usize = 16;
+const TIOCSCTTY: usize = 0x540E;
 const SIGCHLD: usize = 17;
 const SYS_EXIT_GROUP: usize = 231;
 const SYS_ARCH_PRCTL: usize = 158;
@@ -331,9 +334,13 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
     }
 
     // A session or group it leads is made before its children are forked, so that they
-    // are born into it (a process cannot join another session later).
+    // are born into it (a process cannot join another session later) — and so is the
+    // session's controlling terminal: a process only has one if born with it.
     if w[12] & 1 != 0 {
         unsafe { sys6(SYS_SETSID, 0, 0, 0, 0, 0, 0) };
+        if w[13] != u64::MAX {
+            unsafe { sys6(SYS_IOCTL, w[13] as usize, TIOCSCTTY, 0, 0, 0, 0) };
+        }
     } else if w[12] & 2 != 0 {
         unsafe { sys6(SYS_SETPGID, 0, 0, 0, 0, 0, 0) };
     }

@@ -19,7 +19,7 @@ use std::io::{IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 8] = *b"MIGSHIM\0";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const PAGE: usize = 4096;
 const HEAD: usize = 32;
 
@@ -116,6 +116,8 @@ pub struct ProcessMeta {
     pub comm: String,
     /// The terminal its stdio was, if any.
     pub tty: Option<TtyState>,
+    /// An fd that is its controlling terminal, when it holds one open.
+    pub ctty_fd: Option<i32>,
     /// The System V shared memory segments it has attached.
     pub sysv: Vec<SysvSegment>,
 }

@@ -91,6 +91,7 @@ pub fn dump(
             .trim_end()
             .to_string(),
         tty: (0..3).find_map(migrt::sys::tty_state),
+        ctty_fd: crate::restart::controlling_fd(),
         sysv: sysv_attached(),
         vpid: vpid(),
         parent_vpid: table.parent_vpid,

@@ -321,6 +321,13 @@ pub fn keep_table(t: &migrt::table::ProcessTable) {
     *CTTY.lock().unwrap_or_else(|p| p.into_inner()) = controlling_terminal(t);
 }
 
+/// An fd that is the process's controlling terminal, as at the last freeze.
+pub fn controlling_fd() -> Option<i32> {
+    CTTY.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map(|(fd, _)| fd)
+}
+
 /// The process's controlling terminal as at the last freeze, when it holds it open: (an fd
 /// that is it, the vpid of its foreground process group).
 static CTTY: std::sync::Mutex<Option<(i32, i32)>> = std::sync::Mutex::new(None);

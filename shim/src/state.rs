@@ -200,6 +200,9 @@ pub fn init() {
         Ok(t) => t,
         Err(e) => return warn(&format!("session unusable: {e}")),
     };
+    // Not taken between joining the table (from then on mig may signal us) and the
+    // handler (install_signal lets it through).
+    crate::interpose::hold_signal(table.signal(), true);
     let real = real_pid();
     let parent = table.vid_of(real_ppid()).unwrap_or(0);
     let vpid = match table.register(real, Kind::Process, parent) {

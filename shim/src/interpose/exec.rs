@@ -70,7 +70,10 @@ unsafe fn exec_with(envp: Argv, f: impl FnOnce(Argv) -> c_int) -> c_int {
     }
     let carried = state::carry_across_exec();
     let env = session_env(envp);
+    let sig = super::signals::reserved();
+    super::signals::hold(sig, true);
     let r = f(env.as_ref().map_or(envp, |e| e.ptrs.as_ptr()));
+    super::signals::hold(sig, false);
     let e = errno();
     if let (Some(p), Some(_busy)) = (carried, state::enter()) {
         let _ = std::fs::remove_file(p);
@@ -173,6 +176,25 @@ unsafe fn spawned(
     envp: Argv,
 ) -> c_int {
     let env = session_env(envp);
+    // The child starts with the reserved signal held (see signals::hold): it inherits the
+    // caller's mask, or takes the one `attr` sets, with the signal added to a copy.
+    let sig = super::signals::reserved();
+    let mut own_attr = None;
+    let mut flags: libc::c_short = 0;
+    if sig != 0
+        && !attr.is_null()
+        && libc::posix_spawnattr_getflags(attr, &mut flags) == 0
+        && flags as c_int & libc::POSIX_SPAWN_SETSIGMASK != 0
+    {
+        let mut copy = *attr;
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::posix_spawnattr_getsigmask(&copy, &mut mask);
+        libc::sigaddset(&mut mask, sig);
+        libc::posix_spawnattr_setsigmask(&mut copy, &mask);
+        own_attr = Some(copy);
+    }
+    let attr = own_attr.as_ref().map_or(attr, |a| a as *const _);
+    super::signals::hold(sig, true);
     let r = real(
         pid,
         path,
@@ -181,6 +203,7 @@ unsafe fn spawned(
         argv,
         env.as_ref().map_or(envp, |e| e.ptrs.as_ptr()),
     );
+    super::signals::hold(sig, false);
     if r == 0
         && !pid.is_null()
         && let Some(s) = shim()

@@ -44,7 +44,9 @@ pub mod timers;
 mod waits;
 
 pub use process::{real_pgid_sid, real_pid, real_ppid, real_tid, register_atfork};
-pub use signals::{in_handler as in_signal_handler, install as install_signal};
+pub use signals::{
+    hold as hold_signal, in_handler as in_signal_handler, install as install_signal,
+};
 
 /// Functions a fork child commonly calls first (shells and spawners: redirect, set up
 /// signals and groups, exec or exit). Resolved once at load, so that each child does not

@@ -134,7 +134,36 @@ pub fn reserved() -> c_int {
     SIGNAL.load(Relaxed)
 }
 
-/// Installs the handler (at library load, when the session is known).
+/// Holds (`true`) or lets through again the reserved signal `sig` for the calling thread.
+/// An image being exec'd must not take it: until the new image's shim installs its handler
+/// the signal has its default action, which ends the process. So an exec (or spawn) holds
+/// it, the mask and the pending signal carry over, and `install` lets it through.
+pub fn hold(sig: c_int, hold: bool) {
+    if !(libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) {
+        return;
+    }
+    let set: u64 = 1 << (sig - 1);
+    let how = if hold {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: raw rt_sigprocmask on an 8-byte set (the app's wrappers hide this signal).
+    unsafe {
+        super::raw::syscall6(
+            libc::SYS_rt_sigprocmask,
+            how as usize,
+            (&raw const set) as usize,
+            0,
+            8,
+            0,
+            0,
+        )
+    };
+}
+
+/// Installs the handler (at library load, when the session is known) and lets the signal
+/// through (one held across the exec that made this image is taken now).
 pub fn install(sig: c_int) {
     if !(libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) {
         return;
@@ -148,6 +177,7 @@ pub fn install(sig: c_int) {
         libc::sigfillset(&mut sa.sa_mask);
         if real_sigaction(sig, &sa, std::ptr::null_mut()) == 0 {
             SIGNAL.store(sig, Relaxed);
+            hold(sig, false);
         }
     }
 }
