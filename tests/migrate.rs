@@ -185,6 +185,64 @@ fn assert_runs_on_here(env: &Env, log: &Path) {
     assert!(!std::fs::read_to_string(log).unwrap().contains("damaged"));
 }
 
+/// The figure before `what` in a summary like "(1.5 MiB before the freeze, 20.0 KiB frozen)",
+/// in KiB.
+fn kib_before(summary: &str, what: &str) -> f64 {
+    let head = &summary[..summary
+        .find(what)
+        .unwrap_or_else(|| panic!("{what:?} in {summary}"))];
+    let mut words = head.split([' ', '(', ',']).filter(|w| !w.is_empty()).rev();
+    let unit = words.next().unwrap();
+    let n: f64 = words.next().unwrap().parse().unwrap();
+    n * match unit {
+        "GiB" => 1024.0 * 1024.0,
+        "MiB" => 1024.0,
+        _ => 1.0,
+    }
+}
+
+#[test]
+fn precopy_sends_memory_while_the_session_runs_and_little_frozen() {
+    let env = Env::new("migrate-precopy");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    // 64 MiB, of which it writes 8 MiB/s anew: each page's generation is checked against a
+    // table, so a page that came back older (or newer) than its table entry shows.
+    let cnt = c_program("counter");
+    let log = env.detach("cnt", &[cnt.to_str().unwrap(), "40", "64", "8"]);
+    wait_numbers(&log, "count ", 3);
+    let mut args = migrate_args("cnt", &agent.addr, &key).to_vec();
+    args.extend(["--mode", "precopy"]);
+    let o = env.run(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let rounds: u32 = out
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" pre-copy round(s)\n"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("rounds in {out}"));
+    assert!(rounds >= 1, "{out}");
+    let (before, frozen) = (
+        kib_before(&out, "before the freeze"),
+        kib_before(&out, "frozen)"),
+    );
+    assert!(
+        before > 60.0 * 1024.0,
+        "all of its memory went ahead: {out}"
+    );
+    assert!(
+        frozen * 8.0 < before,
+        "only what it wrote since went frozen: {out}"
+    );
+    assert!(env.processes("cnt").is_empty(), "the session ended here");
+    assert_went_on(&log, &agent.session_log("cnt"));
+    // It goes on writing there, and checking.
+    let there = agent.session_log("cnt");
+    let n = numbers(&there, "count ").len();
+    wait_numbers(&there, "count ", n + 20);
+    assert!(!std::fs::read_to_string(&there).unwrap().contains("damaged"));
+}
+
 #[test]
 fn a_wrong_key_or_a_refusing_agent_leaves_the_session_running_here() {
     let env = Env::new("migrate-refused");
@@ -230,25 +288,28 @@ fn no_agent_at_the_target_leaves_the_session_running_here() {
 
 #[test]
 fn an_agent_that_dies_mid_transfer_leaves_the_session_running_here() {
-    let env = Env::new("migrate-dies");
+    agent_dies_mid_transfer("stop-and-copy");
+}
+
+#[test]
+fn an_agent_that_dies_during_precopy_leaves_the_session_running_here() {
+    agent_dies_mid_transfer("precopy");
+}
+
+fn agent_dies_mid_transfer(mode: &str) {
+    let env = Env::new(&format!("migrate-dies-{mode}"));
     let key = key(&env);
     let mut agent = Agent::start(&env, "agent", &key, None, &[]);
     let log = env.detach(
         "cnt",
-        &[c_program("counter").to_str().unwrap(), "40", "1024"],
+        &[c_program("counter").to_str().unwrap(), "40", "1024", "8"],
     );
     wait_numbers(&log, "count ", 2);
     let mut c = env.mig();
-    c.args([
-        "migrate",
-        "cnt",
-        "--to",
-        &agent.addr,
-        "--key",
-        key.to_str().unwrap(),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    c.args(migrate_args("cnt", &agent.addr, &key))
+        .args(["--mode", mode])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let m = c.spawn().unwrap();
     // Kill the agent once part of the image has arrived.
     let t = Instant::now();
@@ -261,6 +322,11 @@ fn an_agent_that_dies_mid_transfer_leaves_the_session_running_here() {
     assert!(!o.status.success(), "the migration cannot have succeeded");
     assert!(text(&o.stderr).contains("mig"), "{}", text(&o.stderr));
     assert_runs_on_here(&env, &log);
+    // Whole as before: a checkpoint of it restores and goes on.
+    let img = env.root.join("img");
+    stop_into(&env, "cnt", &img);
+    let rlog = restore_detached(&env, &img, "restored.log");
+    assert_went_on(&log, &rlog);
     env.stop("cnt");
 }
 

@@ -162,13 +162,6 @@ impl Agent {
             Msg::Files(f) => f,
             other => bail!("expected the image's file list, got {other:?}"),
         };
-        if files.is_empty()
-            || files
-                .iter()
-                .any(|f| f.contains('/') || f.starts_with('.') || f.is_empty())
-        {
-            bail!("bad image file names {files:?}");
-        }
         let n = self.counter.fetch_add(1, Ordering::SeqCst);
         let dir = self
             .state
@@ -188,13 +181,32 @@ impl Agent {
         files: &[String],
         restore_args: &[String],
     ) -> Result<()> {
-        let mut out: Vec<std::fs::File> = files
-            .iter()
-            .map(|f| std::fs::File::create(dir.join(f)))
-            .collect::<std::io::Result<_>>()?;
+        let mut out: Vec<std::fs::File> = Vec::new();
+        // More files may be announced on the way (pre-copy rounds, then the image).
+        let add = |out: &mut Vec<std::fs::File>, files: &[String]| -> Result<()> {
+            if files.is_empty()
+                || files
+                    .iter()
+                    .any(|f| f.contains('/') || f.starts_with('.') || f.is_empty())
+            {
+                bail!("bad image file names {files:?}");
+            }
+            for f in files {
+                out.push(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(dir.join(f))
+                        .with_context(|| format!("image file {f}"))?,
+                );
+            }
+            Ok(())
+        };
+        add(&mut out, files)?;
         let mut total = 0u64;
         loop {
             match link.recv()? {
+                Msg::Files(more) => add(&mut out, &more)?,
                 Msg::Chunk { file, data } => {
                     let f = out
                         .get_mut(file as usize)

@@ -59,6 +59,11 @@ impl Client {
         Ok(Client { stream, vpid })
     }
 
+    /// How long an answer may take (10 s unless set).
+    pub fn set_patience(&self, d: Duration) -> Result<()> {
+        Ok(self.stream.set_read_timeout(Some(d))?)
+    }
+
     pub fn call(&mut self, req: &Request) -> Result<Response> {
         wire::write_frame(&mut self.stream, req)?;
         let resp: Response = wire::read_frame(&mut self.stream)

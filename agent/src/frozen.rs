@@ -19,6 +19,8 @@ pub struct Frozen<'a> {
     released: bool,
     /// fds that are one open file, found while frozen (check_supported).
     shared: migrt::sharing::Shared,
+    /// The pre-copy rounds' files of each process that made rounds.
+    pub rounds: std::collections::HashMap<i32, Vec<String>>,
 }
 
 impl<'a> Frozen<'a> {
@@ -26,6 +28,11 @@ impl<'a> Frozen<'a> {
     /// before it is frozen ended before the checkpoint and is left out; one started
     /// meanwhile is frozen too (frozen processes start none, so this settles).
     pub fn freeze(live: &'a Live) -> Result<Frozen<'a>> {
+        Self::freeze_with(live, Vec::new())
+    }
+
+    /// The same, over connections already open to some of its processes (by vpid).
+    pub fn freeze_with(live: &'a Live, mut open: Vec<(i32, Client)>) -> Result<Frozen<'a>> {
         let mut f = Frozen {
             live,
             clients: Vec::new(),
@@ -33,6 +40,7 @@ impl<'a> Frozen<'a> {
             at: Instant::now(),
             released: false,
             shared: Vec::new(),
+            rounds: Default::default(),
         };
         loop {
             let newcomers: Vec<_> = live
@@ -44,7 +52,12 @@ impl<'a> Frozen<'a> {
                 break;
             }
             for p in newcomers {
-                let mut c = match Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
+                let known = open.iter().position(|o| o.0 == p.vpid);
+                let connected = match known {
+                    Some(i) => Ok(open.swap_remove(i).1),
+                    None => Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()),
+                };
+                let mut c = match connected {
                     Ok(c) => c,
                     Err(_) if sessions::gone(p.pid) => continue,
                     Err(e) => return Err(e),
@@ -124,7 +137,8 @@ impl<'a> Frozen<'a> {
         };
         for (vpid, parent, c) in self.clients.iter_mut() {
             let (file, path) = place(*vpid)?;
-            match c.call(&Request::Dump { path, sync })? {
+            let rounds = self.rounds.get(vpid).cloned().unwrap_or_default();
+            match c.call(&Request::Dump { path, sync, rounds })? {
                 Response::Dumped { bytes: b, .. } => bytes += b,
                 Response::Error(e) => bail!("process {vpid}: {e}"),
                 other => bail!("process {vpid}: unexpected answer {other:?}"),

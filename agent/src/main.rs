@@ -144,9 +144,11 @@ enum Cmd {
         /// The target agent.
         #[arg(long, value_name = "HOST[:PORT]")]
         to: String,
-        /// precopy | stop-and-copy | lazy (only stop-and-copy yet).
-        #[arg(long, default_value = "stop-and-copy")]
-        mode: String,
+        /// precopy: memory is sent while the session runs, round after round, and only
+        /// what it wrote since is sent frozen; stop-and-copy: all of it frozen; lazy: not
+        /// available yet.
+        #[arg(long, value_enum, default_value_t = migrate::Mode::StopAndCopy)]
+        mode: migrate::Mode,
         /// The agents' shared key (default: $MIGSHIM_KEY, else ~/.config/migshim/agent.key).
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,

@@ -6,21 +6,38 @@
 //! If the agent refuses, fails, stalls or the link breaks at any point before that, the
 //! session is thawed and goes on here, untouched.
 //!
-//! Mode stop-and-copy: the session stays frozen for the whole transfer. (Pre-copy and lazy
-//! modes, which shorten the freeze, are not there yet.)
+//! Mode stop-and-copy: the session stays frozen for the whole transfer. Mode precopy: its
+//! memory is sent first while it runs — all of it, then round after round what it wrote
+//! since (each process tracks its own writes, see shim/src/precopy.rs) — until a round is
+//! small or stops shrinking; then it is frozen and only what was written since the last
+//! round goes with the rest of the image. (Lazy mode is not there yet.)
 
+use crate::client::Client;
 use crate::frozen::{Frozen, human, manifest_bytes};
 use crate::peer::{self, CHUNK, Link, Msg};
 use crate::sessions;
 use anyhow::{Context, Result, bail};
+use migrt::wire::{Request, Response};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Precopy,
+    StopAndCopy,
+    Lazy,
+}
+
+/// Pre-copy ends when a round sends less than this, after at most MAX_ROUNDS rounds, or
+/// when a round is not clearly smaller than the one before.
+const SMALL_ROUND: u64 = 1 << 20;
+const MAX_ROUNDS: usize = 8;
+
 pub struct MigrateArgs {
     pub session: String,
     pub to: String,
-    pub mode: String,
+    pub mode: Mode,
     pub key: Option<std::path::PathBuf>,
     pub ignore_unsupported: bool,
     /// `--map-...` arguments, passed to the restore on the target.
@@ -30,6 +47,105 @@ pub struct MigrateArgs {
 
 /// The link, shared with the thread that forwards a process's image as it is written.
 type Shared = Arc<Mutex<(Link, u64)>>;
+
+/// Announces more files to the agent; returns the index of the first (files are numbered
+/// in the order announced, across messages).
+fn announce(link: &Shared, announced: &mut u32, names: Vec<String>) -> Result<u32> {
+    let first = *announced;
+    *announced += names.len() as u32;
+    link.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .send(&Msg::Files(names))?;
+    Ok(first)
+}
+
+/// A pipe whose content goes to file `index` on the agent: (the end to write, its path
+/// for a process of ours to open, the forwarding thread).
+type Stream = (std::fs::File, String, std::thread::JoinHandle<Result<()>>);
+
+fn stream_to(link: &Shared, index: u32) -> Result<Stream> {
+    use std::os::fd::AsRawFd;
+    let (r, w) = migrt::sys::pipe()?;
+    migrt::sys::grow_pipe(&w, 1 << 20);
+    let path = format!("/proc/{}/fd/{}", std::process::id(), w.as_raw_fd());
+    Ok((w, path, forward(r, index, link.clone())))
+}
+
+/// Ends a stream: the forwarder sees the end of the file, and says why it failed first.
+fn finish(s: Option<Stream>) -> Result<()> {
+    if let Some((w, _, t)) = s {
+        drop(w);
+        t.join()
+            .map_err(|_| anyhow::anyhow!("the forwarding thread failed"))??;
+    }
+    Ok(())
+}
+
+/// What pre-copy did before the freeze.
+#[derive(Default)]
+struct Rounds {
+    /// Each process's connection (its tracking lives as long as it) and its rounds' files.
+    clients: Vec<(i32, Client, Vec<String>)>,
+    count: usize,
+    bytes: u64,
+}
+
+/// Pre-copy rounds while the session runs, until one is small or stops shrinking.
+fn precopy(
+    live: &sessions::Live,
+    link: &Shared,
+    announced: &mut u32,
+    patience: Duration,
+) -> Result<Rounds> {
+    let mut rounds = Rounds::default();
+    for p in live.processes() {
+        match Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
+            Ok(c) => {
+                c.set_patience(patience)?;
+                rounds.clients.push((p.vpid, c, Vec::new()));
+            }
+            Err(_) if sessions::gone(p.pid) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let progress = migrt::sys::isatty(2);
+    let mut previous = u64::MAX;
+    for r in 0..MAX_ROUNDS {
+        let names: Vec<String> = rounds
+            .clients
+            .iter()
+            .map(|(v, _, _)| format!("pages-{v}-{r}.img"))
+            .collect();
+        let first = announce(link, announced, names.clone())?;
+        let mut sent = 0;
+        for (k, (vpid, c, files)) in rounds.clients.iter_mut().enumerate() {
+            let stream = stream_to(link, first + k as u32)?;
+            let path = stream.1.clone();
+            let answer = c.call(&Request::Precopy { path });
+            finish(Some(stream))?;
+            match answer? {
+                Response::Precopied { bytes, .. } => sent += bytes,
+                other => bail!("process {vpid}: unexpected answer {other:?}"),
+            }
+            files.push(names[k].clone());
+        }
+        rounds.count += 1;
+        rounds.bytes += sent;
+        if progress {
+            eprintln!(
+                "\rmig migrate: pre-copy round {}: {} sent while it runs",
+                r + 1,
+                human(sent)
+            );
+        }
+        if sent < SMALL_ROUND || sent > previous / 10 * 9 {
+            break;
+        }
+        previous = sent;
+    }
+    Ok(rounds)
+}
 
 fn forward(pipe: std::fs::File, file: u32, link: Shared) -> std::thread::JoinHandle<Result<()>> {
     std::thread::spawn(move || {
@@ -58,7 +174,12 @@ fn forward(pipe: std::fs::File, file: u32, link: Shared) -> std::thread::JoinHan
 
 /// Streams every process's image and the manifest while the session is frozen; returns the
 /// bytes of image.
-fn transfer(frozen: &mut Frozen, link: &Shared, ignore_unsupported: bool) -> Result<u64> {
+fn transfer(
+    frozen: &mut Frozen,
+    link: &Shared,
+    announced: &mut u32,
+    ignore_unsupported: bool,
+) -> Result<u64> {
     let send = |m: &Msg| -> Result<()> { link.lock().unwrap_or_else(|p| p.into_inner()).0.send(m) };
     frozen.check_supported(ignore_unsupported)?;
     let mut files: Vec<String> = frozen
@@ -67,41 +188,29 @@ fn transfer(frozen: &mut Frozen, link: &Shared, ignore_unsupported: bool) -> Res
         .map(|v| format!("proc-{v}.img"))
         .collect();
     files.push("session.img".into());
-    send(&Msg::Files(files.clone()))?;
-    let me = std::process::id();
-    let mut pending: Option<(std::fs::File, std::thread::JoinHandle<Result<()>>)> = None;
-    let finish =
-        |p: &mut Option<(std::fs::File, std::thread::JoinHandle<Result<()>>)>| -> Result<()> {
-            if let Some((w, t)) = p.take() {
-                drop(w); // the writer's end: the forwarder sees the end of the image
-                t.join()
-                    .map_err(|_| anyhow::anyhow!("the forwarding thread failed"))??;
-            }
-            Ok(())
-        };
+    let base = announce(link, announced, files.clone())?;
+    let mut pending: Option<Stream> = None;
     let dumped = frozen.dump(
         |vpid| {
-            finish(&mut pending)?;
+            finish(pending.take())?;
             let file = format!("proc-{vpid}.img");
             let index = files
                 .iter()
                 .position(|f| *f == file)
                 .context("a process that came meanwhile")?;
-            let (r, w) = migrt::sys::pipe()?;
-            migrt::sys::grow_pipe(&w, 1 << 20);
-            use std::os::fd::AsRawFd;
-            let path = format!("/proc/{me}/fd/{}", w.as_raw_fd());
-            pending = Some((w, forward(r, index as u32, link.clone())));
+            let stream = stream_to(link, base + index as u32)?;
+            let path = stream.1.clone();
+            pending = Some(stream);
             Ok((file, path))
         },
         false,
     );
     // The forwarder ends either way (its pipe closes), and says why it failed first.
-    finish(&mut pending)?;
+    finish(pending.take())?;
     let (mut bytes, manifest) = dumped?;
     let session = manifest_bytes(&manifest)?;
     bytes += session.len() as u64;
-    let last = files.len() as u32 - 1;
+    let last = base + files.len() as u32 - 1;
     for piece in session.chunks(CHUNK).chain([&[][..]]) {
         send(&Msg::Chunk {
             file: last,
@@ -113,10 +222,9 @@ fn transfer(frozen: &mut Frozen, link: &Shared, ignore_unsupported: bool) -> Res
 }
 
 pub fn migrate(a: MigrateArgs) -> Result<i32> {
-    if a.mode != "stop-and-copy" {
+    if a.mode == Mode::Lazy {
         bail!(
-            "--mode {}: only stop-and-copy is available yet (pre-copy and lazy migration are being built)",
-            a.mode
+            "--mode lazy is not available yet (post-copy needs a page server on this host and userfaultfd on the target); use --mode precopy"
         );
     }
     let rt = sessions::runtime_dir()?;
@@ -137,9 +245,24 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     let link: Shared = Arc::new(Mutex::new((link, 0)));
 
-    // Any error below drops `frozen`, which thaws the session here.
-    let mut frozen = Frozen::freeze(&live)?;
-    let sent = transfer(&mut frozen, &link, a.ignore_unsupported)
+    // Any error below drops `frozen` (and the pre-copy connections), which thaws the
+    // session here and ends its write tracking.
+    let mut announced = 0;
+    let rounds = match a.mode {
+        Mode::Precopy => precopy(&live, &link, &mut announced, a.timeout)
+            .map_err(|e| e.context(format!("session {} runs on here", live.name())))?,
+        _ => Rounds::default(),
+    };
+    let (count, before) = (rounds.count, rounds.bytes);
+    let mut open = Vec::new();
+    let mut files = std::collections::HashMap::new();
+    for (vpid, c, f) in rounds.clients {
+        open.push((vpid, c));
+        files.insert(vpid, f);
+    }
+    let mut frozen = Frozen::freeze_with(&live, open)?;
+    frozen.rounds = files;
+    let sent = transfer(&mut frozen, &link, &mut announced, a.ignore_unsupported)
         .and_then(|bytes| {
             let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
             // From here until the session has ended here, an interrupt must not leave it
@@ -165,15 +288,17 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let (bytes, sent) = (sent, link.lock().unwrap_or_else(|p| p.into_inner()).1);
     let frozen_for = frozen.release(true)?;
     println!(
-        "migrated session {} to {}: {} process(es), {} thread(s), {} sent ({} of image), frozen {:.1} ms, total {:.1} ms, 0 pre-copy rounds (stop-and-copy)",
+        "migrated session {} to {}: {} process(es), {} thread(s), {} sent ({} before the freeze, {} frozen), frozen {:.1} ms, total {:.1} ms, {} pre-copy round(s)",
         live.name(),
         a.to,
         processes,
         threads,
         human(sent),
+        human(before),
         human(bytes),
         frozen_for.as_secs_f64() * 1e3,
-        t0.elapsed().as_secs_f64() * 1e3
+        t0.elapsed().as_secs_f64() * 1e3,
+        count
     );
     Ok(0)
 }

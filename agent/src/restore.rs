@@ -16,7 +16,9 @@ use crate::run::exit_code;
 use crate::sessions;
 use crate::terminal;
 use anyhow::{Context, Result, bail};
-use migrt::image::{self, PAGE, PageMap, ProcessMeta, Region, SessionManifest, Tag, ThreadState};
+use migrt::image::{
+    self, PAGE, PageMap, Precopied, ProcessMeta, Region, SessionManifest, Tag, ThreadState,
+};
 use migrt::record::Bytes;
 use migrt::sessiontable::{Kind, SessionTable, State};
 use migrt::sockstate::SocketState;
@@ -70,8 +72,97 @@ pub struct ProcImage {
     pub ptys: Vec<migrt::image::PtyState>,
     pub threads: Vec<ThreadState>,
     pub regions: Vec<Region>,
-    /// (page map, file offset of its page data)
-    pub pages: Vec<(PageMap, u64)>,
+    /// Where its page data is, in order (a later run of a page overrides an earlier one).
+    pub runs: Vec<Run>,
+    /// The files the runs refer to: the image, then any pre-copy rounds.
+    pub files: Vec<PathBuf>,
+}
+
+/// Pages that follow each other both in memory and in file `file` of a ProcImage.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Run {
+    pub addr: u64,
+    pub pages: u64,
+    pub file: usize,
+    pub offset: u64,
+}
+
+/// Adds a page to the last run if it continues it, else as a run of its own.
+fn push_page(runs: &mut Vec<Run>, addr: u64, file: usize, offset: u64) {
+    match runs.last_mut() {
+        Some(r)
+            if r.file == file
+                && r.addr + r.pages * PAGE as u64 == addr
+                && r.offset + r.pages * PAGE as u64 == offset =>
+        {
+            r.pages += 1
+        }
+        _ => runs.push(Run {
+            addr,
+            pages: 1,
+            file,
+            offset,
+        }),
+    }
+}
+
+/// The runs of an image's PageMap/PageData pairs.
+fn page_runs(path: &Path, sections: &[image::Section], file: usize) -> Result<Vec<Run>> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut pending: Option<PageMap> = None;
+    for s in sections {
+        match s.tag {
+            Tag::PageMap => pending = Some(s.decode(path)?),
+            Tag::PageData => {
+                let map = pending
+                    .take()
+                    .with_context(|| format!("{}: page data without a page map", path.display()))?;
+                let mut offset = (s.offset + 32).div_ceil(PAGE as u64) * PAGE as u64;
+                for i in (0..map.count).filter(|&i| map.is_present(i)) {
+                    push_page(&mut runs, map.start + i * PAGE as u64, file, offset);
+                    offset += PAGE as u64;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(runs)
+}
+
+/// The runs of the pages an image keeps from its pre-copy rounds (files beside it, each
+/// verified; a later round's page overrides an earlier one's), their files added to `files`.
+fn kept_runs(image: &Path, p: &Precopied, files: &mut Vec<PathBuf>) -> Result<Vec<Run>> {
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let mut latest: HashMap<u64, (usize, u64)> = HashMap::new();
+    for name in &p.rounds {
+        if name.contains('/') || name.starts_with('.') {
+            bail!("{}: bad pre-copy round name {name:?}", image.display());
+        }
+        let path = dir.join(name);
+        let (kind, sections) = image::read_verified_metadata(&path)?;
+        if kind != image::Kind::Pages {
+            bail!("{}: not a pre-copy round", path.display());
+        }
+        for r in page_runs(&path, &sections, files.len())? {
+            for i in 0..r.pages {
+                latest.insert(
+                    r.addr + i * PAGE as u64,
+                    (r.file, r.offset + i * PAGE as u64),
+                );
+            }
+        }
+        files.push(path);
+    }
+    let mut runs: Vec<Run> = Vec::new();
+    for &(start, end) in &p.kept {
+        for addr in (start..end).step_by(PAGE) {
+            let Some(&(file, offset)) = latest.get(&addr) else {
+                continue; // never sent: a zero page
+            };
+            push_page(&mut runs, addr, file, offset);
+        }
+    }
+    Ok(runs)
 }
 
 fn read_image(path: &Path) -> Result<ProcImage> {
@@ -90,9 +181,10 @@ fn read_image(path: &Path) -> Result<ProcImage> {
         ptys: vec![],
         threads: vec![],
         regions: vec![],
-        pages: vec![],
+        runs: vec![],
+        files: vec![path.into()],
     };
-    let mut pending: Option<PageMap> = None;
+    let mut precopied: Option<Precopied> = None;
     for s in &sections {
         match s.tag {
             Tag::Meta => img.meta = s.decode(path)?,
@@ -103,17 +195,15 @@ fn read_image(path: &Path) -> Result<ProcImage> {
             Tag::Ptys => img.ptys = s.decode(path)?,
             Tag::Threads => img.threads = s.decode(path)?,
             Tag::Regions => img.regions = s.decode(path)?,
-            Tag::PageMap => pending = Some(s.decode(path)?),
-            Tag::PageData => {
-                let map = pending
-                    .take()
-                    .with_context(|| format!("{}: page data without a page map", path.display()))?;
-                let data_at = (s.offset + 32).div_ceil(PAGE as u64) * PAGE as u64;
-                img.pages.push((map, data_at));
-            }
+            Tag::Precopied => precopied = Some(s.decode(path)?),
             _ => {}
         }
     }
+    let own = page_runs(path, &sections, 0)?;
+    if let Some(p) = precopied {
+        img.runs = kept_runs(path, &p, &mut img.files)?;
+    }
+    img.runs.extend(own);
     Ok(img)
 }
 
@@ -240,20 +330,19 @@ pub fn region_pages(
     mut put: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let image = std::fs::File::open(&img.path)?;
+    let files: Vec<std::fs::File> = img
+        .files
+        .iter()
+        .map(std::fs::File::open)
+        .collect::<std::io::Result<_>>()?;
     let mut page = vec![0u8; PAGE];
-    for (map, data_at) in &img.pages {
-        let mut k = 0;
-        for i in 0..map.count {
-            if !map.is_present(i) {
-                continue;
-            }
-            let addr = map.start + i * PAGE as u64;
+    for run in &img.runs {
+        for i in 0..run.pages {
+            let addr = run.addr + i * PAGE as u64;
             if (r.start..r.end).contains(&addr) {
-                image.read_exact_at(&mut page, data_at + k * PAGE as u64)?;
+                files[run.file].read_exact_at(&mut page, run.offset + i * PAGE as u64)?;
                 put(addr - r.start, &page)?;
             }
-            k += 1;
         }
     }
     Ok(())
@@ -276,10 +365,12 @@ fn map_regions(
     keep: &mut Vec<std::fs::File>,
 ) -> Result<Mapped> {
     let mut fds: Vec<u64> = Vec::new();
-    let image_file = std::fs::File::open(&img.path)?;
-    let image_fd = migrt::sys::inheritable_fd(&image_file, FD_BASE)?;
-    fds.push(image_fd as u64);
-    keep.push(image_file);
+    for path in &img.files {
+        let f = std::fs::File::open(path)?;
+        fds.push(migrt::sys::inheritable_fd(&f, FD_BASE)? as u64);
+        keep.push(f);
+    }
+    let page_fds = fds.clone();
     let mut files: HashMap<(Vec<u8>, bool), i32> = HashMap::new();
     let mut entries: Vec<[u64; 7]> = Vec::new();
     let private = libc::MAP_PRIVATE as u64;
@@ -351,28 +442,25 @@ fn map_regions(
                 && !crate::sysv::is_sysv(r)
         })
     };
-    for (map, data_at) in &img.pages {
-        let mut k = 0u64; // pages of this map's data seen so far
+    for run in &img.runs {
+        let at = |i: u64| run.addr + i * PAGE as u64;
         let mut i = 0;
-        while i < map.count {
-            let at = |i: u64| map.start + i * PAGE as u64;
-            if !map.is_present(i) || !covered(at(i)) {
-                k += map.is_present(i) as u64;
+        while i < run.pages {
+            if !covered(at(i)) {
                 i += 1;
                 continue;
             }
-            let (start, first_k) = (i, k);
-            while i < map.count && map.is_present(i) && covered(at(i)) {
+            let start = i;
+            while i < run.pages && covered(at(i)) {
                 i += 1;
-                k += 1;
             }
             entries.push([
                 at(start),
                 (i - start) * PAGE as u64,
                 0,
                 private,
-                image_fd as u64,
-                data_at + first_k * PAGE as u64,
+                page_fds[run.file],
+                run.offset + start * PAGE as u64,
                 COPY,
             ]);
         }

@@ -28,6 +28,9 @@ const HEAD: usize = 32;
 pub enum Kind {
     Process = 1,
     Session = 2,
+    /// Pages sent ahead of a process image while the process ran (a pre-copy round):
+    /// PageMap/PageData pairs only.
+    Pages = 3,
 }
 
 /// Section tags.
@@ -57,6 +60,8 @@ pub enum Tag {
     Contents = 9,
     /// postcard(Vec<PtyState>): the pseudo-terminals whose master it holds
     Ptys = 10,
+    /// postcard(Precopied): the image's memory is partly in pre-copy rounds
+    Precopied = 11,
     End = 0x454e44,
 }
 
@@ -73,6 +78,7 @@ impl Tag {
             8 => Tag::Sockets,
             9 => Tag::Contents,
             10 => Tag::Ptys,
+            11 => Tag::Precopied,
             0x454e44 => Tag::End,
             _ => return None,
         })
@@ -213,6 +219,17 @@ impl PageMap {
     pub fn present_count(&self) -> u64 {
         self.present.iter().map(|w| w.count_ones() as u64).sum()
     }
+}
+
+/// A process image whose memory was sent ahead in rounds while it ran: its own page data
+/// holds the pages written since the last round; the pages of `kept` are as the latest
+/// round that holds them has them, or zero if none does; a page in neither is zero.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Precopied {
+    /// The rounds' files (Kind::Pages, beside the image), oldest first.
+    pub rounds: Vec<String>,
+    /// Address ranges (start, end).
+    pub kept: Vec<(u64, u64)>,
 }
 
 /// The session image's manifest.
@@ -425,6 +442,7 @@ impl<R: Source> ImageReader<R> {
         let kind = match u32::from_le_bytes(head[12..16].try_into().unwrap()) {
             1 => Kind::Process,
             2 => Kind::Session,
+            3 => Kind::Pages,
             k => return Err(bad(format!("unknown image kind {k}"))),
         };
         Ok(ImageReader {

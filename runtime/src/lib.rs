@@ -2,6 +2,7 @@
 //! and its journal records, the session's shared process table, reading `/proc`, socket
 //! diagnostics and the wire protocol between `mig` and the shim.
 
+pub mod dirty;
 pub mod error;
 pub mod fdmap;
 pub mod image;

@@ -28,10 +28,17 @@ pub enum Request {
     },
     /// Park every app thread (until Thaw, Stop, or the connection ends).
     Freeze,
-    /// While frozen: write the process image to `path` (fsync'd with `sync`).
+    /// While frozen: write the process image to `path` (fsync'd with `sync`). With the
+    /// files of the pre-copy rounds this process wrote, only what changed since the last.
     Dump {
         path: String,
         sync: bool,
+        rounds: Vec<String>,
+    },
+    /// While running: write a pre-copy round of its memory to `path` (the first: all of
+    /// it; the next ones: what was written since the round before).
+    Precopy {
+        path: String,
     },
     /// Let the app run on.
     Thaw,
@@ -58,6 +65,10 @@ pub enum Response {
         bytes: u64,
         threads: u32,
         regions: u32,
+        pages: u64,
+    },
+    Precopied {
+        bytes: u64,
         pages: u64,
     },
     Done,

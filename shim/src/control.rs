@@ -34,7 +34,10 @@ pub fn started() -> bool {
 
 /// Whether `fd` belongs to the shim (the app may not close it; the table leaves it out).
 pub fn is_shim_fd(fd: i32) -> bool {
-    fd >= 0 && (fd == LISTEN_FD.load(Relaxed) || fd == CONN_FD.load(Relaxed))
+    fd >= 0
+        && (fd == LISTEN_FD.load(Relaxed)
+            || fd == CONN_FD.load(Relaxed)
+            || crate::precopy::is_own_fd(fd))
 }
 
 pub fn listen_fd() -> i32 {
@@ -215,7 +218,8 @@ fn serve() {
                 crate::interpose::raw::exit_group(0);
             }
         }
-        // mig went away (or gave up): whatever happened, the app runs on.
+        // mig went away (or gave up): whatever happened, the app runs on, untracked.
+        crate::precopy::end();
         if session.frozen.take().is_some() {
             freeze::thaw();
         }
@@ -253,11 +257,22 @@ impl Session {
                 Response::Table { table, journal }
             }
             Request::Freeze => self.freeze(),
-            Request::Dump { path, sync } => match (&self.frozen, shim()) {
+            Request::Precopy { path } => match self.frozen {
+                Some(_) => Response::Error("frozen: a pre-copy round is made while running".into()),
+                None => match crate::precopy::round(&path) {
+                    Ok((bytes, pages)) => Response::Precopied { bytes, pages },
+                    Err(e) => Response::Error(format!("pre-copy round into {path}: {e}")),
+                },
+            },
+            Request::Dump { path, sync, rounds } => match (&self.frozen, shim()) {
                 (Some(f), Some(s)) => {
                     let write = || {
                         let p = std::path::Path::new(&path);
-                        crate::dump::dump(s, p, &f.parked, &f.table, &f.folded, sync)
+                        crate::precopy::with_delta(|d| {
+                            let precopied =
+                                d.filter(|_| !rounds.is_empty()).map(|d| (d, &rounds[..]));
+                            crate::dump::dump(s, p, &f.parked, &f.table, &f.folded, sync, precopied)
+                        })
                     };
                     // A dump that raced its own heap growth is written again (see dump.rs);
                     // the second pass fits in the heap the first one grew.

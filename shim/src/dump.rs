@@ -6,8 +6,10 @@
 //! file mappings (mapped again from their file) are described but not stored.
 
 use crate::interpose::freeze::{Parked, context_bytes};
+use crate::precopy::Delta;
 use crate::state::{Shim, vpid};
-use migrt::image::{ImageWriter, Kind, PAGE, ProcessMeta, Region, Tag, ThreadState};
+use migrt::dirty::{NOT_OWN, PAGE_IS_WRITTEN as WRITTEN, PageRegion};
+use migrt::image::{ImageWriter, Kind, PAGE, Precopied, ProcessMeta, Region, Tag, ThreadState};
 use migrt::record::Bytes;
 use migrt::table::{Folded, ProcessTable};
 use std::io::{Read, Seek, SeekFrom};
@@ -43,7 +45,7 @@ fn file_name(name: &[u8]) -> bool {
 /// the restorer recreates, the shim's own working memory, and shared file mappings (their
 /// data is the file's). Of a private file mapping only the pages the process changed
 /// (copy-on-write, e.g. relocated RELRO) are stored.
-fn stored(m: &migrt::procfs::MapsLine, own: &[(u64, u64)]) -> bool {
+pub fn stored(m: &migrt::procfs::MapsLine, own: &[(u64, u64)]) -> bool {
     stored_raw(m.start, m.end, m.perms.as_bytes(), &m.name.0, own)
 }
 
@@ -64,6 +66,9 @@ fn link(p: &str) -> Bytes {
     )
 }
 
+/// Writes the image. With `precopied` (the pre-copy rounds' delta and files), memory the
+/// rounds tracked is stored only where written since the last round; its other pages are
+/// listed as kept from the rounds (image::Precopied).
 pub fn dump(
     s: &Shim,
     path: &Path,
@@ -71,6 +76,7 @@ pub fn dump(
     table: &ProcessTable,
     folded: &Folded,
     sync: bool,
+    precopied: Option<(&Delta, &[String])>,
 ) -> std::io::Result<Dumped> {
     let file = std::fs::File::create(path)?;
     let scratch = Scratch::new()?;
@@ -186,6 +192,10 @@ pub fn dump(
     // checksummed is what is written, and the heap the app will find again is the heap as
     // it was when the app was parked.
     let mut pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    // (Room for the delta's page categories and kept ranges, allocated now.)
+    let room = if precopied.is_some() { 1 << 16 } else { 0 };
+    let mut existing: Vec<PageRegion> = Vec::with_capacity(room);
+    let mut kept: Vec<(u64, u64)> = Vec::with_capacity(room);
     let mut len = 0;
     loop {
         match maps_file.read(&mut maps_text[len..])? {
@@ -215,6 +225,38 @@ pub fn dump(
             start,
             end,
             ..Default::default()
+        };
+        // Tracked by the rounds: the pages written since the last one are stored, the
+        // others kept from the rounds (the shared zero page and file pages are neither).
+        let delta = !shared
+            && precopied.is_some_and(|(d, _)| {
+                existing.clear();
+                d.tracked.iter().any(|&(s, e)| start >= s && end <= e)
+                    && d.tracker.covers(start, end)
+                    && d.tracker
+                        .existing_into(start, end, &mut existing)
+                        .unwrap_or(false)
+                    && kept.capacity() - kept.len() >= existing.len()
+            });
+        if delta {
+            for p in existing
+                .iter()
+                .filter(|p| p.categories & (WRITTEN | NOT_OWN) == 0)
+            {
+                match kept.last_mut() {
+                    Some(k) if k.1 == p.start => k.1 = p.end,
+                    _ => kept.push((p.start, p.end)),
+                }
+            }
+        }
+        let mut cursor = 0;
+        let mut written = |a: u64| {
+            while cursor < existing.len() && existing[cursor].end <= a {
+                cursor += 1;
+            }
+            existing.get(cursor).is_some_and(|p| {
+                p.start <= a && p.categories & WRITTEN != 0 && p.categories & NOT_OWN == 0
+            })
         };
         let total = (r.end - r.start) / PAGE as u64;
         let mut first = 0;
@@ -250,7 +292,12 @@ pub fn dump(
                 let swapped = e >> 62 & 1 == 1;
                 let own_page = e >> 63 == 1 && (e >> 61 & 1 == 0 || !file);
                 let held = resident.is_some_and(|r| r[i as usize] & 1 == 1);
-                if !(swapped || own_page || held) {
+                let wanted = if delta {
+                    written(addr + i * PAGE as u64)
+                } else {
+                    swapped || own_page || held
+                };
+                if !wanted {
                     continue;
                 }
                 // SAFETY: the page lies in a readable mapping of this process, and every app
@@ -279,6 +326,13 @@ pub fn dump(
             }
             first += count;
         }
+    }
+    if let Some((_, rounds)) = precopied {
+        let p = Precopied {
+            rounds: rounds.to_vec(),
+            kept,
+        };
+        w.postcard(Tag::Precopied, &p).map_err(enc)?;
     }
     // The regions as the page loop saw them (written last: describing them allocates).
     let regions = describe(&migrt::procfs::parse_maps(&maps_text[..len]));

@@ -9,6 +9,7 @@
 mod control;
 mod dump;
 mod interpose;
+mod precopy;
 mod reconcile;
 mod restart;
 mod state;

@@ -341,6 +341,7 @@ pub fn after_fork_child() {
     VPID.store(v, Relaxed);
     let _ = VTID.try_with(|c| c.set(v));
     crate::control::after_fork();
+    crate::precopy::after_fork_child();
     crate::interpose::timers::after_fork();
 }
 

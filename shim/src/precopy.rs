@@ -1,0 +1,211 @@
+//! Pre-copy rounds (`mig migrate --mode precopy`): while the app runs on, its private
+//! memory is written ahead — all of it in the first round, then only what the app wrote
+//! since the round before (migrt::dirty tracks the writes) — so that the image written
+//! once the app is frozen holds just the pages written after the last round (dump.rs).
+
+use crate::interpose::real_pid;
+use migrt::dirty::{NOT_OWN, PageRegion, Tracker};
+use migrt::image::{ImageWriter, Kind, PAGE, PageMap, Tag};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
+
+/// Pages read and written at a time.
+const RUN: usize = 1024;
+
+struct State {
+    /// The process that made the tracker (a forked child has a copy that is not its own).
+    owner: i32,
+    tracker: Tracker,
+    /// Tracked ranges a round could not read whole: the final image stores them whole.
+    tainted: Vec<(u64, u64)>,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+/// The tracker's fds, for `is_own_fd` and a forked child (which must not use a lock).
+static FDS: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
+
+fn state() -> std::sync::MutexGuard<'static, Option<State>> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn is_own_fd(fd: i32) -> bool {
+    fd >= 0 && FDS.iter().any(|f| f.load(Relaxed) == fd)
+}
+
+/// In a forked child: the tracker's fds act on the parent's memory; closed here, and the
+/// state (the parent's) is forgotten at its next use.
+pub fn after_fork_child() {
+    for f in &FDS {
+        // (Read first: a write costs the child a copy-on-write fault when there is none.)
+        if f.load(Relaxed) >= 0 {
+            crate::interpose::close_real(f.swap(-1, Relaxed));
+        }
+    }
+}
+
+/// Tracking ends (the migration is over, or failed).
+pub fn end() {
+    let old = state().take();
+    for f in &FDS {
+        f.store(-1, Relaxed);
+    }
+    match old {
+        Some(s) if s.owner != real_pid() => std::mem::forget(s),
+        other => drop(other),
+    }
+}
+
+/// The private memory a round covers: what an image stores of it (dump::stored), less
+/// shared mappings (their pages are the object's, stored whole by the final image).
+fn private_ranges() -> Vec<(u64, u64)> {
+    migrt::procfs::all_mappings("self")
+        .iter()
+        .filter(|m| m.perms.as_bytes().get(3) == Some(&b'p') && crate::dump::stored(m, &[]))
+        .map(|m| (m.start, m.end))
+        .collect()
+}
+
+/// Writes one round to `path`: (bytes written, pages).
+pub fn round(path: &str) -> std::io::Result<(u64, u64)> {
+    let mut st = state();
+    if st.as_ref().is_some_and(|s| s.owner != real_pid()) {
+        std::mem::forget(st.take());
+    }
+    let first = st.is_none();
+    if first {
+        let tracker = Tracker::start(&private_ranges())?;
+        for (f, fd) in FDS.iter().zip(tracker.raw_fds()) {
+            f.store(fd, Relaxed);
+        }
+        *st = Some(State {
+            owner: real_pid(),
+            tracker,
+            tainted: Vec::new(),
+        });
+    }
+    let s = st.as_mut().expect("set above");
+    let file = std::fs::File::create(path)?;
+    let mut w = ImageWriter::new(&file, Kind::Pages)?;
+    let mut buf = vec![0u8; RUN * PAGE];
+    let mut pages = 0;
+    for &(start, end) in s.tracker.ranges() {
+        // First everything the app has of its own (no file page, no shared zero page);
+        // then what it wrote since (zeros too: an older round may hold the page's old data).
+        let runs: Vec<PageRegion> = if first {
+            s.tracker
+                .existing(start, end)?
+                .into_iter()
+                .filter(|r| r.categories & NOT_OWN == 0)
+                .collect()
+        } else {
+            s.tracker.take_written(start, end)?
+        };
+        for r in runs {
+            match write_run(&mut w, r.start, r.end, first, &mut buf) {
+                Ok(n) => pages += n,
+                Err(_) => s.tainted.push((start, end)),
+            }
+        }
+    }
+    let bytes = w.written();
+    w.finish()?;
+    Ok((bytes, pages))
+}
+
+/// Pages `start..end` read (the app runs: a page may change while read, and then counts
+/// as written for the next round) and written as PageMap/PageData pairs; zero pages are
+/// left out when `skip_zero`. Fails if part of the range cannot be read.
+fn write_run(
+    w: &mut ImageWriter<&std::fs::File>,
+    start: u64,
+    end: u64,
+    skip_zero: bool,
+    buf: &mut [u8],
+) -> std::io::Result<u64> {
+    let mut pages = 0;
+    let mut at = start;
+    while at < end {
+        let count = ((end - at) as usize / PAGE).min(RUN);
+        let len = count * PAGE;
+        read_own(at, &mut buf[..len])?;
+        let mut present = vec![0u64; count.div_ceil(64)];
+        let mut n = 0;
+        for i in 0..count {
+            let page = i * PAGE;
+            if skip_zero && buf[page..page + PAGE].iter().all(|&b| b == 0) {
+                continue;
+            }
+            buf.copy_within(page..page + PAGE, n * PAGE);
+            present[i / 64] |= 1 << (i % 64);
+            n += 1;
+        }
+        if n > 0 {
+            let map = PageMap {
+                start: at,
+                count: count as u64,
+                present,
+            };
+            w.postcard(Tag::PageMap, &map)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            w.section(Tag::PageData, &buf[..n * PAGE])?;
+            pages += n as u64;
+        }
+        at += len as u64;
+    }
+    Ok(pages)
+}
+
+/// Reads this process's memory at `addr` without trusting it is still mapped (the app may
+/// unmap it meanwhile): process_vm_readv answers EFAULT where a plain read would crash.
+fn read_own(addr: u64, out: &mut [u8]) -> std::io::Result<()> {
+    let local = libc::iovec {
+        iov_base: out.as_mut_ptr().cast(),
+        iov_len: out.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: out.len(),
+    };
+    // SAFETY: one local buffer we own, one remote range only read.
+    let n = unsafe { libc::process_vm_readv(real_pid(), &local, 1, &remote, 1, 0) };
+    if n as usize != out.len() {
+        return Err(std::io::Error::other("memory went away while read"));
+    }
+    Ok(())
+}
+
+/// What the final image needs of the rounds: the ranges still tracked as a whole (their
+/// unwritten pages are kept from the rounds), checked while the app is frozen.
+pub struct Delta<'a> {
+    pub tracker: &'a Tracker,
+    pub tracked: Vec<(u64, u64)>,
+}
+
+/// Runs `f` (the frozen process's dump) with the rounds' delta, if this process made
+/// rounds. Meanwhile the state is out of its place, unlocked: the image must show no lock
+/// held and no tracking (the restored process has neither).
+pub fn with_delta<T>(f: impl FnOnce(Option<&Delta>) -> T) -> T {
+    let taken = state().take();
+    let fds = FDS.each_ref().map(|f| f.swap(-1, Relaxed));
+    let r = match taken.as_ref().filter(|s| s.owner == real_pid()) {
+        Some(s) => {
+            let tracked = s
+                .tracker
+                .ranges()
+                .iter()
+                .copied()
+                .filter(|r| !s.tainted.contains(r))
+                .collect();
+            f(Some(&Delta {
+                tracker: &s.tracker,
+                tracked,
+            }))
+        }
+        None => f(None),
+    };
+    for (f, fd) in FDS.iter().zip(fds) {
+        f.store(fd, Relaxed);
+    }
+    *state() = taken;
+    r
+}
