@@ -386,18 +386,29 @@ fn run_in(env: &Env, ns: &str, name: &str, log: &Path, cmd: &[&str]) {
     assert!(o.status.success(), "{}", text(&o.stderr));
 }
 
-/// The counter subject with `mib` MiB as session "cnt" inside namespace `ns`; its log.
-fn counter_in(env: &Env, ns: &str, mib: &str) -> PathBuf {
+/// The counter subject with `mib` MiB (writing `writes` MiB/s of it) as session "cnt"
+/// inside namespace `ns`; its log.
+fn counter_in(env: &Env, ns: &str, mib: &str, writes: &str) -> PathBuf {
     let log = env.root.join("cnt.log");
     let cnt = c_program("counter");
-    run_in(env, ns, "cnt", &log, &[cnt.to_str().unwrap(), "40", mib]);
+    run_in(
+        env,
+        ns,
+        "cnt",
+        &log,
+        &[cnt.to_str().unwrap(), "40", mib, writes],
+    );
     log
 }
 
-/// `mig migrate SESSION --to TO --key KEY` inside namespace `ns`, which must succeed.
-fn migrate_in(env: &Env, ns: &str, session: &str, to: &str, key: &Path) {
-    let o = mig_in(env, ns, &migrate_args(session, to, key));
+/// `mig migrate SESSION --to TO --key KEY MORE...` inside namespace `ns`, which must
+/// succeed; its summary.
+fn migrate_in(env: &Env, ns: &str, session: &str, to: &str, key: &Path, more: &[&str]) -> String {
+    let mut args = migrate_args(session, to, key).to_vec();
+    args.extend_from_slice(more);
+    let o = mig_in(env, ns, &args);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    text(&o.stdout)
 }
 
 /// Root, iproute2, two namespaces and an agent in the second: (hosts, agent, key); None
@@ -425,10 +436,19 @@ fn a_session_migrates_between_network_namespaces() {
     let Some((hosts, agent, key)) = two_hosts(&env, "m") else {
         return;
     };
-    // The session runs in the first namespace (host A).
-    let log = counter_in(&env, &hosts.names[0], "64");
+    // The session runs in the first namespace (host A), writing its memory; it moves with
+    // pre-copy.
+    let log = counter_in(&env, &hosts.names[0], "64", "8");
     wait_numbers(&log, "count ", 3);
-    migrate_in(&env, &hosts.names[0], "cnt", &agent.addr, &key);
+    let out = migrate_in(
+        &env,
+        &hosts.names[0],
+        "cnt",
+        &agent.addr,
+        &key,
+        &["--mode", "precopy"],
+    );
+    assert!(!out.contains(" 0 pre-copy round"), "{out}");
     assert_went_on(&log, &agent.session_log("cnt"));
     assert!(env.processes("cnt").is_empty());
 }
@@ -507,6 +527,7 @@ fn every_kind_of_fd_comes_back_after_a_migration_between_namespaces() {
         "obj",
         &format!("10.77.0.2:{port}"),
         &key,
+        &["--mode", "precopy"],
     );
     // "go" in host B's directory (the agent's mount namespace).
     let agent_pid = agent.id().to_string();
@@ -559,7 +580,14 @@ fn redis_keeps_its_keys_across_a_migration_between_namespaces() {
             &["set", &format!("key{i}"), &format!("value{i}")],
         );
     }
-    migrate_in(&env, &hosts.names[0], "redis", &agent.addr, &key);
+    migrate_in(
+        &env,
+        &hosts.names[0],
+        "redis",
+        &agent.addr,
+        &key,
+        &["--mode", "precopy"],
+    );
     assert_ne!(cli(&hosts.names[0], &["ping"]), "PONG", "gone from host A");
     let t = Instant::now();
     while cli(&hosts.names[1], &["ping"]) != "PONG" {
@@ -579,7 +607,7 @@ fn a_link_cut_mid_transfer_leaves_the_session_running_here() {
     let Some((hosts, agent, key)) = two_hosts(&env, "c") else {
         return;
     };
-    let log = counter_in(&env, &hosts.names[0], "1024");
+    let log = counter_in(&env, &hosts.names[0], "1024", "0");
     wait_numbers(&log, "count ", 2);
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &hosts.names[0]])
@@ -638,9 +666,9 @@ fn a_session_migrates_there_and_back() {
         Some((&hosts.names[0], "10.77.0.1")),
         &[],
     );
-    let log = counter_in(&env, &hosts.names[0], "64");
+    let log = counter_in(&env, &hosts.names[0], "64", "0");
     wait_numbers(&log, "count ", 3);
-    migrate_in(&env, &hosts.names[0], "cnt", &agent_b.addr, &key);
+    migrate_in(&env, &hosts.names[0], "cnt", &agent_b.addr, &key, &[]);
     let on_b = agent_b.session_log("cnt");
     assert_went_on(&log, &on_b);
     // From B (its agent's runtime area) back to A.

@@ -142,6 +142,7 @@ fn start_counter(
     rt: &std::path::Path,
     base: &std::path::Path,
     mib: usize,
+    writes_mib_per_s: u32,
 ) -> std::path::PathBuf {
     let log = base.join("migbench-counter.log");
     let st = Command::new(mig)
@@ -150,7 +151,7 @@ fn start_counter(
         .arg(&log)
         .arg("--")
         .arg(counter())
-        .args(["2", &mib.to_string()])
+        .args(["2", &mib.to_string(), &writes_mib_per_s.to_string()])
         .output()
         .unwrap();
     assert!(
@@ -213,7 +214,7 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for mib in [64usize, 1024] {
-        let log = start_counter(&mig, &rt, base, mib);
+        let log = start_counter(&mig, &rt, base, mib, 0);
         let dir = base.join("migbench-img");
         let (mut total, mut frozen, mut size) = (vec![], vec![], 0.0);
         for _ in 0..runs {
@@ -338,8 +339,9 @@ fn loopback_ms(n: usize) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// `--migrate`: a session migrated (stop-and-copy) to an agent on this host, per size:
-/// freeze and total time and bytes sent, beside a plain loopback transfer of as many bytes.
+/// `--migrate`: a session writing 10 MiB/s of its memory migrated to an agent on this host,
+/// per mode and size: freeze and total time, bytes sent and pre-copy rounds, beside a plain
+/// loopback transfer of the session's size.
 fn migrate_bench(runs: usize, base: &std::path::Path) {
     let mig = std::env::current_exe().unwrap().with_file_name("mig");
     let (rt, state, key) = (
@@ -364,16 +366,24 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     println!(
-        "| session | frozen | total | sent | loopback transfer of as much | total ÷ loopback |"
+        "| mode | session | frozen | total | sent (frozen) | rounds | loopback transfer of the session | total ÷ loopback |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for mib in [64usize, 1024] {
-        let (mut frozen, mut total, mut sent, mut wire) = (vec![], vec![], String::new(), vec![]);
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (mode, mib) in [
+        ("stop-and-copy", 64usize),
+        ("stop-and-copy", 1024),
+        ("precopy", 64),
+        ("precopy", 1024),
+    ] {
+        let (mut frozen, mut total, mut sent, mut rounds, mut wire) =
+            (vec![], vec![], String::new(), String::new(), vec![]);
         for _ in 0..runs {
-            start_counter(&mig, &rt, base, mib);
+            start_counter(&mig, &rt, base, mib, 10);
+            // (Writing for a moment first, as a running server would.)
+            std::thread::sleep(std::time::Duration::from_millis(500));
             let out = Command::new(&mig)
                 .env("MIGSHIM_RUNTIME_DIR", &rt)
-                .args(["migrate", "bench", "--to", &to, "--key"])
+                .args(["migrate", "bench", "--mode", mode, "--to", &to, "--key"])
                 .arg(&key)
                 .output()
                 .unwrap();
@@ -385,8 +395,20 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
             );
             frozen.push(summary_ms(&s, "frozen "));
             total.push(summary_ms(&s, "total "));
-            sent = s[s.find("thread(s), ").unwrap() + 11..]
-                .split(" sent")
+            let sent_part = &s[s.find("thread(s), ").unwrap() + 11..];
+            let frozen_part = sent_part[sent_part.find("the freeze, ").unwrap() + 12..]
+                .split(" frozen")
+                .next()
+                .unwrap();
+            sent = format!(
+                "{} ({frozen_part})",
+                sent_part.split(" sent").next().unwrap()
+            );
+            rounds = s
+                .rsplit(", ")
+                .next()
+                .unwrap()
+                .split(' ')
                 .next()
                 .unwrap()
                 .to_string();
@@ -398,11 +420,11 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
         }
         let (f, t, w) = (median(frozen), median(total), median(wire));
         println!(
-            "| {mib} MiB | {f:.1} ms | {t:.1} ms | {sent} | {w:.1} ms | {:.2} |",
+            "| {mode} | {mib} MiB | {f:.1} ms | {t:.1} ms | {sent} | {rounds} | {w:.1} ms | {:.2} |",
             t / w
         );
     }
-    println!("\n(stop-and-copy; median of {runs} migrations per size, agent on 127.0.0.1)");
+    println!("\n(median of {runs} migrations per row, agent on 127.0.0.1)");
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&rt);
