@@ -324,16 +324,17 @@ fn python_with_a_large_dict_restores_inside_a_fresh_pid_namespace() {
 
 #[test]
 fn threads_with_mutexes_condvars_signals_and_join_restore() {
-    threads_case("0");
+    threads_case("0", &[]);
 }
 
 #[test]
 fn a_threaded_program_with_a_gibibyte_of_patterned_memory_restores_verified() {
-    // The subject verifies its 1 GiB every tick and fails on the first wrong byte.
-    threads_case("1024");
+    // The subject verifies its 1 GiB every tick and fails on the first wrong byte; lazily
+    // restored, its threads fault the pages in together while the pager fills the rest.
+    threads_case("1024", &["--lazy"]);
 }
 
-fn threads_case(mib: &str) {
+fn threads_case(mib: &str, restore_args: &[&str]) {
     let env = Env::new(&format!("threads-{mib}"));
     let log = env.detach(
         "th",
@@ -354,7 +355,7 @@ fn threads_case(mib: &str) {
     let last = before.last().unwrap().clone();
     // Not detached: mig restore returns the program's exit status.
     let mut c = env.mig();
-    c.args(["restore", img.to_str().unwrap()]);
+    c.args(["restore", img.to_str().unwrap()]).args(restore_args);
     let o = env.output(c);
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}{}", text(&o.stderr));
@@ -693,4 +694,59 @@ while True:      # the parent reports what it sees there
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     env.stop("shm");
+}
+
+#[test]
+fn a_lazy_restore_runs_at_once_and_its_memory_is_filled_in_while_it_changes_it() {
+    // The subject frees, moves and forks its memory every tick, checking it each time;
+    // the pager is slowed so that all of this happens while pages are still missing.
+    if !is_root() {
+        println!("SKIP: a lazy restore needs userfaultfd for kernel-mode faults (root here)");
+        return;
+    }
+    let env = Env::new("lazy");
+    let log = env.detach("lazy", &[c_program("lazymem").to_str().unwrap(), "128"]);
+    wait_numbers(&log, "tick ", 3);
+    let img = env.root.join("img");
+    stop_into(&env, "lazy", &img);
+    let last = *numbers(&log, "tick ").last().unwrap();
+    let mut c = env.mig();
+    c.env("MIGSHIM_PAGER_THROTTLE_MS", "5").args([
+        "restore",
+        img.to_str().unwrap(),
+        "--detach",
+        "--lazy",
+        "--log",
+        env.root.join("restored.log").to_str().unwrap(),
+    ]);
+    let o = env.output(c);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let rlog = env.root.join("restored.log");
+    let after = wait_numbers(&rlog, "tick ", 30);
+    assert_eq!(after[0], last + 1, "it went on: {after:?}");
+    let text = std::fs::read_to_string(&rlog).unwrap();
+    assert!(!text.contains("BAD"), "{text}");
+    // Filled in, the pager is gone; the session checkpoints and restores (eagerly) again.
+    let t = std::time::Instant::now();
+    while pager_running(&img) {
+        assert!(t.elapsed().as_secs() < 30, "the pager never finished");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let img2 = env.root.join("img2");
+    stop_into(&env, "lazy", &img2);
+    let last = *numbers(&rlog, "tick ").last().unwrap();
+    let rlog2 = restore_detached(&env, &img2, "again.log");
+    let after = wait_numbers(&rlog2, "tick ", 5);
+    assert_eq!(after[0], last + 1);
+    assert!(!std::fs::read_to_string(&rlog2).unwrap().contains("BAD"));
+    env.stop("lazy");
+}
+
+/// Whether a lazy restore's pager for image `img` is still running.
+fn pager_running(img: &Path) -> bool {
+    let needle = img.to_str().unwrap();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+    })
 }

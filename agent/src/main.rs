@@ -9,6 +9,7 @@ mod frozen;
 mod inspect;
 mod migrate;
 mod objects;
+mod pager;
 mod peer;
 mod restore;
 mod run;
@@ -193,6 +194,11 @@ enum Cmd {
         /// checkpoint.
         #[arg(long)]
         allow_changed_files: bool,
+        /// Let it run at once, its memory filled in afterwards: every page it touches is
+        /// fetched from the image on demand, the rest in the background (userfaultfd: root,
+        /// or vm.unprivileged_userfaultfd=1; else the pages are copied in first, as without).
+        #[arg(long)]
+        lazy: bool,
         /// The restored process's stdin (default: mig restore's own; /dev/null with --detach).
         #[arg(long, value_name = "FILE")]
         stdin: Option<PathBuf>,
@@ -321,6 +327,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             detach,
             log,
             allow_changed_files,
+            lazy,
             stdin,
             stdout,
             stderr,
@@ -331,6 +338,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             detach,
             log,
             allow_changed_files,
+            lazy,
             rebind: map.rebind()?,
             stdio: [stdin, stdout, stderr],
         }),

@@ -51,6 +51,8 @@ pub struct RestoreArgs {
     pub detach: bool,
     pub log: Option<PathBuf>,
     pub allow_changed_files: bool,
+    /// Memory filled in after the process runs again (pager.rs).
+    pub lazy: bool,
     pub rebind: migrt::rebind::Rebind,
     /// Files for the restored process's stdin/stdout/stderr (default: mig restore's own).
     pub stdio: [Option<PathBuf>; 3],
@@ -259,6 +261,57 @@ fn controlling_terminals(images: &[ProcImage], objects: &Objects) -> Result<Vec<
         .collect()
 }
 
+/// Starts the pager of a lazy restore (a process of its own: it outlives `mig restore
+/// --detach`; what it has to say goes to `log`, else to mig restore's stderr) with each
+/// process's pages to fill; returns the socket end the restored
+/// processes inherit (fd at FD_BASE or above) to send it their userfaultfds.
+fn start_pager(mapped: &[Mapped], log: Option<&std::fs::File>) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let runs: Vec<Vec<crate::pager::Run>> = mapped
+        .iter()
+        .map(|m| {
+            m.entries
+                .iter()
+                .filter(|e| e[6] == 2)
+                .map(|e| crate::pager::Run {
+                    addr: e[0],
+                    len: e[1],
+                    fd: e[4] as i32,
+                    offset: e[5],
+                })
+                .collect()
+        })
+        .collect();
+    let (ours, theirs) = migrt::sys::seqpacket_pair()?;
+    let theirs_fd = migrt::sys::inheritable_fd_of(theirs.as_raw_fd(), FD_BASE)?;
+    drop(theirs);
+    // SAFETY: mig restore has no other thread; the child only runs the pager and exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("starting the pager"),
+        0 => {
+            // SAFETY: plain calls on fds of our own; the pager then runs to its end.
+            unsafe {
+                libc::close(theirs_fd);
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                libc::dup2(null, 0);
+                libc::dup2(null, 1);
+                libc::setsid();
+            }
+            if let Some(f) = log {
+                // SAFETY: dup2 onto our own stderr.
+                unsafe { libc::dup2(f.as_raw_fd(), 2) };
+            }
+            crate::pager::serve(ours.into(), runs);
+            std::process::exit(0);
+        }
+        _ => {
+            drop(ours);
+            // SAFETY: the inheritable duplicate made above is ours to own.
+            Ok(unsafe { OwnedFd::from_raw_fd(theirs_fd) })
+        }
+    }
+}
+
 /// Refuses a file that changed since the checkpoint: the program would run other code
 /// than its memory was made by.
 fn check_unchanged(r: &Region, f: &std::fs::File) -> Result<()> {
@@ -363,6 +416,7 @@ fn map_regions(
     policy: &objects::Policy,
     shared: &HashMap<u64, u64>,
     keep: &mut Vec<std::fs::File>,
+    lazy: bool,
 ) -> Result<Mapped> {
     let mut fds: Vec<u64> = Vec::new();
     for path in &img.files {
@@ -374,11 +428,13 @@ fn map_regions(
     let mut files: HashMap<(Vec<u8>, bool), i32> = HashMap::new();
     let mut entries: Vec<[u64; 7]> = Vec::new();
     let private = libc::MAP_PRIVATE as u64;
-    // Page data is copied in, not mapped from the image: mapped, anonymous memory would stop
-    // behaving as such (after MADV_DONTNEED it would read back the image's old data, not
-    // zeros, which malloc relies on; the kernel shows the command line only from anonymous
-    // memory). A lazy restore belongs to userfaultfd (issue #5).
+    // Page data is copied in (by the restorer, or lazily by the pager), not mapped from the
+    // image: mapped, anonymous memory would stop behaving as such (after MADV_DONTNEED it
+    // would read back the image's old data, not zeros, which malloc relies on; the kernel
+    // shows the command line only from anonymous memory).
     const COPY: u64 = 1;
+    const PAGER: u64 = 2;
+    const REGISTER: u64 = 3;
     for r in &img.regions {
         // (System V segments are attached by the process itself.)
         if SPECIAL.contains(&r.name.0.as_slice()) || crate::sysv::is_sysv(r) {
@@ -433,8 +489,8 @@ fn map_regions(
     // where a page lies outside every region (memory the process unmapped while it was
     // being written, e.g. the shim's own).
     // (Shared memory's pages are in its object already.)
-    let covered = |a: u64| {
-        img.regions.iter().any(|r| {
+    let target = |a: u64| {
+        img.regions.iter().find(|r| {
             a >= r.start
                 && a < r.end
                 && !SPECIAL.contains(&r.name.0.as_slice())
@@ -442,17 +498,25 @@ fn map_regions(
                 && !crate::sysv::is_sysv(r)
         })
     };
+    // Lazily: the copies into anonymous memory are the pager's, and those regions are
+    // registered for it (a file's private mapping cannot be: its copies are made first).
+    let mut registered: Vec<u64> = Vec::new();
     for run in &img.runs {
         let at = |i: u64| run.addr + i * PAGE as u64;
         let mut i = 0;
         while i < run.pages {
-            if !covered(at(i)) {
+            let Some(r) = target(at(i)) else {
                 i += 1;
                 continue;
-            }
+            };
             let start = i;
-            while i < run.pages && covered(at(i)) {
+            while i < run.pages && at(i) < r.end {
                 i += 1;
+            }
+            let lazy = lazy && !r.name.0.starts_with(b"/");
+            if lazy && !registered.contains(&r.start) {
+                registered.push(r.start);
+                entries.push([r.start, r.end - r.start, 0, private, 0, 0, REGISTER]);
             }
             entries.push([
                 at(start),
@@ -461,7 +525,7 @@ fn map_regions(
                 private,
                 page_fds[run.file],
                 run.offset + start * PAGE as u64,
-                COPY,
+                if lazy { PAGER } else { COPY },
             ]);
         }
     }
@@ -481,6 +545,8 @@ struct Links<'a> {
     sysv: &'a [[u64; 3]],
     /// The fd of the terminal it takes as its controlling terminal, or u64::MAX.
     ctty: u64,
+    /// The pager's socket and this process's index for it (u64::MAX: no pager).
+    pager: [u64; 2],
 }
 
 fn write_plan(
@@ -496,6 +562,7 @@ fn write_plan(
         channel,
         sysv,
         ctty,
+        pager,
     } = *l;
     let size_of = |n: &[u8]| {
         img.regions
@@ -537,7 +604,7 @@ fn write_plan(
     args.push(sysv.len() as u64);
     args.extend(sysv.iter().flatten());
 
-    let head = 14u64;
+    let head = 16u64;
     let t = &img.table;
     let leads = (t.sid == m.vpid) as u64 | ((t.pgid == m.vpid) as u64) << 1;
     let children_at = head + entries.len() as u64 * 7;
@@ -557,6 +624,8 @@ fn write_plan(
         children_at,
         leads,
         ctty,
+        pager[0],
+        pager[1],
     ];
     for e in entries {
         words.extend(e);
@@ -649,6 +718,16 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     }
 
     // 3. The plan, and the restorer.
+    let lazy = a.lazy
+        && {
+            let ok = crate::pager::available();
+            if !ok {
+                eprintln!(
+                    "mig restore: --lazy needs userfaultfd (root, or vm.unprivileged_userfaultfd=1); the pages are copied in first"
+                );
+            }
+            ok
+        };
     let result = (|| -> Result<i32> {
         let mut keep = Vec::new();
         let policy = objects::Policy {
@@ -672,7 +751,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         let sysv_ids = crate::sysv::make(&images, &dir.0)?;
         let mapped: Vec<Mapped> = images
             .iter()
-            .map(|i| map_regions(i, &policy, &shared, &mut keep))
+            .map(|i| map_regions(i, &policy, &shared, &mut keep, lazy))
             .collect::<Result<_>>()?;
         let mut plans = Vec::new();
         for _ in &images {
@@ -682,6 +761,24 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         }
         let channels = hand_down(&objects)?;
         let cttys = controlling_terminals(&images, &objects)?;
+        let detach_log = match a.detach {
+            true => {
+                let log = a
+                    .log
+                    .clone()
+                    .unwrap_or_else(|| migrt::paths::logs_dir(&rt).join(format!("{name}.log")));
+                if let Some(d) = log.parent() {
+                    std::fs::create_dir_all(d)?;
+                }
+                Some(std::fs::File::create(&log)?)
+            }
+            false => None,
+        };
+        let pager = match lazy {
+            true => Some(start_pager(&mapped, detach_log.as_ref())?),
+            false => None,
+        };
+        let pager_fd = pager.as_ref().map_or(u64::MAX, |p| p.as_raw_fd() as u64);
         let closes: Vec<u64> = mapped
             .iter()
             .flat_map(|m| m.fds.iter().copied())
@@ -689,6 +786,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             .chain(channels.iter().map(|c| c.1))
             .chain(shared.values().copied())
             .chain(cttys.iter().copied().filter(|&f| f != u64::MAX))
+            .chain(pager.iter().map(|p| p.as_raw_fd() as u64))
             .collect();
         for (k, i) in images.iter().enumerate() {
             let children: Vec<u64> = (0..images.len())
@@ -702,6 +800,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
                 channel: channels[k].1,
                 sysv: &crate::sysv::attachments(i, &sysv_ids),
                 ctty: cttys[k],
+                pager: [pager_fd, k as u64],
             };
             write_plan(i, &mapped[k].entries, &plans[k].0, &links)?;
         }
@@ -714,18 +813,10 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         c.arg0("migrestore")
             .arg(std::ffi::OsStr::from_bytes(&plan_fd))
             .arg("a");
-        if a.detach {
-            let log = a
-                .log
-                .clone()
-                .unwrap_or_else(|| migrt::paths::logs_dir(&rt).join(format!("{name}.log")));
-            if let Some(d) = log.parent() {
-                std::fs::create_dir_all(d)?;
-            }
-            let out = std::fs::File::create(&log)?;
+        if let Some(out) = &detach_log {
             c.stdin(Stdio::null())
                 .stdout(out.try_clone()?)
-                .stderr(out)
+                .stderr(out.try_clone()?)
                 .process_group(0);
         }
         let [stdin, stdout, stderr] = &a.stdio;
@@ -749,6 +840,8 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             terminal::restore_modes(&images);
         }
         let mut child = c.spawn().context("starting the restorer")?;
+        // (The restored processes hold the pager's socket now: it ends when they all did.)
+        drop(pager);
         // 4. Running again once the shim has taken its new pid.
         let t = Instant::now();
         loop {

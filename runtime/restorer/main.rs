@@ -17,15 +17,22 @@
 //! restart arguments in the plan, fs_base, restart stack, vvar target, the three expected
 //! block sizes, the number of child processes and the word offset of their plan fds, the
 //! leadership flags (1: session leader, 2: process group leader), the fd of the terminal a
-//! session leader takes as its controlling terminal (or u64::MAX), then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
-//! 0 map, 1 copy from fd into the memory mapped before).
+//! session leader takes as its controlling terminal (or u64::MAX), the pager's socket for a
+//! lazy restore (or u64::MAX) and the process's index for it, then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
+//! 0 map, 1 copy from fd into the memory mapped before, 2 the same copy left to the pager,
+//! 3 a range the pager fills: registered with a userfaultfd, which goes to the pager).
+//!
+//! Lazy restore: the kind-3 ranges are registered for missing-page faults with a fresh
+//! userfaultfd, sent to the pager (`mig restore`'s helper), which serves each fault from the
+//! image and fills the rest in the background. If that cannot be set up (no userfaultfd for
+//! this user), the kind-2 copies are made here, as kind 1.
 #![no_std]
 #![no_main]
 
 use core::arch::{asm, naked_asm};
 
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
-const HEAD_WORDS: usize = 14;
+const HEAD_WORDS: usize = 16;
 const ENTRY_WORDS: usize = 7;
 const MAX_ATTEMPTS: u8 = 16;
 
@@ -46,6 +53,16 @@ const SYS_CLONE: usize = 56;
 const SYS_SETPGID: usize = 109;
 const SYS_SETSID: usize = 112;
 const SYS_IOCTL: usize = 16;
+const SYS_SENDMSG: usize = 46;
+const SYS_GETPID: usize = 39;
+const SYS_USERFAULTFD: usize = 323;
+const O_CLOEXEC: usize = 0o2000000;
+const O_NONBLOCK: usize = 0o4000;
+const UFFDIO_API: usize = 0xc018_aa3f;
+const UFFDIO_REGISTER: usize = 0xc020_aa00;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// Fork, mremap, madvise(DONTNEED) and munmap are reported to the pager.
+const UFFD_FEATURES: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6);
 const TIOCSCTTY: usize = 0x540E;
 const SIGCHLD: usize = 17;
 const SYS_EXIT_GROUP: usize = 231;
@@ -281,6 +298,49 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
     unsafe { restore(plan_fd, attempt, *argv, envp) }
 }
 
+/// Copies `len` bytes of saved pages from `fd` at `off` into the memory at `addr`.
+fn copy_in(addr: usize, len: usize, fd: usize, off: usize) {
+    // The run's pages made present in one go (cheaper than a fault per page while pread
+    // fills them); a kernel without MADV_POPULATE_WRITE just faults them in.
+    unsafe { sys6(SYS_MADVISE, addr, len, MADV_POPULATE_WRITE, 0, 0, 0) };
+    let mut done = 0;
+    while done < len {
+        let n = unsafe { sys6(SYS_PREAD64, fd, addr + done, len - done, off + done, 0, 0) };
+        if n <= 0 {
+            die_at(b"reading saved pages failed at", addr + done);
+        }
+        done += n as usize;
+    }
+}
+
+/// Registers the kind-3 ranges with a new userfaultfd and sends it to the pager on socket
+/// `sock` (with the process's index); false if there is no pager or it cannot be done.
+unsafe fn hand_to_pager(entries: &[u64], sock: u64, index: u64) -> bool {
+    if sock == u64::MAX {
+        return false;
+    }
+    let uffd = unsafe { sys6(SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK, 0, 0, 0, 0, 0) };
+    if uffd < 0 {
+        return false;
+    }
+    let uffd = uffd as usize;
+    let mut api = [0xAAu64, UFFD_FEATURES, 0];
+    let mut ok = unsafe { sys6(SYS_IOCTL, uffd, UFFDIO_API, api.as_mut_ptr() as usize, 0, 0, 0) } == 0;
+    for e in entries.chunks(ENTRY_WORDS).filter(|e| e[6] == 3) {
+        let mut reg = [e[0], e[1], UFFDIO_REGISTER_MODE_MISSING, 0];
+        ok = ok && unsafe { sys6(SYS_IOCTL, uffd, UFFDIO_REGISTER, reg.as_mut_ptr() as usize, 0, 0, 0) } == 0;
+    }
+    // One message: the index and the pid, with the userfaultfd attached (SCM_RIGHTS).
+    let body = [index, unsafe { sys6(SYS_GETPID, 0, 0, 0, 0, 0, 0) } as u64];
+    let mut iov = [body.as_ptr() as u64, 16];
+    let mut control = [20u64, 1 | (1 << 32), uffd as u64];
+    let msg = [0u64, 0, iov.as_mut_ptr() as u64, 1, control.as_mut_ptr() as u64, 24, 0];
+    ok = ok && unsafe { sys6(SYS_SENDMSG, sock as usize, msg.as_ptr() as usize, 0, 0, 0, 0) } == 16;
+    unsafe { sys6(SYS_CLOSE, uffd, 0, 0, 0, 0, 0) };
+    // (Registered but not sent: closing the userfaultfd unregistered the ranges.)
+    ok
+}
+
 /// Becomes the process of plan `plan_fd` (after forking one restorer per child process,
 /// so that the restored tree has its real parent-child links).
 unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *const u8) -> ! {
@@ -358,20 +418,10 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
 
     // 3. Every region: mapped (from a file, the image's pages lazily), or, for kind 1,
     // copied from the image into the anonymous memory already there.
-    for e in entries.chunks(ENTRY_WORDS) {
+    for e in entries.chunks(ENTRY_WORDS).filter(|e| e[6] == 0 || e[6] == 1) {
         let (addr, len, prot, flags, fd, off) = (e[0] as usize, e[1] as usize, e[2] as usize, e[3] as usize, e[4] as i64, e[5] as usize);
         if e[6] == 1 {
-            // The run's pages made present in one go (cheaper than a fault per page while
-            // pread fills them); a kernel without MADV_POPULATE_WRITE just faults them in.
-            unsafe { sys6(SYS_MADVISE, addr, len, MADV_POPULATE_WRITE, 0, 0, 0) };
-            let mut done = 0;
-            while done < len {
-                let n = unsafe { sys6(SYS_PREAD64, fd as usize, addr + done, len - done, off + done, 0, 0) };
-                if n <= 0 {
-                    die_at(b"reading saved pages failed at", addr + done);
-                }
-                done += n as usize;
-            }
+            copy_in(addr, len, fd as usize, off);
             continue;
         }
         let (fd, flags) = if fd < 0 { (usize::MAX, flags | MAP_ANONYMOUS) } else { (fd as usize, flags) };
@@ -383,8 +433,14 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
             die_at(b"mapping a saved region failed at", addr);
         }
     }
+    // The pages left to the pager: it takes them, or they are copied now.
+    if !unsafe { hand_to_pager(entries, w[14], w[15]) } {
+        for e in entries.chunks(ENTRY_WORDS).filter(|e| e[6] == 2) {
+            copy_in(e[0] as usize, e[1] as usize, e[4] as usize, e[5] as usize);
+        }
+    }
     for e in entries.chunks(ENTRY_WORDS) {
-        if e[6] != 1 && e[2] as usize & PROT_WRITE == 0 {
+        if e[6] == 0 && e[2] as usize & PROT_WRITE == 0 {
             unsafe { sys6(SYS_MPROTECT, e[0] as usize, e[1] as usize, e[2] as usize, 0, 0, 0) };
         }
     }

@@ -210,9 +210,9 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
     let mig = exe.with_file_name("mig");
     let rt = base.join("migbench-rt");
     println!(
-        "| session | checkpoint (total) | frozen | image | GB/s | restore (running again) | memcpy | file write |"
+        "| session | checkpoint (total) | frozen | image | GB/s | restore (running again) | lazy restore | memcpy | file write |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for mib in [64usize, 1024] {
         let log = start_counter(&mig, &rt, base, mib, 0);
         let dir = base.join("migbench-img");
@@ -238,39 +238,43 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let restore = median(
-            (0..runs)
-                .map(|_| {
-                    let t = Instant::now();
-                    let out = Command::new(&mig)
-                        .env("MIGSHIM_RUNTIME_DIR", &rt)
-                        .args(["restore", "--detach", "--log"])
-                        .arg(&log)
-                        .arg(&img)
-                        .output()
-                        .unwrap();
-                    let ms = t.elapsed().as_secs_f64() * 1e3;
-                    assert!(
-                        out.status.success(),
-                        "{}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    let _ = Command::new("pkill")
-                        .args(["-f", &format!("counter 2 {mib}")])
-                        .output();
-                    while Command::new(&mig)
-                        .env("MIGSHIM_RUNTIME_DIR", &rt)
-                        .args(["ps"])
-                        .output()
-                        .map(|o| String::from_utf8_lossy(&o.stdout).contains("bench"))
-                        .unwrap_or(false)
-                    {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
-                    ms
-                })
-                .collect(),
-        );
+        let restore = |more: &[&str]| {
+            median(
+                (0..runs)
+                    .map(|_| {
+                        let t = Instant::now();
+                        let out = Command::new(&mig)
+                            .env("MIGSHIM_RUNTIME_DIR", &rt)
+                            .args(["restore", "--detach", "--log"])
+                            .arg(&log)
+                            .arg(&img)
+                            .args(more)
+                            .output()
+                            .unwrap();
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        assert!(
+                            out.status.success(),
+                            "{}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        let _ = Command::new("pkill")
+                            .args(["-f", &format!("counter 2 {mib}")])
+                            .output();
+                        while Command::new(&mig)
+                            .env("MIGSHIM_RUNTIME_DIR", &rt)
+                            .args(["ps"])
+                            .output()
+                            .map(|o| String::from_utf8_lossy(&o.stdout).contains("bench"))
+                            .unwrap_or(false)
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                        ms
+                    })
+                    .collect(),
+            )
+        };
+        let (eager, lazy) = (restore(&[]), restore(&["--lazy"]));
         let _ = std::fs::remove_dir_all(&img);
         // The same amount of memory copied, and written to a file in the same directory.
         let n = mib << 20;
@@ -300,7 +304,7 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
         );
         let (t, fr) = (median(total), median(frozen));
         println!(
-            "| {mib} MiB | {t:.1} ms | {fr:.1} ms | {:.1} MiB | {:.2} | {restore:.1} ms | {memcpy:.1} ms | {write:.1} ms |",
+            "| {mib} MiB | {t:.1} ms | {fr:.1} ms | {:.1} MiB | {:.2} | {eager:.1} ms | {lazy:.1} ms | {memcpy:.1} ms | {write:.1} ms |",
             size / (1u64 << 20) as f64,
             size / (t / 1e3) / 1e9
         );

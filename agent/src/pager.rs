@@ -1,0 +1,371 @@
+//! The pager of a lazy restore (`mig restore --lazy`): the restored processes run at once,
+//! their saved pages still in the image files. Each process registered its private memory
+//! with a userfaultfd (in its restorer) and sent it here; the pager answers every fault on
+//! a missing page with the page's data from the image (or zeros, if the image has none),
+//! and meanwhile fills in everything else, a chunk at a time. Once a process has all its
+//! pages, its userfaultfd is closed and its memory is ordinary memory again.
+//!
+//! The app may change its memory meanwhile: what it frees (madvise, munmap) must read as
+//! zero afterwards, not be filled; what it moves (mremap) is followed; a process it forks
+//! gets a userfaultfd of its own (its missing pages are the same as the parent's) and is
+//! filled too. The kernel reports all four, and holds the process until the pager has read
+//! the report.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+
+const PAGE: u64 = 4096;
+/// A fault is answered with this much (within the run of the faulting page).
+const FAULT_CHUNK: u64 = 16 * PAGE;
+/// The background fill copies this much at a time.
+const FILL_CHUNK: u64 = 256 * PAGE;
+
+const UFFDIO_COPY: u64 = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
+const EVENT_PAGEFAULT: u8 = 0x12;
+const EVENT_FORK: u8 = 0x13;
+const EVENT_REMAP: u8 = 0x14;
+const EVENT_REMOVE: u8 = 0x15;
+const EVENT_UNMAP: u8 = 0x16;
+
+/// Saved pages of a process: `len` bytes at `addr`, in file `fd` at `offset`.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    pub addr: u64,
+    pub len: u64,
+    pub fd: RawFd,
+    pub offset: u64,
+}
+
+/// A change the app made to its address space, in the addresses of that moment.
+#[derive(Clone, Copy)]
+enum Change {
+    /// mremap: `len` bytes from `from` to `to` (what was at `to` is gone).
+    Moved { from: u64, to: u64, len: u64 },
+    /// madvise(MADV_DONTNEED) or munmap: what was there is gone (reads as zero).
+    Gone { start: u64, end: u64 },
+}
+
+/// One address space being filled: a restored process, or a child it forked meanwhile.
+struct Space {
+    uffd: OwnedFd,
+    runs: Rc<Vec<Run>>,
+    /// The background fill's place: run index and offset in it.
+    next: (usize, u64),
+    /// What the app did to its memory since it was restored, in order.
+    changes: Vec<Change>,
+    /// Faults not answered yet (the app's memory was changing): tried again.
+    pending: Vec<u64>,
+    /// The process (0: a child forked meanwhile, pid unknown).
+    pid: i32,
+}
+
+/// What a copy into the app's memory came to.
+enum Copied {
+    Done,
+    /// The app's memory is changing (an event waits to be read): try again after.
+    Later,
+}
+
+/// Where the range `a..a+len` went through the changes, if it went as one piece:
+/// Some(Some(x)) now at x, Some(None) gone, None split.
+fn follow(changes: &[Change], a: u64, len: u64) -> Option<Option<u64>> {
+    let inside = |x: u64, s: u64, e: u64| x >= s && x + len <= e;
+    let apart = |x: u64, s: u64, e: u64| x + len <= s || x >= e;
+    let mut x = a;
+    for c in changes {
+        match *c {
+            Change::Moved { from, to, len: n } if inside(x, from, from + n) => x = x - from + to,
+            Change::Moved { from, to, len: n }
+                if apart(x, from, from + n) && apart(x, to, to + n) => {}
+            Change::Moved { to, len: n, .. } if inside(x, to, to + n) => return Some(None),
+            Change::Gone { start, end } if apart(x, start, end) => {}
+            Change::Gone { start, end } if inside(x, start, end) => return Some(None),
+            _ => return None,
+        }
+    }
+    Some(Some(x))
+}
+
+impl Space {
+    fn new(uffd: OwnedFd, runs: Rc<Vec<Run>>, pid: i32) -> Space {
+        Space {
+            uffd,
+            runs,
+            next: (0, 0),
+            changes: Vec::new(),
+            pending: Vec::new(),
+            pid,
+        }
+    }
+
+    /// The image address of the page now at `x`, if it holds one (not something made
+    /// after a change there).
+    fn image(&self, mut x: u64) -> Option<u64> {
+        for c in self.changes.iter().rev() {
+            match *c {
+                Change::Moved { from, to, len } if (to..to + len).contains(&x) => x = x - to + from,
+                Change::Moved { from, len, .. } if (from..from + len).contains(&x) => return None,
+                Change::Gone { start, end } if (start..end).contains(&x) => return None,
+                _ => {}
+            }
+        }
+        Some(x)
+    }
+
+    /// The saved data of image range `a..a+len` (within one run) copied to where it is now
+    /// (page by page where the range went in pieces; nothing where it is gone).
+    fn copy(&self, run: &Run, a: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<Copied> {
+        buf.resize(len as usize, 0);
+        let off = run.offset + (a - run.addr);
+        // SAFETY: pread into our own buffer of `len` bytes.
+        let n = unsafe { libc::pread(run.fd, buf.as_mut_ptr().cast(), len as usize, off as i64) };
+        if n != len as isize {
+            return Err(std::io::Error::other(format!(
+                "reading saved pages (fd {}, offset {off}): short read",
+                run.fd
+            )));
+        }
+        let step = match follow(&self.changes, a, len) {
+            Some(_) => len,
+            None => PAGE,
+        };
+        for at in (0..len).step_by(step as usize) {
+            let Some(Some(x)) = follow(&self.changes, a + at, step) else {
+                continue;
+            };
+            match uffd_copy(&self.uffd, x, buf[at as usize..].as_ptr(), step)? {
+                Copied::Later => return Ok(Copied::Later),
+                Copied::Done => {}
+            }
+        }
+        Ok(Copied::Done)
+    }
+
+    /// Answers a fault at `x` (where the app is now).
+    fn fault(&self, x: u64, buf: &mut Vec<u8>) -> std::io::Result<Copied> {
+        let page = x & !(PAGE - 1);
+        let run = self.image(page).and_then(|a| {
+            let r = self
+                .runs
+                .iter()
+                .find(|r| (r.addr..r.addr + r.len).contains(&a))?;
+            Some((r, a))
+        });
+        match run {
+            Some((r, a)) => {
+                let len = FAULT_CHUNK.min(r.addr + r.len - a);
+                self.copy(r, a, len, buf)
+            }
+            None => uffd_zero(&self.uffd, page),
+        }
+    }
+
+    /// Fills the next chunk; Ok(true) once everything is in.
+    fn fill(&mut self, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+        let Some(run) = self.runs.get(self.next.0).copied() else {
+            return Ok(true);
+        };
+        let len = FILL_CHUNK.min(run.len - self.next.1);
+        match self.copy(&run, run.addr + self.next.1, len, buf)? {
+            Copied::Later => return Ok(false),
+            Copied::Done => {}
+        }
+        self.next.1 += len;
+        if self.next.1 >= run.len {
+            self.next = (self.next.0 + 1, 0);
+        }
+        Ok(self.next.0 >= self.runs.len())
+    }
+
+    /// Reads what the kernel reports (a forked child's space goes to `forks`), then answers
+    /// the faults.
+    fn events(&mut self, buf: &mut Vec<u8>, forks: &mut Vec<Space>) -> std::io::Result<()> {
+        self.read_events(forks);
+        let mut still = Vec::new();
+        for x in std::mem::take(&mut self.pending) {
+            if let Copied::Later = self.fault(x, buf)? {
+                still.push(x);
+            }
+        }
+        self.pending = still;
+        Ok(())
+    }
+
+    fn read_events(&mut self, forks: &mut Vec<Space>) {
+        let mut msgs = [0u8; 32 * 16];
+        loop {
+            // SAFETY: reading into our own buffer from our userfaultfd.
+            let n =
+                unsafe { libc::read(self.uffd.as_raw_fd(), msgs.as_mut_ptr().cast(), msgs.len()) };
+            if n <= 0 {
+                return; // EAGAIN: nothing more now
+            }
+            for m in msgs[..n as usize].chunks_exact(32) {
+                let word = |i: usize| u64::from_le_bytes(m[i..i + 8].try_into().unwrap());
+                match m[0] {
+                    EVENT_PAGEFAULT => self.pending.push(word(16)),
+                    EVENT_FORK => {
+                        let fd = u32::from_le_bytes(m[8..12].try_into().unwrap()) as i32;
+                        // SAFETY: the kernel made this fd for us.
+                        let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+                        // Its missing pages are the parent's, as the app has changed them.
+                        let mut child = Space::new(uffd, self.runs.clone(), 0);
+                        child.changes = self.changes.clone();
+                        forks.push(child);
+                    }
+                    EVENT_REMAP => self.changes.push(Change::Moved {
+                        from: word(8),
+                        to: word(16),
+                        len: word(24),
+                    }),
+                    EVENT_REMOVE | EVENT_UNMAP => self.changes.push(Change::Gone {
+                        start: word(8),
+                        end: word(16),
+                    }),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn ioctl(fd: &OwnedFd, req: u64, arg: &mut [u64]) -> std::io::Result<Copied> {
+    // SAFETY: `arg` is the structure `req` expects.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), req, arg.as_mut_ptr()) } == 0 {
+        return Ok(Copied::Done);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(Copied::Later),
+        // Already there (the app faulted it in, or a fork copied it), or unmapped since.
+        Some(libc::EEXIST) | Some(libc::ENOENT) | Some(libc::EFAULT) => Ok(Copied::Done),
+        _ => Err(e),
+    }
+}
+
+/// Copies `len` bytes at `src` into the app's missing pages at `dst` (waking who waits).
+fn uffd_copy(fd: &OwnedFd, dst: u64, src: *const u8, len: u64) -> std::io::Result<Copied> {
+    let mut arg = [dst, src as u64, len, 0, 0];
+    let r = ioctl(fd, UFFDIO_COPY, &mut arg)?;
+    // Stopped at a page that is there already (the app faulted it in, or a fork copied
+    // it): the rest page by page.
+    let copied = arg[4] as i64;
+    if len > PAGE && (copied == -(libc::EEXIST as i64) || (copied > 0 && (copied as u64) < len)) {
+        let from = copied.max(0) as u64 & !(PAGE - 1);
+        for at in (from..len).step_by(PAGE as usize) {
+            // SAFETY: within the caller's buffer of `len` bytes.
+            if let Copied::Later = uffd_copy(fd, dst + at, unsafe { src.add(at as usize) }, PAGE)? {
+                return Ok(Copied::Later);
+            }
+        }
+        return Ok(Copied::Done);
+    }
+    Ok(r)
+}
+
+fn uffd_zero(fd: &OwnedFd, page: u64) -> std::io::Result<Copied> {
+    ioctl(fd, UFFDIO_ZEROPAGE, &mut [page, PAGE, 0, 0])
+}
+
+/// Whether this user may make a userfaultfd that also handles faults taken inside system
+/// calls (root, or vm.unprivileged_userfaultfd = 1).
+pub fn available() -> bool {
+    // SAFETY: userfaultfd takes flags only; the fd is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { libc::close(fd as i32) };
+    true
+}
+
+/// Serves the processes whose userfaultfds come on `sock` (a message each: the process's
+/// index into `runs` and its pid, the fd attached) until every one is filled and `sock` has no sender
+/// left.
+pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>) {
+    let runs: Vec<Rc<Vec<Run>>> = runs.into_iter().map(Rc::new).collect();
+    // A pause between chunks of the fill (MIGSHIM_PAGER_THROTTLE_MS: tests use it to keep
+    // the app running long while pages are missing); faults are answered meanwhile.
+    let pause = std::time::Duration::from_millis(
+        std::env::var("MIGSHIM_PAGER_THROTTLE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
+    let mut filled_at = std::time::Instant::now() - pause;
+    let mut spaces: Vec<Space> = Vec::new();
+    let mut open = true;
+    let mut buf = Vec::new();
+    while open || !spaces.is_empty() {
+        let mut polls: Vec<libc::pollfd> = spaces
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if open {
+            polls.push(libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // Wait only when there is nothing to fill (or until the next chunk is due).
+        let timeout = match spaces.is_empty() {
+            true => -1,
+            false => pause.saturating_sub(filled_at.elapsed()).as_millis() as i32,
+        };
+        // SAFETY: polls is a valid array of pollfds.
+        unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as _, timeout) };
+        if open && polls.last().is_some_and(|p| p.revents != 0) {
+            let mut msg = [0u8; 16];
+            match migrt::sys::recv_fd(sock.as_raw_fd(), &mut msg) {
+                Ok((16, fd)) if fd >= 0 => {
+                    let word = |k: usize| u64::from_le_bytes(msg[k..k + 8].try_into().unwrap());
+                    let (i, pid) = (word(0) as usize, word(8) as i32);
+                    // SAFETY: the fd came with the message; it is ours now.
+                    let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    if let Some(r) = runs.get(i) {
+                        spaces.push(Space::new(uffd, r.clone(), pid));
+                    }
+                }
+                _ => open = false, // every sender has closed its end
+            }
+        }
+        let mut forks = Vec::new();
+        let fill_now = filled_at.elapsed() >= pause;
+        if fill_now {
+            filled_at = std::time::Instant::now();
+        }
+        let mut i = 0;
+        while i < spaces.len() {
+            let s = &mut spaces[i];
+            // Reports first (faults waiting, and changes a fill must know of), then a chunk.
+            let result = s.events(&mut buf, &mut forks).and_then(|_| match fill_now {
+                true => s.fill(&mut buf),
+                false => Ok(false),
+            });
+            let filled = result.unwrap_or_else(|e| {
+                // Its memory cannot be completed: it must not run on with zeros instead.
+                eprintln!("mig restore: lazy restore: {e}; process {} ended", s.pid);
+                if s.pid > 0 {
+                    // SAFETY: kill takes plain values.
+                    unsafe { libc::kill(s.pid, libc::SIGKILL) };
+                }
+                true
+            });
+            if filled {
+                // Drained again, so that no fork report is lost with the fd.
+                let _ = spaces[i].events(&mut buf, &mut forks);
+                spaces.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        spaces.extend(forks);
+    }
+}
