@@ -131,6 +131,26 @@ fn a_damaged_image_is_refused_before_anything_is_made() {
         env.ps().as_array().unwrap().is_empty(),
         "no session was made"
     );
+    // Lazily, page data is checked as it is read: the process is ended the moment its
+    // damaged pages are found, with the file named in its log.
+    if is_root() {
+        let log = env.root.join("lazy.log");
+        let o = env.run(&[
+            "restore",
+            img.to_str().unwrap(),
+            "--lazy",
+            "--detach",
+            "--log",
+            log.to_str().unwrap(),
+        ]);
+        // (Found while it starts, the restore fails; after, the session ends.)
+        let t = wait_for_text(&log, "damaged");
+        assert!(t.contains(file.to_str().unwrap()), "{t}");
+        if !o.status.success() {
+            assert!(text(&o.stderr).contains("lazy.log"), "{}", text(&o.stderr));
+        }
+        env.wait_processes("cnt", "the damaged session to end", |p| p.is_empty());
+    }
     std::fs::write(&file, &good[..good.len() - 100]).unwrap();
     let e = text(&env.run(&["restore", img.to_str().unwrap()]).stderr);
     assert!(e.contains("truncated"), "{e}");
@@ -355,7 +375,8 @@ fn threads_case(mib: &str, restore_args: &[&str]) {
     let last = before.last().unwrap().clone();
     // Not detached: mig restore returns the program's exit status.
     let mut c = env.mig();
-    c.args(["restore", img.to_str().unwrap()]).args(restore_args);
+    c.args(["restore", img.to_str().unwrap()])
+        .args(restore_args);
     let o = env.output(c);
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}{}", text(&o.stderr));

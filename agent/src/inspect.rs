@@ -21,7 +21,7 @@ pub fn inspect(dir: &Path) -> Result<i32> {
     );
     for (vpid, parent, file) in &manifest.processes {
         let path = dir.join(file);
-        let (_, sections) = image::read_verified_metadata(&path)?;
+        let (_, sections) = image::read_verified_metadata(&path, false)?;
         let (mut meta, mut threads, mut regions) = (
             ProcessMeta::default(),
             Vec::<ThreadState>::new(),

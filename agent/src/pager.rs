@@ -18,7 +18,7 @@ const PAGE: u64 = 4096;
 /// A fault is answered with this much (within the run of the faulting page).
 const FAULT_CHUNK: u64 = 16 * PAGE;
 /// The background fill copies this much at a time.
-const FILL_CHUNK: u64 = 256 * PAGE;
+const FILL_CHUNK: u64 = 64 * PAGE;
 
 const UFFDIO_COPY: u64 = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
@@ -46,10 +46,43 @@ enum Change {
     Gone { start: u64, end: u64 },
 }
 
+/// Page data of the image (in file `fd` at `offset`) whose checksum must be `crc`: checked
+/// the first time any of it is read (a lazy restore does not read it all first).
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub fd: RawFd,
+    pub offset: u64,
+    pub len: u64,
+    pub crc: u32,
+    /// The file, for the message if it is damaged.
+    pub name: String,
+    pub verified: std::cell::Cell<bool>,
+}
+
+/// Checks the page data that `len` bytes of `fd` at `offset` belong to, once.
+fn verify(checks: &[Check], fd: RawFd, offset: u64, len: u64) -> std::io::Result<()> {
+    for c in checks.iter().filter(|c| {
+        c.fd == fd && !c.verified.get() && offset < c.offset + c.len && offset + len > c.offset
+    }) {
+        let mut data = vec![0u8; c.len as usize];
+        // SAFETY: pread into our own buffer of c.len bytes.
+        let n = unsafe { libc::pread(fd, data.as_mut_ptr().cast(), data.len(), c.offset as i64) };
+        if n != c.len as isize || migrt::image::checksum(&data) != c.crc {
+            return Err(std::io::Error::other(format!(
+                "{}: damaged page data at offset {} (checksum mismatch)",
+                c.name, c.offset
+            )));
+        }
+        c.verified.set(true);
+    }
+    Ok(())
+}
+
 /// One address space being filled: a restored process, or a child it forked meanwhile.
 struct Space {
     uffd: OwnedFd,
     runs: Rc<Vec<Run>>,
+    checks: Rc<[Check]>,
     /// The background fill's place: run index and offset in it.
     next: (usize, u64),
     /// What the app did to its memory since it was restored, in order.
@@ -88,10 +121,11 @@ fn follow(changes: &[Change], a: u64, len: u64) -> Option<Option<u64>> {
 }
 
 impl Space {
-    fn new(uffd: OwnedFd, runs: Rc<Vec<Run>>, pid: i32) -> Space {
+    fn new(uffd: OwnedFd, runs: Rc<Vec<Run>>, checks: Rc<[Check]>, pid: i32) -> Space {
         Space {
             uffd,
             runs,
+            checks,
             next: (0, 0),
             changes: Vec::new(),
             pending: Vec::new(),
@@ -118,6 +152,7 @@ impl Space {
     fn copy(&self, run: &Run, a: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<Copied> {
         buf.resize(len as usize, 0);
         let off = run.offset + (a - run.addr);
+        verify(&self.checks, run.fd, off, len)?;
         // SAFETY: pread into our own buffer of `len` bytes.
         let n = unsafe { libc::pread(run.fd, buf.as_mut_ptr().cast(), len as usize, off as i64) };
         if n != len as isize {
@@ -210,7 +245,7 @@ impl Space {
                         // SAFETY: the kernel made this fd for us.
                         let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
                         // Its missing pages are the parent's, as the app has changed them.
-                        let mut child = Space::new(uffd, self.runs.clone(), 0);
+                        let mut child = Space::new(uffd, self.runs.clone(), self.checks.clone(), 0);
                         child.changes = self.changes.clone();
                         forks.push(child);
                     }
@@ -284,7 +319,8 @@ pub fn available() -> bool {
 /// Serves the processes whose userfaultfds come on `sock` (a message each: the process's
 /// index into `runs` and its pid, the fd attached) until every one is filled and `sock` has no sender
 /// left.
-pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>) {
+pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>) {
+    let checks: Rc<[Check]> = checks.into();
     let runs: Vec<Rc<Vec<Run>>> = runs.into_iter().map(Rc::new).collect();
     // A pause between chunks of the fill (MIGSHIM_PAGER_THROTTLE_MS: tests use it to keep
     // the app running long while pages are missing); faults are answered meanwhile.
@@ -330,7 +366,7 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>) {
                     // SAFETY: the fd came with the message; it is ours now.
                     let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
                     if let Some(r) = runs.get(i) {
-                        spaces.push(Space::new(uffd, r.clone(), pid));
+                        spaces.push(Space::new(uffd, r.clone(), checks.clone(), pid));
                     }
                 }
                 _ => open = false, // every sender has closed its end

@@ -78,6 +78,8 @@ pub struct ProcImage {
     pub runs: Vec<Run>,
     /// The files the runs refer to: the image, then any pre-copy rounds.
     pub files: Vec<PathBuf>,
+    /// Page data not verified yet (read for a lazy restore): checked as it is read.
+    pub checks: Vec<Check>,
 }
 
 /// Pages that follow each other both in memory and in file `file` of a ProcImage.
@@ -89,27 +91,37 @@ pub struct Run {
     pub offset: u64,
 }
 
-/// Adds a page to the last run if it continues it, else as a run of its own.
-fn push_page(runs: &mut Vec<Run>, addr: u64, file: usize, offset: u64) {
+/// Page data of file `file` at `offset` whose checksum must be `crc`.
+#[derive(Clone, Copy, Debug)]
+pub struct Check {
+    pub file: usize,
+    pub offset: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+/// Adds a run, merged into the last one if it continues it.
+fn push_run(runs: &mut Vec<Run>, run: Run) {
     match runs.last_mut() {
         Some(r)
-            if r.file == file
-                && r.addr + r.pages * PAGE as u64 == addr
-                && r.offset + r.pages * PAGE as u64 == offset =>
+            if r.file == run.file
+                && r.addr + r.pages * PAGE as u64 == run.addr
+                && r.offset + r.pages * PAGE as u64 == run.offset =>
         {
-            r.pages += 1
+            r.pages += run.pages
         }
-        _ => runs.push(Run {
-            addr,
-            pages: 1,
-            file,
-            offset,
-        }),
+        _ => runs.push(run),
     }
 }
 
-/// The runs of an image's PageMap/PageData pairs.
-fn page_runs(path: &Path, sections: &[image::Section], file: usize) -> Result<Vec<Run>> {
+/// The runs of an image's PageMap/PageData pairs (and the checks of its page data left
+/// unverified).
+fn page_runs(
+    path: &Path,
+    sections: &[image::Section],
+    file: usize,
+    checks: &mut Vec<Check>,
+) -> Result<Vec<Run>> {
     let mut runs: Vec<Run> = Vec::new();
     let mut pending: Option<PageMap> = None;
     for s in sections {
@@ -120,9 +132,36 @@ fn page_runs(path: &Path, sections: &[image::Section], file: usize) -> Result<Ve
                     .take()
                     .with_context(|| format!("{}: page data without a page map", path.display()))?;
                 let mut offset = (s.offset + 32).div_ceil(PAGE as u64) * PAGE as u64;
-                for i in (0..map.count).filter(|&i| map.is_present(i)) {
-                    push_page(&mut runs, map.start + i * PAGE as u64, file, offset);
-                    offset += PAGE as u64;
+                if let Some((len, crc)) = s.unchecked {
+                    checks.push(Check {
+                        file,
+                        offset,
+                        len,
+                        crc,
+                    });
+                }
+                let mut i = 0;
+                while i < map.count {
+                    let start = i;
+                    while i < map.count && map.is_present(i) {
+                        i += 1;
+                    }
+                    if i == start {
+                        i += 1;
+                        continue;
+                    }
+                    let pages = i - start;
+                    let addr = map.start + start * PAGE as u64;
+                    push_run(
+                        &mut runs,
+                        Run {
+                            addr,
+                            pages,
+                            file,
+                            offset,
+                        },
+                    );
+                    offset += pages * PAGE as u64;
                 }
             }
             _ => {}
@@ -133,42 +172,74 @@ fn page_runs(path: &Path, sections: &[image::Section], file: usize) -> Result<Ve
 
 /// The runs of the pages an image keeps from its pre-copy rounds (files beside it, each
 /// verified; a later round's page overrides an earlier one's), their files added to `files`.
-fn kept_runs(image: &Path, p: &Precopied, files: &mut Vec<PathBuf>) -> Result<Vec<Run>> {
+fn kept_runs(
+    image: &Path,
+    p: &Precopied,
+    files: &mut Vec<PathBuf>,
+    checks: &mut Vec<Check>,
+    lazy: bool,
+) -> Result<Vec<Run>> {
     let dir = image.parent().unwrap_or(Path::new("."));
-    let mut latest: HashMap<u64, (usize, u64)> = HashMap::new();
+    let mut rounds: Vec<Vec<Run>> = Vec::new();
     for name in &p.rounds {
         if name.contains('/') || name.starts_with('.') {
             bail!("{}: bad pre-copy round name {name:?}", image.display());
         }
         let path = dir.join(name);
-        let (kind, sections) = image::read_verified_metadata(&path)?;
+        let (kind, sections) = image::read_verified_metadata(&path, lazy)?;
         if kind != image::Kind::Pages {
             bail!("{}: not a pre-copy round", path.display());
         }
-        for r in page_runs(&path, &sections, files.len())? {
-            for i in 0..r.pages {
-                latest.insert(
-                    r.addr + i * PAGE as u64,
-                    (r.file, r.offset + i * PAGE as u64),
-                );
-            }
-        }
+        let mut runs = page_runs(&path, &sections, files.len(), checks)?;
+        runs.sort_by_key(|r| r.addr);
+        rounds.push(runs);
         files.push(path);
     }
-    let mut runs: Vec<Run> = Vec::new();
-    for &(start, end) in &p.kept {
-        for addr in (start..end).step_by(PAGE) {
-            let Some(&(file, offset)) = latest.get(&addr) else {
-                continue; // never sent: a zero page
-            };
-            push_page(&mut runs, addr, file, offset);
+    // Newest round first: what it holds of the kept ranges is taken, the rest is looked
+    // for in the rounds before; what no round holds stays zero.
+    let page = PAGE as u64;
+    let mut need: Vec<(u64, u64)> = p.kept.clone();
+    need.sort();
+    let mut out: Vec<Run> = Vec::new();
+    for runs in rounds.iter().rev() {
+        let mut still = Vec::new();
+        for &(start, end) in &need {
+            let mut at = start;
+            let mut k = runs.partition_point(|r| r.addr + r.pages * page <= start);
+            while at < end && k < runs.len() && runs[k].addr < end {
+                let r = runs[k];
+                if r.addr > at {
+                    still.push((at, r.addr));
+                    at = r.addr;
+                }
+                let to = (r.addr + r.pages * page).min(end);
+                out.push(Run {
+                    addr: at,
+                    pages: (to - at) / page,
+                    file: r.file,
+                    offset: r.offset + (at - r.addr),
+                });
+                at = to;
+                k += 1;
+            }
+            if at < end {
+                still.push((at, end));
+            }
         }
+        need = still;
+    }
+    out.sort_by_key(|r| r.addr);
+    let mut runs = Vec::with_capacity(out.len());
+    for r in out {
+        push_run(&mut runs, r);
     }
     Ok(runs)
 }
 
-fn read_image(path: &Path) -> Result<ProcImage> {
-    let (kind, sections) = image::read_verified_metadata(path)?;
+/// A process image, verified — its page data too, unless `lazy` (then checked as it is
+/// read: ProcImage::checks).
+fn read_image(path: &Path, lazy: bool) -> Result<ProcImage> {
+    let (kind, sections) = image::read_verified_metadata(path, lazy)?;
     if kind != image::Kind::Process {
         bail!("{}: not a process image", path.display());
     }
@@ -185,6 +256,7 @@ fn read_image(path: &Path) -> Result<ProcImage> {
         regions: vec![],
         runs: vec![],
         files: vec![path.into()],
+        checks: vec![],
     };
     let mut precopied: Option<Precopied> = None;
     for s in &sections {
@@ -201,9 +273,9 @@ fn read_image(path: &Path) -> Result<ProcImage> {
             _ => {}
         }
     }
-    let own = page_runs(path, &sections, 0)?;
+    let own = page_runs(path, &sections, 0, &mut img.checks)?;
     if let Some(p) = precopied {
-        img.runs = kept_runs(path, &p, &mut img.files)?;
+        img.runs = kept_runs(path, &p, &mut img.files, &mut img.checks, lazy)?;
     }
     img.runs.extend(own);
     Ok(img)
@@ -267,6 +339,7 @@ fn controlling_terminals(images: &[ProcImage], objects: &Objects) -> Result<Vec<
 /// processes inherit (fd at FD_BASE or above) to send it their userfaultfds.
 fn start_pager(mapped: &[Mapped], log: Option<&std::fs::File>) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let checks = mapped.iter().flat_map(|m| m.checks.clone()).collect();
     let runs: Vec<Vec<crate::pager::Run>> = mapped
         .iter()
         .map(|m| {
@@ -301,7 +374,7 @@ fn start_pager(mapped: &[Mapped], log: Option<&std::fs::File>) -> Result<std::os
                 // SAFETY: dup2 onto our own stderr.
                 unsafe { libc::dup2(f.as_raw_fd(), 2) };
             }
-            crate::pager::serve(ours.into(), runs);
+            crate::pager::serve(ours.into(), runs, checks);
             std::process::exit(0);
         }
         _ => {
@@ -338,6 +411,8 @@ fn check_unchanged(r: &Region, f: &std::fs::File) -> Result<()> {
 struct Mapped {
     entries: Vec<[u64; 7]>,
     fds: Vec<u64>,
+    /// The page data the pager checks before it reads it.
+    checks: Vec<crate::pager::Check>,
 }
 
 /// Anonymous memory shared between processes (MAP_SHARED|MAP_ANONYMOUS, kept by fork):
@@ -513,7 +588,9 @@ fn map_regions(
             while i < run.pages && at(i) < r.end {
                 i += 1;
             }
-            let lazy = lazy && !r.name.0.starts_with(b"/");
+            // (The stack is copied first: it holds the command line, which ps reads from
+            // the process's memory and cannot fault in.)
+            let lazy = lazy && !r.name.0.starts_with(b"/") && r.name.0 != b"[stack]";
             if lazy && !registered.contains(&r.start) {
                 registered.push(r.start);
                 entries.push([r.start, r.end - r.start, 0, private, 0, 0, REGISTER]);
@@ -529,7 +606,23 @@ fn map_regions(
             ]);
         }
     }
-    Ok(Mapped { entries, fds })
+    let checks = img
+        .checks
+        .iter()
+        .map(|c| crate::pager::Check {
+            fd: page_fds[c.file] as i32,
+            offset: c.offset,
+            len: c.len,
+            crc: c.crc,
+            name: img.files[c.file].display().to_string(),
+            verified: Default::default(),
+        })
+        .collect();
+    Ok(Mapped {
+        entries,
+        fds,
+        checks,
+    })
 }
 
 /// What a process's plan refers to besides its own image.
@@ -639,7 +732,17 @@ fn write_plan(
 }
 
 pub fn restore(a: RestoreArgs) -> Result<i32> {
-    // 1. Everything verified before anything is made.
+    let lazy = a.lazy
+        && {
+            let ok = crate::pager::available();
+            if !ok {
+                eprintln!(
+                    "mig restore: --lazy needs userfaultfd (root, or vm.unprivileged_userfaultfd=1); the pages are copied in first"
+                );
+            }
+            ok
+        };
+    // 1. Everything verified before anything is made (lazily: page data as it is read).
     let session_img = a.dir.join("session.img");
     let (kind, sections) = image::read_all(&session_img)?;
     let manifest: SessionManifest = match (kind, sections.first()) {
@@ -649,7 +752,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     let mut images: Vec<ProcImage> = manifest
         .processes
         .iter()
-        .map(|(_, _, f)| read_image(&a.dir.join(f)))
+        .map(|(_, _, f)| read_image(&a.dir.join(f), lazy))
         .collect::<Result<_>>()?;
     // Which socket is connected to which, session-wide.
     let mut tables: Vec<ProcessTable> = images.iter().map(|i| i.table.clone()).collect();
@@ -718,16 +821,6 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     }
 
     // 3. The plan, and the restorer.
-    let lazy = a.lazy
-        && {
-            let ok = crate::pager::available();
-            if !ok {
-                eprintln!(
-                    "mig restore: --lazy needs userfaultfd (root, or vm.unprivileged_userfaultfd=1); the pages are copied in first"
-                );
-            }
-            ok
-        };
     let result = (|| -> Result<i32> {
         let mut keep = Vec::new();
         let policy = objects::Policy {
@@ -770,12 +863,12 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
                 if let Some(d) = log.parent() {
                     std::fs::create_dir_all(d)?;
                 }
-                Some(std::fs::File::create(&log)?)
+                Some((std::fs::File::create(&log)?, log))
             }
             false => None,
         };
         let pager = match lazy {
-            true => Some(start_pager(&mapped, detach_log.as_ref())?),
+            true => Some(start_pager(&mapped, detach_log.as_ref().map(|l| &l.0))?),
             false => None,
         };
         let pager_fd = pager.as_ref().map_or(u64::MAX, |p| p.as_raw_fd() as u64);
@@ -813,7 +906,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         c.arg0("migrestore")
             .arg(std::ffi::OsStr::from_bytes(&plan_fd))
             .arg("a");
-        if let Some(out) = &detach_log {
+        if let Some((out, _)) = &detach_log {
             c.stdin(Stdio::null())
                 .stdout(out.try_clone()?)
                 .stderr(out.try_clone()?)
@@ -854,7 +947,14 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
                 break;
             }
             if let Some(st) = child.try_wait()? {
-                bail!("the restore failed (restorer exit code {})", exit_code(st));
+                let log = detach_log
+                    .as_ref()
+                    .map(|l| format!("; its log, {}, may say why", l.1.display()));
+                bail!(
+                    "the restore failed (restorer exit code {}){}",
+                    exit_code(st),
+                    log.unwrap_or_default()
+                );
             }
             if t.elapsed() > Duration::from_secs(10) {
                 let _ = child.kill();

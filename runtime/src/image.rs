@@ -353,6 +353,9 @@ pub struct Section {
     pub tag: Tag,
     pub offset: u64,
     pub payload: Vec<u8>,
+    /// Page data left unverified (ImageReader::defer_page_checks): its length and the
+    /// checksum it must have, for whoever reads it later.
+    pub unchecked: Option<(u64, u32)>,
 }
 
 impl Section {
@@ -383,6 +386,11 @@ pub trait Source: Read {
         }
         Ok(h.finalize())
     }
+
+    /// Passes over the next `len` bytes.
+    fn skip(&mut self, len: usize) -> std::io::Result<()> {
+        self.crc_of_next(len).map(drop)
+    }
 }
 
 impl Source for std::io::BufReader<std::fs::File> {}
@@ -396,6 +404,14 @@ impl Source for &[u8] {
         *self = rest;
         Ok(crc32fast::hash(head))
     }
+
+    fn skip(&mut self, len: usize) -> std::io::Result<()> {
+        if self.len() < len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        *self = &self[len..];
+        Ok(())
+    }
 }
 
 /// Reads an image, verifying every checksum as it goes.
@@ -408,6 +424,8 @@ pub struct ImageReader<R: Read> {
     done: bool,
     /// Page data is checked and dropped, not kept (a restore maps it from the file).
     skip_page_data: bool,
+    /// Page data is not even checked (left to whoever reads it: Section::unchecked).
+    defer_page_checks: bool,
 }
 
 impl ImageReader<std::io::BufReader<std::fs::File>> {
@@ -453,6 +471,7 @@ impl<R: Source> ImageReader<R> {
             kind,
             done: false,
             skip_page_data: false,
+            defer_page_checks: false,
         })
     }
 
@@ -460,6 +479,14 @@ impl<R: Source> ImageReader<R> {
     /// not kept (the Section comes back with an empty payload).
     pub fn skip_page_data(mut self) -> Self {
         self.skip_page_data = true;
+        self
+    }
+
+    /// From now on, PageData sections are passed over unverified (Section::unchecked says
+    /// what their checksum must be).
+    pub fn defer_page_checks(mut self) -> Self {
+        self.skip_page_data = true;
+        self.defer_page_checks = true;
         self
     }
 
@@ -506,7 +533,13 @@ impl<R: Source> ImageReader<R> {
         }
         let truncated =
             || format!("truncated in section {tag:?} at offset {at} ({len} bytes expected)");
-        let (payload, crc) = if tag == Tag::PageData && self.skip_page_data {
+        let deferred = tag == Tag::PageData && self.defer_page_checks;
+        let (payload, crc) = if deferred {
+            self.r
+                .skip(len as usize)
+                .map_err(|_| self.bad(truncated()))?;
+            (Vec::new(), u32_at(16))
+        } else if tag == Tag::PageData && self.skip_page_data {
             let crc = self
                 .r
                 .crc_of_next(len as usize)
@@ -542,8 +575,14 @@ impl<R: Source> ImageReader<R> {
             tag,
             offset: at,
             payload,
+            unchecked: deferred.then_some((len, crc)),
         }))
     }
+}
+
+/// The checksum a section's payload carries (Section::unchecked).
+pub fn checksum(payload: &[u8]) -> u32 {
+    crc32fast::hash(payload)
 }
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<()> {
@@ -556,12 +595,20 @@ pub fn read_all(path: &Path) -> Result<(Kind, Vec<Section>)> {
 }
 
 /// Verifies a whole image; page data is checked but not kept (checksummed in place, the
-/// file mapped: no copy of gigabytes through a buffer).
-pub fn read_verified_metadata(path: &Path) -> Result<(Kind, Vec<Section>)> {
+/// file mapped: no copy of gigabytes through a buffer). With `defer_page_checks`, page data
+/// is not read at all: its sections say what it must be (Section::unchecked).
+pub fn read_verified_metadata(
+    path: &Path,
+    defer_page_checks: bool,
+) -> Result<(Kind, Vec<Section>)> {
     let f = std::fs::File::open(path).map_err(|e| Error::io("opening image", path, e))?;
-    let mapped =
-        crate::sys::MappedFile::new(&f).map_err(|e| Error::io("mapping image", path, e))?;
-    read_sections(ImageReader::new(mapped.bytes(), path)?.skip_page_data())
+    let mapped = crate::sys::MappedFile::new(&f, !defer_page_checks)
+        .map_err(|e| Error::io("mapping image", path, e))?;
+    let r = ImageReader::new(mapped.bytes(), path)?;
+    read_sections(match defer_page_checks {
+        true => r.defer_page_checks(),
+        false => r.skip_page_data(),
+    })
 }
 
 fn read_sections<R: Source>(mut r: ImageReader<R>) -> Result<(Kind, Vec<Section>)> {

@@ -789,7 +789,9 @@ pub struct MappedFile {
 }
 
 impl MappedFile {
-    pub fn new(f: &std::fs::File) -> io::Result<MappedFile> {
+    /// `populate`: its page tables made at once (cheaper than a fault per page when all of
+    /// it is read; a waste when little is).
+    pub fn new(f: &std::fs::File, populate: bool) -> io::Result<MappedFile> {
         use std::os::fd::AsRawFd;
         let len = f.metadata()?.len() as usize;
         if len == 0 {
@@ -804,7 +806,7 @@ impl MappedFile {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | if populate { libc::MAP_POPULATE } else { 0 },
                 f.as_raw_fd(),
                 0,
             )

@@ -365,6 +365,7 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
         .arg(&key)
         .arg("--state-dir")
         .arg(&state)
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -419,7 +420,15 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
             let _ = Command::new("pkill")
                 .args(["-f", &format!("counter 2 {mib}")])
                 .output();
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            // Gone from the agent too before the next run.
+            while Command::new(&mig)
+                .env("MIGSHIM_RUNTIME_DIR", state.join("run"))
+                .arg("ps")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("bench"))
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             wire.push(loopback_ms(mib << 20));
         }
         let (f, t, w) = (median(frozen), median(total), median(wire));
