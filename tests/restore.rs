@@ -742,6 +742,12 @@ fn a_lazy_restore_runs_at_once_and_its_memory_is_filled_in_while_it_changes_it()
     ]);
     let o = env.output(c);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    // Back means itself again: ps shows its command line as soon as mig restore returns.
+    let p = env.processes("lazy");
+    assert!(
+        p[0]["command"].as_str().unwrap().contains("lazymem 128"),
+        "{p:?}"
+    );
     let rlog = env.root.join("restored.log");
     let after = wait_numbers(&rlog, "tick ", 30);
     assert_eq!(after[0], last + 1, "it went on: {after:?}");

@@ -20,7 +20,7 @@ use migrt::image::{
     self, PAGE, PageMap, Precopied, ProcessMeta, Region, SessionManifest, Tag, ThreadState,
 };
 use migrt::record::Bytes;
-use migrt::sessiontable::{Kind, SessionTable, State};
+use migrt::sessiontable::{Kind, SessionTable};
 use migrt::sockstate::SocketState;
 use migrt::table::{Folded, ProcessTable};
 use std::collections::HashMap;
@@ -935,15 +935,19 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         let mut child = c.spawn().context("starting the restorer")?;
         // (The restored processes hold the pager's socket now: it ends when they all did.)
         drop(pager);
-        // 4. Running again once the shim has taken its new pid.
+        // 4. Running again once each process says it is back (a byte on its channel, sent
+        // when it has its command line, its threads and its timers again).
         let t = Instant::now();
+        let mut back = vec![false; channels.len()];
+        for (c, _) in &channels {
+            c.set_nonblocking(true)?;
+        }
         loop {
-            let running = |v: i32| {
-                table
-                    .get(v)
-                    .is_some_and(|e| e.real != 0 && e.state == State::Running)
-            };
-            if vpids.iter().all(|&v| running(v)) {
+            for (k, (c, _)) in channels.iter().enumerate() {
+                let mut byte = [0u8];
+                back[k] |= std::io::Read::read(&mut &*c, &mut byte).is_ok_and(|n| n == 1);
+            }
+            if back.iter().all(|&b| b) {
                 break;
             }
             if let Some(st) = child.try_wait()? {

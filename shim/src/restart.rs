@@ -138,7 +138,8 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     crate::interpose::freeze::restore_process_state();
     rejoin_group();
     receive_objects(channel);
-    for fd in closes {
+    // (Its own channel stays open until it is back: see the end.)
+    for fd in closes.into_iter().filter(|&fd| fd != channel as u64) {
         crate::interpose::close_real(fd as i32);
     }
     rebuild_epolls();
@@ -175,6 +176,11 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     }
     // Its POSIX timers (some notify the threads just made).
     crate::interpose::timers::restore();
+    // mig restore hears it is back (its command line shown, its threads running).
+    // SAFETY: a one-byte write on the channel mig handed down, then its close.
+    let ready = [1u8];
+    unsafe { syscall6(libc::SYS_write, channel as usize, ready.as_ptr() as usize, 1, 0, 0, 0) };
+    crate::interpose::close_real(channel);
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {
