@@ -64,10 +64,18 @@ fn verify(checks: &[Check], fd: RawFd, offset: u64, len: u64) -> std::io::Result
     for c in checks.iter().filter(|c| {
         c.fd == fd && !c.verified.get() && offset < c.offset + c.len && offset + len > c.offset
     }) {
-        let mut data = vec![0u8; c.len as usize];
-        // SAFETY: pread into our own buffer of c.len bytes.
-        let n = unsafe { libc::pread(fd, data.as_mut_ptr().cast(), data.len(), c.offset as i64) };
-        if n != c.len as isize || migrt::image::checksum(&data) != c.crc {
+        // (One buffer, reused: fresh memory costs a fault per page, slow on some VMs.)
+        thread_local! {
+            static DATA: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let ok = DATA.with_borrow_mut(|data| {
+            data.resize(c.len as usize, 0);
+            // SAFETY: pread into our own buffer of c.len bytes.
+            let n =
+                unsafe { libc::pread(fd, data.as_mut_ptr().cast(), data.len(), c.offset as i64) };
+            n == c.len as isize && migrt::image::checksum(data) == c.crc
+        });
+        if !ok {
             return Err(std::io::Error::other(format!(
                 "{}: damaged page data at offset {} (checksum mismatch)",
                 c.name, c.offset
@@ -215,8 +223,10 @@ impl Space {
 
     /// Reads what the kernel reports (a forked child's space goes to `forks`), then answers
     /// the faults.
-    fn events(&mut self, buf: &mut Vec<u8>, forks: &mut Vec<Space>) -> std::io::Result<()> {
+    /// Returns whether there were faults.
+    fn events(&mut self, buf: &mut Vec<u8>, forks: &mut Vec<Space>) -> std::io::Result<bool> {
         self.read_events(forks);
+        let faults = !self.pending.is_empty();
         let mut still = Vec::new();
         for x in std::mem::take(&mut self.pending) {
             if let Copied::Later = self.fault(x, buf)? {
@@ -224,7 +234,7 @@ impl Space {
             }
         }
         self.pending = still;
-        Ok(())
+        Ok(faults)
     }
 
     fn read_events(&mut self, forks: &mut Vec<Space>) {
@@ -331,6 +341,10 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>) {
             .unwrap_or(0),
     );
     let mut filled_at = std::time::Instant::now() - pause;
+    // The fill waits while the app faults (it is starting: each fault it takes would wait
+    // behind a chunk of the fill); it goes on once the app has been quiet this long.
+    let quiet = std::time::Duration::from_millis(2);
+    let mut faulted_at = std::time::Instant::now() - quiet;
     let mut spaces: Vec<Space> = Vec::new();
     let mut open = true;
     let mut buf = Vec::new();
@@ -353,7 +367,10 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>) {
         // Wait only when there is nothing to fill (or until the next chunk is due).
         let timeout = match spaces.is_empty() {
             true => -1,
-            false => pause.saturating_sub(filled_at.elapsed()).as_millis() as i32,
+            false => pause
+                .saturating_sub(filled_at.elapsed())
+                .max(quiet.saturating_sub(faulted_at.elapsed()))
+                .as_millis() as i32,
         };
         // SAFETY: polls is a valid array of pollfds.
         unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as _, timeout) };
@@ -373,7 +390,7 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>) {
             }
         }
         let mut forks = Vec::new();
-        let fill_now = filled_at.elapsed() >= pause;
+        let fill_now = filled_at.elapsed() >= pause && faulted_at.elapsed() >= quiet;
         if fill_now {
             filled_at = std::time::Instant::now();
         }
@@ -381,9 +398,14 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>) {
         while i < spaces.len() {
             let s = &mut spaces[i];
             // Reports first (faults waiting, and changes a fill must know of), then a chunk.
-            let result = s.events(&mut buf, &mut forks).and_then(|_| match fill_now {
-                true => s.fill(&mut buf),
-                false => Ok(false),
+            let result = s.events(&mut buf, &mut forks).and_then(|faults| {
+                if faults {
+                    faulted_at = std::time::Instant::now();
+                }
+                match fill_now && !faults {
+                    true => s.fill(&mut buf),
+                    false => Ok(false),
+                }
             });
             let filled = result.unwrap_or_else(|e| {
                 // Its memory cannot be completed: it must not run on with zeros instead.

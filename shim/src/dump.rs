@@ -21,8 +21,9 @@ use std::path::Path;
 pub const MIGSHIM_TABLE: &str = "[migshim-table]";
 pub const MIGSHIM_SCRATCH: &str = "[migshim-scratch]";
 
-/// Pages per PageMap/PageData pair (16 MiB).
-const CHUNK: u64 = 4096;
+/// Pages per PageMap/PageData pair (4 MiB: a lazy restore checksums a pair before it
+/// serves any page of it).
+const CHUNK: u64 = 1024;
 
 #[derive(Debug, Default)]
 pub struct Dumped {

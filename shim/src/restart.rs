@@ -179,7 +179,17 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     // mig restore hears it is back (its command line shown, its threads running).
     // SAFETY: a one-byte write on the channel mig handed down, then its close.
     let ready = [1u8];
-    unsafe { syscall6(libc::SYS_write, channel as usize, ready.as_ptr() as usize, 1, 0, 0, 0) };
+    unsafe {
+        syscall6(
+            libc::SYS_write,
+            channel as usize,
+            ready.as_ptr() as usize,
+            1,
+            0,
+            0,
+            0,
+        )
+    };
     crate::interpose::close_real(channel);
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
