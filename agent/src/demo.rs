@@ -122,12 +122,14 @@ pub fn demo() -> Result<i32> {
         .spawn()?;
     wait_for(&work.join("agent.log"), "listening on")?;
     println!("   listening on {to}");
-    println!("\n== 7. mig migrate {name} --to {to}");
+    println!("\n== 7. mig migrate {name} --to {to} --mode precopy");
     let migrated = mig(&[
         "migrate",
         &name,
         "--to",
         &to,
+        "--mode",
+        "precopy",
         "--key",
         &key.display().to_string(),
     ]);
