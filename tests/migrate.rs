@@ -177,12 +177,17 @@ fn assert_refused(o: &std::process::Output, needles: &[&str]) {
     );
 }
 
+/// The counter of `log` counts `n` more, its memory intact.
+fn counts_on_undamaged(log: &Path, n: usize) {
+    let before = numbers(log, "count ").len();
+    wait_numbers(log, "count ", before + n);
+    assert!(!std::fs::read_to_string(log).unwrap().contains("damaged"));
+}
+
 /// The session runs on here, counting, after a failed migration.
 fn assert_runs_on_here(env: &Env, log: &Path) {
-    let before = numbers(log, "count ").len();
-    wait_numbers(log, "count ", before + 3);
+    counts_on_undamaged(log, 3);
     assert_eq!(env.processes("cnt").len(), 1);
-    assert!(!std::fs::read_to_string(log).unwrap().contains("damaged"));
 }
 
 /// The figure before `what` in a summary like "(1.5 MiB before the freeze, 20.0 KiB frozen)",
@@ -237,10 +242,7 @@ fn precopy_sends_memory_while_the_session_runs_and_little_frozen() {
     assert!(env.processes("cnt").is_empty(), "the session ended here");
     assert_went_on(&log, &agent.session_log("cnt"));
     // It goes on writing there, and checking.
-    let there = agent.session_log("cnt");
-    let n = numbers(&there, "count ").len();
-    wait_numbers(&there, "count ", n + 20);
-    assert!(!std::fs::read_to_string(&there).unwrap().contains("damaged"));
+    counts_on_undamaged(&agent.session_log("cnt"), 20);
 }
 
 #[test]
@@ -647,9 +649,7 @@ fn a_link_cut_mid_transfer_leaves_the_session_running_here() {
     let o = m.wait_with_output().unwrap();
     assert!(!o.status.success(), "the migration cannot have succeeded");
     // The session runs on in the first namespace.
-    let before = numbers(&log, "count ").len();
-    wait_numbers(&log, "count ", before + 3);
-    assert!(!std::fs::read_to_string(&log).unwrap().contains("damaged"));
+    counts_on_undamaged(&log, 3);
 }
 
 #[test]
