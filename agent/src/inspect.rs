@@ -59,6 +59,16 @@ pub fn inspect(dir: &Path) -> Result<i32> {
                     let p: Vec<migrt::image::PtyState> = s.decode(&path)?;
                     carried.push(format!("{} pseudo-terminal(s)", p.len()));
                 }
+                Tag::Precopied => {
+                    let p: migrt::image::Precopied = s.decode(&path)?;
+                    let kept: u64 = p.kept.iter().map(|(a, b)| b - a).sum();
+                    carried.push(format!(
+                        "{} KiB of memory kept from {} pre-copy round(s) ({})",
+                        kept / 1024,
+                        p.rounds.len(),
+                        p.rounds.join(", ")
+                    ));
+                }
                 _ => {}
             }
         }
