@@ -51,19 +51,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     crate::state::enter_forever();
     // No signal until each thread is back in its own context (rt_sigreturn puts its own
     // mask back): timers and pending signals set again below fire only then.
-    let all: u64 = !0;
-    // SAFETY: rt_sigprocmask with an 8-byte set.
-    unsafe {
-        syscall6(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK as usize,
-            (&raw const all) as usize,
-            0,
-            8,
-            0,
-            0,
-        )
-    };
+    crate::interpose::raw::sigmask(libc::SIG_SETMASK, !0);
     // SAFETY: the block is at most 1 MiB and mapped by the restorer for the whole restart.
     let mut a = Args {
         words: unsafe { std::slice::from_raw_parts(args, 1 << 20) },

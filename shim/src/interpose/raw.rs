@@ -26,6 +26,24 @@ pub unsafe fn syscall6(
     ret
 }
 
+/// rt_sigprocmask for the calling thread: `how` (SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK) with
+/// the kernel's 8-byte set (bit n-1: signal n). Unlike libc's, it may block any signal,
+/// glibc's own and the shim's reserved one.
+pub fn sigmask(how: i32, set: u64) {
+    // SAFETY: rt_sigprocmask reads an 8-byte set we own; no old set is asked for.
+    unsafe {
+        syscall6(
+            libc::SYS_rt_sigprocmask,
+            how as usize,
+            (&raw const set) as usize,
+            0,
+            8,
+            0,
+            0,
+        )
+    };
+}
+
 /// exit_group: ends every thread of the process.
 pub fn exit_group(status: i32) -> ! {
     // SAFETY: exit_group takes one integer and does not return.

@@ -142,24 +142,13 @@ pub fn hold(sig: c_int, hold: bool) {
     if !(libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig) {
         return;
     }
-    let set: u64 = 1 << (sig - 1);
     let how = if hold {
         libc::SIG_BLOCK
     } else {
         libc::SIG_UNBLOCK
     };
-    // SAFETY: raw rt_sigprocmask on an 8-byte set (the app's wrappers hide this signal).
-    unsafe {
-        super::raw::syscall6(
-            libc::SYS_rt_sigprocmask,
-            how as usize,
-            (&raw const set) as usize,
-            0,
-            8,
-            0,
-            0,
-        )
-    };
+    // (Raw: the app's mask wrappers hide this signal.)
+    super::raw::sigmask(how, 1 << (sig - 1));
 }
 
 /// Installs the handler (at library load, when the session is known) and lets the signal

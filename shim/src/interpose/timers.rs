@@ -47,18 +47,10 @@ extern "C" fn run_job(arg: *mut c_void) -> *mut c_void {
 
 extern "C" fn helper(_: *mut c_void) -> *mut c_void {
     let set = timer_set();
-    // SAFETY: raw rt_sigprocmask (glibc would refuse to block its own signal) and
-    // rt_sigtimedwait on an 8-byte set; siginfo is written by the kernel.
+    // (Raw: glibc would refuse to block its own signal.)
+    super::raw::sigmask(libc::SIG_BLOCK, set);
+    // SAFETY: rt_sigtimedwait on an 8-byte set; siginfo is written by the kernel.
     unsafe {
-        super::raw::syscall6(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_BLOCK as usize,
-            (&raw const set) as usize,
-            0,
-            8,
-            0,
-            0,
-        );
         HELPER.store(crate::state::vtid().unwrap_or(0), Relaxed);
         loop {
             let mut info: libc::siginfo_t = std::mem::zeroed();
