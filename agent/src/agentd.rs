@@ -8,6 +8,7 @@
 //! sessions may come in at once, how large one may be, how long the peer may stay silent.
 //! Every refusal is logged with its reason and sent to the peer.
 
+use crate::netaddr;
 use crate::peer::{self, Link, Msg};
 use crate::sessions;
 use anyhow::{Context, Result, bail};
@@ -100,10 +101,12 @@ impl Agent {
                 name,
                 uid,
                 restore_args,
+                moving,
             } => {
-                if let Err(e) = self.admit(&name, uid) {
-                    return refuse(&mut link, format!("session {name}: {e:#}"));
-                }
+                let homes = match self.admit(&name, uid).and_then(|_| homes(&moving)) {
+                    Ok(h) => h,
+                    Err(e) => return refuse(&mut link, format!("session {name}: {e:#}")),
+                };
                 if self.incoming.fetch_add(1, Ordering::SeqCst) >= self.max_incoming {
                     self.incoming.fetch_sub(1, Ordering::SeqCst);
                     return refuse(
@@ -116,7 +119,7 @@ impl Agent {
                 }
                 let result = link
                     .send(&Msg::Ready)
-                    .and_then(|_| self.receive(&mut link, &name, &restore_args));
+                    .and_then(|_| self.receive(&mut link, &name, &restore_args, &homes));
                 self.incoming.fetch_sub(1, Ordering::SeqCst);
                 match result {
                     Ok(()) => {
@@ -156,8 +159,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Receives a session's images and restores it; the image files go again either way.
-    fn receive(&self, link: &mut Link, name: &str, restore_args: &[String]) -> Result<()> {
+    /// Receives a session's images and restores it, with the addresses that move with it
+    /// put on their interfaces here first; the image files go again either way.
+    fn receive(
+        &self,
+        link: &mut Link,
+        name: &str,
+        restore_args: &[String],
+        homes: &[netaddr::Held],
+    ) -> Result<()> {
         let files = match link.recv()? {
             Msg::Files(f) => f,
             other => bail!("expected the image's file list, got {other:?}"),
@@ -168,7 +178,7 @@ impl Agent {
             .join("incoming")
             .join(format!("{name}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let result = self.receive_into(link, &dir, name, &files, restore_args);
+        let result = self.receive_into(link, &dir, name, &files, (restore_args, homes));
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
@@ -179,7 +189,7 @@ impl Agent {
         dir: &Path,
         name: &str,
         files: &[String],
-        restore_args: &[String],
+        (restore_args, homes): (&[String], &[netaddr::Held]),
     ) -> Result<()> {
         let mut out: Vec<std::fs::File> = Vec::new();
         // More files may be announced on the way (pre-copy rounds, then the image).
@@ -235,6 +245,12 @@ impl Agent {
         log(format_args!(
             "session {name}: {total} bytes received, restoring"
         ));
+        // The addresses first: the restore binds the handed-over connections to them. (Taken
+        // off again if the restore fails.)
+        let mut added = netaddr::Changes::default();
+        for h in homes {
+            added.add(h)?;
+        }
         let rt = sessions::runtime_dir()?;
         let logf = migrt::paths::logs_dir(&rt).join(format!("{name}.log"));
         let o = std::process::Command::new(std::env::current_exe()?)
@@ -250,8 +266,29 @@ impl Agent {
         if !o.status.success() {
             bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
         }
+        for h in added.added() {
+            if let Err(e) = netaddr::announce(h) {
+                log(format_args!("session {name}: {e:#}"));
+            }
+        }
+        added.keep();
         Ok(())
     }
+}
+
+/// Where each address that moves with a session goes on this host (`ADDR/PREFIX`: the
+/// interface on that subnet); only root can put it there.
+fn homes(moving: &[String]) -> Result<Vec<netaddr::Held>> {
+    if !moving.is_empty() && migrt::sys::geteuid() != 0 {
+        bail!("this agent is not root: it cannot take over the addresses {moving:?}");
+    }
+    moving
+        .iter()
+        .map(|m| {
+            let (ip, prefix) = m.split_once('/').context("an address without prefix")?;
+            netaddr::home_for(ip.parse()?, prefix.parse()?)
+        })
+        .collect()
 }
 
 fn refuse(link: &mut Link, why: String) -> Result<()> {

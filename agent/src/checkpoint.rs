@@ -27,7 +27,7 @@ pub fn checkpoint(session: &str, out: &Path, stop: bool, ignore_unsupported: boo
     let result = (|| -> Result<i32> {
         // Any error below drops `frozen`, which thaws every process.
         let mut frozen = Frozen::freeze(&live)?;
-        frozen.check_supported(ignore_unsupported)?;
+        frozen.check_supported(ignore_unsupported, &[])?;
         let (mut bytes, manifest) = frozen.dump(
             |vpid| {
                 let file = format!("proc-{vpid}.img");

@@ -21,6 +21,8 @@ pub struct Frozen<'a> {
     shared: migrt::sharing::Shared,
     /// The pre-copy rounds' files of each process that made rounds.
     pub rounds: std::collections::HashMap<i32, Vec<String>>,
+    /// Connections to peers outside the session handed over whole (socket ids).
+    handover: Vec<u64>,
 }
 
 impl<'a> Frozen<'a> {
@@ -41,6 +43,7 @@ impl<'a> Frozen<'a> {
             released: false,
             shared: Vec::new(),
             rounds: Default::default(),
+            handover: Vec::new(),
         };
         loop {
             let newcomers: Vec<_> = live
@@ -88,8 +91,14 @@ impl<'a> Frozen<'a> {
     }
 
     /// Refuses (naming each) the fds a restore could not rebuild, unless told to ignore
-    /// them (they then read as closed after a restore); notes which fds are one open file.
-    pub fn check_supported(&mut self, ignore: bool) -> Result<()> {
+    /// them (they then read as closed after a restore); notes which fds are one open file,
+    /// and which TCP connections are handed over whole (those from the addresses `moving`
+    /// with the session). Returns how many are.
+    pub fn check_supported(
+        &mut self,
+        ignore: bool,
+        moving: &[std::net::Ipv4Addr],
+    ) -> Result<usize> {
         let mut tables = Vec::new();
         for (vpid, _, c) in self.clients.iter_mut() {
             match c.call(&Request::Table { journal: false })? {
@@ -99,9 +108,10 @@ impl<'a> Frozen<'a> {
         }
         migrt::link::link_peers(&mut tables);
         self.shared = migrt::sharing::find(&tables);
-        let unsupported = migrt::support::unsupported(&tables);
+        self.handover = migrt::support::handover(&tables, moving);
+        let unsupported = migrt::support::unsupported(&tables, &self.handover);
         if unsupported.is_empty() {
-            return Ok(());
+            return Ok(self.handover.len());
         }
         let list: Vec<String> = unsupported.iter().map(|u| format!("  {u}")).collect();
         if !ignore {
@@ -115,7 +125,7 @@ impl<'a> Frozen<'a> {
             "mig: ignored, as asked (they read as closed after a restore):\n{}",
             list.join("\n")
         );
-        Ok(())
+        Ok(self.handover.len())
     }
 
     /// Writes every process's image to the path `place(vpid)` names (a file, or a pipe
@@ -138,7 +148,13 @@ impl<'a> Frozen<'a> {
         for (vpid, parent, c) in self.clients.iter_mut() {
             let (file, path) = place(*vpid)?;
             let rounds = self.rounds.get(vpid).cloned().unwrap_or_default();
-            match c.call(&Request::Dump { path, sync, rounds })? {
+            let handover = self.handover.clone();
+            match c.call(&Request::Dump {
+                path,
+                sync,
+                rounds,
+                handover,
+            })? {
                 Response::Dumped { bytes: b, .. } => bytes += b,
                 Response::Error(e) => bail!("process {vpid}: {e}"),
                 other => bail!("process {vpid}: unexpected answer {other:?}"),

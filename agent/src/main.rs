@@ -8,6 +8,7 @@ mod elf;
 mod frozen;
 mod inspect;
 mod migrate;
+mod netaddr;
 mod objects;
 mod pager;
 mod peer;
@@ -156,6 +157,12 @@ enum Cmd {
         /// Move it even if some fds cannot be rebuilt (they read as closed there).
         #[arg(long)]
         ignore_unsupported: bool,
+        /// An IPv4 address of this host that moves with the session (root): taken off
+        /// here once the session is frozen, put on the target's interface on the same
+        /// subnet and announced there. The session's TCP connections from it to peers
+        /// outside are handed over whole (repair mode): they pause, and go on there.
+        #[arg(long, value_name = "ADDR")]
+        move_addr: Vec<std::net::Ipv4Addr>,
         /// Seconds to wait for the agent at each step.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -295,6 +302,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             mode,
             key,
             ignore_unsupported,
+            move_addr,
             timeout,
             map,
         } => {
@@ -305,6 +313,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
                 mode,
                 key,
                 ignore_unsupported,
+                move_addr,
                 restore_args: map.args(),
                 timeout: std::time::Duration::from_secs(timeout),
             })

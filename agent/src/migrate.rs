@@ -14,6 +14,7 @@
 
 use crate::client::Client;
 use crate::frozen::{Frozen, human, manifest_bytes};
+use crate::netaddr;
 use crate::peer::{self, CHUNK, Link, Msg};
 use crate::sessions;
 use anyhow::{Context, Result, bail};
@@ -40,6 +41,9 @@ pub struct MigrateArgs {
     pub mode: Mode,
     pub key: Option<std::path::PathBuf>,
     pub ignore_unsupported: bool,
+    /// Addresses that move with the session (`--move-addr`): its TCP connections from them
+    /// to peers outside are handed over whole.
+    pub move_addr: Vec<std::net::Ipv4Addr>,
     /// `--map-...` arguments, passed to the restore on the target.
     pub restore_args: Vec<String>,
     pub timeout: Duration,
@@ -173,15 +177,24 @@ fn forward(pipe: std::fs::File, file: u32, link: Shared) -> std::thread::JoinHan
 }
 
 /// Streams every process's image and the manifest while the session is frozen; returns the
-/// bytes of image.
+/// bytes of image. The addresses `moving` are taken off this host (into `moved`) before
+/// anything is read: no packet reaches the connections handed over after that.
 fn transfer(
     frozen: &mut Frozen,
     link: &Shared,
     announced: &mut u32,
     ignore_unsupported: bool,
+    (moving, moved): (&[netaddr::Held], &mut netaddr::Changes),
 ) -> Result<u64> {
     let send = |m: &Msg| -> Result<()> { link.lock().unwrap_or_else(|p| p.into_inner()).0.send(m) };
-    frozen.check_supported(ignore_unsupported)?;
+    let ips: Vec<std::net::Ipv4Addr> = moving.iter().map(|h| h.ip).collect();
+    let handed = frozen.check_supported(ignore_unsupported, &ips)?;
+    for h in moving {
+        moved.remove(h)?;
+    }
+    if handed > 0 {
+        eprintln!("mig migrate: {handed} TCP connection(s) to the outside handed over");
+    }
     let mut files: Vec<String> = frozen
         .vpids()
         .iter()
@@ -221,6 +234,21 @@ fn transfer(
     Ok(bytes)
 }
 
+/// The addresses to move, as this host holds them; only root can move them.
+fn moving_addresses(ips: &[std::net::Ipv4Addr]) -> Result<Vec<netaddr::Held>> {
+    if !ips.is_empty() && migrt::sys::geteuid() != 0 {
+        bail!(
+            "--move-addr needs root: the address is moved, and TCP connections are handed over in repair mode (CAP_NET_ADMIN)"
+        );
+    }
+    ips.iter()
+        .map(|ip| {
+            netaddr::find(*ip)?
+                .with_context(|| format!("--move-addr {ip}: no interface of this host holds it"))
+        })
+        .collect()
+}
+
 pub fn migrate(a: MigrateArgs) -> Result<i32> {
     if a.mode == Mode::Lazy {
         bail!(
@@ -230,6 +258,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let rt = sessions::runtime_dir()?;
     let live = sessions::find(&rt, &a.session)?;
     let key = peer::read_key(&peer::key_path(a.key.as_deref()))?;
+    let moving = moving_addresses(&a.move_addr)?;
     let t0 = Instant::now();
     // The agent first: a refusal costs the session nothing.
     let mut link = peer::connect(&a.to, &key, a.timeout)?;
@@ -237,6 +266,10 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         name: live.name(),
         uid: migrt::sys::getuid(),
         restore_args: a.restore_args.clone(),
+        moving: moving
+            .iter()
+            .map(|h| format!("{}/{}", h.ip, h.prefix))
+            .collect(),
     })?;
     match link.recv()? {
         Msg::Ready => {}
@@ -262,28 +295,38 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     let mut frozen = Frozen::freeze_with(&live, open)?;
     frozen.rounds = files;
-    let sent = transfer(&mut frozen, &link, &mut announced, a.ignore_unsupported)
-        .and_then(|bytes| {
-            let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
-            // From here until the session has ended here, an interrupt must not leave it
-            // running on both hosts (a frozen session left by a vanished mig thaws itself).
-            migrt::sys::ignore_terminal_signals();
-            l.0.send_mac()?;
-            if migrt::sys::isatty(2) {
-                eprintln!();
-            }
-            // The agent restores; its word decides.
-            match l
-                .0
-                .recv()
-                .context("waiting for the agent to restore the session")?
-            {
-                Msg::Running { .. } => Ok(bytes),
-                Msg::Refused(why) => bail!("the agent refused: {why}"),
-                other => bail!("the agent said {other:?}"),
-            }
-        })
-        .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
+    // Dropped before `frozen` on failure: the addresses are back before the session thaws.
+    let mut moved = netaddr::Changes::default();
+    let sent = transfer(
+        &mut frozen,
+        &link,
+        &mut announced,
+        a.ignore_unsupported,
+        (&moving, &mut moved),
+    )
+    .and_then(|bytes| {
+        let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
+        // From here until the session has ended here, an interrupt must not leave it
+        // running on both hosts (a frozen session left by a vanished mig thaws itself).
+        migrt::sys::ignore_terminal_signals();
+        l.0.send_mac()?;
+        if migrt::sys::isatty(2) {
+            eprintln!();
+        }
+        // The agent restores; its word decides.
+        match l
+            .0
+            .recv()
+            .context("waiting for the agent to restore the session")?
+        {
+            Msg::Running { .. } => Ok(bytes),
+            Msg::Refused(why) => bail!("the agent refused: {why}"),
+            other => bail!("the agent said {other:?}"),
+        }
+    })
+    .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
+    // The addresses are the target's now.
+    moved.keep();
     let (processes, threads) = (frozen.processes(), frozen.threads);
     let (bytes, sent) = (sent, link.lock().unwrap_or_else(|p| p.into_inner()).1);
     let frozen_for = frozen.release(true)?;

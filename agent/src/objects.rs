@@ -63,6 +63,13 @@ pub fn build(
     let group_of = |vpid: i32, fd: i32| shared.iter().position(|g| g.contains(&(vpid, fd)));
     let mut made_for_group: HashMap<usize, OwnedFd> = HashMap::new();
     let listeners = migrt::support::listeners(images.iter().map(|i| &i.table));
+    // Connections to the outside a migration handed over whole (their repair state).
+    let handed: Vec<u64> = images
+        .iter()
+        .flat_map(|i| &i.sockets)
+        .filter(|st| st.handover.is_some())
+        .map(|st| st.id)
+        .collect();
     // Stdio inside the session always comes back; a file the session opened for itself,
     // unless the user chose that fd.
     let kept = |f: &FdEntry| {
@@ -79,7 +86,7 @@ pub fn build(
         for f in img.table.fds.iter().filter(|f| kept(f)) {
             if let Object::Socket(s) = &f.object
                 && !socks.iter().any(|x| x.info.id == s.id)
-                && migrt::support::why_unsupported(&f.object, &listeners).is_none()
+                && migrt::support::why_unsupported(&f.object, &listeners, &handed).is_none()
             {
                 socks.push(SessionSocket {
                     info: s,
@@ -107,7 +114,7 @@ pub fn build(
                 continue;
             }
             let made: OwnedFd = if let Some(why) =
-                migrt::support::why_unsupported(&f.object, &listeners)
+                migrt::support::why_unsupported(&f.object, &listeners, &handed)
             {
                 eprintln!(
                     "mig: restore: process {} fd {} ({}): {why}; it reads as closed",

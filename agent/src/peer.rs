@@ -44,12 +44,14 @@ pub enum Msg {
         json: bool,
     },
     Sessions(String),
-    /// A session would come: its name, owner and the rebinding rules for the restore
-    /// (`--map-...` arguments). Answered by Ready or Refused before anything is frozen.
+    /// A session would come: its name, owner, the rebinding rules for the restore
+    /// (`--map-...` arguments) and the addresses that move with it (`ADDR/PREFIX`).
+    /// Answered by Ready or Refused before anything is frozen.
     Incoming {
         name: String,
         uid: u32,
         restore_args: Vec<String>,
+        moving: Vec<String>,
     },
     Ready,
     /// The session's image files, in the order their chunks refer to them.

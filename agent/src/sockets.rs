@@ -224,6 +224,30 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
+    /// A connection to a peer outside the session, handed over whole: made again in TCP
+    /// repair mode from its old address (which moved here with the session).
+    fn handed(&mut self, s: &SessionSocket, r: &migrt::tcprepair::TcpRepair) -> Result<()> {
+        let i = s.info;
+        let (Some(local), Some(peer)) = (named(&i.local), named(&i.peer)) else {
+            bail!(
+                "socket {}: a handed-over connection without addresses",
+                i.id
+            );
+        };
+        let sock = self.fresh(s)?;
+        migrt::sys::ensure_buffer(sock.as_raw_fd(), libc::SO_RCVBUF, r.recv_queue.0.len());
+        migrt::sys::ensure_buffer(sock.as_raw_fd(), libc::SO_SNDBUF, r.send_queue.0.len());
+        migrt::tcprepair::rebuild(
+            &sock,
+            r,
+            &os_addr(&self.addr(local))?,
+            &os_addr(&self.addr(peer))?,
+        )
+        .with_context(|| format!("socket {}: the connection {local} -> {peer}", i.id))?;
+        self.built.insert(i.id, sock);
+        Ok(())
+    }
+
     fn pending(&mut self, s: &SessionSocket, listener: u64) -> Result<()> {
         let sock = self.fresh(s)?;
         let l = self
@@ -331,9 +355,15 @@ pub fn build(socks: &[SessionSocket], rebind: &Rebind) -> Result<HashMap<u64, So
         }
     }
     for (id, role) in &roles {
+        let s = b.socks[id];
         match role {
-            SocketRole::Pending(l) => b.pending(b.socks[id], *l)?,
-            SocketRole::Lone => b.lone(b.socks[id])?,
+            SocketRole::Pending(l) => b.pending(s, *l)?,
+            SocketRole::Lone => b.lone(s)?,
+            SocketRole::External(_) => {
+                if let Some(r) = s.state.and_then(|st| st.handover.as_ref()) {
+                    b.handed(s, r)?
+                }
+            }
             _ => {}
         }
     }

@@ -20,6 +20,7 @@ pub mod sockstate;
 pub mod support;
 pub mod sys;
 pub mod table;
+pub mod tcprepair;
 pub mod wire;
 
 pub use error::{Error, Result};

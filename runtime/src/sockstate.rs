@@ -24,6 +24,9 @@ pub struct SocketState {
     pub unsent: Bytes,
     /// How many of those could not be read (no CAP_NET_ADMIN): lost, and said so.
     pub unsent_lost: u32,
+    /// A connection to a peer outside the session, handed over whole (its address moves
+    /// with the session): read in repair mode, where its socket stays (tcprepair.rs).
+    pub handover: Option<crate::tcprepair::TcpRepair>,
 }
 
 /// Options put back on a rebuilt socket (before it is bound, so that e.g. SO_REUSEADDR
@@ -56,8 +59,16 @@ fn applies(level: i32, domain: i32, ty: i32) -> bool {
 }
 
 /// Captures socket `fd` of the calling process (all of the session frozen). `listening`
-/// sockets have no data of their own.
-pub fn capture(fd: i32, id: u64, domain: i32, ty: i32, listening: bool) -> SocketState {
+/// sockets have no data of their own. A connection to be handed over (`handover`) is read
+/// in repair mode and left in it; that can fail (no CAP_NET_ADMIN, not established).
+pub fn capture(
+    fd: i32,
+    id: u64,
+    domain: i32,
+    ty: i32,
+    listening: bool,
+    handover: bool,
+) -> std::io::Result<SocketState> {
     let options = OPTIONS
         .iter()
         .filter(|(level, _)| applies(*level, domain, ty))
@@ -65,6 +76,15 @@ pub fn capture(fd: i32, id: u64, domain: i32, ty: i32, listening: bool) -> Socke
             Some((level, name, Bytes(sys::getsockopt_bytes(fd, level, name)?)))
         })
         .collect();
+    if handover {
+        crate::tcprepair::enter(fd)?;
+        return Ok(SocketState {
+            id,
+            options,
+            handover: Some(crate::tcprepair::capture(fd)?),
+            ..Default::default()
+        });
+    }
     let keeps_data = domain == libc::AF_UNIX || ty == libc::SOCK_STREAM;
     let unread = if listening || !keeps_data {
         Vec::new()
@@ -80,19 +100,20 @@ pub fn capture(fd: i32, id: u64, domain: i32, ty: i32, listening: bool) -> Socke
         (0, 0)
     };
     let mut unsent = if not_sent > 0 {
-        sys::tcp_send_queue(fd, queued as usize).unwrap_or_default()
+        crate::tcprepair::peek_send_queue(fd, queued as usize).unwrap_or_default()
     } else {
         Vec::new()
     };
     let captured = unsent.len() as u32 >= not_sent;
     unsent.drain(..unsent.len().saturating_sub(not_sent as usize));
-    SocketState {
+    Ok(SocketState {
         id,
         unread,
         options,
         unsent_lost: if captured { 0 } else { not_sent },
         unsent: Bytes(unsent),
-    }
+        handover: None,
+    })
 }
 
 /// Every unread message (or the stream's bytes, as one), without consuming any.
@@ -175,16 +196,40 @@ mod tests {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(b"hello ").unwrap();
         a.write_all(b"world").unwrap();
-        let s = capture(b.as_raw_fd(), 7, libc::AF_UNIX, libc::SOCK_STREAM, false);
+        let s = capture(
+            b.as_raw_fd(),
+            7,
+            libc::AF_UNIX,
+            libc::SOCK_STREAM,
+            false,
+            false,
+        )
+        .unwrap();
         assert_eq!(s.unread, vec![Bytes(b"hello world".to_vec())]);
-        let again = capture(b.as_raw_fd(), 7, libc::AF_UNIX, libc::SOCK_STREAM, false);
+        let again = capture(
+            b.as_raw_fd(),
+            7,
+            libc::AF_UNIX,
+            libc::SOCK_STREAM,
+            false,
+            false,
+        )
+        .unwrap();
         assert_eq!(again.unread, s.unread, "peeking consumed data");
 
         let (c, d) = UnixDatagram::pair().unwrap();
         for m in [&b"one"[..], b"two", b"three"] {
             c.send(m).unwrap();
         }
-        let s = capture(d.as_raw_fd(), 8, libc::AF_UNIX, libc::SOCK_DGRAM, false);
+        let s = capture(
+            d.as_raw_fd(),
+            8,
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM,
+            false,
+            false,
+        )
+        .unwrap();
         let msgs: Vec<&[u8]> = s.unread.iter().map(|m| m.0.as_slice()).collect();
         assert_eq!(msgs, vec![&b"one"[..], b"two", b"three"]);
         let mut buf = [0u8; 16];

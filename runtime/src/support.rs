@@ -55,8 +55,12 @@ pub fn socket_role(s: &SocketInfo, listeners: &[&SocketInfo]) -> SocketRole {
     SocketRole::External(if unix {
         format!("a unix connection to {peer}, outside the session")
     } else {
+        let local = match &s.local {
+            Some(SockAddr::V4 { ip, .. }) => std::net::Ipv4Addr::from(*ip).to_string(),
+            _ => "ADDRESS".into(),
+        };
         format!(
-            "a TCP connection to {peer}, outside the session (a live migration keeps these: mig migrate)"
+            "a TCP connection to {peer}, outside the session (a migration keeps it when its address moves along: mig migrate --move-addr {local}, as root)"
         )
     })
 }
@@ -106,8 +110,33 @@ impl std::fmt::Display for Unsupported {
     }
 }
 
-/// Why the object behind an fd cannot be rebuilt, if it cannot.
-pub fn why_unsupported(o: &Object, listeners: &[&SocketInfo]) -> Option<String> {
+/// The sockets (by id) of connections to peers outside the session that a migration hands
+/// over whole: TCP over IPv4 from one of the addresses that move with the session.
+pub fn handover(tables: &[ProcessTable], moving: &[std::net::Ipv4Addr]) -> Vec<u64> {
+    let listeners = listeners(tables);
+    let mut ids: Vec<u64> = tables
+        .iter()
+        .flat_map(|t| &t.fds)
+        .filter_map(|f| match &f.object {
+            Object::Socket(s)
+                if s.domain == libc::AF_INET
+                    && s.ty == libc::SOCK_STREAM
+                    && matches!(&s.local, Some(SockAddr::V4 { ip, .. }) if moving.contains(&(*ip).into()))
+                    && matches!(socket_role(s, &listeners), SocketRole::External(_)) =>
+            {
+                Some(s.id)
+            }
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Why the object behind an fd cannot be rebuilt, if it cannot. `handed`: the sockets a
+/// migration hands over (see `handover`).
+pub fn why_unsupported(o: &Object, listeners: &[&SocketInfo], handed: &[u64]) -> Option<String> {
     match o {
         Object::Other { link } => Some(format!("{link} is not something a restore can rebuild")),
         Object::PtyMaster { index: None } => {
@@ -124,6 +153,7 @@ pub fn why_unsupported(o: &Object, listeners: &[&SocketInfo]) -> Option<String> 
             Some(format!("a socket of address family {}", s.domain))
         }
         Object::Socket(s) => match socket_role(s, listeners) {
+            SocketRole::External(_) if handed.contains(&s.id) => None,
             SocketRole::External(why) => Some(why),
             _ => None,
         },
@@ -135,9 +165,9 @@ pub fn why_unsupported(o: &Object, listeners: &[&SocketInfo]) -> Option<String> 
     }
 }
 
-/// Every fd of the session (stdio excepted: a restore rebinds it) that cannot come back.
-/// The tables must be linked (link::link_peers).
-pub fn unsupported(tables: &[ProcessTable]) -> Vec<Unsupported> {
+/// Every fd of the session (stdio excepted: a restore rebinds it) that cannot come back,
+/// the sockets `handed` over aside. The tables must be linked (link::link_peers).
+pub fn unsupported(tables: &[ProcessTable], handed: &[u64]) -> Vec<Unsupported> {
     let listeners = listeners(tables);
     tables
         .iter()
@@ -148,7 +178,7 @@ pub fn unsupported(tables: &[ProcessTable]) -> Vec<Unsupported> {
                 vpid,
                 fd: f.fd,
                 kind: f.object.kind(),
-                why: why_unsupported(&f.object, &listeners)?,
+                why: why_unsupported(&f.object, &listeners, handed)?,
             })
         })
         .collect()

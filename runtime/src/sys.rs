@@ -9,6 +9,11 @@ pub fn getuid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 pub fn fstat(fd: i32) -> io::Result<libc::stat> {
     // SAFETY: `st` is a properly sized out-buffer; an invalid fd yields EBADF.
     unsafe {
@@ -323,11 +328,20 @@ pub fn recv_fd(sock: i32, payload: &mut [u8]) -> io::Result<(usize, i32)> {
 
 /// An option's raw value (up to 64 bytes), or None when the kernel refuses it.
 pub fn getsockopt_bytes(fd: i32, level: i32, name: i32) -> Option<Vec<u8>> {
-    let mut v = [0u8; 64];
-    let mut len = v.len() as libc::socklen_t;
+    getsockopt_sized(fd, level, name, 64).ok()
+}
+
+/// getsockopt with a buffer of `size` bytes (some options insist on their exact size).
+pub fn getsockopt_sized(fd: i32, level: i32, name: i32, size: usize) -> io::Result<Vec<u8>> {
+    let mut v = vec![0u8; size];
+    let mut len = size as libc::socklen_t;
     // SAFETY: v and len are valid out-pointers of the sizes given.
     let r = unsafe { libc::getsockopt(fd, level, name, v.as_mut_ptr().cast(), &mut len) };
-    (r == 0).then(|| v[..(len as usize).min(v.len())].to_vec())
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    v.truncate((len as usize).min(size));
+    Ok(v)
 }
 
 pub fn setsockopt_bytes(fd: i32, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
@@ -698,29 +712,6 @@ pub fn sysv_fill(id: i32, size: u64, f: impl FnOnce(&mut [u8])) -> io::Result<()
 pub fn sysv_remove(id: i32) {
     // SAFETY: IPC_RMID takes no buffer.
     unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
-}
-
-/// A TCP socket's send queue (`len` bytes), read without consuming it in repair mode
-/// (needs CAP_NET_ADMIN; None without). Repair mode is left again without a window probe.
-pub fn tcp_send_queue(fd: i32, len: usize) -> Option<Vec<u8>> {
-    const TCP_REPAIR_QUEUE: i32 = 20;
-    const TCP_SEND_QUEUE: i32 = 2;
-    const TCP_NO_QUEUE: i32 = 0;
-    const TCP_REPAIR_OFF_NO_WP: i32 = -1;
-    set_sockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1).ok()?;
-    let mut buf = vec![0u8; len];
-    let got = set_sockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        .ok()
-        .and_then(|_| recv_peek(fd, &mut buf));
-    let _ = set_sockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE);
-    let _ = set_sockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_REPAIR,
-        TCP_REPAIR_OFF_NO_WP,
-    );
-    buf.truncate(got?);
-    Some(buf)
 }
 
 /// Makes a socket buffer (SO_RCVBUF or SO_SNDBUF) hold at least `bytes` more than its

@@ -30,10 +30,13 @@ pub enum Request {
     Freeze,
     /// While frozen: write the process image to `path` (fsync'd with `sync`). With the
     /// files of the pre-copy rounds this process wrote, only what changed since the last.
+    /// The sockets `handover` (session-wide ids) are connections handed over whole: read
+    /// in repair mode and kept in it until Thaw (let out) or Stop (closed silently).
     Dump {
         path: String,
         sync: bool,
         rounds: Vec<String>,
+        handover: Vec<u64>,
     },
     /// While running: write a pre-copy round of its memory to `path` (the first: all of
     /// it; the next ones: what was written since the round before).

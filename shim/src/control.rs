@@ -13,6 +13,7 @@
 //! thread list of the table, and its fds are hidden from the app's close calls and from the
 //! table.
 
+use crate::dump::Frozen;
 use crate::interpose::{block_all_signals, close_real, freeze, move_fd_high, peer_uid, real_tid};
 use crate::state::{CTL_PATH, enter_forever, shim, vpid};
 use migrt::wire::{self, PROTOCOL_VERSION, Request, Response};
@@ -220,9 +221,7 @@ fn serve() {
         }
         // mig went away (or gave up): whatever happened, the app runs on, untracked.
         crate::precopy::end();
-        if session.frozen.take().is_some() {
-            freeze::thaw();
-        }
+        session.thaw();
         CONN_FD.store(-1, Relaxed);
     }
     // Leaked on purpose: the fd number may already be someone else's.
@@ -232,13 +231,6 @@ fn serve() {
 /// How long a frozen process waits for mig before it thaws on its own.
 const FROZEN_PATIENCE: Duration = Duration::from_secs(60);
 
-/// The app as it was parked: its threads, and its table at that instant.
-struct Frozen {
-    parked: Vec<freeze::Parked>,
-    table: migrt::table::ProcessTable,
-    folded: migrt::table::Folded,
-}
-
 /// One connection's state: whether it holds the app frozen.
 #[derive(Default)]
 struct Session {
@@ -246,6 +238,13 @@ struct Session {
 }
 
 impl Session {
+    fn thaw(&mut self) {
+        if let Some(mut f) = self.frozen.take() {
+            f.let_out();
+            freeze::thaw();
+        }
+    }
+
     fn handle(&mut self, req: Request) -> Response {
         match req {
             Request::Hello { .. } => Response::Hello {
@@ -264,14 +263,24 @@ impl Session {
                     Err(e) => Response::Error(format!("pre-copy round into {path}: {e}")),
                 },
             },
-            Request::Dump { path, sync, rounds } => match (&self.frozen, shim()) {
+            Request::Dump {
+                path,
+                sync,
+                rounds,
+                handover,
+            } => match (&mut self.frozen, shim()) {
                 (Some(f), Some(s)) => {
+                    let sockets = match crate::dump::socket_states(f, &handover) {
+                        Ok(socks) => socks,
+                        Err(e) => return Response::Error(format!("writing {path}: {e}")),
+                    };
+                    let f = &*f;
                     let write = || {
                         let p = std::path::Path::new(&path);
                         crate::precopy::with_delta(|d| {
                             let precopied =
                                 d.filter(|_| !rounds.is_empty()).map(|d| (d, &rounds[..]));
-                            crate::dump::dump(s, p, &f.parked, &f.table, &f.folded, sync, precopied)
+                            crate::dump::dump(s, p, f, &sockets, sync, precopied)
                         })
                     };
                     // A dump that raced its own heap growth is written again (see dump.rs);
@@ -298,9 +307,7 @@ impl Session {
                 _ => Response::Error("not frozen: send Freeze first".into()),
             },
             Request::Thaw => {
-                if self.frozen.take().is_some() {
-                    freeze::thaw();
-                }
+                self.thaw();
                 Response::Done
             }
             Request::Stop => match &self.frozen {
@@ -355,6 +362,7 @@ impl Session {
                     parked,
                     table,
                     folded,
+                    repaired: Vec::new(),
                 });
                 Response::Frozen { threads, micros }
             }

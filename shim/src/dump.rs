@@ -73,12 +73,12 @@ fn link(p: &str) -> Bytes {
 pub fn dump(
     s: &Shim,
     path: &Path,
-    parked: &[Parked],
-    table: &ProcessTable,
-    folded: &Folded,
+    frozen: &Frozen,
+    sockets: &[migrt::sockstate::SocketState],
     sync: bool,
     precopied: Option<(&Delta, &[String])>,
 ) -> std::io::Result<Dumped> {
+    let (parked, table, folded) = (&frozen.parked[..], &frozen.table, &frozen.folded);
     let file = std::fs::File::create(path)?;
     let scratch = Scratch::new()?;
     let mut w = ImageWriter::new(&file, Kind::Process)?;
@@ -131,8 +131,7 @@ pub fn dump(
         .collect();
     w.postcard(Tag::Threads, &threads).map_err(enc)?;
     w.postcard(Tag::Pipes, &pipe_contents(table)).map_err(enc)?;
-    w.postcard(Tag::Sockets, &socket_states(table))
-        .map_err(enc)?;
+    w.postcard(Tag::Sockets, &sockets).map_err(enc)?;
     w.postcard(Tag::Contents, &file_contents(table))
         .map_err(enc)?;
     w.postcard(Tag::Ptys, &pty_states(table)).map_err(enc)?;
@@ -451,23 +450,52 @@ fn pty_states(table: &ProcessTable) -> Vec<migrt::image::PtyState> {
     out
 }
 
-/// Unread bytes and options of every socket this process holds (once per socket).
-fn socket_states(table: &ProcessTable) -> Vec<migrt::sockstate::SocketState> {
+/// Unread bytes and options of every socket this process holds (once per socket); the
+/// connections to hand over (by id) are read in repair mode, and stay in it: their fds
+/// are noted in `frozen.repaired`.
+pub fn socket_states(
+    frozen: &mut Frozen,
+    handover: &[u64],
+) -> std::io::Result<Vec<migrt::sockstate::SocketState>> {
     let mut out: Vec<migrt::sockstate::SocketState> = Vec::new();
-    for f in &table.fds {
+    for f in &frozen.table.fds {
         if let migrt::table::Object::Socket(s) = &f.object
             && !out.iter().any(|o| o.id == s.id)
         {
-            out.push(migrt::sockstate::capture(
-                f.fd,
-                s.id,
-                s.domain,
-                s.ty,
-                s.listening,
-            ));
+            let whole = handover.contains(&s.id);
+            if whole {
+                frozen.repaired.push(f.fd);
+            }
+            let state = migrt::sockstate::capture(f.fd, s.id, s.domain, s.ty, s.listening, whole)
+                .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("fd {} (TCP connection to hand over): {e}", f.fd),
+                )
+            })?;
+            out.push(state);
         }
     }
-    out
+    Ok(out)
+}
+
+/// The app as it was parked: its threads, and its table at that instant.
+pub struct Frozen {
+    pub parked: Vec<Parked>,
+    pub table: ProcessTable,
+    pub folded: Folded,
+    /// Sockets left in TCP repair mode by the dump (connections handed over).
+    pub repaired: Vec<i32>,
+}
+
+impl Frozen {
+    /// The handed-over connections run on here (the migration did not happen): out of
+    /// repair mode, with a window probe so their peers resume at once.
+    pub fn let_out(&mut self) {
+        for fd in self.repaired.drain(..) {
+            migrt::tcprepair::leave(fd, true);
+        }
+    }
 }
 
 /// The content of files that exist nowhere else — memfds and files deleted while open (read
