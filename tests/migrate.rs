@@ -332,38 +332,63 @@ fn agent_dies_mid_transfer(mode: &str) {
     env.stop("cnt");
 }
 
-/// Two network namespaces joined by a veth pair, removed when dropped.
+/// Network namespaces ("hosts") on one Ethernet segment: each joined by a veth pair to a
+/// bridge in a namespace of its own; host i is 10.77.0.(i+1)/24. Removed when dropped.
 struct Hosts {
-    names: [String; 2],
-    /// The veth ends, in the same order.
-    links: [String; 2],
+    names: Vec<String>,
+    /// Each host's interface, in the same order.
+    links: Vec<String>,
+    switch: String,
 }
 
 impl Hosts {
-    fn new(tag: &str) -> Hosts {
+    fn new(tag: &str, n: usize) -> Hosts {
         let id = std::process::id() % 10000;
-        let names = [format!("mig{id}{tag}a"), format!("mig{id}{tag}b")];
-        let sh = |c: &str| {
-            let o = Command::new("sh").args(["-c", c]).output().unwrap();
-            assert!(o.status.success(), "{c}: {}", text(&o.stderr));
-        };
-        let (a, b) = (&names[0], &names[1]);
-        let (va, vb) = (format!("v{id}{tag}a"), format!("v{id}{tag}b"));
-        sh(&format!(
-            "ip netns add {a} && ip netns add {b} && ip link add {va} netns {a} type veth peer name {vb} netns {b} && \
-             ip -n {a} addr add 10.77.0.1/24 dev {va} && ip -n {b} addr add 10.77.0.2/24 dev {vb} && \
-             ip -n {a} link set {va} up && ip -n {b} link set {vb} up && ip -n {a} link set lo up && ip -n {b} link set lo up"
-        ));
-        Hosts {
-            names,
-            links: [va, vb],
+        let switch = format!("mig{id}{tag}s");
+        let letters = ["a", "b", "c"];
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("mig{id}{tag}{}", letters[i]))
+            .collect();
+        let links: Vec<String> = (0..n)
+            .map(|i| format!("v{id}{tag}{}", letters[i]))
+            .collect();
+        let mut script = format!(
+            "ip netns add {switch} && ip -n {switch} link add br0 type bridge && ip -n {switch} link set br0 up"
+        );
+        for (i, (ns, link)) in names.iter().zip(&links).enumerate() {
+            let port = format!("s{id}{tag}{}", letters[i]);
+            script += &format!(
+                " && ip netns add {ns} && ip link add {link} netns {ns} type veth peer name {port} netns {switch} && \
+                 ip -n {switch} link set {port} master br0 && ip -n {switch} link set {port} up && \
+                 ip -n {ns} addr add 10.77.0.{}/24 dev {link} && ip -n {ns} link set {link} up && ip -n {ns} link set lo up",
+                i + 1
+            );
         }
+        let hosts = Hosts {
+            names,
+            links,
+            switch,
+        };
+        let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(o.status.success(), "{script}: {}", text(&o.stderr));
+        hosts
+    }
+
+    /// `ip -n HOST ARGS...` (must succeed); its output.
+    fn ip(&self, host: usize, args: &[&str]) -> String {
+        let o = Command::new("ip")
+            .args(["-n", &self.names[host]])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "ip {args:?}: {}", text(&o.stderr));
+        text(&o.stdout)
     }
 }
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        for n in &self.names {
+        for n in self.names.iter().chain([&self.switch]) {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
@@ -416,18 +441,23 @@ fn migrate_in(env: &Env, ns: &str, session: &str, to: &str, key: &Path, more: &[
 /// Root, iproute2, two namespaces and an agent in the second: (hosts, agent, key); None
 /// (after saying why) without root.
 fn two_hosts(env: &Env, tag: &str) -> Option<(Hosts, Agent, PathBuf)> {
+    hosts(env, tag, 2, &[])
+}
+
+/// `n` hosts, an agent (with `more` arguments) on the second.
+fn hosts(env: &Env, tag: &str, n: usize, more: &[&str]) -> Option<(Hosts, Agent, PathBuf)> {
     if !is_root() || Command::new("ip").arg("-V").output().is_err() {
         println!("SKIP: needs root and iproute2 for network namespaces");
         return None;
     }
     let key = key(env);
-    let hosts = Hosts::new(tag);
+    let hosts = Hosts::new(tag, n);
     let agent = Agent::start(
         env,
         "agent",
         &key,
         Some((&hosts.names[1], "10.77.0.2")),
-        &[],
+        more,
     );
     Some((hosts, agent, key))
 }
@@ -467,7 +497,7 @@ fn every_kind_of_fd_comes_back_after_a_migration_between_namespaces() {
         return;
     }
     let key = key(&env);
-    let hosts = Hosts::new("o");
+    let hosts = Hosts::new("o", 2);
     let dir = env.scratch("objects");
     let log = env.root.join("obj.log");
     let obj = c_program("objects");
@@ -634,18 +664,7 @@ fn a_link_cut_mid_transfer_leaves_the_session_running_here() {
         assert!(t.elapsed() < Duration::from_secs(30), "nothing arrived");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let cut = Command::new("ip")
-        .args([
-            "-n",
-            &hosts.names[0],
-            "link",
-            "set",
-            &hosts.links[0],
-            "down",
-        ])
-        .status()
-        .unwrap();
-    assert!(cut.success());
+    hosts.ip(0, &["link", "set", &hosts.links[0], "down"]);
     let o = m.wait_with_output().unwrap();
     assert!(!o.status.success(), "the migration cannot have succeeded");
     // The session runs on in the first namespace.
@@ -680,4 +699,261 @@ fn a_session_migrates_there_and_back() {
     let o = env.output(c);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_went_on(&on_b, &agent_a.session_log("cnt"));
+}
+
+/// The service address that moves with the session in the hand-over tests (on host A).
+const SERVICE: &str = "10.77.0.100";
+
+/// Three hosts — A runs the session and holds SERVICE, B has the agent (`more`: its
+/// arguments), C the outside client — or None without root.
+fn service_lan(env: &Env, tag: &str, more: &[&str]) -> Option<(Hosts, Agent, PathBuf)> {
+    let (hosts, agent, key) = hosts(env, tag, 3, more)?;
+    let a = format!("{SERVICE}/24");
+    hosts.ip(0, &["addr", "add", &a, "dev", &hosts.links[0]]);
+    Some((hosts, agent, key))
+}
+
+/// Session `name` from A to `agent`, pre-copied, SERVICE moving along; its summary.
+fn migrate_with_service(env: &Env, hosts: &Hosts, name: &str, agent: &Agent, key: &Path) -> String {
+    let more = ["--mode", "precopy", "--move-addr", SERVICE];
+    migrate_in(env, &hosts.names[0], name, &agent.addr, key, &more)
+}
+
+/// Which hosts hold SERVICE.
+fn service_holders(hosts: &Hosts) -> Vec<usize> {
+    (0..hosts.names.len())
+        .filter(|&h| {
+            hosts
+                .ip(h, &["-4", "-o", "addr", "show"])
+                .contains(&format!("{SERVICE}/"))
+        })
+        .collect()
+}
+
+/// An HTTP client that keeps one connection and requests a file through it until `stop`
+/// exists: "ok N port P worst SECONDS" per answer; "BAD"/"RECONNECTED" (and exit 1) if an
+/// answer is wrong or the connection had to be made again; a traceback on any error.
+const HTTP_CLIENT: &str = r#"
+import http.client, os, sys, time
+host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = http.client.HTTPConnection(host, port, timeout=60)
+n, worst, first = 0, 0.0, None
+while not os.path.exists(stop):
+    t = time.time()
+    c.request("GET", "/hello.txt")
+    r = c.getresponse()
+    body = r.read()
+    if r.status != 200 or body != b"hello from the session\n":
+        print(f"BAD {r.status} {body!r}", flush=True)
+        sys.exit(1)
+    port_now = c.sock.getsockname()[1]
+    first = first or port_now
+    if port_now != first:
+        print(f"RECONNECTED {first} -> {port_now}", flush=True)
+        sys.exit(1)
+    worst = max(worst, time.time() - t)
+    n += 1
+    print(f"ok {n} port {port_now} worst {worst:.3f}", flush=True)
+    time.sleep(0.01)
+print(f"done {n} worst {worst:.3f}", flush=True)
+"#;
+
+/// python3's http.server as session "web" on host A (HTTP/1.1: connections are kept), and
+/// HTTP_CLIENT on host C requesting from it through SERVICE; (client, its log, stop file).
+fn web_and_client(env: &Env, hosts: &Hosts) -> (Child, PathBuf, PathBuf) {
+    let www = env.scratch("www");
+    std::fs::write(www.join("hello.txt"), "hello from the session\n").unwrap();
+    let server = [
+        "python3",
+        "-m",
+        "http.server",
+        "--bind",
+        "0.0.0.0",
+        "--protocol",
+        "HTTP/1.1",
+        "--directory",
+        www.to_str().unwrap(),
+        "8000",
+    ];
+    run_in(
+        env,
+        &hosts.names[0],
+        "web",
+        &env.root.join("web.log"),
+        &server,
+    );
+    let (log, stop) = (env.root.join("client.log"), env.root.join("client.stop"));
+    let t = Instant::now();
+    let client = loop {
+        let mut c = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &hosts.names[2],
+                "python3",
+                "-c",
+                HTTP_CLIENT,
+            ])
+            .args([SERVICE, "8000", stop.to_str().unwrap()])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        match c.try_wait().unwrap() {
+            None => break c,
+            Some(_) => assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "the server did not start"
+            ),
+        }
+    };
+    wait_numbers(&log, "ok ", 20);
+    (client, log, stop)
+}
+
+/// Ends HTTP_CLIENT; asserts it never failed, and returns its answers and worst pause.
+fn client_result(client: Child, log: &Path, stop: &Path) -> (u64, f64) {
+    std::fs::write(stop, "").unwrap();
+    let o = client.wait_with_output().unwrap();
+    let out = std::fs::read_to_string(log).unwrap();
+    assert!(
+        o.status.success() && out.contains("done "),
+        "the client failed:\n{}\n{}",
+        out.lines().rev().take(5).collect::<Vec<_>>().join("\n"),
+        text(&o.stderr)
+    );
+    let last = out.lines().last().unwrap().to_string();
+    let w: Vec<&str> = last.split_whitespace().collect();
+    (w[1].parse().unwrap(), w[3].parse().unwrap())
+}
+
+#[test]
+fn an_http_server_moves_with_its_address_and_its_client_sees_a_pause_not_an_error() {
+    let env = Env::new("migrate-http");
+    let Some((hosts, agent, key)) = service_lan(&env, "h", &[]) else {
+        return;
+    };
+    let (client, log, stop) = web_and_client(&env, &hosts);
+    let before = *numbers(&log, "ok ").last().unwrap();
+    let out = migrate_with_service(&env, &hosts, "web", &agent, &key);
+    assert_eq!(service_holders(&hosts), vec![1], "the address moved to B");
+    assert!(env.processes("web").is_empty(), "gone from A");
+    // The same connection goes on being answered, now from B.
+    wait_numbers(&log, "ok ", before as usize + 50);
+    // And a new connection reaches the server's listener there.
+    let fresh = Command::new("ip")
+        .args(["netns", "exec", &hosts.names[2], "python3", "-c"])
+        .arg(format!(
+            "import urllib.request; print(urllib.request.urlopen('http://{SERVICE}:8000/hello.txt', timeout=30).read().decode())"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(text(&fresh.stdout), "hello from the session\n\n");
+    let (answers, worst) = client_result(client, &log, &stop);
+    println!("{out}client: {answers} answers on one connection, longest wait {worst:.3} s");
+}
+
+#[test]
+fn redis_under_a_redis_benchmark_load_moves_and_loses_no_acknowledged_write() {
+    if !have("redis-benchmark") {
+        println!("SKIP: redis-benchmark not installed (.ci/run installs redis-tools)");
+        return;
+    }
+    let env = Env::new("migrate-redisload");
+    let Some((hosts, agent, key)) = service_lan(&env, "l", &[]) else {
+        return;
+    };
+    let data = env.scratch("redis");
+    let mut server = redis_server("6390", &data);
+    server[4] = "0.0.0.0".into(); // --bind: reachable from host C
+    server.extend(["--protected-mode".into(), "no".into()]);
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+    run_in(
+        &env,
+        &hosts.names[0],
+        "redis",
+        &env.root.join("redis.log"),
+        &server,
+    );
+    let cli = |args: &[&str]| -> String {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &hosts.names[2],
+                "redis-cli",
+                "-h",
+                SERVICE,
+                "-p",
+                "6390",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        text(&o.stdout).trim().to_string()
+    };
+    let t = Instant::now();
+    while cli(&["ping"]) != "PONG" {
+        assert!(t.elapsed() < Duration::from_secs(15), "redis did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Four connections incrementing one counter: every INCR redis-benchmark counts was
+    // acknowledged, so the counter must end at exactly that many.
+    const N: u64 = 400_000;
+    let n = N.to_string();
+    let bench = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.names[2],
+            "redis-benchmark",
+            "-h",
+            SERVICE,
+        ])
+        .args(["-p", "6390", "-t", "incr", "-c", "4", "-q", "-n", &n])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let key_name = "counter:__rand_int__";
+    while cli(&["get", key_name]).parse::<u64>().unwrap_or(0) < 20_000 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = migrate_with_service(&env, &hosts, "redis", &agent, &key);
+    let mut bench = bench;
+    assert!(
+        bench.try_wait().unwrap().is_none(),
+        "the load ended before the migration did: the test proves nothing"
+    );
+    let o = bench.wait_with_output().unwrap();
+    let report = format!("{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success() && !report.contains("Error") && !report.contains("rror:"),
+        "redis-benchmark: {report}"
+    );
+    assert_eq!(service_holders(&hosts), vec![1]);
+    assert_eq!(cli(&["get", key_name]), n, "acknowledged INCRs");
+    println!("{out}");
+}
+
+#[test]
+fn a_refused_hand_over_puts_the_address_back_and_the_connection_goes_on_here() {
+    let env = Env::new("migrate-handback");
+    // The agent takes at most 1 MiB: it refuses once the session is frozen, the address
+    // off A and the connection read.
+    let Some((hosts, agent, key)) = service_lan(&env, "k", &["--max-bytes", "1048576"]) else {
+        return;
+    };
+    let (client, log, stop) = web_and_client(&env, &hosts);
+    let before = *numbers(&log, "ok ").last().unwrap();
+    let mut args = migrate_args("web", &agent.addr, &key).to_vec();
+    args.extend_from_slice(&["--move-addr", SERVICE]);
+    let o = mig_in(&env, &hosts.names[0], &args);
+    assert_refused(&o, &["limit", "runs on here"]);
+    assert_eq!(service_holders(&hosts), vec![0], "the address is back on A");
+    wait_numbers(&log, "ok ", before as usize + 50);
+    assert_eq!(env.processes("web").len(), 1);
+    let (answers, worst) = client_result(client, &log, &stop);
+    println!("client: {answers} answers on one connection, longest wait {worst:.3} s");
 }
