@@ -11,6 +11,11 @@
 //! since (each process tracks its own writes, see shim/src/precopy.rs) — until a round is
 //! small or stops shrinking; then it is frozen and only what was written since the last
 //! round goes with the rest of the image. (Lazy mode is not there yet.)
+//!
+//! With `--move-addr`, a service address moves along (netaddr.rs): off this host once the
+//! session is frozen, before anything is read, and the session's TCP connections from it
+//! to outside peers are handed over whole (migrt::tcprepair); on failure it comes back
+//! before the session thaws.
 
 use crate::client::Client;
 use crate::frozen::{Frozen, human, manifest_bytes};

@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
