@@ -736,7 +736,16 @@ fn service_holders(hosts: &Hosts) -> Vec<usize> {
 const HTTP_CLIENT: &str = r#"
 import http.client, os, sys, time
 host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-c = http.client.HTTPConnection(host, port, timeout=60)
+started = time.time()
+while True:  # the server may still be starting
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=60)
+        c.connect()
+        break
+    except OSError:
+        if time.time() - started > 60:
+            raise
+        time.sleep(0.1)
 n, worst, first = 0, 0.0, None
 while not os.path.exists(stop):
     t = time.time()
@@ -783,32 +792,30 @@ fn web_and_client(env: &Env, hosts: &Hosts) -> (Child, PathBuf, PathBuf) {
         &server,
     );
     let (log, stop) = (env.root.join("client.log"), env.root.join("client.stop"));
+    let client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.names[2],
+            "python3",
+            "-c",
+            HTTP_CLIENT,
+        ])
+        .args([SERVICE, "8000", stop.to_str().unwrap()])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    // (The client waits for the server to listen; the session may be slow to start.)
     let t = Instant::now();
-    let client = loop {
-        let mut c = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &hosts.names[2],
-                "python3",
-                "-c",
-                HTTP_CLIENT,
-            ])
-            .args([SERVICE, "8000", stop.to_str().unwrap()])
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        match c.try_wait().unwrap() {
-            None => break c,
-            Some(_) => assert!(
-                t.elapsed() < Duration::from_secs(15),
-                "the server did not start"
-            ),
-        }
-    };
-    wait_numbers(&log, "ok ", 20);
+    while numbers(&log, "ok ").len() < 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the client got no answers: {}",
+            std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     (client, log, stop)
 }
 
@@ -821,7 +828,7 @@ fn client_result(client: Child, log: &Path, stop: &Path) -> (u64, f64) {
         o.status.success() && out.contains("done "),
         "the client failed:\n{}\n{}",
         out.lines().rev().take(5).collect::<Vec<_>>().join("\n"),
-        text(&o.stderr)
+        std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
     );
     let last = out.lines().last().unwrap().to_string();
     let w: Vec<&str> = last.split_whitespace().collect();
