@@ -96,27 +96,22 @@ pub struct Changes {
     undo: Vec<(Held, bool)>,
 }
 
+/// `ip addr add|del ADDR/PREFIX dev DEV`.
+fn set(h: &Held, add: bool) -> Result<()> {
+    let a = format!("{}/{}", h.ip, h.prefix);
+    ip(&["addr", if add { "add" } else { "del" }, &a, "dev", &h.dev])?;
+    Ok(())
+}
+
 impl Changes {
     pub fn remove(&mut self, h: &Held) -> Result<()> {
-        ip(&[
-            "addr",
-            "del",
-            &format!("{}/{}", h.ip, h.prefix),
-            "dev",
-            &h.dev,
-        ])?;
+        set(h, false)?;
         self.undo.push((h.clone(), false));
         Ok(())
     }
 
     pub fn add(&mut self, h: &Held) -> Result<()> {
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/{}", h.ip, h.prefix),
-            "dev",
-            &h.dev,
-        ])?;
+        set(h, true)?;
         self.undo.push((h.clone(), true));
         Ok(())
     }
@@ -134,9 +129,7 @@ impl Changes {
 impl Drop for Changes {
     fn drop(&mut self) {
         for (h, added) in self.undo.drain(..).rev() {
-            let verb = if added { "del" } else { "add" };
-            let a = format!("{}/{}", h.ip, h.prefix);
-            if let Err(e) = ip(&["addr", verb, &a, "dev", &h.dev]) {
+            if let Err(e) = set(&h, !added) {
                 eprintln!("mig: putting address {h} back failed: {e:#}");
             }
         }
