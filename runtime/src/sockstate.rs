@@ -191,45 +191,26 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::{UnixDatagram, UnixStream};
 
+    /// A plain unix socket's state.
+    fn unix(fd: i32, id: u64, ty: i32) -> SocketState {
+        capture(fd, id, libc::AF_UNIX, ty, false, false).unwrap()
+    }
+
     #[test]
     fn peeks_stream_and_datagrams_without_consuming() {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(b"hello ").unwrap();
         a.write_all(b"world").unwrap();
-        let s = capture(
-            b.as_raw_fd(),
-            7,
-            libc::AF_UNIX,
-            libc::SOCK_STREAM,
-            false,
-            false,
-        )
-        .unwrap();
+        let s = unix(b.as_raw_fd(), 7, libc::SOCK_STREAM);
         assert_eq!(s.unread, vec![Bytes(b"hello world".to_vec())]);
-        let again = capture(
-            b.as_raw_fd(),
-            7,
-            libc::AF_UNIX,
-            libc::SOCK_STREAM,
-            false,
-            false,
-        )
-        .unwrap();
+        let again = unix(b.as_raw_fd(), 7, libc::SOCK_STREAM);
         assert_eq!(again.unread, s.unread, "peeking consumed data");
 
         let (c, d) = UnixDatagram::pair().unwrap();
         for m in [&b"one"[..], b"two", b"three"] {
             c.send(m).unwrap();
         }
-        let s = capture(
-            d.as_raw_fd(),
-            8,
-            libc::AF_UNIX,
-            libc::SOCK_DGRAM,
-            false,
-            false,
-        )
-        .unwrap();
+        let s = unix(d.as_raw_fd(), 8, libc::SOCK_DGRAM);
         let msgs: Vec<&[u8]> = s.unread.iter().map(|m| m.0.as_slice()).collect();
         assert_eq!(msgs, vec![&b"one"[..], b"two", b"three"]);
         let mut buf = [0u8; 16];
