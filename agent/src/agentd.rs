@@ -102,6 +102,7 @@ impl Agent {
                 uid,
                 restore_args,
                 moving,
+                lazy,
             } => {
                 let homes = match self.admit(&name, uid).and_then(|_| homes(&moving)) {
                     Ok(h) => h,
@@ -117,14 +118,23 @@ impl Agent {
                         ),
                     );
                 }
+                let how = Incoming {
+                    name: &name,
+                    restore_args: &restore_args,
+                    homes: &homes,
+                    lazy,
+                };
                 let result = link
                     .send(&Msg::Ready)
-                    .and_then(|_| self.receive(&mut link, &name, &restore_args, &homes));
-                self.incoming.fetch_sub(1, Ordering::SeqCst);
-                match result {
-                    Ok(()) => {
+                    .and_then(|_| self.receive(&mut link, &how));
+                let result = match result {
+                    Ok(pager) => {
                         log(format_args!("session {name} restored, running"));
-                        link.send(&Msg::Running { name })
+                        let running = link.send(&Msg::Running { name: name.clone() });
+                        match (running, pager) {
+                            (Ok(()), Some(pager)) => self.post_copy(&mut link, &how, pager),
+                            (r, _) => r,
+                        }
                     }
                     Err(e) => {
                         // The sender hears why once it has sent all (it is not listening
@@ -136,7 +146,9 @@ impl Agent {
                         }
                         refuse(&mut link, format!("session {name}: {e:#}"))
                     }
-                }
+                };
+                self.incoming.fetch_sub(1, Ordering::SeqCst);
+                result
             }
             other => bail!("unexpected {other:?}"),
         }
@@ -159,15 +171,42 @@ impl Agent {
         Ok(())
     }
 
+    /// A lazily restored session's memory, fetched from the sender while it runs here: the
+    /// pager's requests relayed over the link (each answer checked against its MAC) until
+    /// the pager has filled everything and ends. If that fails, the session cannot go on
+    /// here (its memory would be incomplete): it is ended, and the sender, seeing the link
+    /// end, lets it run on there.
+    fn post_copy(&self, link: &mut Link, how: &Incoming, mut pager: Relay) -> Result<()> {
+        let name = how.name;
+        match pager.run(link, None, self.timeout / 3) {
+            Ok(_) => {
+                log(format_args!(
+                    "session {name}: all its memory is here ({} MiB fetched in {:.0} ms)",
+                    pager.bytes >> 20,
+                    pager.since.elapsed().as_secs_f64() * 1e3
+                ));
+                link.send(&Msg::Complete)
+            }
+            Err(e) => {
+                end_session(name);
+                // (The addresses go back to the sender, with the session.)
+                for h in how.homes {
+                    let mut undo = netaddr::Changes::default();
+                    let _ = undo.remove(h);
+                    undo.keep();
+                }
+                Err(e.context(format!(
+                    "session {name}: its memory could not be fetched; ended here"
+                )))
+            }
+        }
+    }
+
     /// Receives a session's images and restores it, with the addresses that move with it
-    /// put on their interfaces here first; the image files go again either way.
-    fn receive(
-        &self,
-        link: &mut Link,
-        name: &str,
-        restore_args: &[String],
-        homes: &[netaddr::Held],
-    ) -> Result<()> {
+    /// put on their interfaces here first; the image files go again either way. Lazily: the
+    /// socket its pager asks for the memory still in the sender on.
+    fn receive(&self, link: &mut Link, how: &Incoming) -> Result<Option<Relay>> {
+        let name = how.name;
         let files = match link.recv()? {
             Msg::Files(f) => f,
             other => bail!("expected the image's file list, got {other:?}"),
@@ -178,7 +217,7 @@ impl Agent {
             .join("incoming")
             .join(format!("{name}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let result = self.receive_into(link, &dir, name, &files, (restore_args, homes));
+        let result = self.receive_into(link, &dir, &files, how);
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
@@ -187,10 +226,10 @@ impl Agent {
         &self,
         link: &mut Link,
         dir: &Path,
-        name: &str,
         files: &[String],
-        (restore_args, homes): (&[String], &[netaddr::Held]),
-    ) -> Result<()> {
+        how: &Incoming,
+    ) -> Result<Option<Relay>> {
+        let name = how.name;
         let mut out: Vec<std::fs::File> = Vec::new();
         // More files may be announced on the way (pre-copy rounds, then the image).
         let add = |out: &mut Vec<std::fs::File>, files: &[String]| -> Result<()> {
@@ -248,23 +287,45 @@ impl Agent {
         // The addresses first: the restore binds the handed-over connections to them. (Taken
         // off again if the restore fails.)
         let mut added = netaddr::Changes::default();
-        for h in homes {
+        for h in how.homes {
             added.add(h)?;
         }
         let rt = sessions::runtime_dir()?;
         let logf = migrt::paths::logs_dir(&rt).join(format!("{name}.log"));
-        let o = std::process::Command::new(std::env::current_exe()?)
+        let mut restore = std::process::Command::new(std::env::current_exe()?);
+        restore
             .arg("restore")
             .arg(dir)
             // (Lazily: it runs as soon as its image is here; pages follow from the files.)
             .args(["--detach", "--lazy", "--name", name, "--log"])
             .arg(&logf)
-            .args(restore_args)
-            .stdin(std::process::Stdio::null())
-            .output()
+            .args(how.restore_args)
+            .stdin(std::process::Stdio::null());
+        let pager = match how.lazy {
+            true => Some(pages_socket(&mut restore)?),
+            false => None,
+        };
+        let mut child = restore
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .context("running mig restore")?;
-        if !o.status.success() {
-            bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
+        // Lazily, the restored processes need pages from the sender before they are back.
+        let mut pager = pager.map(Relay::new);
+        if let Some(r) = pager.as_mut()
+            && let Err(e) = r.run(link, Some(&mut child), self.timeout / 3)
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            end_session(name);
+            return Err(e);
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            let mut why = String::new();
+            use std::io::Read;
+            child.stderr.take().map(|mut e| e.read_to_string(&mut why));
+            bail!("{}", why.trim());
         }
         for h in added.added() {
             if let Err(e) = netaddr::announce(h) {
@@ -272,7 +333,127 @@ impl Agent {
             }
         }
         added.keep();
-        Ok(())
+        Ok(pager)
+    }
+}
+
+/// What comes with an incoming session.
+struct Incoming<'a> {
+    name: &'a str,
+    restore_args: &'a [String],
+    homes: &'a [netaddr::Held],
+    lazy: bool,
+}
+
+/// The fd a lazy restore's pager asks for pages on, in `mig restore`.
+const PAGES_FD: i32 = 899;
+
+/// A stream socket pair for a lazy restore: one end goes to `restore` (at PAGES_FD, in
+/// that child only: other restores started meanwhile must not hold it), the other is ours.
+fn pages_socket(restore: &mut std::process::Command) -> Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let fd = theirs.as_raw_fd();
+    restore.args(["--pages-from", &PAGES_FD.to_string()]);
+    // SAFETY: between fork and exec only dup2 (async-signal-safe) runs; `theirs` stays
+    // open in the parent until the Command is dropped (it is moved into the closure).
+    unsafe {
+        restore.pre_exec(move || {
+            let _keep = &theirs;
+            match libc::dup2(fd, PAGES_FD) {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            }
+        })
+    };
+    Ok(ours)
+}
+
+/// A lazy restore's pager, asking for the memory still in the sender.
+struct Relay {
+    pager: std::os::unix::net::UnixStream,
+    /// Bytes fetched so far, since when.
+    bytes: u64,
+    since: std::time::Instant,
+    /// The last frame of pages (reused).
+    body: Vec<u8>,
+}
+
+impl Relay {
+    fn new(pager: std::os::unix::net::UnixStream) -> Relay {
+        Relay {
+            pager,
+            bytes: 0,
+            since: std::time::Instant::now(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Relays the pager's requests (vpid, address, length) over the link, each answer
+    /// checked against its MAC, until the pager ends (everything filled: true) or, if
+    /// given, `restoring` has exited (false). Says `Waiting` to the sender whenever the
+    /// pager is quiet for `quiet`.
+    fn run(
+        &mut self,
+        link: &mut Link,
+        mut restoring: Option<&mut std::process::Child>,
+        quiet: Duration,
+    ) -> Result<bool> {
+        use std::io::{Read, Write};
+        let mut ask = [0u8; 24];
+        loop {
+            if let Some(c) = restoring.as_mut()
+                && c.try_wait()?.is_some()
+            {
+                return Ok(false);
+            }
+            let wait = match restoring {
+                Some(_) => Duration::from_millis(2),
+                None => quiet,
+            };
+            if !migrt::sys::wait_readable(&self.pager, wait)? {
+                if restoring.is_none() {
+                    link.send(&Msg::Waiting)?;
+                }
+                continue;
+            }
+            match (&self.pager).read_exact(&mut ask) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(true),
+                Err(e) => return Err(e).context("reading the pager's request"),
+            }
+            let word = |k: usize| u64::from_le_bytes(ask[k * 8..][..8].try_into().unwrap());
+            let (vpid, addr, len) = (word(0) as i32, word(1), word(2));
+            if len == 0 || len > peer::CHUNK as u64 {
+                bail!("the pager asked for {len} bytes at once");
+            }
+            link.send(&Msg::Want { vpid, addr, len })?;
+            let data = match link.recv_pages(&mut self.body)? {
+                Ok(at) if at.len() as u64 == len => at,
+                Err(Msg::Refused(why)) => bail!("the sender could not send the pages: {why}"),
+                Ok(_) => bail!("pages of another length than asked for"),
+                Err(other) => bail!("expected pages, got {other:?}"),
+            };
+            match link.recv()? {
+                Msg::Sent { mac } if link.verify(&mac) => {}
+                _ => {
+                    bail!("pages that do not match their MAC: damaged or tampered with on the way")
+                }
+            }
+            (&self.pager).write_all(&self.body[data])?;
+            self.bytes += len;
+        }
+    }
+}
+
+/// Ends every process of a session restored here (its memory cannot be completed).
+fn end_session(name: &str) {
+    if let Ok(live) = sessions::runtime_dir().and_then(|rt| sessions::find(&rt, name)) {
+        for p in live.processes() {
+            // SAFETY: kill takes plain values.
+            unsafe { libc::kill(p.pid, libc::SIGKILL) };
+        }
     }
 }
 

@@ -64,6 +64,18 @@ impl Client {
         Ok(self.stream.set_read_timeout(Some(d))?)
     }
 
+    /// A call answered by Pages: its bytes, read into `buf`.
+    pub fn pages(&mut self, addr: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+        match self.call(&Request::Pages { addr, len })? {
+            Response::Pages { len: n } if n == len => {
+                buf.resize(len as usize, 0);
+                std::io::Read::read_exact(&mut self.stream, buf)
+                    .with_context(|| format!("pages from process {}", self.vpid))
+            }
+            other => bail!("process {}: unexpected answer {other:?}", self.vpid),
+        }
+    }
+
     pub fn call(&mut self, req: &Request) -> Result<Response> {
         wire::write_frame(&mut self.stream, req)?;
         let resp: Response = wire::read_frame(&mut self.stream)

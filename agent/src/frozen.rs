@@ -5,7 +5,7 @@
 
 use crate::client::Client;
 use crate::sessions::{self, Live};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use migrt::image::{ImageWriter, Kind, SessionManifest, Tag};
 use migrt::wire::{Request, Response};
 use std::time::{Duration, Instant};
@@ -162,6 +162,42 @@ impl<'a> Frozen<'a> {
             manifest.processes.push((*vpid, *parent, file));
         }
         Ok((bytes, manifest))
+    }
+
+    /// For a lazy migration: each process keeps its private memory here, in a snapshot its
+    /// next dump makes (written since: only what the dump itself wrote), for `pages`.
+    pub fn keep_memory_here(&mut self) -> Result<()> {
+        for (vpid, _, c) in self.clients.iter_mut() {
+            c.call(&Request::Track)?;
+            self.rounds
+                .insert(*vpid, vec![migrt::image::SOURCE_ROUND.to_string()]);
+        }
+        Ok(())
+    }
+
+    /// `len` bytes of process `vpid`'s memory at `addr` as it was dumped (kept here), into
+    /// `buf`.
+    pub fn pages(&mut self, vpid: i32, addr: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+        let c = self
+            .clients
+            .iter_mut()
+            .find(|c| c.0 == vpid)
+            .with_context(|| format!("no process {vpid} in this session"))?;
+        c.2.pages(addr, len, buf)
+    }
+
+    /// Tells every process that mig is still there (a frozen process left alone for long
+    /// thaws by itself).
+    pub fn keep_waiting(&mut self) -> Result<()> {
+        for (vpid, _, c) in self.clients.iter_mut() {
+            match c.call(&Request::Hello {
+                version: migrt::wire::PROTOCOL_VERSION,
+            })? {
+                Response::Hello { .. } => {}
+                other => bail!("process {vpid}: unexpected answer {other:?}"),
+            }
+        }
+        Ok(())
     }
 
     /// Lets the session go: running on, or ended (then gone before this returns, briefly

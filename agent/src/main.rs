@@ -147,8 +147,9 @@ enum Cmd {
         #[arg(long, value_name = "HOST[:PORT]")]
         to: String,
         /// precopy: memory is sent while the session runs, round after round, and only
-        /// what it wrote since is sent frozen; stop-and-copy: all of it frozen; lazy: not
-        /// available yet.
+        /// what it wrote since is sent frozen; stop-and-copy: all of it frozen; lazy: it
+        /// runs there at once, its memory fetched from here on demand and in the background
+        /// while it is kept frozen here (ended once all is there).
         #[arg(long, value_enum, default_value_t = migrate::Mode::StopAndCopy)]
         mode: migrate::Mode,
         /// The agents' shared key (default: $MIGSHIM_KEY, else ~/.config/migshim/agent.key).
@@ -206,6 +207,10 @@ enum Cmd {
         /// or vm.unprivileged_userfaultfd=1; else the pages are copied in first, as without).
         #[arg(long)]
         lazy: bool,
+        /// (For the agent, with --lazy: the pages the image keeps in a migration's source
+        /// are asked for on this inherited stream socket; see pager.rs.)
+        #[arg(long, value_name = "FD", hide = true, requires = "lazy")]
+        pages_from: Option<i32>,
         /// The restored process's stdin (default: mig restore's own; /dev/null with --detach).
         #[arg(long, value_name = "FILE")]
         stdin: Option<PathBuf>,
@@ -337,6 +342,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             log,
             allow_changed_files,
             lazy,
+            pages_from,
             stdin,
             stdout,
             stderr,
@@ -348,6 +354,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             log,
             allow_changed_files,
             lazy,
+            pages_from: pages_from.map(migrt::sys::take_inherited).transpose()?,
             rebind: map.rebind()?,
             stdio: [stdin, stdout, stderr],
         }),

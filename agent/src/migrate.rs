@@ -10,7 +10,12 @@
 //! memory is sent first while it runs — all of it, then round after round what it wrote
 //! since (each process tracks its own writes, see shim/src/precopy.rs) — until a round is
 //! small or stops shrinking; then it is frozen and only what was written since the last
-//! round goes with the rest of the image. (Lazy mode is not there yet.)
+//! round goes with the rest of the image. Mode lazy (post-copy): frozen, only what is not
+//! anonymous private memory is sent (each process keeps the rest in a snapshot of itself,
+//! see shim/src/dump.rs); the agent restores it at once and its pager fetches the rest
+//! through the link — what the app touches first, everything else in order — while the
+//! session stays frozen here; it ends here once the agent says all is there. If the link
+//! breaks before, the agent ends its copy and the session runs on here as it was frozen.
 //!
 //! With `--move-addr`, a service address moves along (netaddr.rs): off this host once the
 //! session is frozen, before anything is read, and the session's TCP connections from it
@@ -254,12 +259,60 @@ fn moving_addresses(ips: &[std::net::Ipv4Addr]) -> Result<Vec<netaddr::Held>> {
         .collect()
 }
 
-pub fn migrate(a: MigrateArgs) -> Result<i32> {
-    if a.mode == Mode::Lazy {
-        bail!(
-            "--mode lazy is not available yet (post-copy needs a page server on this host and userfaultfd on the target); use --mode precopy"
-        );
+/// The agent's answers once the image is sent: Running (the session runs there), and in a
+/// lazy migration, before and after it, its requests for pages, answered from the frozen
+/// session (each followed by the MAC so far), until Complete. Returns how long after the
+/// freeze it ran there, and the bytes of pages sent for it.
+fn answers(frozen: &mut Frozen, link: &Shared, lazy: bool) -> Result<(Duration, u64)> {
+    let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
+    let progress = migrt::sys::isatty(2);
+    let (mut bytes, mut shown, mut told) = (0u64, Instant::now(), Instant::now());
+    let mut running = None;
+    let mut buf = Vec::new();
+    loop {
+        let m = l.0.recv().with_context(|| match running {
+            None => "waiting for the agent to restore the session",
+            Some(_) => "the link broke during the post-copy (the agent ends the copy there)",
+        })?;
+        match m {
+            Msg::Want { vpid, addr, len } if lazy => {
+                frozen.pages(vpid, addr, len, &mut buf)?;
+                l.0.send_pages(&buf)?;
+                l.0.send_mac()?;
+                bytes += len;
+            }
+            Msg::Waiting if lazy => {}
+            Msg::Running { .. } if running.is_none() => {
+                running = Some(frozen.at.elapsed());
+                if !lazy {
+                    break;
+                }
+            }
+            Msg::Complete if running.is_some() => break,
+            Msg::Refused(why) => bail!("the agent refused: {why}"),
+            other => bail!("the agent said {other:?}"),
+        }
+        // (A frozen process thaws by itself when mig says nothing to it for a minute.)
+        if told.elapsed() > Duration::from_secs(10) {
+            frozen.keep_waiting()?;
+            told = Instant::now();
+        }
+        if progress && shown.elapsed() > Duration::from_millis(200) {
+            eprint!(
+                "\rmig migrate: post-copy: {} fetched by the target",
+                human(bytes)
+            );
+            shown = Instant::now();
+        }
     }
+    if progress && lazy {
+        eprintln!();
+    }
+    l.1 += bytes;
+    Ok((running.unwrap_or_default(), bytes))
+}
+
+pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let rt = sessions::runtime_dir()?;
     let live = sessions::find(&rt, &a.session)?;
     let key = peer::read_key(&peer::key_path(a.key.as_deref()))?;
@@ -275,6 +328,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
             .iter()
             .map(|h| format!("{}/{}", h.ip, h.prefix))
             .collect(),
+        lazy: a.mode == Mode::Lazy,
     })?;
     match link.recv()? {
         Msg::Ready => {}
@@ -300,6 +354,9 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     let mut frozen = Frozen::freeze_with(&live, open)?;
     frozen.rounds = files;
+    if a.mode == Mode::Lazy {
+        frozen.keep_memory_here()?;
+    }
     // Dropped before `frozen` on failure: the addresses are back before the session thaws.
     let mut moved = netaddr::Changes::default();
     let sent = transfer(
@@ -318,25 +375,28 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         if migrt::sys::isatty(2) {
             eprintln!();
         }
-        // The agent restores; its word decides.
-        match l
-            .0
-            .recv()
-            .context("waiting for the agent to restore the session")?
-        {
-            Msg::Running { .. } => Ok(bytes),
-            Msg::Refused(why) => bail!("the agent refused: {why}"),
-            other => bail!("the agent said {other:?}"),
-        }
+        Ok(bytes)
     })
+    // The agent restores; its word decides. (Lazily, the session runs there before all its
+    // memory is: a failure then ends it there, and it runs on here as it was frozen.)
+    .and_then(|bytes| Ok((bytes, answers(&mut frozen, &link, a.mode == Mode::Lazy)?)))
     .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
+    let (sent, (running, after)) = sent;
     // The addresses are the target's now.
     moved.keep();
     let (processes, threads) = (frozen.processes(), frozen.threads);
     let (bytes, sent) = (sent, link.lock().unwrap_or_else(|p| p.into_inner()).1);
-    let frozen_for = frozen.release(true)?;
+    frozen.release(true)?;
+    let how = match a.mode {
+        Mode::Lazy => format!(
+            "{} after it ran there, kept here {:.1} ms",
+            human(after),
+            (t0.elapsed() - running).as_secs_f64() * 1e3
+        ),
+        _ => format!("{} pre-copy round(s)", count),
+    };
     println!(
-        "migrated session {} to {}: {} process(es), {} thread(s), {} sent ({} before the freeze, {} frozen), frozen {:.1} ms, total {:.1} ms, {} pre-copy round(s)",
+        "migrated session {} to {}: {} process(es), {} thread(s), {} sent ({} before the freeze, {} frozen), frozen {:.1} ms, total {:.1} ms, {how}",
         live.name(),
         a.to,
         processes,
@@ -344,9 +404,8 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         human(sent),
         human(before),
         human(bytes),
-        frozen_for.as_secs_f64() * 1e3,
+        running.as_secs_f64() * 1e3,
         t0.elapsed().as_secs_f64() * 1e3,
-        count
     );
     Ok(0)
 }

@@ -10,6 +10,10 @@
 //! gets a userfaultfd of its own (its missing pages are the same as the parent's) and is
 //! filled too. The kernel reports all four, and holds the process until the pager has read
 //! the report.
+//!
+//! After a lazy migration (`mig migrate --mode lazy`), most pages are not in any file: they
+//! are still in the frozen source (runs with fd -1, their offset the source address), and
+//! come through the agent, which fetches them over the link (`Remote`).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -19,6 +23,8 @@ const PAGE: u64 = 4096;
 const FAULT_CHUNK: u64 = 16 * PAGE;
 /// The background fill copies this much at a time.
 const FILL_CHUNK: u64 = 64 * PAGE;
+/// ... and this much of the pages still in a lazy migration's source (a round trip each).
+const REMOTE_CHUNK: u64 = 256 * PAGE;
 
 const UFFDIO_COPY: u64 = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
@@ -28,7 +34,8 @@ const EVENT_REMAP: u8 = 0x14;
 const EVENT_REMOVE: u8 = 0x15;
 const EVENT_UNMAP: u8 = 0x16;
 
-/// Saved pages of a process: `len` bytes at `addr`, in file `fd` at `offset`.
+/// Saved pages of a process: `len` bytes at `addr`, in file `fd` at `offset` (fd -1: in the
+/// source of a lazy migration, at address `offset` there).
 #[derive(Clone, Copy, Debug)]
 pub struct Run {
     pub addr: u64,
@@ -57,6 +64,33 @@ pub struct Check {
     /// The file, for the message if it is damaged.
     pub name: String,
     pub verified: std::cell::Cell<bool>,
+}
+
+/// The pages still in a lazy migration's source: a stream socket to the agent, which fetches
+/// them over its link. Asked: the process (vpid), the address there, the length (3 × u64);
+/// answered: the bytes. The agent closes the socket when it cannot answer (the link broke).
+pub struct Remote {
+    pub sock: std::os::unix::net::UnixStream,
+    /// The vpid of each process, by index.
+    pub vpids: Vec<i32>,
+}
+
+impl Remote {
+    fn fetch(&self, vpid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let mut ask = [0u8; 24];
+        for (k, w) in [vpid as u64, addr, buf.len() as u64].iter().enumerate() {
+            ask[k * 8..][..8].copy_from_slice(&w.to_le_bytes());
+        }
+        (&self.sock)
+            .write_all(&ask)
+            .and_then(|_| (&self.sock).read_exact(buf))
+            .map_err(|e| {
+                std::io::Error::other(format!(
+                    "the pages at {addr:#x} did not come from the source ({e}): the link to it broke"
+                ))
+            })
+    }
 }
 
 /// Checks the page data that `len` bytes of `fd` at `offset` belong to, once.
@@ -99,6 +133,48 @@ struct Space {
     pending: Vec<u64>,
     /// The process (0: a child forked meanwhile, pid unknown).
     pid: i32,
+    /// Where the pages kept in a lazy migration's source come from, and whose they are.
+    remote: Option<(Rc<Remote>, i32)>,
+    /// What was fetched from there already (image addresses).
+    fetched: Spans,
+    /// Where the last fault's pages ended, and how much it fetched.
+    ahead: (u64, u64),
+}
+
+/// Address ranges, merged: start → end.
+#[derive(Default, Clone)]
+struct Spans(std::collections::BTreeMap<u64, u64>);
+
+impl Spans {
+    /// The first piece of `from..to` that is in no range.
+    fn missing(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+        let mut at = from;
+        // A range that starts before `at` and reaches it covers the start.
+        if let Some((_, &e)) = self.0.range(..=at).next_back()
+            && e > at
+        {
+            at = e;
+        }
+        if at >= to {
+            return None;
+        }
+        let end = self.0.range(at..to).next().map_or(to, |(&s, _)| s);
+        Some((at, end))
+    }
+
+    fn add(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&s, &e)) = self.0.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+        }
+        let inside: Vec<u64> = self.0.range(start..=end).map(|(&s, _)| s).collect();
+        for s in inside {
+            end = end.max(self.0.remove(&s).unwrap_or(end));
+        }
+        self.0.insert(start, end);
+    }
 }
 
 /// What a copy into the app's memory came to.
@@ -138,7 +214,31 @@ impl Space {
             changes: Vec::new(),
             pending: Vec::new(),
             pid,
+            remote: None,
+            fetched: Spans::default(),
+            ahead: (0, 0),
         }
+    }
+
+    /// The saved data of `len` bytes of `run` at image address `a`, read into `buf`.
+    fn read(&self, run: &Run, a: u64, len: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let off = run.offset + (a - run.addr);
+        if run.fd < 0 {
+            let (remote, vpid) = self.remote.as_ref().ok_or_else(|| {
+                std::io::Error::other("pages kept in a migration's source, and no link to it")
+            })?;
+            return remote.fetch(*vpid, off, buf);
+        }
+        verify(&self.checks, run.fd, off, len)?;
+        // SAFETY: pread into our own buffer of `len` bytes.
+        let n = unsafe { libc::pread(run.fd, buf.as_mut_ptr().cast(), len as usize, off as i64) };
+        if n != len as isize {
+            return Err(std::io::Error::other(format!(
+                "reading saved pages (fd {}, offset {off}): short read",
+                run.fd
+            )));
+        }
+        Ok(())
     }
 
     /// The image address of the page now at `x`, if it holds one (not something made
@@ -157,18 +257,31 @@ impl Space {
 
     /// The saved data of image range `a..a+len` (within one run) copied to where it is now
     /// (page by page where the range went in pieces; nothing where it is gone).
-    fn copy(&self, run: &Run, a: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<Copied> {
-        buf.resize(len as usize, 0);
-        let off = run.offset + (a - run.addr);
-        verify(&self.checks, run.fd, off, len)?;
-        // SAFETY: pread into our own buffer of `len` bytes.
-        let n = unsafe { libc::pread(run.fd, buf.as_mut_ptr().cast(), len as usize, off as i64) };
-        if n != len as isize {
-            return Err(std::io::Error::other(format!(
-                "reading saved pages (fd {}, offset {off}): short read",
-                run.fd
-            )));
+    /// (From a lazy migration's source: only what was not fetched before, each piece once.)
+    fn copy(&mut self, run: &Run, a: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<Copied> {
+        if run.fd >= 0 {
+            return self.copy_range(run, a, len, buf);
         }
+        let mut at = a;
+        while let Some((s, e)) = self.fetched.missing(at, a + len) {
+            if let Copied::Later = self.copy_range(run, s, e - s, buf)? {
+                return Ok(Copied::Later);
+            }
+            self.fetched.add(s, e);
+            at = e;
+        }
+        Ok(Copied::Done)
+    }
+
+    fn copy_range(
+        &self,
+        run: &Run,
+        a: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<Copied> {
+        buf.resize(len as usize, 0);
+        self.read(run, a, len, buf)?;
         let step = match follow(&self.changes, a, len) {
             Some(_) => len,
             None => PAGE,
@@ -186,19 +299,26 @@ impl Space {
     }
 
     /// Answers a fault at `x` (where the app is now).
-    fn fault(&self, x: u64, buf: &mut Vec<u8>) -> std::io::Result<Copied> {
+    fn fault(&mut self, x: u64, buf: &mut Vec<u8>) -> std::io::Result<Copied> {
         let page = x & !(PAGE - 1);
         let run = self.image(page).and_then(|a| {
             let r = self
                 .runs
                 .iter()
                 .find(|r| (r.addr..r.addr + r.len).contains(&a))?;
-            Some((r, a))
+            Some((*r, a))
         });
         match run {
             Some((r, a)) => {
-                let len = FAULT_CHUNK.min(r.addr + r.len - a);
-                self.copy(r, a, len, buf)
+                // (From a lazy migration's source, a fault right after the last one's pages
+                // fetches twice as much, up to a fill chunk: read-ahead for sequential use.)
+                let chunk = match self.ahead {
+                    (end, n) if r.fd < 0 && end == a => (2 * n).min(REMOTE_CHUNK),
+                    _ => FAULT_CHUNK,
+                };
+                let len = chunk.min(r.addr + r.len - a);
+                self.ahead = (a + len, chunk);
+                self.copy(&r, a, len, buf)
             }
             None => uffd_zero(&self.uffd, page),
         }
@@ -209,7 +329,8 @@ impl Space {
         let Some(run) = self.runs.get(self.next.0).copied() else {
             return Ok(true);
         };
-        let len = FILL_CHUNK.min(run.len - self.next.1);
+        let chunk = if run.fd < 0 { REMOTE_CHUNK } else { FILL_CHUNK };
+        let len = chunk.min(run.len - self.next.1);
         match self.copy(&run, run.addr + self.next.1, len, buf)? {
             Copied::Later => return Ok(false),
             Copied::Done => {}
@@ -257,6 +378,8 @@ impl Space {
                         // Its missing pages are the parent's, as the app has changed them.
                         let mut child = Space::new(uffd, self.runs.clone(), self.checks.clone(), 0);
                         child.changes = self.changes.clone();
+                        child.remote = self.remote.clone();
+                        child.fetched = self.fetched.clone();
                         forks.push(child);
                     }
                     EVENT_REMAP => self.changes.push(Change::Moved {
@@ -329,7 +452,8 @@ pub fn available() -> bool {
 /// Serves the processes whose userfaultfds come on `sock` (a message each: the process's
 /// index into `runs` and its pid, the fd attached) until every one is filled and `sock` has no sender
 /// left.
-pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>) {
+pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Option<Remote>) {
+    let remote = remote.map(Rc::new);
     let checks: Rc<[Check]> = checks.into();
     let runs: Vec<Rc<Vec<Run>>> = runs.into_iter().map(Rc::new).collect();
     // A pause between chunks of the fill (MIGSHIM_PAGER_THROTTLE_MS: tests use it to keep
@@ -383,7 +507,11 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>) {
                     // SAFETY: the fd came with the message; it is ours now.
                     let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
                     if let Some(r) = runs.get(i) {
-                        spaces.push(Space::new(uffd, r.clone(), checks.clone(), pid));
+                        let mut space = Space::new(uffd, r.clone(), checks.clone(), pid);
+                        space.remote = remote
+                            .as_ref()
+                            .and_then(|m| Some((m.clone(), *m.vpids.get(i)?)));
+                        spaces.push(space);
                     }
                 }
                 _ => open = false, // every sender has closed its end
@@ -425,5 +553,29 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>) {
             }
         }
         spaces.extend(forks);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spans;
+
+    #[test]
+    fn spans_say_what_is_missing_and_merge() {
+        let mut s = Spans::default();
+        assert_eq!(s.missing(0, 100), Some((0, 100)));
+        s.add(10, 20);
+        s.add(30, 40);
+        assert_eq!(s.missing(0, 100), Some((0, 10)));
+        assert_eq!(s.missing(10, 100), Some((20, 30)));
+        assert_eq!(s.missing(15, 18), None);
+        assert_eq!(s.missing(35, 100), Some((40, 100)));
+        s.add(20, 30);
+        assert_eq!(s.0.len(), 1, "touching ranges merge");
+        assert_eq!(s.missing(10, 40), None);
+        s.add(5, 50);
+        assert_eq!(s.0.iter().collect::<Vec<_>>(), [(&5, &50)]);
+        assert_eq!(s.missing(0, 60), Some((0, 5)));
+        assert_eq!(s.missing(5, 60), Some((50, 60)));
     }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_PORT: u16 = 7070;
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
 /// No frame is larger (a chunk of image is 1 MiB).
 pub const MAX_FRAME: usize = 4 << 20;
 pub const CHUNK: usize = 1 << 20;
@@ -45,13 +45,15 @@ pub enum Msg {
     },
     Sessions(String),
     /// A session would come: its name, owner, the rebinding rules for the restore
-    /// (`--map-...` arguments) and the addresses that move with it (`ADDR/PREFIX`).
+    /// (`--map-...` arguments), the addresses that move with it (`ADDR/PREFIX`) and
+    /// whether it comes lazily (its memory fetched from the sender after it runs).
     /// Answered by Ready or Refused before anything is frozen.
     Incoming {
         name: String,
         uid: u32,
         restore_args: Vec<String>,
         moving: Vec<String>,
+        lazy: bool,
     },
     Ready,
     /// The session's image files, in the order their chunks refer to them.
@@ -72,6 +74,19 @@ pub enum Msg {
     },
     /// agent → client: refused, and why.
     Refused(String),
+    /// agent → client, after Running in a lazy migration: send `len` bytes of process
+    /// `vpid`'s memory at `addr`, as it was frozen (answered by Pages, then Sent).
+    Want {
+        vpid: i32,
+        addr: u64,
+        len: u64,
+    },
+    Pages(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// agent → client, in a lazy migration: nothing wanted for a while, the session still
+    /// runs here (the sender keeps waiting).
+    Waiting,
+    /// agent → client: the session has all its memory here; the sender's part is over.
+    Complete,
 }
 
 fn mac_of(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
@@ -152,6 +167,26 @@ impl Link {
         Ok(())
     }
 
+    /// Sends `Msg::Pages(data)` as `send` would, without copying `data` into a frame first.
+    pub fn send_pages(&mut self, data: &[u8]) -> Result<()> {
+        // Its encoding: the variant's index, the length (a varint), the bytes.
+        let mut head = postcard::to_stdvec(&Msg::Pages(Vec::new()))?;
+        head.pop();
+        let mut n = data.len();
+        while n >= 0x80 {
+            head.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        head.push(n as u8);
+        self.stream_mac.update(&head);
+        self.stream_mac.update(data);
+        let len = ((head.len() + data.len()) as u32).to_le_bytes();
+        use std::io::Write;
+        self.stream.write_all(&[&len[..], &head].concat())?;
+        self.stream.write_all(data)?;
+        Ok(())
+    }
+
     /// Sends the MAC of everything sent so far (ends the client's stream).
     pub fn send_mac(&mut self) -> Result<()> {
         let mac = *self.stream_mac.finalize().as_bytes();
@@ -165,6 +200,45 @@ impl Link {
             self.stream_mac.update(&body);
         }
         Ok(m)
+    }
+
+    /// Receives a frame into `body` (reused); if it is `Msg::Pages`, where its bytes are in
+    /// `body` (not copied out), else the message.
+    pub fn recv_pages(
+        &mut self,
+        body: &mut Vec<u8>,
+    ) -> Result<std::result::Result<std::ops::Range<usize>, Msg>> {
+        use std::io::Read;
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            bail!("a frame of {len} bytes is over the limit");
+        }
+        body.resize(len, 0);
+        self.stream.read_exact(body)?;
+        let pages: Result<&[u8]> = (|| {
+            let head = postcard::to_stdvec(&Msg::Pages(Vec::new()))?;
+            let rest = body
+                .strip_prefix(&head[..head.len() - 1])
+                .context("not pages")?;
+            let (n, data) = postcard::take_from_bytes::<usize>(rest)?;
+            (n == data.len()).then_some(()).context("not pages")?;
+            Ok(data)
+        })();
+        match pages {
+            Ok(data) => {
+                self.stream_mac.update(body);
+                Ok(Ok(len - data.len()..len))
+            }
+            Err(_) => {
+                let m: Msg = postcard::from_bytes(body)?;
+                if !matches!(m, Msg::Sent { .. }) {
+                    self.stream_mac.update(body);
+                }
+                Ok(Err(m))
+            }
+        }
     }
 
     /// Whether `mac` is the MAC of everything received so far.
@@ -268,6 +342,10 @@ mod tests {
             let mut link = accept(s, &k2).unwrap();
             let m = link.recv().unwrap();
             assert!(matches!(m, Msg::Ps { json: false }));
+            // (Pages are sent without a copy, and read as any frame.)
+            let mut body = Vec::new();
+            let at = link.recv_pages(&mut body).unwrap().unwrap();
+            assert_eq!(body[at], [7u8; 300]);
             let Msg::Sent { mac } = link.recv().unwrap() else {
                 panic!()
             };
@@ -278,6 +356,7 @@ mod tests {
         });
         let mut link = connect(&format!("127.0.0.1:{port}"), &key, Duration::from_secs(5)).unwrap();
         link.send(&Msg::Ps { json: false }).unwrap();
+        link.send_pages(&[7u8; 300]).unwrap();
         link.send_mac().unwrap();
         let e = connect(
             &format!("127.0.0.1:{port}"),

@@ -53,6 +53,8 @@ pub struct RestoreArgs {
     pub allow_changed_files: bool,
     /// Memory filled in after the process runs again (pager.rs).
     pub lazy: bool,
+    /// With `lazy`: where the pages kept in a lazy migration's source are asked for.
+    pub pages_from: Option<std::os::fd::OwnedFd>,
     pub rebind: migrt::rebind::Rebind,
     /// Files for the restored process's stdin/stdout/stderr (default: mig restore's own).
     pub stdio: [Option<PathBuf>; 3],
@@ -81,6 +83,10 @@ pub struct ProcImage {
     /// Page data not verified yet (read for a lazy restore): checked as it is read.
     pub checks: Vec<Check>,
 }
+
+/// The `file` of a run whose pages are still in a lazy migration's source (at their own
+/// address there).
+const REMOTE: usize = usize::MAX;
 
 /// Pages that follow each other both in memory and in file `file` of a ProcImage.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -182,6 +188,23 @@ fn kept_runs(
     let dir = image.parent().unwrap_or(Path::new("."));
     let mut rounds: Vec<Vec<Run>> = Vec::new();
     for name in &p.rounds {
+        if name == image::SOURCE_ROUND {
+            if !lazy {
+                bail!(
+                    "{}: its memory is still in the source of a lazy migration: only the agent receiving that migration restores it, lazily",
+                    image.display()
+                );
+            }
+            // The source holds every page: one run over the whole address space.
+            let top = 1u64 << 47;
+            rounds.push(vec![Run {
+                addr: 0,
+                pages: top / PAGE as u64,
+                file: REMOTE,
+                offset: 0,
+            }]);
+            continue;
+        }
         if name.contains('/') || name.starts_with('.') {
             bail!("{}: bad pre-copy round name {name:?}", image.display());
         }
@@ -336,8 +359,13 @@ fn controlling_terminals(images: &[ProcImage], objects: &Objects) -> Result<Vec<
 /// Starts the pager of a lazy restore (a process of its own: it outlives `mig restore
 /// --detach`; what it has to say goes to `log`, else to mig restore's stderr) with each
 /// process's pages to fill; returns the socket end the restored
-/// processes inherit (fd at FD_BASE or above) to send it their userfaultfds.
-fn start_pager(mapped: &[Mapped], log: Option<&std::fs::File>) -> Result<std::os::fd::OwnedFd> {
+/// processes inherit (fd at FD_BASE or above) to send it their userfaultfds. Pages still in
+/// a lazy migration's source are asked for through `remote`.
+fn start_pager(
+    mapped: &[Mapped],
+    log: Option<&std::fs::File>,
+    remote: Option<crate::pager::Remote>,
+) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let checks = mapped.iter().flat_map(|m| m.checks.clone()).collect();
     let runs: Vec<Vec<crate::pager::Run>> = mapped
@@ -374,7 +402,7 @@ fn start_pager(mapped: &[Mapped], log: Option<&std::fs::File>) -> Result<std::os
                 // SAFETY: dup2 onto our own stderr.
                 unsafe { libc::dup2(f.as_raw_fd(), 2) };
             }
-            crate::pager::serve(ours.into(), runs, checks);
+            crate::pager::serve(ours.into(), runs, checks, remote);
             std::process::exit(0);
         }
         _ => {
@@ -600,7 +628,7 @@ fn map_regions(
                 (i - start) * PAGE as u64,
                 0,
                 private,
-                page_fds[run.file],
+                page_fds.get(run.file).copied().unwrap_or(u64::MAX),
                 run.offset + start * PAGE as u64,
                 if lazy { PAGER } else { COPY },
             ]);
@@ -731,7 +759,7 @@ fn write_plan(
     Ok(())
 }
 
-pub fn restore(a: RestoreArgs) -> Result<i32> {
+pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     let lazy = a.lazy
         && {
             let ok = crate::pager::available();
@@ -867,8 +895,16 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             }
             false => None,
         };
+        let remote = a.pages_from.take().map(|sock| crate::pager::Remote {
+            sock: sock.into(),
+            vpids: vpids.clone(),
+        });
         let pager = match lazy {
-            true => Some(start_pager(&mapped, detach_log.as_ref().map(|l| &l.0))?),
+            true => Some(start_pager(
+                &mapped,
+                detach_log.as_ref().map(|l| &l.0),
+                remote,
+            )?),
             false => None,
         };
         let pager_fd = pager.as_ref().map_or(u64::MAX, |p| p.as_raw_fd() as u64);

@@ -224,6 +224,10 @@ impl PageMap {
 /// A process image whose memory was sent ahead in rounds while it ran: its own page data
 /// holds the pages written since the last round; the pages of `kept` are as the latest
 /// round that holds them has them, or zero if none does; a page in neither is zero.
+/// The round name that stands for "still in the source process" (`mig migrate --mode lazy`):
+/// those pages are fetched from the frozen source while the restored session runs.
+pub const SOURCE_ROUND: &str = "@source";
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Precopied {
     /// The rounds' files (Kind::Pages, beside the image), oldest first.

@@ -222,6 +222,36 @@ pub fn inheritable_fd_of(fd: i32, min: i32) -> io::Result<i32> {
     }
 }
 
+/// Takes an fd inherited from the process that started us (named on the command line):
+/// checked open, made close-on-exec (it goes no further), owned from now on.
+pub fn take_inherited(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: fcntl on a plain number: EBADF if it is not open.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::other(format!(
+            "fd {fd} is not an inherited open fd"
+        )));
+    }
+    // SAFETY: open, and named to us alone: nothing else in this process owns it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Whether `fd` has something to read (or its end) within `timeout`.
+pub fn wait_readable(
+    fd: &impl std::os::fd::AsRawFd,
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of our own.
+    match unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) } {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n => Ok(n > 0),
+    }
+}
+
 /// A pipe (close-on-exec) as (read, write) Files.
 pub fn pipe() -> io::Result<(std::fs::File, std::fs::File)> {
     let mut fds = [0; 2];

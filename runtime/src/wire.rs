@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -43,6 +43,17 @@ pub enum Request {
     Precopy {
         path: String,
     },
+    /// While frozen, for a lazy migration: track this process's writes from now on, with
+    /// no round written; the next Dump keeps all its private memory on this host
+    /// (image::SOURCE_ROUND), to be fetched from the frozen process afterwards.
+    Track,
+    /// After a lazy migration's Dump: `len` bytes at `addr` of its memory as the dump left
+    /// it (read from the dump's snapshot). Answered by Pages, followed on the stream by
+    /// the bytes themselves, unframed (no copies of a megabyte into and out of a frame).
+    Pages {
+        addr: u64,
+        len: u64,
+    },
     /// Let the app run on.
     Thaw,
     /// End the process (after a complete checkpoint).
@@ -69,10 +80,16 @@ pub enum Response {
         threads: u32,
         regions: u32,
         pages: u64,
+        /// The pid of the snapshot holding the pages kept in the source (lazy), or 0.
+        snapshot: i32,
     },
     Precopied {
         bytes: u64,
         pages: u64,
+    },
+    /// `len` bytes follow, unframed.
+    Pages {
+        len: u64,
     },
     Done,
     Error(String),

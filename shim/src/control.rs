@@ -215,6 +215,11 @@ fn serve() {
             if wire::write_frame(&mut conn, &resp).is_err() {
                 break;
             }
+            if let Response::Pages { len } = resp
+                && std::io::Write::write_all(&mut conn, &session.pages[..len as usize]).is_err()
+            {
+                break;
+            }
             if stop && matches!(resp, Response::Done) {
                 crate::interpose::raw::exit_group(0);
             }
@@ -231,10 +236,12 @@ fn serve() {
 /// How long a frozen process waits for mig before it thaws on its own.
 const FROZEN_PATIENCE: Duration = Duration::from_secs(60);
 
-/// One connection's state: whether it holds the app frozen.
+/// One connection's state: whether it holds the app frozen; the buffer of the last Pages
+/// answer (reused: fresh memory for each would cost a fault per page).
 #[derive(Default)]
 struct Session {
     frozen: Option<Frozen>,
+    pages: Vec<u8>,
 }
 
 impl Session {
@@ -263,6 +270,23 @@ impl Session {
                     Err(e) => Response::Error(format!("pre-copy round into {path}: {e}")),
                 },
             },
+            Request::Track => match self.frozen {
+                Some(_) => match crate::precopy::track() {
+                    Ok(()) => Response::Done,
+                    Err(e) => Response::Error(format!("tracking writes: {e}")),
+                },
+                None => Response::Error("not frozen: send Freeze first".into()),
+            },
+            Request::Pages { addr, len } => match &self.frozen {
+                Some(f) if f.snapshot > 0 => {
+                    self.pages.resize(len as usize, 0);
+                    match crate::interpose::raw::read_memory(f.snapshot, addr, &mut self.pages) {
+                        Ok(()) => Response::Pages { len },
+                        Err(e) => Response::Error(format!("reading {len} bytes at {addr:#x}: {e}")),
+                    }
+                }
+                _ => Response::Error("no lazy migration's dump to read pages from".into()),
+            },
             Request::Dump {
                 path,
                 sync,
@@ -274,13 +298,13 @@ impl Session {
                         Ok(socks) => socks,
                         Err(e) => return Response::Error(format!("writing {path}: {e}")),
                     };
-                    let f = &*f;
+                    let frozen = &*f;
                     let write = || {
                         let p = std::path::Path::new(&path);
                         crate::precopy::with_delta(|d| {
                             let precopied =
                                 d.filter(|_| !rounds.is_empty()).map(|d| (d, &rounds[..]));
-                            crate::dump::dump(s, p, f, &sockets, sync, precopied)
+                            crate::dump::dump(s, p, frozen, &sockets, sync, precopied)
                         })
                     };
                     // A dump that raced its own heap growth is written again (see dump.rs);
@@ -295,12 +319,21 @@ impl Session {
                         }
                     }
                     match result {
-                        Ok(d) => Response::Dumped {
-                            bytes: d.bytes,
-                            threads: d.threads,
-                            regions: d.regions,
-                            pages: d.pages,
-                        },
+                        Ok(d) => {
+                            if d.snapshot > 0 {
+                                let old = std::mem::replace(&mut f.snapshot, d.snapshot);
+                                if old > 0 {
+                                    crate::interpose::raw::end_snapshot(old);
+                                }
+                            }
+                            Response::Dumped {
+                                bytes: d.bytes,
+                                threads: d.threads,
+                                regions: d.regions,
+                                pages: d.pages,
+                                snapshot: d.snapshot,
+                            }
+                        }
                         Err(e) => Response::Error(format!("writing {path}: {e}")),
                     }
                 }
@@ -363,6 +396,7 @@ impl Session {
                     table,
                     folded,
                     repaired: Vec::new(),
+                    snapshot: 0,
                 });
                 Response::Frozen { threads, micros }
             }

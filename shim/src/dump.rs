@@ -31,6 +31,8 @@ pub struct Dumped {
     pub threads: u32,
     pub regions: u32,
     pub pages: u64,
+    /// The snapshot process holding the pages kept in the source (lazy migration), or 0.
+    pub snapshot: i32,
 }
 
 /// A mapping backed by a file the restore maps again (its unmodified pages come from there).
@@ -148,7 +150,7 @@ pub fn dump(
     // written (the control thread's own malloc arena is part of what is written).
     let mut maps_file = std::fs::File::open("/proc/self/maps")?;
     let mut maps_text: Vec<u8> = vec![0; 16 << 20];
-    let mut spans: Vec<(u64, u64, bool, bool, bool)> = Vec::with_capacity(1 << 16);
+    let mut spans: Vec<Span> = Vec::with_capacity(1 << 16);
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
     let identity = |m: &migrt::procfs::MapsLine| -> (u64, i64) {
@@ -210,17 +212,30 @@ pub fn dump(
         if let Some((start, end, perms, name)) = migrt::procfs::maps_fields(line)
             && spans.len() < spans.capacity()
         {
-            spans.push((
+            spans.push(Span {
                 start,
                 end,
-                stored_raw(start, end, perms, name, &own),
-                file_name(name),
-                perms.get(3) == Some(&b's'),
-            ));
+                stored: stored_raw(start, end, perms, name, &own),
+                file: file_name(name),
+                shared: perms.get(3) == Some(&b's'),
+                pageable: name.first() != Some(&b'/') && name != b"[stack]",
+            });
         }
     }
     let mut pages = 0u64;
-    for &(start, end, _, file, shared) in spans.iter().filter(|s| s.2) {
+    // Kept in the source (lazy migration): only what the target's pager fills in; the
+    // rest (the stack, private file mappings' changed pages) goes with the image.
+    let in_source =
+        precopied.is_some_and(|(_, r)| r.iter().any(|n| n == migrt::image::SOURCE_ROUND));
+    for &Span {
+        start,
+        end,
+        file,
+        shared,
+        pageable,
+        ..
+    } in spans.iter().filter(|s| s.stored)
+    {
         let r = Region {
             start,
             end,
@@ -229,6 +244,7 @@ pub fn dump(
         // Tracked by the rounds: the pages written since the last one are stored, the
         // others kept from the rounds (the shared zero page and file pages are neither).
         let delta = !shared
+            && (pageable || !in_source)
             && precopied.is_some_and(|(d, _)| {
                 existing.clear();
                 d.tracked.iter().any(|&(s, e)| start >= s && end <= e)
@@ -327,6 +343,15 @@ pub fn dump(
             first += count;
         }
     }
+    // Pages kept in the source are read from a snapshot made now, before anything is
+    // allocated again: as they were when the pages written since were stored.
+    let snapshot = match in_source {
+        true => match crate::interpose::raw::snapshot() {
+            pid if pid > 0 => Snapshot(pid as i32),
+            e => return Err(std::io::Error::from_raw_os_error(-e as i32)),
+        },
+        false => Snapshot(0),
+    };
     if let Some((_, rounds)) = precopied {
         let p = Precopied {
             rounds: rounds.to_vec(),
@@ -347,7 +372,38 @@ pub fn dump(
         threads: threads.len() as u32,
         regions: regions.len() as u32,
         pages,
+        snapshot: snapshot.keep(),
     })
+}
+
+/// A mapping as the page loop sees it.
+struct Span {
+    start: u64,
+    end: u64,
+    /// The image holds its pages (dump::stored).
+    stored: bool,
+    /// Backed by a file of its own.
+    file: bool,
+    shared: bool,
+    /// Anonymous and not the stack: a lazy restore's pager may fill it in.
+    pageable: bool,
+}
+
+/// A snapshot process (0: none), ended when dropped unless kept.
+struct Snapshot(i32);
+
+impl Snapshot {
+    fn keep(mut self) -> i32 {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            crate::interpose::raw::end_snapshot(self.0);
+        }
+    }
 }
 
 /// The unread bytes of every pipe this process reads from: read out through a second open
@@ -486,6 +542,8 @@ pub struct Frozen {
     pub folded: Folded,
     /// Sockets left in TCP repair mode by the dump (connections handed over).
     pub repaired: Vec<i32>,
+    /// The snapshot of a lazy migration's dump (0: none): its pages are read from it.
+    pub snapshot: i32,
 }
 
 impl Frozen {
@@ -494,6 +552,9 @@ impl Frozen {
     pub fn let_out(&mut self) {
         for fd in self.repaired.drain(..) {
             migrt::tcprepair::leave(fd, true);
+        }
+        if self.snapshot > 0 {
+            crate::interpose::raw::end_snapshot(std::mem::take(&mut self.snapshot));
         }
     }
 }

@@ -65,24 +65,36 @@ fn private_ranges() -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Writes one round to `path`: (bytes written, pages).
-pub fn round(path: &str) -> std::io::Result<(u64, u64)> {
-    let mut st = state();
+/// Starts tracking (if this process does not yet); whether it just started.
+fn start(st: &mut Option<State>) -> std::io::Result<bool> {
     if st.as_ref().is_some_and(|s| s.owner != real_pid()) {
         std::mem::forget(st.take());
     }
-    let first = st.is_none();
-    if first {
-        let tracker = Tracker::start(&private_ranges())?;
-        for (f, fd) in FDS.iter().zip(tracker.raw_fds()) {
-            f.store(fd, Relaxed);
-        }
-        *st = Some(State {
-            owner: real_pid(),
-            tracker,
-            tainted: Vec::new(),
-        });
+    if st.is_some() {
+        return Ok(false);
     }
+    let tracker = Tracker::start(&private_ranges())?;
+    for (f, fd) in FDS.iter().zip(tracker.raw_fds()) {
+        f.store(fd, Relaxed);
+    }
+    *st = Some(State {
+        owner: real_pid(),
+        tracker,
+        tainted: Vec::new(),
+    });
+    Ok(true)
+}
+
+/// Tracks writes from now on without writing a round (a lazy migration: the frozen
+/// process's memory is the round).
+pub fn track() -> std::io::Result<()> {
+    start(&mut state()).map(|_| ())
+}
+
+/// Writes one round to `path`: (bytes written, pages).
+pub fn round(path: &str) -> std::io::Result<(u64, u64)> {
+    let mut st = state();
+    let first = start(&mut st)?;
     let s = st.as_mut().expect("set above");
     let file = std::fs::File::create(path)?;
     let mut w = ImageWriter::new(&file, Kind::Pages)?;
@@ -158,20 +170,8 @@ fn write_run(
 /// Reads this process's memory at `addr` without trusting it is still mapped (the app may
 /// unmap it meanwhile): process_vm_readv answers EFAULT where a plain read would crash.
 fn read_own(addr: u64, out: &mut [u8]) -> std::io::Result<()> {
-    let local = libc::iovec {
-        iov_base: out.as_mut_ptr().cast(),
-        iov_len: out.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: out.len(),
-    };
-    // SAFETY: one local buffer we own, one remote range only read.
-    let n = unsafe { libc::process_vm_readv(real_pid(), &local, 1, &remote, 1, 0) };
-    if n as usize != out.len() {
-        return Err(std::io::Error::other("memory went away while read"));
-    }
-    Ok(())
+    crate::interpose::raw::read_memory(real_pid(), addr, out)
+        .map_err(|_| std::io::Error::other("memory went away while read"))
 }
 
 /// What the final image needs of the rounds: the ranges still tracked as a whole (their

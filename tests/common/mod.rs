@@ -2,6 +2,8 @@
 //! and helpers to start, inspect and stop sessions.
 #![allow(dead_code)]
 
+pub mod agents;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -51,3 +51,93 @@ pub fn exit_group(status: i32) -> ! {
         core::arch::asm!("syscall", in("rax") libc::SYS_exit_group, in("rdi") status, options(noreturn))
     }
 }
+
+/// A copy of this process's memory as it is at this instant, for a lazy migration to read
+/// pages from after the app's own threads (and this one) have moved on: a child made by a
+/// raw fork — no atfork handlers; no exit signal, so the app's own waits never see it —
+/// that closes every fd it inherited (a pipe or socket held open by it would not end when
+/// the app closes it) and then only sleeps until it is killed, or until the thread that
+/// made it ends (PR_SET_PDEATHSIG). Its pid, or -errno.
+pub fn snapshot() -> isize {
+    // SAFETY: clone with no flags and no new stack is a fork whose child goes on here, on
+    // a copy of this stack, and makes only raw system calls until it is killed.
+    let pid = unsafe { syscall6(libc::SYS_clone, 0, 0, 0, 0, 0, 0) };
+    if pid == 0 {
+        // SAFETY: prctl and pause take plain values.
+        unsafe {
+            syscall6(
+                libc::SYS_prctl,
+                libc::PR_SET_PDEATHSIG as usize,
+                libc::SIGKILL as usize,
+                0,
+                0,
+                0,
+                0,
+            );
+            syscall6(libc::SYS_close_range, 0, u32::MAX as usize, 0, 0, 0, 0);
+            loop {
+                syscall6(libc::SYS_pause, 0, 0, 0, 0, 0, 0);
+            }
+        }
+    }
+    pid
+}
+
+/// Ends a snapshot made by `snapshot` and reaps it (raw: the shim's own wait wrappers would
+/// translate the pid).
+pub fn end_snapshot(pid: i32) {
+    // SAFETY: kill and wait4 take plain values; no status is asked for.
+    unsafe {
+        syscall6(
+            libc::SYS_kill,
+            pid as usize,
+            libc::SIGKILL as usize,
+            0,
+            0,
+            0,
+            0,
+        );
+        syscall6(
+            libc::SYS_wait4,
+            pid as usize,
+            0,
+            libc::__WCLONE as usize,
+            0,
+            0,
+            0,
+        );
+    }
+}
+
+/// The memory of process `pid` (this one, or a snapshot of it) at `addr`, as much as fills
+/// `data`: an error, not a crash, where it is not mapped.
+pub fn read_memory(pid: i32, addr: u64, data: &mut [u8]) -> std::io::Result<()> {
+    let local = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: reads into the caller's buffer of data.len() bytes; the kernel checks the
+    // remote range.
+    let n = unsafe {
+        syscall6(
+            libc::SYS_process_vm_readv,
+            pid as usize,
+            &local as *const libc::iovec as usize,
+            1,
+            &remote as *const libc::iovec as usize,
+            1,
+            0,
+        )
+    };
+    match n {
+        n if n == data.len() as isize => Ok(()),
+        n if n < 0 => Err(std::io::Error::from_raw_os_error(-n as i32)),
+        _ => Err(std::io::Error::other(
+            "a short read (part of the range is unmapped)",
+        )),
+    }
+}

@@ -1,0 +1,306 @@
+//! Lazy migration (issue #5, `mig migrate --mode lazy`): the session runs on the target at
+//! once, its memory fetched from the frozen source — what it touches first, the rest in the
+//! background — and it ends here once all is there. A dead agent or a cut link during that
+//! post-copy ends the copy there, and the session runs on here as it was frozen, intact.
+
+mod common;
+use common::agents::*;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether the target can serve faults from userspace (userfaultfd for kernel-mode faults:
+/// root, or vm.unprivileged_userfaultfd = 1); says why not.
+fn userfaultfd() -> bool {
+    let open = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .is_ok_and(|v| v.trim() == "1");
+    if !is_root() && !open {
+        println!(
+            "SKIP: a lazy migration needs userfaultfd on the target (root, or vm.unprivileged_userfaultfd=1)"
+        );
+        return false;
+    }
+    true
+}
+
+fn lazy_args<'a>(session: &'a str, to: &'a str, key: &'a Path) -> Vec<&'a str> {
+    let mut args = migrate_args(session, to, key).to_vec();
+    args.extend(["--mode", "lazy"]);
+    args
+}
+
+#[test]
+fn a_lazy_migration_runs_there_at_once_and_fetches_its_memory_from_here() {
+    if !userfaultfd() {
+        return;
+    }
+    let env = Env::new("lazy-migrate");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    // 64 MiB, 8 MiB/s of it written anew, every page checked against its generation each tick.
+    let log = env.detach(
+        "cnt",
+        &[c_program("counter").to_str().unwrap(), "40", "64", "8"],
+    );
+    wait_numbers(&log, "count ", 3);
+    let o = env.run(&lazy_args("cnt", &agent.addr, &key));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    // Frozen, only what is not anonymous memory went (the stack, the program's own data);
+    // the rest was fetched after it ran there.
+    let (frozen, after) = (
+        kib_before(&out, "frozen)"),
+        kib_before(&out, "after it ran there"),
+    );
+    assert!(frozen < 8.0 * 1024.0, "little went frozen: {out}");
+    assert!(after > 60.0 * 1024.0, "its memory came afterwards: {out}");
+    assert!(env.processes("cnt").is_empty(), "the session ended here");
+    let there = agent.session_log("cnt");
+    assert_went_on(&log, &there);
+    counts_on_undamaged(&there, 20);
+    let agent_log = std::fs::read_to_string(env.root.join("agent.log")).unwrap();
+    assert!(agent_log.contains("all its memory is here"), "{agent_log}");
+    println!("{out}");
+}
+
+/// A parent and two children, each child checking 8 MiB of its own memory every tick and
+/// reporting through a pipe the parent reads and prints.
+const TREE: &str = r#"
+import hashlib, os, time
+r, w = os.pipe()
+for k in range(2):
+    if os.fork() == 0:
+        os.close(r)
+        data = bytearray(8 << 20)
+        for i in range(0, len(data), 4096):
+            data[i:i + 8] = (i * (k + 3)).to_bytes(8, "little")
+        h = hashlib.sha256(data).digest()
+        n = 0
+        while True:
+            n += 1
+            ok = hashlib.sha256(data).digest() == h
+            j = n * 4096 * 7 % len(data)
+            data[j:j + 8] = n.to_bytes(8, "little")
+            h = hashlib.sha256(data).digest()
+            os.write(w, f"child {k} tick {n} {'ok' if ok else 'DAMAGED'}\n".encode())
+            time.sleep(0.1)
+os.close(w)
+for line in os.fdopen(r):
+    print(line.strip(), flush=True)
+"#;
+
+/// The ticks child `k` reported in `log`.
+fn ticks(log: &Path, k: usize) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("child {k} tick ")))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_process_tree_with_a_pipe_moves_lazily_between_network_namespaces() {
+    if !userfaultfd() {
+        return;
+    }
+    let env = Env::new("lazy-tree");
+    let Some((hosts, agent, key)) = two_hosts(&env, "z") else {
+        return;
+    };
+    let log = env.root.join("tree.log");
+    run_in(
+        &env,
+        &hosts.names[0],
+        "tree",
+        &log,
+        &["python3", "-c", TREE],
+    );
+    let t = Instant::now();
+    while ticks(&log, 0).len() < 3 || ticks(&log, 1).len() < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the tree does not tick"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = migrate_in(
+        &env,
+        &hosts.names[0],
+        "tree",
+        &agent.addr,
+        &key,
+        &["--mode", "lazy"],
+    );
+    assert!(out.contains("3 process(es)"), "{out}");
+    let there = agent.session_log("tree");
+    for k in 0..2 {
+        let last = *ticks(&log, k).last().unwrap();
+        let t = Instant::now();
+        while ticks(&there, k).len() < 5 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "child {k} does not tick there"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            ticks(&there, k)[0],
+            last + 1,
+            "child {k} went on from tick {last}"
+        );
+    }
+    let text = std::fs::read_to_string(&there).unwrap();
+    assert!(!text.contains("DAMAGED"), "{text}");
+    let o = agent.mig().args(["ps", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["processes"].as_array().unwrap().len(), 3, "{v}");
+    println!("{out}");
+}
+
+/// One process with 64 MiB it does not touch while it counts; once `check` exists it
+/// says whether that memory is as it made it.
+fn idle_memory(check: &Path) -> String {
+    format!(
+        r#"
+import hashlib, os, time
+data = bytearray(64 << 20)
+for i in range(0, len(data), 4096):
+    data[i:i + 8] = i.to_bytes(8, "little")
+h = hashlib.sha256(data).digest()
+n, told = 0, False
+while True:
+    n += 1
+    print(f"count {{n}}", flush=True)
+    if not told and os.path.exists("{check}"):
+        told = True
+        print("memory", "intact" if hashlib.sha256(data).digest() == h else "DAMAGED", flush=True)
+    time.sleep(0.05)
+"#,
+        check = check.display()
+    )
+}
+
+/// The pids of the processes of the sessions an agent restored.
+fn restored_pids(agent: &Agent) -> Vec<i32> {
+    let o = agent.mig().args(["ps", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["processes"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["pid"].as_i64().map(|p| p as i32))
+        .collect()
+}
+
+/// Starts a lazy migration of session "idle" (by `mig` run with `cmd`) and waits until it
+/// runs on the target (counting in its log there) while its memory is still coming.
+/// Returns the migration, and the restored processes' pids.
+fn until_it_runs_there(mut cmd: Command, agent: &Agent) -> (std::process::Child, Vec<i32>) {
+    let m = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let there = agent.session_log("idle");
+    let t = Instant::now();
+    while numbers(&there, "count ").len() < 3 {
+        assert!(t.elapsed() < Duration::from_secs(30), "it never ran there");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (m, restored_pids(agent))
+}
+
+/// After a post-copy broke off: the migration failed saying so, the copy there is gone,
+/// and the session goes on here as it was frozen, its memory intact.
+fn assert_back_here(env: &Env, m: std::process::Child, pids: &[i32], log: &Path, check: &Path) {
+    let last = *numbers(log, "count ").last().unwrap();
+    let o = m.wait_with_output().unwrap();
+    assert!(!o.status.success(), "the migration cannot have succeeded");
+    let err = text(&o.stderr);
+    assert!(err.contains("runs on here"), "{err}");
+    println!("{err}");
+    let t = Instant::now();
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the copy there lives on: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = wait_numbers(log, "count ", numbers(log, "count ").len() + 3);
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "counted on here from {last}"
+    );
+    std::fs::write(check, "").unwrap();
+    let out = wait_for_text(log, "memory ");
+    assert!(out.contains("memory intact"), "{out}");
+    assert_eq!(env.processes("idle").len(), 1);
+    env.stop("idle");
+}
+
+/// The agent's pager fills slowly: the post-copy lasts long enough to break it.
+const SLOW: [(&str, &str); 1] = [("MIGSHIM_PAGER_THROTTLE_MS", "200")];
+
+#[test]
+fn an_agent_that_dies_during_the_post_copy_leaves_the_session_running_here() {
+    if !userfaultfd() {
+        return;
+    }
+    let env = Env::new("lazy-dies");
+    let key = key(&env);
+    let mut agent = Agent::start_with(&env, "agent", &key, None, &[], &SLOW);
+    let check = env.root.join("check");
+    let log = env.detach("idle", &["python3", "-c", &idle_memory(&check)]);
+    wait_numbers(&log, "count ", 3);
+    let mut c = env.mig();
+    c.args(lazy_args("idle", &agent.addr, &key));
+    let (m, pids) = until_it_runs_there(c, &agent);
+    agent.child.kill().unwrap();
+    assert_back_here(&env, m, &pids, &log, &check);
+}
+
+#[test]
+fn a_link_cut_during_the_post_copy_leaves_the_session_running_here() {
+    if !userfaultfd() {
+        return;
+    }
+    let env = Env::new("lazy-cut");
+    let Some(hosts) = is_root().then(|| Hosts::new("y", 2)) else {
+        println!("SKIP: needs root for network namespaces");
+        return;
+    };
+    let key = key(&env);
+    let agent = Agent::start_with(
+        &env,
+        "agent",
+        &key,
+        Some((&hosts.names[1], "10.77.0.2")),
+        &["--timeout", "3"],
+        &SLOW,
+    );
+    let check = env.root.join("check");
+    let log: PathBuf = env.root.join("idle.log");
+    run_in(
+        &env,
+        &hosts.names[0],
+        "idle",
+        &log,
+        &["python3", "-c", &idle_memory(&check)],
+    );
+    wait_numbers(&log, "count ", 3);
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &hosts.names[0]])
+        .arg(mig_bin())
+        .args(lazy_args("idle", &agent.addr, &key))
+        .args(["--timeout", "3"])
+        .env("MIGSHIM_RUNTIME_DIR", &env.rt);
+    let (m, pids) = until_it_runs_there(c, &agent);
+    hosts.ip(0, &["link", "set", &hosts.links[0], "down"]);
+    assert_back_here(&env, m, &pids, &log, &check);
+}
