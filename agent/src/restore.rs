@@ -616,9 +616,7 @@ fn map_regions(
             while i < run.pages && at(i) < r.end {
                 i += 1;
             }
-            // (The stack is copied first: it holds the command line, which ps reads from
-            // the process's memory and cannot fault in.)
-            let lazy = lazy && !r.name.0.starts_with(b"/") && r.name.0 != b"[stack]";
+            let lazy = lazy && image::pageable(&r.name.0);
             if lazy && !registered.contains(&r.start) {
                 registered.push(r.start);
                 entries.push([r.start, r.end - r.start, 0, private, 0, 0, REGISTER]);

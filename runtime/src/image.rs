@@ -228,6 +228,13 @@ impl PageMap {
 /// those pages are fetched from the frozen source while the restored session runs.
 pub const SOURCE_ROUND: &str = "@source";
 
+/// Whether a private mapping of this name is memory a lazy restore's pager fills in:
+/// anonymous (not a file's), and not the stack (it holds the command line, which `ps` reads
+/// from the process's memory and cannot fault in).
+pub fn pageable(name: &[u8]) -> bool {
+    name.first() != Some(&b'/') && name != b"[stack]"
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Precopied {
     /// The rounds' files (Kind::Pages, beside the image), oldest first.

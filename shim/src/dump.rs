@@ -218,7 +218,7 @@ pub fn dump(
                 stored: stored_raw(start, end, perms, name, &own),
                 file: file_name(name),
                 shared: perms.get(3) == Some(&b's'),
-                pageable: name.first() != Some(&b'/') && name != b"[stack]",
+                pageable: migrt::image::pageable(name),
             });
         }
     }

@@ -56,24 +56,26 @@ pub fn end() {
 }
 
 /// The private memory a round covers: what an image stores of it (dump::stored), less
-/// shared mappings (their pages are the object's, stored whole by the final image).
-fn private_ranges() -> Vec<(u64, u64)> {
+/// shared mappings (their pages are the object's, stored whole by the final image); with
+/// `pageable`, only what a lazy restore's pager fills in (the rest is stored whole).
+fn private_ranges(pageable: bool) -> Vec<(u64, u64)> {
     migrt::procfs::all_mappings("self")
         .iter()
         .filter(|m| m.perms.as_bytes().get(3) == Some(&b'p') && crate::dump::stored(m, &[]))
+        .filter(|m| !pageable || migrt::image::pageable(&m.name.0))
         .map(|m| (m.start, m.end))
         .collect()
 }
 
-/// Starts tracking (if this process does not yet); whether it just started.
-fn start(st: &mut Option<State>) -> std::io::Result<bool> {
+/// Starts tracking `ranges` (if this process does not yet); whether it just started.
+fn start(st: &mut Option<State>, ranges: &[(u64, u64)]) -> std::io::Result<bool> {
     if st.as_ref().is_some_and(|s| s.owner != real_pid()) {
         std::mem::forget(st.take());
     }
     if st.is_some() {
         return Ok(false);
     }
-    let tracker = Tracker::start(&private_ranges())?;
+    let tracker = Tracker::start(ranges)?;
     for (f, fd) in FDS.iter().zip(tracker.raw_fds()) {
         f.store(fd, Relaxed);
     }
@@ -85,16 +87,16 @@ fn start(st: &mut Option<State>) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Tracks writes from now on without writing a round (a lazy migration: the frozen
-/// process's memory is the round).
+/// Tracks writes to the memory a lazy restore's pager fills in, from now on, without
+/// writing a round (a lazy migration: the frozen process's memory is the round).
 pub fn track() -> std::io::Result<()> {
-    start(&mut state()).map(|_| ())
+    start(&mut state(), &private_ranges(true)).map(|_| ())
 }
 
 /// Writes one round to `path`: (bytes written, pages).
 pub fn round(path: &str) -> std::io::Result<(u64, u64)> {
     let mut st = state();
-    let first = start(&mut st)?;
+    let first = start(&mut st, &private_ranges(false))?;
     let s = st.as_mut().expect("set above");
     let file = std::fs::File::create(path)?;
     let mut w = ImageWriter::new(&file, Kind::Pages)?;
