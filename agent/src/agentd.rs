@@ -123,6 +123,7 @@ impl Agent {
                     restore_args: &restore_args,
                     homes: &homes,
                     lazy,
+                    streamed: Default::default(),
                 };
                 let result = link
                     .send(&Msg::Ready)
@@ -139,10 +140,10 @@ impl Agent {
                     Err(e) => {
                         // The sender hears why once it has sent all (it is not listening
                         // before); what it still sends is read and dropped.
-                        while let Ok(m) = link.recv() {
-                            if matches!(m, Msg::Sent { .. }) {
-                                break;
-                            }
+                        while !how.streamed.get()
+                            && let Ok(m) = link.recv()
+                        {
+                            how.streamed.set(matches!(m, Msg::Sent { .. }));
                         }
                         refuse(&mut link, format!("session {name}: {e:#}"))
                     }
@@ -270,6 +271,7 @@ impl Agent {
                     f.write_all(&data)?;
                 }
                 Msg::Sent { mac } => {
+                    how.streamed.set(true);
                     if !link.verify(&mac) {
                         bail!(
                             "the stream does not match its MAC: damaged or tampered with on the way"
@@ -343,6 +345,8 @@ struct Incoming<'a> {
     restore_args: &'a [String],
     homes: &'a [netaddr::Held],
     lazy: bool,
+    /// Whether the whole stream (up to its MAC) has come.
+    streamed: std::cell::Cell<bool>,
 }
 
 /// The fd a lazy restore's pager asks for pages on, in `mig restore`.

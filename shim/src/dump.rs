@@ -8,7 +8,7 @@
 use crate::interpose::freeze::{Parked, context_bytes};
 use crate::precopy::Delta;
 use crate::state::{Shim, vpid};
-use migrt::dirty::{NOT_OWN, PAGE_IS_WRITTEN as WRITTEN, PageRegion};
+use migrt::dirty::{NOT_OWN, PAGE_IS_PRESENT, PAGE_IS_WRITTEN as WRITTEN, PageRegion};
 use migrt::image::{ImageWriter, Kind, PAGE, Precopied, ProcessMeta, Region, Tag, ThreadState};
 use migrt::record::Bytes;
 use migrt::table::{Folded, ProcessTable};
@@ -259,9 +259,9 @@ pub fn dump(
                 .iter()
                 .filter(|p| p.categories & (WRITTEN | NOT_OWN) == 0)
             {
-                match kept.last_mut() {
-                    Some(k) if k.1 == p.start => k.1 = p.end,
-                    _ => kept.push((p.start, p.end)),
+                match p.categories & PAGE_IS_PRESENT {
+                    0 => keep_swapped(&mut pagemap, scratch.entries, (p.start, p.end), &mut kept)?,
+                    _ => keep(&mut kept, p.start, p.end),
                 }
             }
         }
@@ -374,6 +374,47 @@ pub fn dump(
         pages,
         snapshot: snapshot.keep(),
     })
+}
+
+/// Adds `start..end` to the kept ranges (merged; within the room they have: when full, the
+/// last range grows over what lies between, which the restore then reads as kept too — the
+/// pages the image stores override it).
+fn keep(kept: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let full = kept.len() == kept.capacity();
+    match kept.last_mut() {
+        Some(k) if k.1 == start || full => k.1 = end,
+        _ => kept.push((start, end)),
+    }
+}
+
+/// The swap type of a uffd-wp marker in /proc/PID/pagemap (SWP_PTE_MARKER, the last of the
+/// 5-bit types).
+const PTE_MARKER: u64 = 31;
+
+/// Keeps the pages of `range` (none present, all "swapped") that are swapped out for real:
+/// write tracking marks never-touched memory too (UFFD_FEATURE_WP_UNPOPULATED), and such a
+/// marker reads as swapped — but it is no data, it reads as zero.
+fn keep_swapped(
+    pagemap: &mut std::fs::File,
+    entries: &mut [u8],
+    (start, end): (u64, u64),
+    kept: &mut Vec<(u64, u64)>,
+) -> std::io::Result<()> {
+    let page = PAGE as u64;
+    let mut at = start;
+    while at < end {
+        let count = ((end - at) / page).min(entries.len() as u64 / 8);
+        pagemap.seek(SeekFrom::Start(at / page * 8))?;
+        pagemap.read_exact(&mut entries[..count as usize * 8])?;
+        for i in 0..count {
+            let e = u64::from_le_bytes(entries[i as usize * 8..][..8].try_into().unwrap());
+            if e >> 62 & 1 == 1 && e & 0x1f != PTE_MARKER {
+                keep(kept, at + i * page, at + (i + 1) * page);
+            }
+        }
+        at += count * page;
+    }
+    Ok(())
 }
 
 /// A mapping as the page loop sees it.

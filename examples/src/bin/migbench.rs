@@ -3,7 +3,7 @@
 //!
 //!   cargo build --release && target/release/migbench [--runs 5]
 //!   cargo build --release && target/release/migbench --checkpoint [--runs 5] [--dir DIR]
-//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR]
+//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns]
 //!
 //! `--checkpoint`: checkpoint time, freeze time, image size and restore time (until the
 //! process runs again) of 64 MiB and 1 GiB sessions (the C counter subject), beside a
@@ -135,17 +135,29 @@ fn counter() -> std::path::PathBuf {
     migshim_examples::c_program("counter")
 }
 
-/// Starts the counter subject with `mib` MiB as session "bench" and waits for its first
-/// count; returns its log.
+/// `prog`, run inside network namespace `ns` if given.
+fn in_ns(ns: Option<&str>, prog: &std::path::Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(prog);
+            c
+        }
+        None => Command::new(prog),
+    }
+}
+
+/// Starts the counter subject with `mib` MiB as session "bench" (in namespace `ns`) and
+/// waits for its first count; returns its log.
 fn start_counter(
-    mig: &std::path::Path,
+    (mig, ns): (&std::path::Path, Option<&str>),
     rt: &std::path::Path,
     base: &std::path::Path,
     mib: usize,
     writes_mib_per_s: u32,
 ) -> std::path::PathBuf {
     let log = base.join("migbench-counter.log");
-    let st = Command::new(mig)
+    let st = in_ns(ns, mig)
         .env("MIGSHIM_RUNTIME_DIR", rt)
         .args(["run", "--detach", "--name", "bench", "--log"])
         .arg(&log)
@@ -214,7 +226,7 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for mib in [64usize, 1024] {
-        let log = start_counter(&mig, &rt, base, mib, 0);
+        let log = start_counter((&mig, None), &rt, base, mib, 0);
         let dir = base.join("migbench-img");
         let (mut total, mut frozen, mut size) = (vec![], vec![], 0.0);
         for _ in 0..runs {
@@ -343,10 +355,50 @@ fn loopback_ms(n: usize) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// `--migrate`: a session writing 10 MiB/s of its memory migrated to an agent on this host,
-/// per mode and size: freeze and total time, bytes sent and pre-copy rounds, beside a plain
-/// loopback transfer of the session's size.
-fn migrate_bench(runs: usize, base: &std::path::Path) {
+/// Two network namespaces joined by a veth pair (10.78.0.1 and .2), removed when dropped.
+struct TwoHosts;
+
+const HOSTS: [&str; 2] = ["migbench-a", "migbench-b"];
+
+impl TwoHosts {
+    fn new() -> TwoHosts {
+        drop(TwoHosts); // (leftovers of an interrupted run)
+        let [a, b] = HOSTS;
+        let script = format!(
+            "ip netns add {a} && ip netns add {b} && \
+             ip link add veth0 netns {a} type veth peer name veth0 netns {b} && \
+             ip -n {a} addr add 10.78.0.1/24 dev veth0 && ip -n {b} addr add 10.78.0.2/24 dev veth0 && \
+             ip -n {a} link set veth0 up && ip -n {b} link set veth0 up && \
+             ip -n {a} link set lo up && ip -n {b} link set lo up"
+        );
+        let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(
+            o.status.success(),
+            "--netns needs root and iproute2: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        TwoHosts
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in HOSTS {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// `--migrate`: a session writing 10 MiB/s of its memory migrated to an agent on this host
+/// (`--netns`: from one network namespace to another), per mode and size: freeze and total
+/// time, bytes sent and pre-copy rounds (lazy: how long the source served pages after the
+/// session ran on the target), beside a plain loopback transfer of the session's size.
+fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool) {
+    let hosts = netns.then(TwoHosts::new);
+    let (src, dst) = match hosts {
+        Some(_) => (Some(HOSTS[0]), Some(HOSTS[1])),
+        None => (None, None),
+    };
     let mig = std::env::current_exe().unwrap().with_file_name("mig");
     let (rt, state, key) = (
         base.join("migbench-src"),
@@ -359,8 +411,8 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
         .local_addr()
         .unwrap()
         .port();
-    let to = format!("127.0.0.1:{port}");
-    let mut agent = Command::new(&mig)
+    let to = format!("{}:{port}", if netns { "10.78.0.2" } else { "127.0.0.1" });
+    let mut agent = in_ns(dst, &mig)
         .args(["agent", "--listen", &to, "--key"])
         .arg(&key)
         .arg("--state-dir")
@@ -371,7 +423,7 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     println!(
-        "| mode | session | frozen | total | sent (frozen) | rounds | loopback transfer of the session | total ÷ loopback |"
+        "| mode | session | frozen | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback |"
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (mode, mib) in [
@@ -379,14 +431,16 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
         ("stop-and-copy", 1024),
         ("precopy", 64),
         ("precopy", 1024),
+        ("lazy", 64),
+        ("lazy", 1024),
     ] {
         let (mut frozen, mut total, mut sent, mut rounds, mut wire) =
             (vec![], vec![], String::new(), String::new(), vec![]);
         for _ in 0..runs {
-            start_counter(&mig, &rt, base, mib, 10);
+            start_counter((&mig, src), &rt, base, mib, 10);
             // (Writing for a moment first, as a running server would.)
             std::thread::sleep(std::time::Duration::from_millis(500));
-            let out = Command::new(&mig)
+            let out = in_ns(src, &mig)
                 .env("MIGSHIM_RUNTIME_DIR", &rt)
                 .args(["migrate", "bench", "--mode", mode, "--to", &to, "--key"])
                 .arg(&key)
@@ -409,14 +463,19 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
                 "{} ({frozen_part})",
                 sent_part.split(" sent").next().unwrap()
             );
-            rounds = s
-                .rsplit(", ")
-                .next()
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .to_string();
+            // "N pre-copy round(s)", or lazily "X after it ran there, kept here Y ms".
+            let tail = s.rsplit("total ").next().unwrap();
+            rounds = match tail.find("kept here ") {
+                Some(i) => format!("{} ms", summary_ms(&tail[i..], "kept here ")),
+                None => tail
+                    .rsplit(", ")
+                    .next()
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .into(),
+            };
             let _ = Command::new("pkill")
                 .args(["-f", &format!("counter 2 {mib}")])
                 .output();
@@ -437,7 +496,14 @@ fn migrate_bench(runs: usize, base: &std::path::Path) {
             t / w
         );
     }
-    println!("\n(median of {runs} migrations per row, agent on 127.0.0.1)");
+    println!(
+        "\n(median of {runs} migrations per row, agent at {to}{})",
+        if netns {
+            ", in another network namespace"
+        } else {
+            ""
+        }
+    );
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&rt);
@@ -463,7 +529,7 @@ fn main() {
         return checkpoint_bench(runs, &dir);
     }
     if args.iter().any(|a| a == "--migrate") {
-        return migrate_bench(runs, &dir);
+        return migrate_bench(runs, &dir, args.iter().any(|a| a == "--netns"));
     }
     let exe = std::env::current_exe().unwrap();
     let mut native = Vec::new();
