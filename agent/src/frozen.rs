@@ -164,17 +164,6 @@ impl<'a> Frozen<'a> {
         Ok((bytes, manifest))
     }
 
-    /// For a lazy migration: each process keeps its private memory here, in a snapshot its
-    /// next dump makes (written since: only what the dump itself wrote), for `pages`.
-    pub fn keep_memory_here(&mut self) -> Result<()> {
-        for (vpid, _, c) in self.clients.iter_mut() {
-            c.call(&Request::Track)?;
-            self.rounds
-                .insert(*vpid, vec![migrt::image::SOURCE_ROUND.to_string()]);
-        }
-        Ok(())
-    }
-
     /// `len` bytes of process `vpid`'s memory at `addr` as it was dumped (kept here), into
     /// `buf`.
     pub fn pages(&mut self, vpid: i32, addr: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {

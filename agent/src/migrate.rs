@@ -105,13 +105,9 @@ struct Rounds {
     bytes: u64,
 }
 
-/// Pre-copy rounds while the session runs, until one is small or stops shrinking.
-fn precopy(
-    live: &sessions::Live,
-    link: &Shared,
-    announced: &mut u32,
-    patience: Duration,
-) -> Result<Rounds> {
+/// Connections to every process of the session, opened while it runs (what starts a
+/// process's control thread is not part of the freeze).
+fn connect_all(live: &sessions::Live, patience: Duration) -> Result<Rounds> {
     let mut rounds = Rounds::default();
     for p in live.processes() {
         match Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
@@ -123,6 +119,22 @@ fn precopy(
             Err(e) => return Err(e),
         }
     }
+    Ok(rounds)
+}
+
+/// For a lazy migration: each process tracks its writes from now on, and its dump keeps
+/// the rest of its private memory here (in a snapshot of itself it makes then), to be
+/// fetched after the session runs on the target.
+fn keep_memory_here(rounds: &mut Rounds) -> Result<()> {
+    for (_, c, files) in rounds.clients.iter_mut() {
+        c.call(&Request::Track)?;
+        files.push(migrt::image::SOURCE_ROUND.into());
+    }
+    Ok(())
+}
+
+/// Pre-copy rounds while the session runs, until one is small or stops shrinking.
+fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()> {
     let progress = migrt::sys::isatty(2);
     let mut previous = u64::MAX;
     for r in 0..MAX_ROUNDS {
@@ -158,7 +170,7 @@ fn precopy(
         }
         previous = sent;
     }
-    Ok(rounds)
+    Ok(())
 }
 
 fn forward(pipe: std::fs::File, file: u32, link: Shared) -> std::thread::JoinHandle<Result<()>> {
@@ -340,11 +352,13 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     // Any error below drops `frozen` (and the pre-copy connections), which thaws the
     // session here and ends its write tracking.
     let mut announced = 0;
-    let rounds = match a.mode {
-        Mode::Precopy => precopy(&live, &link, &mut announced, a.timeout)
-            .map_err(|e| e.context(format!("session {} runs on here", live.name())))?,
-        _ => Rounds::default(),
-    };
+    let mut rounds = connect_all(&live, a.timeout)?;
+    match a.mode {
+        Mode::Precopy => precopy(&mut rounds, &link, &mut announced),
+        Mode::Lazy => keep_memory_here(&mut rounds),
+        Mode::StopAndCopy => Ok(()),
+    }
+    .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
     let (count, before) = (rounds.count, rounds.bytes);
     let mut open = Vec::new();
     let mut files = std::collections::HashMap::new();
@@ -354,9 +368,6 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     let mut frozen = Frozen::freeze_with(&live, open)?;
     frozen.rounds = files;
-    if a.mode == Mode::Lazy {
-        frozen.keep_memory_here()?;
-    }
     // Dropped before `frozen` on failure: the addresses are back before the session thaws.
     let mut moved = netaddr::Changes::default();
     let sent = transfer(

@@ -43,9 +43,9 @@ pub enum Request {
     Precopy {
         path: String,
     },
-    /// While frozen, for a lazy migration: track this process's writes from now on, with
-    /// no round written; the next Dump keeps all its private memory on this host
-    /// (image::SOURCE_ROUND), to be fetched from the frozen process afterwards.
+    /// For a lazy migration: track this process's writes from now on, with no round
+    /// written; a Dump with image::SOURCE_ROUND as its round keeps the memory not written
+    /// since on this host, to be fetched from the frozen process afterwards (Pages).
     Track,
     /// After a lazy migration's Dump: `len` bytes at `addr` of its memory as the dump left
     /// it (read from the dump's snapshot). Answered by Pages, followed on the stream by

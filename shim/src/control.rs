@@ -270,12 +270,9 @@ impl Session {
                     Err(e) => Response::Error(format!("pre-copy round into {path}: {e}")),
                 },
             },
-            Request::Track => match self.frozen {
-                Some(_) => match crate::precopy::track() {
-                    Ok(()) => Response::Done,
-                    Err(e) => Response::Error(format!("tracking writes: {e}")),
-                },
-                None => Response::Error("not frozen: send Freeze first".into()),
+            Request::Track => match crate::precopy::track() {
+                Ok(()) => Response::Done,
+                Err(e) => Response::Error(format!("tracking writes: {e}")),
             },
             Request::Pages { addr, len } => match &self.frozen {
                 Some(f) if f.snapshot > 0 => {

@@ -276,7 +276,22 @@ pub fn dump(
         };
         let total = (r.end - r.start) / PAGE as u64;
         let mut first = 0;
+        let mut ahead = 0;
         while first < total {
+            if delta {
+                // Only the pages written since are stored: straight to the next one (a
+                // gibibyte's pagemap is not read for the few written).
+                let at = r.start + first * PAGE as u64;
+                while existing.get(ahead).is_some_and(|p| {
+                    p.end <= at || p.categories & WRITTEN == 0 || p.categories & NOT_OWN != 0
+                }) {
+                    ahead += 1;
+                }
+                match existing.get(ahead) {
+                    Some(p) if p.start < r.end => first = (p.start.max(at) - r.start) / PAGE as u64,
+                    _ => break,
+                }
+            }
             let count = CHUNK.min(total - first);
             let addr = r.start + first * PAGE as u64;
             // Bit 63: present in memory; bit 62: swapped out; bit 61: a page of the file (or
