@@ -235,6 +235,29 @@ pub fn take_inherited(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// The memory of process `pid` at `addr`, as much as fills `data` (process_vm_readv: an
+/// error, not a crash, where it is not mapped; another process's needs ptrace access).
+pub fn read_memory(pid: i32, addr: u64, data: &mut [u8]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: one local buffer of data.len() bytes we own; the remote range is only read,
+    // and checked by the kernel.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    match n {
+        n if n as usize == data.len() => Ok(()),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        _ => Err(io::Error::other(
+            "a short read (part of the range is unmapped)",
+        )),
+    }
+}
+
 /// Whether `fd` has something to read (or its end) within `timeout`.
 pub fn wait_readable(
     fd: &impl std::os::fd::AsRawFd,

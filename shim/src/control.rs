@@ -277,7 +277,7 @@ impl Session {
             Request::Pages { addr, len } => match &self.frozen {
                 Some(f) if f.snapshot > 0 => {
                     self.pages.resize(len as usize, 0);
-                    match crate::interpose::raw::read_memory(f.snapshot, addr, &mut self.pages) {
+                    match migrt::sys::read_memory(f.snapshot, addr, &mut self.pages) {
                         Ok(()) => Response::Pages { len },
                         Err(e) => Response::Error(format!("reading {len} bytes at {addr:#x}: {e}")),
                     }

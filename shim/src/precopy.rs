@@ -172,7 +172,7 @@ fn write_run(
 /// Reads this process's memory at `addr` without trusting it is still mapped (the app may
 /// unmap it meanwhile): process_vm_readv answers EFAULT where a plain read would crash.
 fn read_own(addr: u64, out: &mut [u8]) -> std::io::Result<()> {
-    crate::interpose::raw::read_memory(real_pid(), addr, out)
+    migrt::sys::read_memory(real_pid(), addr, out)
         .map_err(|_| std::io::Error::other("memory went away while read"))
 }
 

@@ -108,36 +108,3 @@ pub fn end_snapshot(pid: i32) {
         );
     }
 }
-
-/// The memory of process `pid` (this one, or a snapshot of it) at `addr`, as much as fills
-/// `data`: an error, not a crash, where it is not mapped.
-pub fn read_memory(pid: i32, addr: u64, data: &mut [u8]) -> std::io::Result<()> {
-    let local = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: reads into the caller's buffer of data.len() bytes; the kernel checks the
-    // remote range.
-    let n = unsafe {
-        syscall6(
-            libc::SYS_process_vm_readv,
-            pid as usize,
-            &local as *const libc::iovec as usize,
-            1,
-            &remote as *const libc::iovec as usize,
-            1,
-            0,
-        )
-    };
-    match n {
-        n if n == data.len() as isize => Ok(()),
-        n if n < 0 => Err(std::io::Error::from_raw_os_error(-n as i32)),
-        _ => Err(std::io::Error::other(
-            "a short read (part of the range is unmapped)",
-        )),
-    }
-}
