@@ -304,3 +304,34 @@ fn a_link_cut_during_the_post_copy_leaves_the_session_running_here() {
     hosts.ip(0, &["link", "set", &hosts.links[0], "down"]);
     assert_back_here(&env, m, &pids, &log, &check);
 }
+
+#[test]
+fn memory_forked_freed_and_moved_during_the_post_copy_comes_out_right() {
+    // The subject forks, frees and moves parts of its memory every tick, checking all of it
+    // (and its children check theirs); the pager there is slowed, so all of this happens
+    // while its pages are still coming from here.
+    if !userfaultfd() {
+        return;
+    }
+    let env = Env::new("lazy-changes");
+    let key = key(&env);
+    let agent = Agent::start_with(
+        &env,
+        "agent",
+        &key,
+        None,
+        &[],
+        &[("MIGSHIM_PAGER_THROTTLE_MS", "5")],
+    );
+    let log = env.detach("lm", &[c_program("lazymem").to_str().unwrap(), "128"]);
+    wait_numbers(&log, "tick ", 3);
+    let o = env.run(&lazy_args("lm", &agent.addr, &key));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let last = *numbers(&log, "tick ").last().unwrap();
+    let there = agent.session_log("lm");
+    let after = wait_numbers(&there, "tick ", 30);
+    assert_eq!(after[0], last + 1, "it went on: {after:?}");
+    let text = std::fs::read_to_string(&there).unwrap();
+    assert!(!text.contains("BAD"), "{text}");
+    println!("{}", crate::text(&o.stdout));
+}
