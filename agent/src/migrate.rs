@@ -182,10 +182,13 @@ fn forward(pipe: std::fs::File, file: u32, link: Shared) -> std::thread::JoinHan
         loop {
             let n = pipe.read(&mut buf)?;
             let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
-            l.0.send(&Msg::Chunk {
-                file,
-                data: buf[..n].to_vec(),
-            })?;
+            l.0.send_with_data(
+                &Msg::Chunk {
+                    file,
+                    data: Vec::new(),
+                },
+                &buf[..n],
+            )?;
             l.1 += n as u64;
             if progress && shown.elapsed() > Duration::from_millis(200) {
                 eprint!("\rmig migrate: {} sent", human(l.1));
@@ -289,7 +292,7 @@ fn answers(frozen: &mut Frozen, link: &Shared, lazy: bool) -> Result<(Duration, 
         match m {
             Msg::Want { vpid, addr, len } if lazy => {
                 frozen.pages(vpid, addr, len, &mut buf)?;
-                l.0.send_pages(&buf)?;
+                l.0.send_with_data(&Msg::Pages(Vec::new()), &buf)?;
                 l.0.send_mac()?;
                 bytes += len;
             }

@@ -167,11 +167,14 @@ impl Link {
         Ok(())
     }
 
-    /// Sends `Msg::Pages(data)` as `send` would, without copying `data` into a frame first.
-    pub fn send_pages(&mut self, data: &[u8]) -> Result<()> {
-        // Its encoding: the variant's index, the length (a varint), the bytes.
-        let mut head = postcard::to_stdvec(&Msg::Pages(Vec::new()))?;
-        head.pop();
+    /// Sends `empty` — a message whose last field is bytes, left empty — with `data` as
+    /// those bytes, as `send` would, without copying `data` into a frame first.
+    pub fn send_with_data(&mut self, empty: &Msg, data: &[u8]) -> Result<()> {
+        // Its encoding ends in the bytes' length (a varint, 0 here) and the bytes.
+        let mut head = postcard::to_stdvec(empty)?;
+        if head.pop() != Some(0) {
+            bail!("{empty:?} does not end in empty bytes");
+        }
         let mut n = data.len();
         while n >= 0x80 {
             head.push(n as u8 | 0x80);
@@ -346,6 +349,8 @@ mod tests {
             let mut body = Vec::new();
             let at = link.recv_pages(&mut body).unwrap().unwrap();
             assert_eq!(body[at], [7u8; 300]);
+            let m = link.recv().unwrap();
+            assert!(matches!(m, Msg::Chunk { file: 3, data } if data == [8u8; 200]));
             let Msg::Sent { mac } = link.recv().unwrap() else {
                 panic!()
             };
@@ -356,7 +361,16 @@ mod tests {
         });
         let mut link = connect(&format!("127.0.0.1:{port}"), &key, Duration::from_secs(5)).unwrap();
         link.send(&Msg::Ps { json: false }).unwrap();
-        link.send_pages(&[7u8; 300]).unwrap();
+        link.send_with_data(&Msg::Pages(Vec::new()), &[7u8; 300])
+            .unwrap();
+        link.send_with_data(
+            &Msg::Chunk {
+                file: 3,
+                data: Vec::new(),
+            },
+            &[8u8; 200],
+        )
+        .unwrap();
         link.send_mac().unwrap();
         let e = connect(
             &format!("127.0.0.1:{port}"),
