@@ -382,6 +382,18 @@ struct Relay {
     since: std::time::Instant,
     /// The last frame of pages (reused).
     body: Vec<u8>,
+    /// A request sent ahead whose answer has not been read yet: the pager's fill asks for
+    /// its memory a chunk after another, so the next chunk is asked for while the pager
+    /// copies this one in (the sender reads it meanwhile).
+    ahead: Option<Ask>,
+}
+
+/// What the pager asks for: `len` bytes of process `vpid`'s memory at `addr`.
+#[derive(Clone, Copy, PartialEq)]
+struct Ask {
+    vpid: i32,
+    addr: u64,
+    len: u64,
 }
 
 impl Relay {
@@ -391,13 +403,13 @@ impl Relay {
             bytes: 0,
             since: std::time::Instant::now(),
             body: Vec::new(),
+            ahead: None,
         }
     }
 
-    /// Relays the pager's requests (vpid, address, length) over the link, each answer
-    /// checked against its MAC, until the pager ends (everything filled: true) or, if
-    /// given, `restoring` has exited (false). Says `Waiting` to the sender whenever the
-    /// pager is quiet for `quiet`.
+    /// Relays the pager's requests (vpid, address, length) over the link until the pager
+    /// ends (everything filled: true) or, if given, `restoring` has exited (false). Says
+    /// `Waiting` to the sender whenever the pager is quiet for `quiet`.
     fn run(
         &mut self,
         link: &mut Link,
@@ -424,29 +436,70 @@ impl Relay {
             }
             match (&self.pager).read_exact(&mut ask) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // (What was asked ahead is read, so that the sender is not cut off
+                    // mid-answer.)
+                    if let Some(a) = self.ahead.take() {
+                        self.answer(link, a)?;
+                    }
+                    return Ok(true);
+                }
                 Err(e) => return Err(e).context("reading the pager's request"),
             }
             let word = |k: usize| u64::from_le_bytes(ask[k * 8..][..8].try_into().unwrap());
-            let (vpid, addr, len) = (word(0) as i32, word(1), word(2));
-            if len == 0 || len > peer::CHUNK as u64 {
-                bail!("the pager asked for {len} bytes at once");
-            }
-            link.send(&Msg::Want { vpid, addr, len })?;
-            let data = match link.recv_pages(&mut self.body)? {
-                Ok(at) if at.len() as u64 == len => at,
-                Err(Msg::Refused(why)) => bail!("the sender could not send the pages: {why}"),
-                Ok(_) => bail!("pages of another length than asked for"),
-                Err(other) => bail!("expected pages, got {other:?}"),
+            let want = Ask {
+                vpid: word(0) as i32,
+                addr: word(1),
+                len: word(2),
             };
-            match link.recv()? {
-                Msg::Sent { mac } if link.verify(&mac) => {}
-                _ => {
-                    bail!("pages that do not match their MAC: damaged or tampered with on the way")
+            if want.len == 0 || want.len > peer::CHUNK as u64 {
+                bail!("the pager asked for {} bytes at once", want.len);
+            }
+            if self.ahead != Some(want) {
+                self.want(link, want, false)?;
+                if let Some(a) = self.ahead.take() {
+                    self.answer(link, a)?; // a wrong guess, dropped
                 }
             }
+            // A whole chunk: most likely, the next one follows.
+            self.ahead = None;
+            if want.len == peer::CHUNK as u64 {
+                let next = Ask {
+                    addr: want.addr + want.len,
+                    ..want
+                };
+                self.want(link, next, true)?;
+                self.ahead = Some(next);
+            }
+            let data = self.answer(link, want)?;
+            if data.len() as u64 != want.len {
+                bail!("{} bytes of pages instead of {}", data.len(), want.len);
+            }
             (&self.pager).write_all(&self.body[data])?;
-            self.bytes += len;
+            self.bytes += want.len;
+        }
+    }
+
+    fn want(&self, link: &mut Link, a: Ask, ahead: bool) -> Result<()> {
+        let (vpid, addr, len) = (a.vpid, a.addr, a.len);
+        link.send(&Msg::Want {
+            vpid,
+            addr,
+            len,
+            ahead,
+        })
+    }
+
+    /// Reads the answer to `a` (where its bytes are in `body`), checked against the MAC.
+    fn answer(&mut self, link: &mut Link, a: Ask) -> Result<std::ops::Range<usize>> {
+        let data = match link.recv_pages(&mut self.body, (a.vpid, a.addr))? {
+            Ok(at) => at,
+            Err(Msg::Refused(why)) => bail!("the sender could not send the pages: {why}"),
+            Err(other) => bail!("expected pages, got {other:?}"),
+        };
+        match link.recv()? {
+            Msg::Sent { mac } if link.verify(&mac) => Ok(data),
+            _ => bail!("pages that do not match their MAC: damaged or tampered with on the way"),
         }
     }
 }

@@ -290,11 +290,21 @@ fn answers(frozen: &mut Frozen, link: &Shared, lazy: bool) -> Result<(Duration, 
             Some(_) => "the link broke during the post-copy (the agent ends the copy there)",
         })?;
         match m {
-            Msg::Want { vpid, addr, len } if lazy => {
-                frozen.pages(vpid, addr, len, &mut buf)?;
-                l.0.send_with_data(&Msg::Pages(Vec::new()), &buf)?;
+            Msg::Want {
+                vpid,
+                addr,
+                len,
+                ahead,
+            } if lazy => {
+                match frozen.pages(vpid, addr, len, &mut buf) {
+                    Ok(()) => bytes += len,
+                    // (A guess past the end of its memory: nothing there.)
+                    Err(_) if ahead => buf.clear(),
+                    Err(e) => return Err(e),
+                }
+                let data = Vec::new();
+                l.0.send_with_data(&Msg::Pages { vpid, addr, data }, &buf)?;
                 l.0.send_mac()?;
-                bytes += len;
             }
             Msg::Waiting if lazy => {}
             Msg::Running { .. } if running.is_none() => {

@@ -3,7 +3,8 @@
 //! without sending it), then a running MAC over every frame the client sends (keyed
 //! BLAKE3, with a key derived from the shared key and both challenges: several times
 //! faster than HMAC-SHA256 over gigabytes of image), checked by the agent before it uses
-//! any of it. Not a cipher: the stream is authenticated, not secret (put it in a tunnel
+//! any of it. (The agent's own frames are not in it: they are questions — what the client
+//! answers names what it answers, and is checked against the question.) Not a cipher: the stream is authenticated, not secret (put it in a tunnel
 //! where secrecy matters).
 
 use anyhow::{Context, Result, bail};
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_PORT: u16 = 7070;
-const VERSION: u32 = 4;
+const VERSION: u32 = 5;
 /// No frame is larger (a chunk of image is 1 MiB).
 pub const MAX_FRAME: usize = 4 << 20;
 pub const CHUNK: usize = 1 << 20;
@@ -74,14 +75,21 @@ pub enum Msg {
     },
     /// agent → client: refused, and why.
     Refused(String),
-    /// agent → client, after Running in a lazy migration: send `len` bytes of process
-    /// `vpid`'s memory at `addr`, as it was frozen (answered by Pages, then Sent).
+    /// agent → client, in a lazy migration: send `len` bytes of process `vpid`'s memory at
+    /// `addr`, as it was frozen (answered by Pages, then Sent). `ahead`: asked before the
+    /// target needs it (a guess: answered with no bytes if there are none there).
     Want {
         vpid: i32,
         addr: u64,
         len: u64,
+        ahead: bool,
     },
-    Pages(#[serde(with = "serde_bytes")] Vec<u8>),
+    Pages {
+        vpid: i32,
+        addr: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// agent → client, in a lazy migration: nothing wanted for a while, the session still
     /// runs here (the sender keeps waiting).
     Waiting,
@@ -157,12 +165,16 @@ pub struct Link {
     pub stream: TcpStream,
     /// The running MAC over the client's frames (both ends keep it).
     stream_mac: blake3::Hasher,
+    /// Whether this is the client's end.
+    client: bool,
 }
 
 impl Link {
     pub fn send(&mut self, m: &Msg) -> Result<()> {
         let body = postcard::to_stdvec(m)?;
-        self.stream_mac.update(&body);
+        if self.client {
+            self.stream_mac.update(&body);
+        }
         migrt::wire::write_frame_body(&mut self.stream, &body)?;
         Ok(())
     }
@@ -181,8 +193,10 @@ impl Link {
             n >>= 7;
         }
         head.push(n as u8);
-        self.stream_mac.update(&head);
-        self.stream_mac.update(data);
+        if self.client {
+            self.stream_mac.update(&head);
+            self.stream_mac.update(data);
+        }
         let len = ((head.len() + data.len()) as u32).to_le_bytes();
         use std::io::Write;
         self.stream.write_all(&[&len[..], &head].concat())?;
@@ -199,17 +213,19 @@ impl Link {
 
     pub fn recv(&mut self) -> Result<Msg> {
         let (m, body) = migrt::wire::read_frame_upto::<Msg>(&mut self.stream, MAX_FRAME)?;
-        if !matches!(m, Msg::Sent { .. }) {
+        if !self.client && !matches!(m, Msg::Sent { .. }) {
             self.stream_mac.update(&body);
         }
         Ok(m)
     }
 
-    /// Receives a frame into `body` (reused); if it is `Msg::Pages`, where its bytes are in
-    /// `body` (not copied out), else the message.
+    /// The agent's end: receives a frame into `body` (reused); if it is the pages of
+    /// process `vpid` at `addr`, where their bytes are in `body` (not copied out), else the
+    /// message.
     pub fn recv_pages(
         &mut self,
         body: &mut Vec<u8>,
+        (vpid, addr): (i32, u64),
     ) -> Result<std::result::Result<std::ops::Range<usize>, Msg>> {
         use std::io::Read;
         let mut len = [0u8; 4];
@@ -220,21 +236,22 @@ impl Link {
         }
         body.resize(len, 0);
         self.stream.read_exact(body)?;
-        let pages: Result<&[u8]> = (|| {
-            let head = postcard::to_stdvec(&Msg::Pages(Vec::new()))?;
-            let rest = body
-                .strip_prefix(&head[..head.len() - 1])
-                .context("not pages")?;
-            let (n, data) = postcard::take_from_bytes::<usize>(rest)?;
-            (n == data.len()).then_some(()).context("not pages")?;
-            Ok(data)
-        })();
-        match pages {
-            Ok(data) => {
+        let empty = Msg::Pages {
+            vpid,
+            addr,
+            data: Vec::new(),
+        };
+        let head = postcard::to_stdvec(&empty)?;
+        let data = body
+            .strip_prefix(&head[..head.len() - 1])
+            .and_then(|rest| postcard::take_from_bytes::<usize>(rest).ok())
+            .filter(|(n, data)| *n == data.len());
+        match data {
+            Some((n, _)) => {
                 self.stream_mac.update(body);
-                Ok(Ok(len - data.len()..len))
+                Ok(Ok(len - n..len))
             }
-            Err(_) => {
+            None => {
                 let m: Msg = postcard::from_bytes(body)?;
                 if !matches!(m, Msg::Sent { .. }) {
                     self.stream_mac.update(body);
@@ -298,6 +315,7 @@ pub fn connect(to: &str, key: &[u8], timeout: Duration) -> Result<Link> {
     Ok(Link {
         stream_mac: stream_mac(key, &agent_nonce, &mine),
         stream,
+        client: true,
     })
 }
 
@@ -327,6 +345,7 @@ pub fn accept(mut stream: TcpStream, key: &[u8]) -> Result<Link> {
     Ok(Link {
         stream_mac: stream_mac(key, &mine, &theirs),
         stream,
+        client: false,
     })
 }
 
@@ -347,7 +366,10 @@ mod tests {
             assert!(matches!(m, Msg::Ps { json: false }));
             // (Pages are sent without a copy, and read as any frame.)
             let mut body = Vec::new();
-            let at = link.recv_pages(&mut body).unwrap().unwrap();
+            let at = link
+                .recv_pages(&mut body, (4200001, 0x7f00_0000_0000))
+                .unwrap()
+                .unwrap();
             assert_eq!(body[at], [7u8; 300]);
             let m = link.recv().unwrap();
             assert!(matches!(m, Msg::Chunk { file: 3, data } if data == [8u8; 200]));
@@ -361,8 +383,12 @@ mod tests {
         });
         let mut link = connect(&format!("127.0.0.1:{port}"), &key, Duration::from_secs(5)).unwrap();
         link.send(&Msg::Ps { json: false }).unwrap();
-        link.send_with_data(&Msg::Pages(Vec::new()), &[7u8; 300])
-            .unwrap();
+        let pages = Msg::Pages {
+            vpid: 4200001,
+            addr: 0x7f00_0000_0000,
+            data: Vec::new(),
+        };
+        link.send_with_data(&pages, &[7u8; 300]).unwrap();
         link.send_with_data(
             &Msg::Chunk {
                 file: 3,
