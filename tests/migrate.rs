@@ -747,3 +747,110 @@ fn a_refused_hand_over_puts_the_address_back_and_the_connection_goes_on_here() {
     let (answers, worst) = client_result(client, &log, &stop);
     println!("client: {answers} answers on one connection, longest wait {worst:.3} s");
 }
+
+/// `mig` (a copy any user can reach, in `bin`) as user nobody, with runtime directory `rt`.
+fn mig_as_nobody(bin: &Path, rt: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin.join("mig"))
+        .env("MIGSHIM_RUNTIME_DIR", rt)
+        .env("HOME", bin);
+    c
+}
+
+#[test]
+fn a_normal_user_migrates_to_their_own_agent() {
+    // No root on either side: the session, the agent and mig run as nobody. Lazy mode needs
+    // userfaultfd on the target, which a normal user has only with
+    // vm.unprivileged_userfaultfd=1: without it, the agent refuses before anything is
+    // frozen.
+    if !is_root() || Command::new("setpriv").arg("--version").output().is_err() {
+        println!("SKIP: needs root (to become another user) and setpriv");
+        return;
+    }
+    let env = Env::new("migrate-user");
+    let bin = std::env::temp_dir().join(format!("migtest-user-mig-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&bin);
+    std::fs::create_dir_all(&bin).unwrap();
+    for (from, to) in [
+        (mig_bin(), "mig"),
+        (shim_lib(), "libmigshim.so"),
+        (c_program("counter"), "counter"),
+    ] {
+        std::fs::copy(&from, bin.join(to)).unwrap();
+    }
+    let (src, state) = (bin.join("src"), bin.join("agent"));
+    std::fs::write(bin.join("key"), "a shared key for the tests, 32+ bytes").unwrap();
+    for d in [&src, &state] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let port = free_port().to_string();
+    let to = format!("127.0.0.1:{port}");
+    let key = bin.join("key");
+    let agent_log = env.root.join("agent.log");
+    let mut agent = mig_as_nobody(&bin, &state.join("run"))
+        .args(["agent", "--listen", &to, "--key"])
+        .arg(&key)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::fs::File::create(&agent_log).unwrap())
+        .stderr(std::fs::File::create(env.root.join("agent.err")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_text(&env.root.join("agent.err"), "listening on");
+    let log = bin.join("cnt.log");
+    let o = env.output({
+        let mut c = mig_as_nobody(&bin, &src);
+        c.args(["run", "--detach", "--name", "cnt", "--log"])
+            .arg(&log)
+            .arg("--")
+            .arg(bin.join("counter"))
+            .args(["40", "32", "4"]);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    wait_numbers(&log, "count ", 3);
+    let migrate = |mode: &str| {
+        let mut c = mig_as_nobody(&bin, &src);
+        c.args(["migrate", "cnt", "--to", &to, "--key"])
+            .arg(&key)
+            .args(["--mode", mode]);
+        env.output(c)
+    };
+    let uffd_open = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .is_ok_and(|v| v.trim() == "1");
+    let lazy = (!uffd_open).then(|| {
+        let o = migrate("lazy");
+        let before = numbers(&log, "count ").len();
+        let runs_on = wait_numbers(&log, "count ", before + 3).len() > before;
+        (o, runs_on)
+    });
+    let o = migrate("precopy");
+    let there = state.join("run/logs/cnt.log");
+    let went_on = o
+        .status
+        .success()
+        .then(|| wait_numbers(&there, "count ", 3));
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", bin.join("counter").to_str().unwrap()])
+        .status();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let err = std::fs::read_to_string(env.root.join("agent.err")).unwrap_or_default();
+    let last = *numbers(&log, "count ").last().unwrap();
+    let _ = std::fs::remove_dir_all(&bin);
+    if let Some((o, runs_on)) = lazy {
+        assert_refused(&o, &["userfaultfd", "--mode precopy"]);
+        assert!(runs_on, "after the refusal it ran on here");
+    }
+    assert!(o.status.success(), "{}\nagent: {err}", text(&o.stderr));
+    assert_eq!(went_on.unwrap()[0], last + 1, "it went on there");
+}

@@ -104,7 +104,7 @@ impl Agent {
                 moving,
                 lazy,
             } => {
-                let homes = match self.admit(&name, uid).and_then(|_| homes(&moving)) {
+                let homes = match self.admit(&name, uid, lazy).and_then(|_| homes(&moving)) {
                     Ok(h) => h,
                     Err(e) => return refuse(&mut link, format!("session {name}: {e:#}")),
                 };
@@ -155,9 +155,15 @@ impl Agent {
         }
     }
 
-    /// Whether a session of this name and owner may come.
-    fn admit(&self, name: &str, uid: u32) -> Result<()> {
+    /// Whether a session of this name and owner may come (lazily: whether its memory can
+    /// be filled in here after it runs).
+    fn admit(&self, name: &str, uid: u32, lazy: bool) -> Result<()> {
         migrt::paths::validate_name(name)?;
+        if lazy && !crate::pager::available() {
+            bail!(
+                "a lazy migration needs userfaultfd on this host (an agent running as root, or vm.unprivileged_userfaultfd=1); use --mode precopy"
+            );
+        }
         if uid != migrt::sys::getuid() {
             bail!(
                 "the session belongs to uid {uid}; this agent runs as uid {} and restores only its own user's sessions",
