@@ -146,11 +146,11 @@ enum Cmd {
         /// The target agent.
         #[arg(long, value_name = "HOST[:PORT]")]
         to: String,
-        /// precopy: memory is sent while the session runs, round after round, and only
-        /// what it wrote since is sent frozen; stop-and-copy: all of it frozen; lazy: it
+        /// precopy (default): memory is sent while the session runs, round after round, and
+        /// only what it wrote since is sent frozen; stop-and-copy: all of it frozen; lazy: it
         /// runs there at once, its memory fetched from here on demand and in the background
         /// while it is kept frozen here (ended once all is there).
-        #[arg(long, value_enum, default_value_t = migrate::Mode::StopAndCopy)]
+        #[arg(long, value_enum, default_value_t = migrate::Mode::Precopy)]
         mode: migrate::Mode,
         /// The agents' shared key (default: $MIGSHIM_KEY, else ~/.config/migshim/agent.key).
         #[arg(long, value_name = "FILE")]

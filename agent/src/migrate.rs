@@ -411,16 +411,18 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let (processes, threads) = (frozen.processes(), frozen.threads);
     let (bytes, sent) = (sent, link.lock().unwrap_or_else(|p| p.into_inner()).1);
     frozen.release(true)?;
-    let how = match a.mode {
+    // (Lazily, the post-copy after the pre-copy figures: the summary reads the same in
+    // every mode up to the rounds.)
+    let post = match a.mode {
         Mode::Lazy => format!(
-            "{} after it ran there, kept here {:.1} ms",
+            ", post-copy: {} after it ran there, kept here {:.1} ms",
             human(after),
             (t0.elapsed() - running).as_secs_f64() * 1e3
         ),
-        _ => format!("{} pre-copy round(s)", count),
+        _ => String::new(),
     };
     println!(
-        "migrated session {} to {}: {} process(es), {} thread(s), {} sent ({} before the freeze, {} frozen), frozen {:.1} ms, total {:.1} ms, {how}",
+        "migrated session {} to {}: {} process(es), {} thread(s), {} sent ({} before the freeze, {} frozen), frozen {:.1} ms, total {:.1} ms, {} pre-copy round(s){post}",
         live.name(),
         a.to,
         processes,
@@ -430,6 +432,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         human(bytes),
         running.as_secs_f64() * 1e3,
         t0.elapsed().as_secs_f64() * 1e3,
+        count,
     );
     Ok(0)
 }

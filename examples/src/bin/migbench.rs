@@ -463,13 +463,14 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool) {
                 "{} ({frozen_part})",
                 sent_part.split(" sent").next().unwrap()
             );
-            // "N pre-copy round(s)", or lazily "X after it ran there, kept here Y ms".
+            // "N pre-copy round(s)", lazily followed by "post-copy: X after it ran there,
+            // kept here Y ms".
             let tail = s.rsplit("total ").next().unwrap();
             rounds = match tail.find("kept here ") {
                 Some(i) => format!("{} ms", summary_ms(&tail[i..], "kept here ")),
                 None => tail
-                    .rsplit(", ")
-                    .next()
+                    .split(", ")
+                    .nth(1)
                     .unwrap()
                     .split(' ')
                     .next()
