@@ -182,18 +182,6 @@ while True:
     )
 }
 
-/// The pids of the processes of the sessions an agent restored.
-fn restored_pids(agent: &Agent) -> Vec<i32> {
-    let o = agent.mig().args(["ps", "--json"]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|s| s["processes"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| p["pid"].as_i64().map(|p| p as i32))
-        .collect()
-}
-
 /// Starts a lazy migration of session "idle" (by `mig` run with `cmd`) and waits until it
 /// runs on the target (counting in its log there) while its memory is still coming.
 /// Returns the migration, and the restored processes' pids.
@@ -209,7 +197,7 @@ fn until_it_runs_there(mut cmd: Command, agent: &Agent) -> (std::process::Child,
         assert!(t.elapsed() < Duration::from_secs(30), "it never ran there");
         std::thread::sleep(Duration::from_millis(10));
     }
-    (m, restored_pids(agent))
+    (m, agent.restored_pids())
 }
 
 /// After a post-copy broke off: the migration failed saying so, the copy there is gone,

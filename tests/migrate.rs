@@ -166,6 +166,69 @@ fn a_restore_that_fails_there_is_reported_at_once_and_the_session_runs_on_here()
     env.stop("web");
 }
 
+/// The pid of a child of `parent` whose command line holds `needle`, if any.
+fn child_with(parent: u32, needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
+        let ppid: u32 = stat.rsplit(") ").next()?.split(' ').nth(1)?.parse().ok()?;
+        let cmd = std::fs::read(p.path().join("cmdline")).ok()?;
+        (ppid == parent && String::from_utf8_lossy(&cmd).contains(needle)).then_some(pid)
+    })
+}
+
+#[test]
+fn a_sender_killed_while_the_target_restores_leaves_one_copy_running_here() {
+    // mig is killed after the whole image went, while the agent restores: the session
+    // thaws here, so the copy there must not run too.
+    let env = Env::new("migrate-sender-killed");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", "16"]);
+    wait_numbers(&log, "count ", 3);
+    let mut m = env.mig();
+    m.args(migrate_args("cnt", &agent.addr, &key))
+        .args(["--mode", "stop-and-copy"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut m = m.spawn().unwrap();
+    // The agent's restore is held as soon as it starts, ...
+    let t = Instant::now();
+    let restore = loop {
+        if let Some(pid) = child_with(agent.child.id(), "restore") {
+            break pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no restore started");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // SAFETY: kill takes plain values.
+    unsafe { libc::kill(restore, libc::SIGSTOP) };
+    // ... mig is killed meanwhile, and the session runs on here, ...
+    m.kill().unwrap();
+    m.wait().unwrap();
+    counts_on_undamaged(&log, 3);
+    // ... and once the restore is done, the agent sees its sender gone and ends its copy.
+    // SAFETY: as above.
+    unsafe { libc::kill(restore, libc::SIGCONT) };
+    let said = wait_for_text(&env.root.join("agent.log"), "the sender went away");
+    assert!(said.contains("ended here"), "{said}");
+    let t = Instant::now();
+    while agent
+        .restored_pids()
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the copy there lives on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    counts_on_undamaged(&log, 3);
+    assert_eq!(env.processes("cnt").len(), 1);
+    env.stop("cnt");
+}
+
 #[test]
 fn no_agent_at_the_target_leaves_the_session_running_here() {
     let env = Env::new("migrate-none");

@@ -129,6 +129,14 @@ impl Agent {
                     .send(&Msg::Ready)
                     .and_then(|_| self.receive(&mut link, &how));
                 let result = match result {
+                    // The sender went away meanwhile (it was killed): it has let the session
+                    // run on there, so this copy must not run too.
+                    Ok(_) if gone(&link.stream) => {
+                        abandon(&how);
+                        Err(anyhow::anyhow!(
+                            "session {name}: the sender went away before it heard the session runs here: ended here (it runs on there)"
+                        ))
+                    }
                     Ok(pager) => {
                         log(format_args!("session {name} restored, running"));
                         let running = link.send(&Msg::Running { name: name.clone() });
@@ -195,13 +203,7 @@ impl Agent {
                 link.send(&Msg::Complete)
             }
             Err(e) => {
-                end_session(name);
-                // (The addresses go back to the sender, with the session.)
-                for h in how.homes {
-                    let mut undo = netaddr::Changes::default();
-                    let _ = undo.remove(h);
-                    undo.keep();
-                }
+                abandon(how);
                 Err(e.context(format!(
                     "session {name}: its memory could not be fetched; ended here"
                 )))
@@ -507,6 +509,24 @@ impl Relay {
             Msg::Sent { mac } if link.verify(&mac) => Ok(data),
             _ => bail!("pages that do not match their MAC: damaged or tampered with on the way"),
         }
+    }
+}
+
+/// Whether the peer at the other end of `stream` has closed it (nothing is expected from
+/// it now).
+fn gone(stream: &std::net::TcpStream) -> bool {
+    migrt::sys::wait_readable(stream, Duration::ZERO).unwrap_or(true)
+        && stream.peek(&mut [0u8]).map_or(true, |n| n == 0)
+}
+
+/// Gives up a session restored here: its processes end, the addresses that came with it
+/// go back to the sender.
+fn abandon(how: &Incoming) {
+    end_session(how.name);
+    for h in how.homes {
+        let mut undo = netaddr::Changes::default();
+        let _ = undo.remove(h);
+        undo.keep();
     }
 }
 

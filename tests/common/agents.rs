@@ -67,6 +67,18 @@ impl Agent {
         self.state.join("run/logs").join(format!("{name}.log"))
     }
 
+    /// The pids of the processes of the sessions this agent restored.
+    pub fn restored_pids(&self) -> Vec<i32> {
+        let o = self.mig().args(["ps", "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["processes"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["pid"].as_i64().map(|p| p as i32))
+            .collect()
+    }
+
     pub fn mig(&self) -> Command {
         let mut c = Command::new(mig_bin());
         c.env("MIGSHIM_RUNTIME_DIR", self.state.join("run"));
