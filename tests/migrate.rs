@@ -177,6 +177,68 @@ fn child_with(parent: u32, needle: &str) -> Option<i32> {
     })
 }
 
+/// Stops the agent's `mig restore` (SIGSTOP) as soon as it starts; its pid.
+fn hold_restore(agent: &Agent) -> i32 {
+    let t = Instant::now();
+    let restore = loop {
+        if let Some(pid) = child_with(agent.child.id(), "restore") {
+            break pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no restore started");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // SAFETY: kill takes plain values.
+    unsafe { libc::kill(restore, libc::SIGSTOP) };
+    restore
+}
+
+#[test]
+fn an_agent_killed_while_it_restores_leaves_one_copy_running_here() {
+    // The whole image went; the agent is killed during the restore: its restore goes with
+    // it, nothing runs there, and the session runs on here.
+    let env = Env::new("migrate-agent-killed");
+    let key = key(&env);
+    let mut agent = Agent::start(&env, "agent", &key, None, &[]);
+    let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", "16"]);
+    wait_numbers(&log, "count ", 3);
+    let mut m = env.mig();
+    m.args(migrate_args("cnt", &agent.addr, &key))
+        .args(["--mode", "stop-and-copy"]);
+    let m = m
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let restore = hold_restore(&agent);
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let o = m.wait_with_output().unwrap();
+    assert_refused(&o, &["runs on here"]);
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{restore}/cmdline")).exists()
+        && !std::fs::read(format!("/proc/{restore}/cmdline"))
+            .unwrap_or_default()
+            .is_empty()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the agent's restore lives on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent
+            .restored_pids()
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists()),
+        "nothing runs there"
+    );
+    counts_on_undamaged(&log, 3);
+    assert_eq!(env.processes("cnt").len(), 1);
+    env.stop("cnt");
+}
+
 #[test]
 fn a_sender_killed_while_the_target_restores_leaves_one_copy_running_here() {
     // mig is killed after the whole image went, while the agent restores: the session
@@ -193,16 +255,7 @@ fn a_sender_killed_while_the_target_restores_leaves_one_copy_running_here() {
         .stderr(Stdio::null());
     let mut m = m.spawn().unwrap();
     // The agent's restore is held as soon as it starts, ...
-    let t = Instant::now();
-    let restore = loop {
-        if let Some(pid) = child_with(agent.child.id(), "restore") {
-            break pid;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "no restore started");
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    // SAFETY: kill takes plain values.
-    unsafe { libc::kill(restore, libc::SIGSTOP) };
+    let restore = hold_restore(&agent);
     // ... mig is killed meanwhile, and the session runs on here, ...
     m.kill().unwrap();
     m.wait().unwrap();

@@ -311,6 +311,18 @@ impl Agent {
             .arg(&logf)
             .args(how.restore_args)
             .stdin(std::process::Stdio::null());
+        // If this agent dies before the restore is done, the restore goes too (and the
+        // processes it made, which cannot say they are back): the sender, seeing the link
+        // end, lets the session run on there.
+        // SAFETY: between fork and exec only prctl (async-signal-safe) runs.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut restore, || {
+                match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) {
+                    -1 => Err(std::io::Error::last_os_error()),
+                    _ => Ok(()),
+                }
+            })
+        };
         let pager = match how.lazy {
             true => Some(pages_socket(&mut restore)?),
             false => None,

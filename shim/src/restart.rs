@@ -164,20 +164,25 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     }
     // Its POSIX timers (some notify the threads just made).
     crate::interpose::timers::restore();
-    // mig restore hears it is back (its command line shown, its threads running).
-    // SAFETY: a one-byte write on the channel mig handed down, then its close.
+    // mig restore hears it is back (its command line shown, its threads running). If it
+    // cannot (mig restore is gone: it was killed, or gave up), this restore was abandoned
+    // and the process must not run on.
+    // SAFETY: a one-byte send on the channel mig handed down, then its close.
     let ready = [1u8];
-    unsafe {
+    let sent = unsafe {
         syscall6(
-            libc::SYS_write,
+            libc::SYS_sendto,
             channel as usize,
             ready.as_ptr() as usize,
             1,
-            0,
+            libc::MSG_NOSIGNAL as usize,
             0,
             0,
         )
     };
+    if sent != 1 {
+        crate::interpose::raw::exit_group(128 + libc::SIGKILL);
+    }
     crate::interpose::close_real(channel);
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
