@@ -56,12 +56,15 @@ pub fn end() {
 }
 
 /// The private memory a round covers: what an image stores of it (dump::stored), less
-/// shared mappings (their pages are the object's, stored whole by the final image); with
-/// `pageable`, only what a lazy restore's pager fills in (the rest is stored whole).
+/// shared mappings (their pages are the object's, stored whole by the final image) and
+/// code (nothing writes it; tracking a file's would make its unwritten pages look like the
+/// process's own, sent for nothing); with `pageable`, only what a lazy restore's pager
+/// fills in. (What is not tracked is stored whole by the final image.)
 fn private_ranges(pageable: bool) -> Vec<(u64, u64)> {
     migrt::procfs::all_mappings("self")
         .iter()
         .filter(|m| m.perms.as_bytes().get(3) == Some(&b'p') && crate::dump::stored(m, &[]))
+        .filter(|m| m.perms.as_bytes().get(2) != Some(&b'x'))
         .filter(|m| !pageable || migrt::image::pageable(&m.name.0))
         .map(|m| (m.start, m.end))
         .collect()
