@@ -998,7 +998,16 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
                 let _ = child.kill();
                 bail!("the restored process did not come back within 10 s");
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // (Woken by the first process not back yet saying so, else soon, to look at
+            // the others and at the restorer.)
+            if let Some((c, _)) = channels
+                .iter()
+                .zip(&back)
+                .find(|(_, b)| !**b)
+                .map(|(c, _)| c)
+            {
+                migrt::sys::wait_readable(c, Duration::from_millis(2))?;
+            }
         }
         if a.detach {
             println!("{name}");

@@ -33,6 +33,8 @@ const HEADER_SIZE: usize = 4096;
 const SLOTS_OFF: usize = HEADER_SIZE;
 const OBJECTS_OFF: usize = SLOTS_OFF + MAX_SLOTS * std::mem::size_of::<Slot>();
 /// Size of the table file.
+/// The pages written at creation, at the start of the table and of its objects.
+const EARLY_PAGES: usize = 16;
 pub const FILE_SIZE: usize = OBJECTS_OFF + MAX_OBJECTS * std::mem::size_of::<ObjectEntry>();
 
 #[repr(C)]
@@ -141,6 +143,14 @@ impl SessionTable {
             .map_err(|e| Error::io("creating session table", path, e))?;
         f.set_len(FILE_SIZE as u64)
             .map_err(|e| Error::io("sizing session table", path, e))?;
+        // The pages a session uses first are written now (zeros): on a disk file system
+        // the first write through the mapping into a hole costs milliseconds (the file
+        // system finds room for the page then), into a written page almost nothing.
+        let zeros = vec![0u8; EARLY_PAGES * 4096];
+        for at in [0, OBJECTS_OFF] {
+            std::os::unix::fs::FileExt::write_all_at(&f, &zeros, at as u64)
+                .map_err(|e| Error::io("writing session table", path, e))?;
+        }
         let t = Self::map(&f, path)?;
         let h = t.header_mut_ptr();
         // SAFETY: the file is new and only this process maps it; the header region is
