@@ -12,6 +12,7 @@ mod netaddr;
 mod objects;
 mod pager;
 mod peer;
+mod relay;
 mod restore;
 mod run;
 mod sessions;
