@@ -132,6 +132,11 @@ impl Drop for Changes {
             if let Err(e) = set(&h, !added) {
                 eprintln!("mig: putting address {h} back failed: {e:#}");
             }
+            // Back here: the neighbours may have learnt meanwhile that it was elsewhere (a
+            // lazy migration's target announced it, then its post-copy broke off).
+            if !added && let Err(e) = announce(&h) {
+                eprintln!("mig: announcing address {h} again failed: {e:#}");
+            }
         }
     }
 }
