@@ -209,17 +209,7 @@ fn assert_back_here(env: &Env, m: std::process::Child, pids: &[i32], log: &Path,
     let err = text(&o.stderr);
     assert!(err.contains("runs on here"), "{err}");
     println!("{err}");
-    let t = Instant::now();
-    while pids
-        .iter()
-        .any(|p| Path::new(&format!("/proc/{p}")).exists())
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "the copy there lives on: {pids:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(pids);
     let after = wait_numbers(log, "count ", numbers(log, "count ").len() + 3);
     assert!(
         after.windows(2).all(|w| w[1] == w[0] + 1),
@@ -322,4 +312,31 @@ fn memory_forked_freed_and_moved_during_the_post_copy_comes_out_right() {
     let text = std::fs::read_to_string(&there).unwrap();
     assert!(!text.contains("BAD"), "{text}");
     println!("{}", crate::text(&o.stdout));
+}
+
+#[test]
+fn memory_over_the_agents_limit_ends_the_copy_there_and_the_session_runs_on_here() {
+    // The image is small, the memory that follows is not: the agent takes 16 MiB at most.
+    if !userfaultfd() {
+        return;
+    }
+    let env = Env::new("lazy-limit");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &["--max-bytes", "16777216"]);
+    let log = env.detach(
+        "cnt",
+        &[c_program("counter").to_str().unwrap(), "40", "64", "8"],
+    );
+    wait_numbers(&log, "count ", 3);
+    let o = env.run(&lazy_args("cnt", &agent.addr, &key));
+    assert_refused(&o, &["runs on here"]);
+    let said = wait_for_text(&env.root.join("agent.log"), "limit");
+    assert!(
+        said.contains("--max-bytes"),
+        "the agent's log says why: {said}"
+    );
+    counts_on_undamaged(&log, 3);
+    assert_eq!(env.processes("cnt").len(), 1);
+    wait_gone(&agent.restored_pids());
+    env.stop("cnt");
 }

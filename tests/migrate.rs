@@ -265,18 +265,7 @@ fn a_sender_killed_while_the_target_restores_leaves_one_copy_running_here() {
     unsafe { libc::kill(restore, libc::SIGCONT) };
     let said = wait_for_text(&env.root.join("agent.log"), "the sender went away");
     assert!(said.contains("ended here"), "{said}");
-    let t = Instant::now();
-    while agent
-        .restored_pids()
-        .iter()
-        .any(|p| Path::new(&format!("/proc/{p}")).exists())
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the copy there lives on"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(&agent.restored_pids());
     counts_on_undamaged(&log, 3);
     assert_eq!(env.processes("cnt").len(), 1);
     env.stop("cnt");

@@ -334,7 +334,8 @@ impl Agent {
             .spawn()
             .context("running mig restore")?;
         // Lazily, the restored processes need pages from the sender before they are back.
-        let mut pager = pager.map(Relay::new);
+        // (What comes after the image counts against the same limit.)
+        let mut pager = pager.map(|p| Relay::new(p, self.max_bytes.saturating_sub(total)));
         if let Some(r) = pager.as_mut()
             && let Err(e) = r.run(link, Some(&mut child), self.timeout / 3)
         {

@@ -37,9 +37,10 @@ pub fn pages_socket(restore: &mut std::process::Command) -> Result<std::os::unix
 /// A lazy restore's pager, asking for the memory still in the sender.
 pub struct Relay {
     pager: std::os::unix::net::UnixStream,
-    /// Bytes fetched so far, since when.
+    /// Bytes fetched so far, since when, and how many the agent takes at most.
     pub bytes: u64,
     pub since: std::time::Instant,
+    limit: u64,
     /// The last frame of pages (reused).
     body: Vec<u8>,
     /// A request sent ahead whose answer has not been read yet: the pager's fill asks for
@@ -57,11 +58,12 @@ struct Ask {
 }
 
 impl Relay {
-    pub fn new(pager: std::os::unix::net::UnixStream) -> Relay {
+    pub fn new(pager: std::os::unix::net::UnixStream, limit: u64) -> Relay {
         Relay {
             pager,
             bytes: 0,
             since: std::time::Instant::now(),
+            limit,
             body: Vec::new(),
             ahead: None,
         }
@@ -114,6 +116,9 @@ impl Relay {
             };
             if want.len == 0 || want.len > peer::CHUNK as u64 {
                 bail!("the pager asked for {} bytes at once", want.len);
+            }
+            if self.bytes + want.len > self.limit {
+                bail!("the session's memory is over this agent's limit (--max-bytes)");
             }
             if self.ahead != Some(want) {
                 self.want(link, want, false)?;

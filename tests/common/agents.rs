@@ -105,6 +105,21 @@ impl Drop for Agent {
     }
 }
 
+/// Waits (up to 15 s) until none of `pids` lives: a copy of the session that must not run.
+pub fn wait_gone(pids: &[i32]) {
+    let t = std::time::Instant::now();
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "the copy there lives on: {pids:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 pub fn key(env: &Env) -> PathBuf {
     let k = env.root.join("key");
     std::fs::write(&k, "a shared key for the tests, 32+ bytes").unwrap();
