@@ -166,39 +166,14 @@ fn a_restore_that_fails_there_is_reported_at_once_and_the_session_runs_on_here()
     env.stop("web");
 }
 
-/// The pid of a child of `parent` whose command line holds `needle`, if any.
-fn child_with(parent: u32, needle: &str) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
-        let pid: i32 = p.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
-        let ppid: u32 = stat.rsplit(") ").next()?.split(' ').nth(1)?.parse().ok()?;
-        let cmd = std::fs::read(p.path().join("cmdline")).ok()?;
-        (ppid == parent && String::from_utf8_lossy(&cmd).contains(needle)).then_some(pid)
-    })
-}
-
-/// Stops the agent's `mig restore` (SIGSTOP) as soon as it starts; its pid.
-fn hold_restore(agent: &Agent) -> i32 {
-    let t = Instant::now();
-    let restore = loop {
-        if let Some(pid) = child_with(agent.child.id(), "restore") {
-            break pid;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "no restore started");
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    // SAFETY: kill takes plain values.
-    unsafe { libc::kill(restore, libc::SIGSTOP) };
-    restore
-}
-
-#[test]
-fn an_agent_killed_while_it_restores_leaves_one_copy_running_here() {
-    // The whole image went; the agent is killed during the restore: its restore goes with
-    // it, nothing runs there, and the session runs on here.
-    let env = Env::new("migrate-agent-killed");
-    let key = key(&env);
-    let mut agent = Agent::start(&env, "agent", &key, None, &[]);
+/// An agent whose restores wait, their session made but nothing of it running, until the
+/// returned file exists; a stop-and-copy migration of session "cnt" to it, started (and
+/// the session's log). Returns once the restore waits.
+fn held_migration(env: &Env) -> (Agent, std::process::Child, PathBuf, PathBuf) {
+    let key = key(env);
+    let go = env.root.join("go");
+    let pause = [("MIGSHIM_RESTORE_PAUSE", go.to_str().unwrap())];
+    let agent = Agent::start_with(env, "agent", &key, None, &[], &pause);
     let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", "16"]);
     wait_numbers(&log, "count ", 3);
     let mut m = env.mig();
@@ -209,31 +184,33 @@ fn an_agent_killed_while_it_restores_leaves_one_copy_running_here() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let restore = hold_restore(&agent);
+    let t = Instant::now();
+    while !agent.state.join("run/sessions/cnt").exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no restore started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (agent, m, log, go)
+}
+
+#[test]
+fn an_agent_killed_while_it_restores_leaves_one_copy_running_here() {
+    // The whole image went; the agent is killed during the restore: its restore goes with
+    // it, nothing runs there, and the session runs on here.
+    let env = Env::new("migrate-agent-killed");
+    let (mut agent, m, log, go) = held_migration(&env);
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
     let o = m.wait_with_output().unwrap();
     assert_refused(&o, &["runs on here"]);
-    let t = Instant::now();
-    while Path::new(&format!("/proc/{restore}/cmdline")).exists()
-        && !std::fs::read(format!("/proc/{restore}/cmdline"))
-            .unwrap_or_default()
-            .is_empty()
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the agent's restore lives on"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        agent
-            .restored_pids()
-            .iter()
-            .all(|p| !Path::new(&format!("/proc/{p}")).exists()),
-        "nothing runs there"
-    );
+    // (Were the restore still there, it would go on now.)
+    std::fs::write(&go, "").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let alive: Vec<i32> = agent
+        .restored_pids()
+        .into_iter()
+        .filter(|p| *p > 0 && Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    assert!(alive.is_empty(), "nothing runs there: {alive:?}");
     counts_on_undamaged(&log, 3);
     assert_eq!(env.processes("cnt").len(), 1);
     env.stop("cnt");
@@ -244,25 +221,12 @@ fn a_sender_killed_while_the_target_restores_leaves_one_copy_running_here() {
     // mig is killed after the whole image went, while the agent restores: the session
     // thaws here, so the copy there must not run too.
     let env = Env::new("migrate-sender-killed");
-    let key = key(&env);
-    let agent = Agent::start(&env, "agent", &key, None, &[]);
-    let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", "16"]);
-    wait_numbers(&log, "count ", 3);
-    let mut m = env.mig();
-    m.args(migrate_args("cnt", &agent.addr, &key))
-        .args(["--mode", "stop-and-copy"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut m = m.spawn().unwrap();
-    // The agent's restore is held as soon as it starts, ...
-    let restore = hold_restore(&agent);
-    // ... mig is killed meanwhile, and the session runs on here, ...
+    let (agent, mut m, log, go) = held_migration(&env);
     m.kill().unwrap();
     m.wait().unwrap();
     counts_on_undamaged(&log, 3);
-    // ... and once the restore is done, the agent sees its sender gone and ends its copy.
-    // SAFETY: as above.
-    unsafe { libc::kill(restore, libc::SIGCONT) };
+    // Once the restore is done, the agent sees its sender gone and ends its copy.
+    std::fs::write(&go, "").unwrap();
     let said = wait_for_text(&env.root.join("agent.log"), "the sender went away");
     assert!(said.contains("ended here"), "{said}");
     wait_gone(&agent.restored_pids());

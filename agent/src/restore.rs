@@ -966,6 +966,13 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         if !a.detach {
             terminal::restore_modes(&images);
         }
+        // (MIGSHIM_RESTORE_PAUSE=FILE, for the tests: the restore waits here, its session
+        // made but nothing of it running yet, until FILE exists.)
+        if let Some(f) = std::env::var_os("MIGSHIM_RESTORE_PAUSE") {
+            while !Path::new(&f).exists() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let mut child = c.spawn().context("starting the restorer")?;
         // (The restored processes hold the pager's socket now: it ends when they all did.)
         drop(pager);
