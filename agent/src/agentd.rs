@@ -263,23 +263,26 @@ impl Agent {
         };
         add(&mut out, files)?;
         let mut total = 0u64;
+        // Chunks of one file follow each other: those of the file the last one was of are
+        // written from the frame as it came (not copied out of it first).
+        let (mut body, mut last) = (Vec::new(), 0u32);
         loop {
-            match link.recv()? {
-                Msg::Files(more) => add(&mut out, &more)?,
-                Msg::Chunk { file, data } => {
-                    let f = out
-                        .get_mut(file as usize)
-                        .context("a chunk of no announced file")?;
-                    total += data.len() as u64;
-                    if total > self.max_bytes {
-                        bail!(
-                            "the image is over this agent's limit of {} bytes",
-                            self.max_bytes
-                        );
-                    }
-                    f.write_all(&data)?;
+            let expected = Msg::Chunk {
+                file: last,
+                data: Vec::new(),
+            };
+            let (file, data) = match link.recv_with_data(&mut body, &expected)? {
+                Ok(at) => (last, &body[at]),
+                Err(Msg::Chunk { file, data }) => {
+                    last = file;
+                    body = data;
+                    (file, &body[..])
                 }
-                Msg::Sent { mac } => {
+                Err(Msg::Files(more)) => {
+                    add(&mut out, &more)?;
+                    continue;
+                }
+                Err(Msg::Sent { mac }) => {
                     how.streamed.set(true);
                     if !link.verify(&mac) {
                         bail!(
@@ -288,8 +291,19 @@ impl Agent {
                     }
                     break;
                 }
-                other => bail!("unexpected {other:?} in the middle of the images"),
+                Err(other) => bail!("unexpected {other:?} in the middle of the images"),
+            };
+            let f = out
+                .get_mut(file as usize)
+                .context("a chunk of no announced file")?;
+            total += data.len() as u64;
+            if total > self.max_bytes {
+                bail!(
+                    "the image is over this agent's limit of {} bytes",
+                    self.max_bytes
+                );
             }
+            f.write_all(data)?;
         }
         drop(out);
         log(format_args!(

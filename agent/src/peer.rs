@@ -219,13 +219,13 @@ impl Link {
         Ok(m)
     }
 
-    /// The agent's end: receives a frame into `body` (reused); if it is the pages of
-    /// process `vpid` at `addr`, where their bytes are in `body` (not copied out), else the
-    /// message.
-    pub fn recv_pages(
+    /// The agent's end: receives a frame into `body` (reused); if it is `empty` — a
+    /// message whose last field is bytes — with bytes, where they are in `body` (not copied
+    /// out), else the message.
+    pub fn recv_with_data(
         &mut self,
         body: &mut Vec<u8>,
-        (vpid, addr): (i32, u64),
+        empty: &Msg,
     ) -> Result<std::result::Result<std::ops::Range<usize>, Msg>> {
         use std::io::Read;
         let mut len = [0u8; 4];
@@ -236,12 +236,7 @@ impl Link {
         }
         body.resize(len, 0);
         self.stream.read_exact(body)?;
-        let empty = Msg::Pages {
-            vpid,
-            addr,
-            data: Vec::new(),
-        };
-        let head = postcard::to_stdvec(&empty)?;
+        let head = postcard::to_stdvec(empty)?;
         let data = body
             .strip_prefix(&head[..head.len() - 1])
             .and_then(|rest| postcard::take_from_bytes::<usize>(rest).ok())
@@ -366,13 +361,20 @@ mod tests {
             assert!(matches!(m, Msg::Ps { json: false }));
             // (Pages are sent without a copy, and read as any frame.)
             let mut body = Vec::new();
-            let at = link
-                .recv_pages(&mut body, (4200001, 0x7f00_0000_0000))
-                .unwrap()
-                .unwrap();
+            let pages = Msg::Pages {
+                vpid: 4200001,
+                addr: 0x7f00_0000_0000,
+                data: Vec::new(),
+            };
+            let at = link.recv_with_data(&mut body, &pages).unwrap().unwrap();
             assert_eq!(body[at], [7u8; 300]);
-            let m = link.recv().unwrap();
-            assert!(matches!(m, Msg::Chunk { file: 3, data } if data == [8u8; 200]));
+            // (Not the message expected: decoded whole.)
+            let other_file = Msg::Chunk {
+                file: 2,
+                data: Vec::new(),
+            };
+            let m = link.recv_with_data(&mut body, &other_file).unwrap();
+            assert!(matches!(m, Err(Msg::Chunk { file: 3, data }) if data == [8u8; 200]));
             let Msg::Sent { mac } = link.recv().unwrap() else {
                 panic!()
             };

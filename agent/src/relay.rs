@@ -157,7 +157,12 @@ impl Relay {
 
     /// Reads the answer to `a` (where its bytes are in `body`), checked against the MAC.
     fn answer(&mut self, link: &mut Link, a: Ask) -> Result<std::ops::Range<usize>> {
-        let data = match link.recv_pages(&mut self.body, (a.vpid, a.addr))? {
+        let empty = Msg::Pages {
+            vpid: a.vpid,
+            addr: a.addr,
+            data: Vec::new(),
+        };
+        let data = match link.recv_with_data(&mut self.body, &empty)? {
             Ok(at) => at,
             Err(Msg::Refused(why)) => bail!("the sender could not send the pages: {why}"),
             Err(other) => bail!("expected pages, got {other:?}"),
