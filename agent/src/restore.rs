@@ -603,7 +603,9 @@ fn map_regions(
     };
     // Lazily: the copies into anonymous memory are the pager's, and those regions are
     // registered for it (a file's private mapping cannot be: its copies are made first).
-    let mut registered: Vec<u64> = Vec::new();
+    // (Only the span of a region that has saved pages: the rest of it is zero, and a
+    // fault there is the kernel's to fill, not a round trip to the pager.)
+    let mut registered: Vec<(u64, u64)> = Vec::new();
     for run in &img.runs {
         let at = |i: u64| run.addr + i * PAGE as u64;
         let mut i = 0;
@@ -617,9 +619,11 @@ fn map_regions(
                 i += 1;
             }
             let lazy = lazy && image::pageable(&r.name.0);
-            if lazy && !registered.contains(&r.start) {
-                registered.push(r.start);
-                entries.push([r.start, r.end - r.start, 0, private, 0, 0, REGISTER]);
+            if lazy {
+                match registered.iter_mut().find(|s| s.0 < r.end && s.1 > r.start) {
+                    Some(s) => *s = (s.0.min(at(start)), s.1.max(at(i))),
+                    None => registered.push((at(start), at(i))),
+                }
             }
             entries.push([
                 at(start),
@@ -631,6 +635,9 @@ fn map_regions(
                 if lazy { PAGER } else { COPY },
             ]);
         }
+    }
+    for (start, end) in registered {
+        entries.push([start, end - start, 0, private, 0, 0, REGISTER]);
     }
     let checks = img
         .checks

@@ -218,7 +218,9 @@ pub fn dump(
                 stored: stored_raw(start, end, perms, name, &own),
                 file: file_name(name),
                 shared: perms.get(3) == Some(&b's'),
-                pageable: migrt::image::pageable(name),
+                // (Not the shim's own static data: the restart path needs it at once, so it
+                // goes with the image rather than being fetched page by page from afar.)
+                pageable: migrt::image::pageable(name) && !(start..end).contains(&own_statics()),
             });
         }
     }
@@ -430,6 +432,13 @@ fn keep_swapped(
         at += count * page;
     }
     Ok(())
+}
+
+/// An address in the shim's zero-initialised static data (its .bss, an anonymous mapping
+/// after its file's).
+fn own_statics() -> u64 {
+    static MARK: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    &MARK as *const _ as u64
 }
 
 /// A mapping as the page loop sees it.
