@@ -240,6 +240,9 @@ impl Agent {
         how: &Incoming,
     ) -> Result<Option<Relay>> {
         let name = how.name;
+        // The restore is started now and waits until the image is all here: what it takes
+        // to start `mig` is not part of the freeze. (Ended if anything fails before.)
+        let (mut restore, pager) = self.start_restore(dir, how)?;
         let mut out: Vec<std::fs::File> = Vec::new();
         // More files may be announced on the way (pre-copy rounds, then the image).
         let add = |out: &mut Vec<std::fs::File>, files: &[String]| -> Result<()> {
@@ -315,46 +318,15 @@ impl Agent {
         for h in how.homes {
             added.add(h)?;
         }
-        let rt = sessions::runtime_dir()?;
-        let logf = migrt::paths::logs_dir(&rt).join(format!("{name}.log"));
-        let mut restore = std::process::Command::new(std::env::current_exe()?);
-        restore
-            .arg("restore")
-            .arg(dir)
-            // (Lazily: it runs as soon as its image is here; pages follow from the files.)
-            .args(["--detach", "--lazy", "--name", name, "--log"])
-            .arg(&logf)
-            .args(how.restore_args)
-            .stdin(std::process::Stdio::null());
-        // If this agent dies before the restore is done, the restore goes too (and the
-        // processes it made, which cannot say they are back): the sender, seeing the link
-        // end, lets the session run on there.
-        // SAFETY: between fork and exec only prctl (async-signal-safe) runs.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut restore, || {
-                match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) {
-                    -1 => Err(std::io::Error::last_os_error()),
-                    _ => Ok(()),
-                }
-            })
-        };
-        let pager = match how.lazy {
-            true => Some(relay::pages_socket(&mut restore)?),
-            false => None,
-        };
-        let mut child = restore
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("running mig restore")?;
+        restore.go()?;
+        let child = &mut restore.0;
         // Lazily, the restored processes need pages from the sender before they are back.
         // (What comes after the image counts against the same limit.)
         let mut pager = pager.map(|p| Relay::new(p, self.max_bytes.saturating_sub(total)));
         if let Some(r) = pager.as_mut()
-            && let Err(e) = r.run(link, Some(&mut child), self.timeout / 3)
+            && let Err(e) = r.run(link, Some(child), self.timeout / 3)
         {
-            let _ = child.kill();
-            let _ = child.wait();
+            drop(restore);
             end_session(name);
             return Err(e);
         }
@@ -372,6 +344,74 @@ impl Agent {
         }
         added.keep();
         Ok(pager)
+    }
+
+    /// Starts `mig restore` of the image that comes into `dir`, waiting to be told to go
+    /// (and, lazily, the socket its pager will ask for pages on).
+    fn start_restore(
+        &self,
+        dir: &Path,
+        how: &Incoming,
+    ) -> Result<(Restore, Option<std::os::unix::net::UnixStream>)> {
+        let rt = sessions::runtime_dir()?;
+        let logf = migrt::paths::logs_dir(&rt).join(format!("{}.log", how.name));
+        let mut restore = std::process::Command::new(std::env::current_exe()?);
+        restore
+            .arg("restore")
+            .arg(dir)
+            // (Lazily: it runs as soon as its image is here; pages follow from the files.)
+            .args([
+                "--detach",
+                "--lazy",
+                "--when-told",
+                "--name",
+                how.name,
+                "--log",
+            ])
+            .arg(&logf)
+            .args(how.restore_args);
+        // If this agent dies before the restore is done, the restore goes too (and the
+        // processes it made, which cannot say they are back): the sender, seeing the link
+        // end, lets the session run on there.
+        // SAFETY: between fork and exec only prctl (async-signal-safe) runs.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut restore, || {
+                match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) {
+                    -1 => Err(std::io::Error::last_os_error()),
+                    _ => Ok(()),
+                }
+            })
+        };
+        let pager = match how.lazy {
+            true => Some(relay::pages_socket(&mut restore)?),
+            false => None,
+        };
+        let child = restore
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running mig restore")?;
+        Ok((Restore(child), pager))
+    }
+}
+
+/// A `mig restore` started before its image is all here; ended (if it still runs) when
+/// dropped.
+struct Restore(std::process::Child);
+
+impl Restore {
+    /// The image is complete: it restores now.
+    fn go(&mut self) -> Result<()> {
+        let mut told = self.0.stdin.take().context("mig restore's input")?;
+        told.write_all(b"go\n").context("telling mig restore to go")
+    }
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -208,6 +208,10 @@ enum Cmd {
         /// or vm.unprivileged_userfaultfd=1; else the pages are copied in first, as without).
         #[arg(long)]
         lazy: bool,
+        /// (For the agent: start now, while the image still comes, and restore once a line
+        /// `go` comes on stdin; end without one.)
+        #[arg(long, hide = true)]
+        when_told: bool,
         /// (For the agent, with --lazy: the pages the image keeps in a migration's source
         /// are asked for on this inherited stream socket; see pager.rs.)
         #[arg(long, value_name = "FD", hide = true, requires = "lazy")]
@@ -343,6 +347,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             log,
             allow_changed_files,
             lazy,
+            when_told,
             pages_from,
             stdin,
             stdout,
@@ -355,6 +360,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             log,
             allow_changed_files,
             lazy,
+            when_told,
             pages_from: pages_from.map(migrt::sys::take_inherited).transpose()?,
             rebind: map.rebind()?,
             stdio: [stdin, stdout, stderr],

@@ -55,6 +55,8 @@ pub struct RestoreArgs {
     pub lazy: bool,
     /// With `lazy`: where the pages kept in a lazy migration's source are asked for.
     pub pages_from: Option<std::os::fd::OwnedFd>,
+    /// Started before the image is all there: wait for a line `go` on stdin first.
+    pub when_told: bool,
     pub rebind: migrt::rebind::Rebind,
     /// Files for the restored process's stdin/stdout/stderr (default: mig restore's own).
     pub stdio: [Option<PathBuf>; 3],
@@ -765,6 +767,13 @@ fn write_plan(
 }
 
 pub fn restore(mut a: RestoreArgs) -> Result<i32> {
+    if a.when_told {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        if line.trim() != "go" {
+            bail!("not told to go: the image did not all come");
+        }
+    }
     let lazy = a.lazy
         && {
             let ok = crate::pager::available();
