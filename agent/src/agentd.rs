@@ -170,7 +170,7 @@ impl Agent {
         migrt::paths::validate_name(name)?;
         if lazy && !crate::pager::available() {
             bail!(
-                "a lazy migration needs userfaultfd on this host (an agent running as root, or vm.unprivileged_userfaultfd=1); use --mode precopy"
+                "a lazy migration needs a userfaultfd that handles faults in system calls and reports forks on this host (an agent running as root); use --mode precopy"
             );
         }
         if uid != migrt::sys::getuid() {

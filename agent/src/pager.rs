@@ -436,17 +436,24 @@ fn uffd_zero(fd: &OwnedFd, page: u64) -> std::io::Result<Copied> {
     ioctl(fd, UFFDIO_ZEROPAGE, &mut [page, PAGE, 0, 0])
 }
 
+/// The features a restored process asks its userfaultfd for (runtime/restorer/main.rs):
+/// fork, mremap, madvise(DONTNEED) and munmap reported to the pager.
+const FEATURES: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6);
+const UFFDIO_API: u64 = 0xc018_aa3f;
+
 /// Whether this user may make a userfaultfd that also handles faults taken inside system
-/// calls (root, or vm.unprivileged_userfaultfd = 1).
+/// calls (root, or vm.unprivileged_userfaultfd = 1) and reports forks (CAP_SYS_PTRACE: a
+/// normal user's restore cannot follow a process the app forks meanwhile).
 pub fn available() -> bool {
-    // SAFETY: userfaultfd takes flags only; the fd is closed at once.
+    // SAFETY: userfaultfd takes flags only; the fd is owned at once.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
     if fd < 0 {
         return false;
     }
     // SAFETY: as above.
-    unsafe { libc::close(fd as i32) };
-    true
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = [0xAA, FEATURES, 0];
+    matches!(ioctl(&fd, UFFDIO_API, &mut api), Ok(Copied::Done))
 }
 
 /// Serves the processes whose userfaultfds come on `sock` (a message each: the process's

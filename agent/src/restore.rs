@@ -779,7 +779,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             let ok = crate::pager::available();
             if !ok {
                 eprintln!(
-                    "mig restore: --lazy needs userfaultfd (root, or vm.unprivileged_userfaultfd=1); the pages are copied in first"
+                    "mig restore: --lazy needs a userfaultfd that handles faults in system calls and reports forks (root); the pages are copied in first"
                 );
             }
             ok
