@@ -285,3 +285,50 @@ fn programs_caught_in_the_middle_of_exec_are_not_lost() {
     }
     env.stop("execs");
 }
+
+/// Every 50 ms the subject forks a child that lives 2 s and first says how many sockets it
+/// holds (the app itself opens none).
+const FORKS_OFTEN: &str = r#"
+import os, sys, time
+n = 0
+while True:
+    n += 1
+    if os.fork() == 0:
+        socks = 0
+        for f in os.listdir('/proc/self/fd'):
+            try:
+                socks += os.readlink('/proc/self/fd/' + f).startswith('socket:')
+            except OSError:
+                pass
+        print(f'child {n} sockets {socks}', flush=True)
+        time.sleep(2)
+        os._exit(0)
+    while os.waitpid(-1, os.WNOHANG)[0] > 0:
+        pass
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn children_forked_while_mig_talks_to_their_parent_hold_none_of_its_connection() {
+    // mig's connection to a process is the shim's: a child forked while it is open must
+    // not inherit it (found in a lazy migration: such a child could not be checkpointed).
+    let env = Env::new("forkconn");
+    let log = env.detach("fk", &["python3", "-c", FORKS_OFTEN]);
+    wait_numbers(&log, "child ", 2);
+    env.table("fk", false); // starts the root's control thread
+    let ctl = env.rt.join("sessions/fk/ctl").join(ROOT.to_string());
+    let conn = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    let before = numbers(&log, "child ").len();
+    wait_numbers(&log, "child ", before + 6);
+    drop(conn); // (the control thread serves one connection at a time)
+    let out = env.scratch("img");
+    let o = env.run(&["checkpoint", "fk", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "mig checkpoint: {}", text(&o.stderr));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let held: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("child ") && !l.ends_with(" sockets 0"))
+        .collect();
+    assert!(held.is_empty(), "children holding sockets: {held:?}");
+    env.stop("fk");
+}

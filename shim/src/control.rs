@@ -14,13 +14,15 @@
 //! table.
 
 use crate::dump::Frozen;
-use crate::interpose::{block_all_signals, close_real, freeze, move_fd_high, peer_uid, real_tid};
+use crate::interpose::{
+    block_all_signals, close_real, freeze, move_fd_high, peer_uid, raw, real_tid,
+};
 use crate::state::{CTL_PATH, enter_forever, shim, vpid};
 use migrt::wire::{self, PROTOCOL_VERSION, Request, Response};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::*};
 use std::time::Duration;
 
@@ -97,7 +99,7 @@ fn listen() -> Option<i32> {
             crate::interpose::raw::syscall6(
                 libc::SYS_socket,
                 libc::AF_UNIX as usize,
-                (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as usize,
+                (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as usize,
                 0,
                 0,
                 0,
@@ -144,8 +146,8 @@ fn listen() -> Option<i32> {
     Some(fd)
 }
 
-/// In a fork child: the parent's control thread did not come along; drop the copy of its
-/// listener (the socket file stays the parent's).
+/// In a fork child: the parent's control thread did not come along; drop the copies of its
+/// listener (the socket file stays the parent's) and of mig's connection.
 #[unsafe(link_section = ".text.hot.migshim_fork")]
 pub fn after_fork() {
     // Nothing to undo unless the parent's thread had started (writes cost the child a
@@ -155,11 +157,12 @@ pub fn after_fork() {
     }
     CTL_PATH.store(std::ptr::null_mut(), Release);
     TID.store(0, Relaxed);
-    CONN_FD.store(-1, Relaxed);
     STARTED.store(false, Release);
-    let fd = LISTEN_FD.swap(-1, Relaxed);
-    if fd >= 0 {
-        close_real(fd);
+    for f in [&LISTEN_FD, &CONN_FD] {
+        let fd = f.swap(-1, Relaxed);
+        if fd >= 0 {
+            close_real(fd);
+        }
     }
 }
 
@@ -195,17 +198,18 @@ fn serve() {
     // SAFETY: fd is the listener this thread was handed; nothing else owns it.
     let listener = unsafe { UnixListener::from_raw_fd(fd) };
     loop {
-        let mut conn = match listener.accept() {
-            Ok((c, _)) => c,
+        let mut conn = match accept(&listener) {
+            Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
             Err(_) => break, // the listener is gone (closed behind our back): stop serving
         };
         // SAFETY: getuid cannot fail.
         if peer_uid(conn.as_raw_fd()) != Some(unsafe { libc::getuid() }) {
+            CONN_FD.store(-1, Relaxed);
             continue;
         }
-        CONN_FD.store(conn.as_raw_fd(), Relaxed);
         let mut session = Session::default();
         while let Ok(req) = wire::read_frame::<Request>(&mut conn) {
             let stop = matches!(req, Request::Stop);
@@ -231,6 +235,45 @@ fn serve() {
     }
     // Leaked on purpose: the fd number may already be someone else's.
     let _ = listener.into_raw_fd();
+}
+
+/// Waits for mig's connection and takes it, moved out of the app's fd range. A fork holds
+/// the journal: the connection is taken and its number noted under it, so a fork child
+/// always knows it and closes its copy (kept, the child would show a socket to nowhere in
+/// its next checkpoint). The listener is non-blocking: after the wait, nothing else takes
+/// the connection, but the client may have given up on it.
+fn accept(listener: &UnixListener) -> std::io::Result<UnixStream> {
+    let fd = listener.as_raw_fd();
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: raw ppoll on one pollfd this function owns, no timeout, no signal mask.
+    let n = unsafe { raw::syscall6(libc::SYS_ppoll, (&raw mut p) as usize, 1, 0, 0, 0, 0) };
+    if n < 0 {
+        return Err(std::io::Error::from_raw_os_error(-n as i32));
+    }
+    let _no_fork = crate::state::journal(shim().ok_or(std::io::ErrorKind::NotFound)?);
+    // SAFETY: raw accept4 on the listener (the wrapper would journal, under the lock held).
+    let c = unsafe {
+        raw::syscall6(
+            libc::SYS_accept4,
+            fd as usize,
+            0,
+            0,
+            libc::SOCK_CLOEXEC as usize,
+            0,
+            0,
+        )
+    };
+    if c < 0 {
+        return Err(std::io::Error::from_raw_os_error(-c as i32));
+    }
+    let c = move_fd_high(c as i32);
+    CONN_FD.store(c, Relaxed);
+    // SAFETY: c is the connection just accepted; nothing else owns it.
+    Ok(unsafe { UnixStream::from_raw_fd(c) })
 }
 
 /// How long a frozen process waits for mig before it thaws on its own.
