@@ -74,8 +74,11 @@ fn precopy_sends_memory_while_the_session_runs_and_little_frozen() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     let rounds: u32 = out
+        .lines()
+        .next()
+        .unwrap_or_default()
         .split(", ")
-        .find_map(|p| p.strip_suffix(" pre-copy round(s)\n"))
+        .find_map(|p| p.strip_suffix(" pre-copy round(s)"))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("rounds in {out}"));
     assert!(rounds >= 1, "{out}");
@@ -912,6 +915,7 @@ fn a_normal_user_migrates_to_their_own_agent() {
     let _ = agent.wait();
     let err = std::fs::read_to_string(env.root.join("agent.err")).unwrap_or_default();
     let last = *numbers(&log, "count ").last().unwrap();
+    remove_tables(&bin, 6);
     let _ = std::fs::remove_dir_all(&bin);
     let (refused, runs_on) = lazy;
     assert_refused(&refused, &["userfaultfd", "--mode precopy"]);

@@ -104,6 +104,7 @@ impl Agent {
                 restore_args,
                 moving,
                 lazy,
+                resident,
             } => {
                 let homes = match self.admit(&name, uid, lazy).and_then(|_| homes(&moving)) {
                     Ok(h) => h,
@@ -124,6 +125,7 @@ impl Agent {
                     restore_args: &restore_args,
                     homes: &homes,
                     lazy,
+                    in_memory: crate::spool::in_memory(resident),
                     streamed: Default::default(),
                 };
                 let result = link
@@ -152,7 +154,8 @@ impl Agent {
                         while !how.streamed.get()
                             && let Ok(m) = link.recv()
                         {
-                            how.streamed.set(matches!(m, Msg::Sent { .. }));
+                            // (A sender waiting to hear all is stored hears why now.)
+                            how.streamed.set(matches!(m, Msg::Sent { .. } | Msg::Sync));
                         }
                         refuse(&mut link, format!("session {name}: {e:#}"))
                     }
@@ -254,13 +257,7 @@ impl Agent {
                 bail!("bad image file names {files:?}");
             }
             for f in files {
-                out.push(
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(dir.join(f))
-                        .with_context(|| format!("image file {f}"))?,
-                );
+                out.push(crate::spool::create(dir, f, how.in_memory)?);
             }
             Ok(())
         };
@@ -283,6 +280,10 @@ impl Agent {
                 }
                 Err(Msg::Files(more)) => {
                     add(&mut out, &more)?;
+                    continue;
+                }
+                Err(Msg::Sync) => {
+                    link.send(&Msg::Synced)?;
                     continue;
                 }
                 Err(Msg::Sent { mac }) => {
@@ -308,7 +309,8 @@ impl Agent {
             }
             f.write_all(data)?;
         }
-        drop(out);
+        // (`out` lives on until the restore has opened every file: in memory, a file is
+        // gone when the agent closes it.)
         log(format_args!(
             "session {name}: {total} bytes received, restoring"
         ));
@@ -421,6 +423,8 @@ struct Incoming<'a> {
     restore_args: &'a [String],
     homes: &'a [netaddr::Held],
     lazy: bool,
+    /// Whether its image is kept in memory (spool.rs).
+    in_memory: bool,
     /// Whether the whole stream (up to its MAC) has come.
     streamed: std::cell::Cell<bool>,
 }

@@ -18,6 +18,7 @@ mod run;
 mod sessions;
 mod show;
 mod sockets;
+mod spool;
 mod sysv;
 mod table;
 mod terminal;

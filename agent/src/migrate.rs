@@ -156,6 +156,9 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()
             }
             files.push(names[k].clone());
         }
+        // The agent may still be storing what it was sent: waited for here, so that the
+        // next round (or the freeze) covers only what was written since it is all there.
+        sync(link)?;
         rounds.count += 1;
         rounds.bytes += sent;
         if progress {
@@ -171,6 +174,21 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()
         previous = sent;
     }
     Ok(())
+}
+
+/// Waits until the agent has stored everything sent so far.
+fn sync(link: &Shared) -> Result<()> {
+    let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
+    l.0.send(&Msg::Sync)?;
+    match l
+        .0
+        .recv()
+        .context("waiting for the agent to store a pre-copy round")?
+    {
+        Msg::Synced => Ok(()),
+        Msg::Refused(why) => bail!("the agent refused: {why}"),
+        other => bail!("the agent said {other:?}"),
+    }
 }
 
 fn forward(pipe: std::fs::File, file: u32, link: Shared) -> std::thread::JoinHandle<Result<()>> {
@@ -354,6 +372,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
             .map(|h| format!("{}/{}", h.ip, h.prefix))
             .collect(),
         lazy: a.mode == Mode::Lazy,
+        resident: live.resident(),
     })?;
     match link.recv()? {
         Msg::Ready => {}
@@ -380,6 +399,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         files.insert(vpid, f);
     }
     let mut frozen = Frozen::freeze_with(&live, open)?;
+    let stopped = frozen.at.elapsed();
     frozen.rounds = files;
     // Dropped before `frozen` on failure: the addresses are back before the session thaws.
     let mut moved = netaddr::Changes::default();
@@ -399,13 +419,13 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         if migrt::sys::isatty(2) {
             eprintln!();
         }
-        Ok(bytes)
+        Ok((bytes, frozen.at.elapsed()))
     })
     // The agent restores; its word decides. (Lazily, the session runs there before all its
     // memory is: a failure then ends it there, and it runs on here as it was frozen.)
-    .and_then(|bytes| Ok((bytes, answers(&mut frozen, &link, a.mode == Mode::Lazy)?)))
+    .and_then(|sent| Ok((sent, answers(&mut frozen, &link, a.mode == Mode::Lazy)?)))
     .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
-    let (sent, (running, after)) = sent;
+    let ((sent, imaged), (running, after)) = sent;
     // The addresses are the target's now.
     moved.keep();
     let (processes, threads) = (frozen.processes(), frozen.threads);
@@ -433,6 +453,13 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         running.as_secs_f64() * 1e3,
         t0.elapsed().as_secs_f64() * 1e3,
         count,
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "the freeze: {:.1} ms stopping the session, {:.1} ms writing and sending its image, {:.1} ms until it ran there",
+        ms(stopped),
+        ms(imaged - stopped),
+        ms(running.saturating_sub(imaged)),
     );
     Ok(0)
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_PORT: u16 = 7070;
-const VERSION: u32 = 5;
+const VERSION: u32 = 6;
 /// No frame is larger (a chunk of image is 1 MiB).
 pub const MAX_FRAME: usize = 4 << 20;
 pub const CHUNK: usize = 1 << 20;
@@ -47,7 +47,8 @@ pub enum Msg {
     Sessions(String),
     /// A session would come: its name, owner, the rebinding rules for the restore
     /// (`--map-...` arguments), the addresses that move with it (`ADDR/PREFIX`) and
-    /// whether it comes lazily (its memory fetched from the sender after it runs).
+    /// whether it comes lazily (its memory fetched from the sender after it runs), and its
+    /// resident size (bytes: where the agent keeps its image, spool.rs).
     /// Answered by Ready or Refused before anything is frozen.
     Incoming {
         name: String,
@@ -55,6 +56,7 @@ pub enum Msg {
         restore_args: Vec<String>,
         moving: Vec<String>,
         lazy: bool,
+        resident: u64,
     },
     Ready,
     /// The session's image files, in the order their chunks refer to them.
@@ -65,6 +67,10 @@ pub enum Msg {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// client → agent, after the pre-copy rounds: answered by Synced once everything sent
+    /// before is stored there (the freeze does not wait for the agent's backlog).
+    Sync,
+    Synced,
     /// End of the stream: the MAC over every frame the client sent since Welcome.
     Sent {
         mac: [u8; 32],

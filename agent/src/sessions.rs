@@ -46,6 +46,16 @@ impl Live {
     pub fn processes(&self) -> Vec<Proc> {
         live_processes(&self.table)
     }
+
+    /// The memory its processes hold, in bytes (pages they share counted in each).
+    pub fn resident(&self) -> u64 {
+        self.processes()
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{}/statm", p.pid)).ok())
+            .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>()
+            * migrt::image::PAGE as u64
+    }
 }
 
 fn live_processes(table: &SessionTable) -> Vec<Proc> {
@@ -96,7 +106,7 @@ fn open_live(dir: SessionDir) -> Option<Live> {
             if runner_alive || !live.processes().is_empty() {
                 return Some(live);
             }
-            let _ = std::fs::remove_dir_all(&live.dir.0);
+            live.dir.remove();
             None
         }
         _ => {
@@ -106,7 +116,7 @@ fn open_live(dir: SessionDir) -> Option<Live> {
                 .ok()
                 .and_then(|t| t.elapsed().ok());
             if !runner_alive && age.is_some_and(|a| a.as_secs() > 10) {
-                let _ = std::fs::remove_dir_all(&dir.0);
+                dir.remove();
             }
             None
         }
@@ -197,7 +207,7 @@ pub fn create(
 pub fn remove_if_dead(dir: &SessionDir) {
     let alive = SessionTable::open(&dir.procs()).is_ok_and(|t| !live_processes(&t).is_empty());
     if !alive {
-        let _ = std::fs::remove_dir_all(&dir.0);
+        dir.remove();
     }
 }
 

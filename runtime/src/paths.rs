@@ -79,6 +79,11 @@ impl SessionDir {
     pub fn procs(&self) -> PathBuf {
         self.0.join("procs")
     }
+    /// Removes the session's directory and its table.
+    pub fn remove(&self) {
+        crate::sessiontable::SessionTable::remove(&self.procs());
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
     pub fn meta(&self) -> PathBuf {
         self.0.join("session.json")
     }

@@ -37,6 +37,53 @@ const OBJECTS_OFF: usize = SLOTS_OFF + MAX_SLOTS * std::mem::size_of::<Slot>();
 const EARLY_PAGES: usize = 16;
 pub const FILE_SIZE: usize = OBJECTS_OFF + MAX_OBJECTS * std::mem::size_of::<ObjectEntry>();
 
+/// The table file for `path`, created where its pages live in memory: at `path` itself on
+/// a tmpfs, else in /dev/shm with `path` a symlink to it. On a disk file system a write
+/// through the shared mapping can wait for the file system's journal (seen on ext4: 2-15
+/// ms for one page, at random, and in the middle of a freeze when an object got its id).
+fn create_in_memory(path: &Path) -> Result<std::fs::File> {
+    let new = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .map_err(|e| Error::io("creating session table", p, e))
+    };
+    let shm = Path::new("/dev/shm");
+    let parent = path.parent().unwrap_or(Path::new("."));
+    if on_tmpfs(parent) || !on_tmpfs(shm) {
+        return new(path);
+    }
+    // A name no one can have taken (created exclusively: an existing file or link fails).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let file = shm.join(format!(
+        "migshim-{}-{}-{nanos}",
+        crate::sys::getuid(),
+        std::process::id()
+    ));
+    let f = new(&file)?;
+    if let Err(e) = std::os::unix::fs::symlink(&file, path) {
+        let _ = std::fs::remove_file(&file);
+        return Err(Error::io("creating session table", path, e));
+    }
+    Ok(f)
+}
+
+fn on_tmpfs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct given; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
+    }
+}
+
 #[repr(C)]
 struct Header {
     magic: u64,
@@ -135,12 +182,7 @@ impl SessionTable {
     /// Creates a fresh table file (fails if it exists). `signal` is the real-time signal
     /// the session's shims reserve (to wake their control thread, later to freeze).
     pub fn create(path: &Path, signal: u32) -> Result<SessionTable> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| Error::io("creating session table", path, e))?;
+        let f = create_in_memory(path)?;
         f.set_len(FILE_SIZE as u64)
             .map_err(|e| Error::io("sizing session table", path, e))?;
         // The pages a session uses first are written now (zeros): on a disk file system
@@ -169,6 +211,14 @@ impl SessionTable {
             std::ptr::write_volatile(&raw mut (*h).magic, MAGIC);
         }
         Ok(t)
+    }
+
+    /// Removes the table file at `path` (and, when `path` links to it, the file in memory).
+    pub fn remove(path: &Path) {
+        if let Ok(target) = std::fs::read_link(path) {
+            let _ = std::fs::remove_file(target);
+        }
+        let _ = std::fs::remove_file(path);
     }
 
     /// Maps an existing table.

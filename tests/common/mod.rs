@@ -222,7 +222,26 @@ fn kill_sessions(rt: &Path) {
 impl Drop for Env {
     fn drop(&mut self) {
         kill_sessions(&self.rt);
+        // (Session tables may live in /dev/shm, linked from their session's directory.)
+        remove_tables(&self.root, 6);
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Removes the session tables in /dev/shm linked from session directories under `dir` (the
+/// tests' own and their agents'), down to `depth` levels.
+pub fn remove_tables(dir: &Path, depth: u32) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        match std::fs::read_link(&path) {
+            Ok(table) if e.file_name() == "procs" => {
+                let _ = std::fs::remove_file(table);
+            }
+            Err(_) if depth > 0 && e.file_type().is_ok_and(|t| t.is_dir()) => {
+                remove_tables(&path, depth - 1)
+            }
+            _ => {}
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //!   cargo build --release && target/release/migbench [--runs 5]
 //!   cargo build --release && target/release/migbench --checkpoint [--runs 5] [--dir DIR]
-//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns]
+//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns] [--only MODE[/MiB]]...
 //!
 //! `--checkpoint`: checkpoint time, freeze time, image size and restore time (until the
 //! process runs again) of 64 MiB and 1 GiB sessions (the C counter subject), beside a
@@ -325,7 +325,7 @@ fn checkpoint_bench(runs: usize, base: &std::path::Path) {
         "\n(median of {runs} checkpoints per size; image in {})",
         base.display()
     );
-    let _ = std::fs::remove_dir_all(&rt);
+    clear(&mig, &rt);
 }
 
 /// A number in mig's summary: the word before `tag` (e.g. "frozen 12.3 ms" → before " ms").
@@ -393,7 +393,8 @@ impl Drop for TwoHosts {
 /// (`--netns`: from one network namespace to another), per mode and size: freeze and total
 /// time, bytes sent and pre-copy rounds (lazy: how long the source served pages after the
 /// session ran on the target), beside a plain loopback transfer of the session's size.
-fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool) {
+/// `only`: the rows to run ("MODE" or "MODE/MiB", e.g. `lazy/1024`), all when empty.
+fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]) {
     let hosts = netns.then(TwoHosts::new);
     let (src, dst) = match hosts {
         Some(_) => (Some(HOSTS[0]), Some(HOSTS[1])),
@@ -423,9 +424,9 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool) {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     println!(
-        "| mode | session | frozen | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback |"
+        "| mode | session | frozen | (stopping / image / restore there) | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (mode, mib) in [
         ("stop-and-copy", 64usize),
         ("stop-and-copy", 1024),
@@ -433,9 +434,14 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool) {
         ("precopy", 1024),
         ("lazy", 64),
         ("lazy", 1024),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(mode, mib)| {
+        only.is_empty() || only.contains(mode) || only.contains(&format!("{mode}/{mib}").as_str())
+    }) {
         let (mut frozen, mut total, mut sent, mut rounds, mut wire) =
             (vec![], vec![], String::new(), String::new(), vec![]);
+        let mut parts: [Vec<f64>; 3] = Default::default();
         for _ in 0..runs {
             start_counter((&mig, src), &rt, base, mib, 10);
             // (Writing for a moment first, as a running server would.)
@@ -453,6 +459,12 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool) {
                 String::from_utf8_lossy(&out.stderr)
             );
             frozen.push(summary_ms(&s, "frozen "));
+            for (p, after) in parts
+                .iter_mut()
+                .zip(["the freeze: ", " session, ", " image, "])
+            {
+                p.push(summary_ms(&s, after));
+            }
             total.push(summary_ms(&s, "total "));
             let sent_part = &s[s.find("thread(s), ").unwrap() + 11..];
             let frozen_part = sent_part[sent_part.find("the freeze, ").unwrap() + 12..]
@@ -492,8 +504,9 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool) {
             wire.push(loopback_ms(mib << 20));
         }
         let (f, t, w) = (median(frozen), median(total), median(wire));
+        let [stop, image, there] = parts.map(median);
         println!(
-            "| {mode} | {mib} MiB | {f:.1} ms | {t:.1} ms | {sent} | {rounds} | {w:.1} ms | {:.2} |",
+            "| {mode} | {mib} MiB | {f:.1} ms | {stop:.1} / {image:.1} / {there:.1} ms | {t:.1} ms | {sent} | {rounds} | {w:.1} ms | {:.2} |",
             t / w
         );
     }
@@ -507,8 +520,19 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool) {
     );
     let _ = agent.kill();
     let _ = agent.wait();
-    let _ = std::fs::remove_dir_all(&rt);
+    clear(&mig, &rt);
+    clear(&mig, &state.join("run"));
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Removes runtime directory `rt`, its ended sessions cleared away by `mig ps` first (their
+/// tables may live in /dev/shm).
+fn clear(mig: &std::path::Path, rt: &std::path::Path) {
+    let _ = Command::new(mig)
+        .env("MIGSHIM_RUNTIME_DIR", rt)
+        .arg("ps")
+        .output();
+    let _ = std::fs::remove_dir_all(rt);
 }
 
 fn main() {
@@ -530,7 +554,12 @@ fn main() {
         return checkpoint_bench(runs, &dir);
     }
     if args.iter().any(|a| a == "--migrate") {
-        return migrate_bench(runs, &dir, args.iter().any(|a| a == "--netns"));
+        let only: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "--only")
+            .map(|w| w[1].as_str())
+            .collect();
+        return migrate_bench(runs, &dir, args.iter().any(|a| a == "--netns"), &only);
     }
     let exe = std::env::current_exe().unwrap();
     let mut native = Vec::new();
