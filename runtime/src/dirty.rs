@@ -48,6 +48,12 @@ const EXISTING: Query = Query {
     anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
     ret: PAGE_IS_WRITTEN | PAGE_IS_FILE | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO,
 };
+/// The same in anonymous memory, which holds no file's pages: not asking whether a page is
+/// a file's spares the kernel a look at each page's descriptor (1 GiB: 15 → 6 ms here).
+const EXISTING_ANON: Query = Query {
+    ret: EXISTING.ret & !PAGE_IS_FILE,
+    ..EXISTING
+};
 /// Written pages, protected again as they are reported.
 const TAKE_WRITTEN: Query = Query {
     flags: PM_SCAN_WP_MATCHING,
@@ -157,13 +163,6 @@ impl Tracker {
         &self.ranges
     }
 
-    /// Whether every page of `start..end` is tracked still (a mapping made anew there since
-    /// the start is not).
-    pub fn covers(&self, start: u64, end: u64) -> bool {
-        self.scan(start, end, only(PM_SCAN_CHECK_WPASYNC), &mut [])
-            .is_ok()
-    }
-
     /// Pages of `start..end` written since the start or the last call, write-protected
     /// again as they are reported (a write after that marks the page again).
     pub fn take_written(&self, start: u64, end: u64) -> io::Result<Vec<PageRegion>> {
@@ -177,14 +176,21 @@ impl Tracker {
     }
 
     /// The same, appended to `out` within the room it has (nothing is allocated: for a
-    /// frozen process's dump). Ok(false) when the room did not suffice.
+    /// frozen process's dump); `file_backed`: whether the range maps a file (if not, no
+    /// page is reported as a file's). Ok(false) when the room did not suffice; an error
+    /// when part of the range is not tracked (a mapping made anew there since the start).
     pub fn existing_into(
         &self,
-        start: u64,
-        end: u64,
+        (start, end): (u64, u64),
+        file_backed: bool,
         out: &mut Vec<PageRegion>,
     ) -> io::Result<bool> {
-        Ok(self.scan_into(start, end, EXISTING, out)? >= end)
+        let q = if file_backed { EXISTING } else { EXISTING_ANON };
+        let q = Query {
+            flags: PM_SCAN_CHECK_WPASYNC,
+            ..q
+        };
+        Ok(self.scan_into(start, end, q, out)? >= end)
     }
 
     /// Its file descriptors (a forked child closes its copies: they act on the parent).
@@ -340,16 +346,33 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        assert!(t.covers(start, start + len as u64));
         let all = t.existing(start, start + len as u64).unwrap();
         assert_eq!(all.first().map(|r| r.start), Some(start));
         let mut room = Vec::with_capacity(16);
         assert!(
-            t.existing_into(start, start + len as u64, &mut room)
+            t.existing_into((start, start + len as u64), false, &mut room)
                 .unwrap()
         );
         assert_eq!(room, all);
         assert!(all.iter().all(|r| r.categories & PAGE_IS_WRITTEN == 0));
+        // Mapped anew: no longer tracked.
+        // SAFETY: replaces the first page of the mapping made above.
+        let again = unsafe {
+            libc::mmap(
+                mem.cast(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(again, mem.cast());
+        room.clear();
+        assert!(
+            t.existing_into((start, start + len as u64), false, &mut room)
+                .is_err()
+        );
         drop(t);
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(mem.cast(), len) };

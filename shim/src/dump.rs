@@ -250,9 +250,8 @@ pub fn dump(
             && precopied.is_some_and(|(d, _)| {
                 existing.clear();
                 d.tracked.iter().any(|&(s, e)| start >= s && end <= e)
-                    && d.tracker.covers(start, end)
                     && d.tracker
-                        .existing_into(start, end, &mut existing)
+                        .existing_into((start, end), file, &mut existing)
                         .unwrap_or(false)
                     && kept.capacity() - kept.len() >= existing.len()
             });
