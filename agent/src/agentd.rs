@@ -246,9 +246,10 @@ impl Agent {
         // The restore is started now and waits until the image is all here: what it takes
         // to start `mig` is not part of the freeze. (Ended if anything fails before.)
         let (mut restore, pager) = self.start_restore(dir, how)?;
-        let mut out: Vec<std::fs::File> = Vec::new();
+        // Each file, its name and whether it has all come (and the restore been told so).
+        let mut out: Vec<(std::fs::File, String, Arrival)> = Vec::new();
         // More files may be announced on the way (pre-copy rounds, then the image).
-        let add = |out: &mut Vec<std::fs::File>, files: &[String]| -> Result<()> {
+        let add = |out: &mut Vec<_>, files: &[String]| -> Result<()> {
             if files.is_empty()
                 || files
                     .iter()
@@ -257,7 +258,8 @@ impl Agent {
                 bail!("bad image file names {files:?}");
             }
             for f in files {
-                out.push(crate::spool::create(dir, f, how.in_memory)?);
+                let file = crate::spool::create(dir, f, how.in_memory)?;
+                out.push((file, f.clone(), Arrival::Coming));
             }
             Ok(())
         };
@@ -283,6 +285,13 @@ impl Agent {
                     continue;
                 }
                 Err(Msg::Sync) => {
+                    // (The restore reads the rounds that are all here while it waits.)
+                    for (_, name, arrival) in out.iter_mut() {
+                        if *arrival == Arrival::Complete {
+                            restore.have(name)?;
+                            *arrival = Arrival::Told;
+                        }
+                    }
                     link.send(&Msg::Synced)?;
                     continue;
                 }
@@ -297,7 +306,7 @@ impl Agent {
                 }
                 Err(other) => bail!("unexpected {other:?} in the middle of the images"),
             };
-            let f = out
+            let (f, _, arrival) = out
                 .get_mut(file as usize)
                 .context("a chunk of no announced file")?;
             total += data.len() as u64;
@@ -307,7 +316,13 @@ impl Agent {
                     self.max_bytes
                 );
             }
+            if *arrival != Arrival::Coming {
+                bail!("more of a file after its end");
+            }
             f.write_all(data)?;
+            if data.is_empty() {
+                *arrival = Arrival::Complete;
+            }
         }
         // (`out` lives on until the restore has opened every file: in memory, a file is
         // gone when the agent closes it.)
@@ -398,11 +413,26 @@ impl Agent {
     }
 }
 
+/// How far an incoming file has come.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    Coming,
+    Complete,
+    /// Complete, and the restore told so.
+    Told,
+}
+
 /// A `mig restore` started before its image is all here; ended (if it still runs) when
 /// dropped.
 struct Restore(std::process::Child);
 
 impl Restore {
+    /// File `name` is all here (the restore may read it ahead).
+    fn have(&mut self, name: &str) -> Result<()> {
+        let told = self.0.stdin.as_mut().context("mig restore's input")?;
+        writeln!(told, "have {name}").context("telling mig restore what is here")
+    }
+
     /// The image is complete: it restores now.
     fn go(&mut self) -> Result<()> {
         let mut told = self.0.stdin.take().context("mig restore's input")?;

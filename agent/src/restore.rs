@@ -178,14 +178,33 @@ fn page_runs(
     Ok(runs)
 }
 
+/// A pre-copy round's runs and unverified page data, sorted by address (as file 0).
+type Round = (Vec<Run>, Vec<Check>);
+
+/// Reads and verifies a pre-copy round (its page data too, unless `lazy`).
+fn read_round(path: &Path, lazy: bool) -> Result<Round> {
+    let (kind, sections) = image::read_verified_metadata(path, lazy)?;
+    if kind != image::Kind::Pages {
+        bail!("{}: not a pre-copy round", path.display());
+    }
+    let mut checks = Vec::new();
+    let mut runs = page_runs(path, &sections, 0, &mut checks)?;
+    runs.sort_by_key(|r| r.addr);
+    Ok((runs, checks))
+}
+
+/// Rounds read ahead, by file name (`--when-told`: while the session still runs at the
+/// source, each round is read as soon as the agent has all of it).
+type ReadAhead = HashMap<String, Round>;
+
 /// The runs of the pages an image keeps from its pre-copy rounds (files beside it, each
 /// verified; a later round's page overrides an earlier one's), their files added to `files`.
 fn kept_runs(
     image: &Path,
     p: &Precopied,
-    files: &mut Vec<PathBuf>,
-    checks: &mut Vec<Check>,
+    (files, checks): (&mut Vec<PathBuf>, &mut Vec<Check>),
     lazy: bool,
+    ahead: &mut ReadAhead,
 ) -> Result<Vec<Run>> {
     let dir = image.parent().unwrap_or(Path::new("."));
     let mut rounds: Vec<Vec<Run>> = Vec::new();
@@ -211,12 +230,17 @@ fn kept_runs(
             bail!("{}: bad pre-copy round name {name:?}", image.display());
         }
         let path = dir.join(name);
-        let (kind, sections) = image::read_verified_metadata(&path, lazy)?;
-        if kind != image::Kind::Pages {
-            bail!("{}: not a pre-copy round", path.display());
+        let (mut runs, mut more) = match ahead.remove(name) {
+            Some(read) => read,
+            None => read_round(&path, lazy)?,
+        };
+        for r in &mut runs {
+            r.file = files.len();
         }
-        let mut runs = page_runs(&path, &sections, files.len(), checks)?;
-        runs.sort_by_key(|r| r.addr);
+        for c in &mut more {
+            c.file = files.len();
+        }
+        checks.extend(more);
         rounds.push(runs);
         files.push(path);
     }
@@ -263,7 +287,7 @@ fn kept_runs(
 
 /// A process image, verified — its page data too, unless `lazy` (then checked as it is
 /// read: ProcImage::checks).
-fn read_image(path: &Path, lazy: bool) -> Result<ProcImage> {
+fn read_image(path: &Path, lazy: bool, ahead: &mut ReadAhead) -> Result<ProcImage> {
     let (kind, sections) = image::read_verified_metadata(path, lazy)?;
     if kind != image::Kind::Process {
         bail!("{}: not a process image", path.display());
@@ -300,7 +324,7 @@ fn read_image(path: &Path, lazy: bool) -> Result<ProcImage> {
     }
     let own = page_runs(path, &sections, 0, &mut img.checks)?;
     if let Some(p) = precopied {
-        img.runs = kept_runs(path, &p, &mut img.files, &mut img.checks, lazy)?;
+        img.runs = kept_runs(path, &p, (&mut img.files, &mut img.checks), lazy, ahead)?;
     }
     img.runs.extend(own);
     Ok(img)
@@ -766,14 +790,25 @@ fn write_plan(
     Ok(())
 }
 
-pub fn restore(mut a: RestoreArgs) -> Result<i32> {
-    if a.when_told {
-        let mut line = String::new();
+/// `--when-told`: waits for the line `go` on stdin, reading each round named on a line
+/// `have NAME` before it meanwhile (so that reading it is not part of the freeze).
+fn wait_to_go(dir: &Path, lazy: bool) -> Result<ReadAhead> {
+    let mut ahead = ReadAhead::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
         std::io::stdin().read_line(&mut line)?;
-        if line.trim() != "go" {
-            bail!("not told to go: the image did not all come");
+        match line.trim().split_once(' ') {
+            _ if line.trim() == "go" => return Ok(ahead),
+            Some(("have", name)) if !name.contains('/') && !name.starts_with('.') => {
+                ahead.insert(name.to_string(), read_round(&dir.join(name), lazy)?);
+            }
+            _ => bail!("not told to go: the image did not all come"),
         }
     }
+}
+
+pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     let lazy = a.lazy
         && {
             let ok = crate::pager::available();
@@ -784,6 +819,10 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
             }
             ok
         };
+    let mut ahead = match a.when_told {
+        true => wait_to_go(&a.dir, lazy)?,
+        false => ReadAhead::new(),
+    };
     // 1. Everything verified before anything is made (lazily: page data as it is read).
     let session_img = a.dir.join("session.img");
     let (kind, sections) = image::read_all(&session_img)?;
@@ -794,7 +833,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     let mut images: Vec<ProcImage> = manifest
         .processes
         .iter()
-        .map(|(_, _, f)| read_image(&a.dir.join(f), lazy))
+        .map(|(_, _, f)| read_image(&a.dir.join(f), lazy, &mut ahead))
         .collect::<Result<_>>()?;
     // Which socket is connected to which, session-wide.
     let mut tables: Vec<ProcessTable> = images.iter().map(|i| i.table.clone()).collect();
