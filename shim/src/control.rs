@@ -166,8 +166,10 @@ pub fn after_fork() {
     }
 }
 
-/// After a restore: the control thread and its sockets were the old process's.
+/// After a restore: the control thread and its sockets (and its heap's state) were the old
+/// process's.
 pub fn forget() {
+    crate::ctlheap::start_again();
     CTL_PATH.store(std::ptr::null_mut(), Release);
     TID.store(0, Relaxed);
     CONN_FD.store(-1, Relaxed);
@@ -188,6 +190,7 @@ pub fn unlink_socket() {
 }
 
 fn serve() {
+    crate::ctlheap::enter();
     enter_forever();
     block_all_signals();
     TID.store(real_tid(), Relaxed);

@@ -149,7 +149,7 @@ pub fn dump(
     // just before the loop, and nothing is allocated or freed from then until the pages are
     // written (the control thread's own malloc arena is part of what is written).
     let mut maps_file = std::fs::File::open("/proc/self/maps")?;
-    let mut maps_text: Vec<u8> = vec![0; 16 << 20];
+    let maps_text = &mut scratch.maps[..];
     let mut spans: Vec<Span> = Vec::with_capacity(1 << 16);
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
@@ -220,7 +220,10 @@ pub fn dump(
                 shared: perms.get(3) == Some(&b's'),
                 // (Not the shim's own static data: the restart path needs it at once, so it
                 // goes with the image rather than being fetched page by page from afar.)
-                pageable: migrt::image::pageable(name) && !(start..end).contains(&own_statics()),
+                // Nor the control thread's heap: it changes after the dump (ctlheap.rs).
+                pageable: migrt::image::pageable(name)
+                    && !(start..end).contains(&own_statics())
+                    && !crate::ctlheap::contains(start),
             });
         }
     }
@@ -359,14 +362,17 @@ pub fn dump(
             first += count;
         }
     }
-    // Pages kept in the source are read from a snapshot made now, before anything is
-    // allocated again: as they were when the pages written since were stored.
-    let snapshot = match in_source {
-        true => match crate::interpose::raw::snapshot() {
+    // Pages kept in the source are read from the process itself: nothing of the app runs
+    // until it ends here, and the control thread writes only to its own heap (ctlheap.rs) —
+    // unless that was full: then from a snapshot made now, before anything is allocated
+    // again, as they were when the pages written since were stored.
+    let snapshot = match (in_source, crate::ctlheap::spilled()) {
+        (true, false) => Snapshot(crate::interpose::real_pid()),
+        (true, true) => match crate::interpose::raw::snapshot() {
             pid if pid > 0 => Snapshot(pid as i32),
             e => return Err(std::io::Error::from_raw_os_error(-e as i32)),
         },
-        false => Snapshot(0),
+        (false, _) => Snapshot(0),
     };
     if let Some((_, rounds)) = precopied {
         let p = Precopied {
@@ -453,7 +459,8 @@ struct Span {
     pageable: bool,
 }
 
-/// A snapshot process (0: none), ended when dropped unless kept.
+/// A snapshot process (0: none; the process itself: no other), ended when dropped unless
+/// kept.
 struct Snapshot(i32);
 
 impl Snapshot {
@@ -714,7 +721,12 @@ struct Scratch {
     enc: &'static mut [u8],
     /// mincore's answer for a chunk of shared memory (a byte per page).
     resident: &'static mut [u8],
+    /// The text of /proc/self/maps (room for MAPS_TEXT bytes; pages are touched as used).
+    maps: &'static mut [u8],
 }
+
+/// Room for the text of /proc/self/maps.
+const MAPS_TEXT: usize = 16 << 20;
 
 impl Scratch {
     fn new() -> std::io::Result<Scratch> {
@@ -723,8 +735,9 @@ impl Scratch {
         let present = CHUNK as usize / 8;
         let enc = PAGE;
         let resident = CHUNK as usize;
+        let before_maps = data + entries + present + enc + resident;
         // Whole pages, so that the mapping /proc shows is exactly this range.
-        let len = (data + entries + present + enc + resident).div_ceil(PAGE) * PAGE;
+        let len = (before_maps + MAPS_TEXT).div_ceil(PAGE) * PAGE;
         // SAFETY: a fresh private anonymous mapping, carved into disjoint slices below and
         // unmapped in Drop, after which none of them is used.
         unsafe {
@@ -743,6 +756,7 @@ impl Scratch {
                     p.add(data + entries + present + enc),
                     resident,
                 ),
+                maps: std::slice::from_raw_parts_mut(p.add(before_maps), MAPS_TEXT),
             })
         }
     }

@@ -7,12 +7,18 @@
 //! straight through to libc.
 
 mod control;
+mod ctlheap;
 mod dump;
 mod interpose;
 mod precopy;
 mod reconcile;
 mod restart;
 mod state;
+
+/// The shim's own allocations: libc's malloc, but the control thread's own region for its
+/// (ctlheap.rs).
+#[global_allocator]
+static ALLOC: ctlheap::ShimAlloc = ctlheap::ShimAlloc;
 
 /// Runs when the dynamic loader maps the library, before the app's `main`.
 #[used]

@@ -341,6 +341,7 @@ pub fn after_fork_child() {
     VPID.store(v, Relaxed);
     let _ = VTID.try_with(|c| c.set(v));
     crate::control::after_fork();
+    crate::ctlheap::start_again();
     crate::precopy::after_fork_child();
     crate::interpose::timers::after_fork();
 }

@@ -84,8 +84,11 @@ pub fn snapshot() -> isize {
 }
 
 /// Ends a snapshot made by `snapshot` and reaps it (raw: the shim's own wait wrappers would
-/// translate the pid).
+/// translate the pid). The process itself, when it is its own snapshot, is left alone.
 pub fn end_snapshot(pid: i32) {
+    if pid == crate::interpose::real_pid() {
+        return;
+    }
     // SAFETY: kill and wait4 take plain values; no status is asked for.
     unsafe {
         syscall6(
