@@ -171,33 +171,35 @@ fn on_control_thread() -> bool {
     CONTROL.try_with(Cell::get).unwrap_or(false)
 }
 
+/// A block from the region on the control thread (unless it is full), else from libc.
+///
+/// # Safety
+/// Both closures allocate as GlobalAlloc::alloc would for one layout.
+unsafe fn either(
+    region: impl FnOnce(&mut Dlmalloc<Region>) -> *mut u8,
+    libc: impl FnOnce() -> *mut u8,
+) -> *mut u8 {
+    if on_control_thread() {
+        let p = with_heap(region);
+        if !p.is_null() {
+            return p;
+        }
+        SPILLED.store(true, Relaxed);
+    }
+    libc()
+}
+
 // SAFETY: each block is allocated and freed by one allocator (told apart by its address),
 // with the layout it was asked with.
 unsafe impl GlobalAlloc for ShimAlloc {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if on_control_thread() {
-            // SAFETY: forwarded as asked.
-            let p = with_heap(|h| unsafe { h.malloc(l.size(), l.align()) });
-            if !p.is_null() {
-                return p;
-            }
-            SPILLED.store(true, Relaxed);
-        }
         // SAFETY: forwarded as asked.
-        unsafe { System.alloc(l) }
+        unsafe { either(|h| h.malloc(l.size(), l.align()), || System.alloc(l)) }
     }
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        if on_control_thread() {
-            // SAFETY: forwarded as asked.
-            let p = with_heap(|h| unsafe { h.calloc(l.size(), l.align()) });
-            if !p.is_null() {
-                return p;
-            }
-            SPILLED.store(true, Relaxed);
-        }
         // SAFETY: forwarded as asked.
-        unsafe { System.alloc_zeroed(l) }
+        unsafe { either(|h| h.calloc(l.size(), l.align()), || System.alloc_zeroed(l)) }
     }
 
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
