@@ -23,8 +23,9 @@ pub struct Frozen<'a> {
     pub rounds: std::collections::HashMap<i32, Vec<String>>,
     /// Connections to peers outside the session handed over whole (socket ids).
     handover: Vec<u64>,
-    /// Each process's snapshot after a lazy migration's dump (its pid), read directly
-    /// while that is allowed (ptrace access: same user, no stricter Yama policy).
+    /// Where each process's memory is read after a lazy migration's dump (the process
+    /// itself, or a snapshot of it: a pid), read directly while that is allowed (ptrace
+    /// access: same user, no stricter Yama policy).
     snapshots: std::collections::HashMap<i32, i32>,
 }
 

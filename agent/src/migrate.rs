@@ -11,8 +11,9 @@
 //! since (each process tracks its own writes, see shim/src/precopy.rs) — until a round is
 //! small or stops shrinking; then it is frozen and only what was written since the last
 //! round goes with the rest of the image. Mode lazy (post-copy): frozen, only what is not
-//! anonymous private memory is sent (each process keeps the rest in a snapshot of itself,
-//! see shim/src/dump.rs); the agent restores it at once and its pager fetches the rest
+//! anonymous private memory is sent (the rest stays in the frozen processes: their control
+//! threads write only to a heap of their own, shim/src/ctlheap.rs, and `mig` reads it
+//! from them); the agent restores it at once and its pager fetches the rest
 //! through the link — what the app touches first, everything else in order — while the
 //! session stays frozen here; it ends here once the agent says all is there. If the link
 //! breaks before, the agent ends its copy and the session runs on here as it was frozen.
@@ -122,15 +123,12 @@ fn connect_all(live: &sessions::Live, patience: Duration) -> Result<Rounds> {
     Ok(rounds)
 }
 
-/// For a lazy migration: each process tracks its writes from now on, and its dump keeps
-/// the rest of its private memory here (in a snapshot of itself it makes then), to be
-/// fetched after the session runs on the target.
-fn keep_memory_here(rounds: &mut Rounds) -> Result<()> {
-    for (_, c, files) in rounds.clients.iter_mut() {
-        c.call(&Request::Track)?;
+/// For a lazy migration: each process's dump keeps its anonymous memory here (in the
+/// frozen process itself), to be fetched after the session runs on the target.
+fn keep_memory_here(rounds: &mut Rounds) {
+    for (_, _, files) in rounds.clients.iter_mut() {
         files.push(migrt::image::SOURCE_ROUND.into());
     }
-    Ok(())
 }
 
 /// Pre-copy rounds while the session runs, until one is small or stops shrinking.
@@ -387,7 +385,10 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let mut rounds = connect_all(&live, a.timeout)?;
     match a.mode {
         Mode::Precopy => precopy(&mut rounds, &link, &mut announced),
-        Mode::Lazy => keep_memory_here(&mut rounds),
+        Mode::Lazy => {
+            keep_memory_here(&mut rounds);
+            Ok(())
+        }
         Mode::StopAndCopy => Ok(()),
     }
     .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;

@@ -153,7 +153,7 @@ impl Tracker {
         }
         // Everything write-protected: from here on a write marks its page.
         for &(start, end) in &t.ranges.clone() {
-            t.scan(start, end, only(PM_SCAN_WP_MATCHING), &mut [])?;
+            scan(&t.pagemap, start, end, only(PM_SCAN_WP_MATCHING), &mut [])?;
         }
         Ok(t)
     }
@@ -185,12 +185,8 @@ impl Tracker {
         file_backed: bool,
         out: &mut Vec<PageRegion>,
     ) -> io::Result<bool> {
-        let q = if file_backed { EXISTING } else { EXISTING_ANON };
-        let q = Query {
-            flags: PM_SCAN_CHECK_WPASYNC,
-            ..q
-        };
-        Ok(self.scan_into(start, end, q, out)? >= end)
+        let q = existing(file_backed, PM_SCAN_CHECK_WPASYNC);
+        Ok(scan_into(&self.pagemap, start, end, q, out)? >= end)
     }
 
     /// Its file descriptors (a forked child closes its copies: they act on the parent).
@@ -202,79 +198,93 @@ impl Tracker {
         let mut out = Vec::with_capacity(4096);
         let mut at = start;
         while at < end {
-            at = self.scan_into(at, end, q, &mut out)?;
+            at = scan_into(&self.pagemap, at, end, q, &mut out)?;
             out.reserve(out.capacity());
         }
         Ok(out)
     }
+}
 
-    /// Regions appended to `out` within the room it has; returns where the walk got to
-    /// (`end` when done).
-    fn scan_into(
-        &self,
-        start: u64,
-        end: u64,
-        q: Query,
-        out: &mut Vec<PageRegion>,
-    ) -> io::Result<u64> {
-        let mut at = start;
-        while at < end {
-            let room = out.spare_capacity_mut();
-            if room.is_empty() {
-                break;
-            }
-            // SAFETY: the kernel writes at most room.len() regions into the spare capacity,
-            // and says how many; only those are counted in.
-            let room =
-                unsafe { std::slice::from_raw_parts_mut(room.as_mut_ptr().cast(), room.len()) };
-            let (n, walked) = self.scan(at, end, q, room)?;
-            // SAFETY: n regions were written just past the old length.
-            unsafe { out.set_len(out.len() + n) };
-            if walked <= at {
-                return Ok(end);
-            }
-            at = walked;
-        }
-        Ok(at)
-    }
+/// Pages of `start..end` of this process that exist (present or swapped out), with their
+/// categories, appended to `out` within the room it has (nothing is allocated: for a frozen
+/// process's dump), asked through `pagemap` (/proc/self/pagemap) with no write tracking;
+/// `file_backed` as for Tracker::existing_into. Ok(false) when the room did not suffice.
+pub fn existing_into(
+    pagemap: &std::fs::File,
+    (start, end): (u64, u64),
+    file_backed: bool,
+    out: &mut Vec<PageRegion>,
+) -> io::Result<bool> {
+    Ok(scan_into(pagemap, start, end, existing(file_backed, 0), out)? >= end)
+}
 
-    /// One PAGEMAP_SCAN call: (regions filled, where the walk stopped).
-    fn scan(
-        &self,
-        start: u64,
-        end: u64,
-        q: Query,
-        out: &mut [PageRegion],
-    ) -> io::Result<(usize, u64)> {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: q.flags,
-            start,
-            end,
-            walk_end: 0,
-            vec: out.as_mut_ptr() as u64,
-            vec_len: out.len() as u64,
-            max_pages: 0,
-            category_inverted: 0,
-            // (Protecting again only what is reported.)
-            category_mask: if q.flags & PM_SCAN_WP_MATCHING != 0 {
-                q.anyof
-            } else {
-                0
-            },
-            category_anyof_mask: q.anyof,
-            return_mask: q.ret,
-        };
-        if out.is_empty() {
-            arg.vec = 0;
+/// The query for existing pages, with `flags`.
+fn existing(file_backed: bool, flags: u64) -> Query {
+    let q = if file_backed { EXISTING } else { EXISTING_ANON };
+    Query { flags, ..q }
+}
+
+/// Regions appended to `out` within the room it has; returns where the walk got to
+/// (`end` when done).
+fn scan_into(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+    q: Query,
+    out: &mut Vec<PageRegion>,
+) -> io::Result<u64> {
+    let mut at = start;
+    while at < end {
+        let room = out.spare_capacity_mut();
+        if room.is_empty() {
+            break;
         }
-        let n = ioctl(
-            self.pagemap.as_raw_fd(),
-            PAGEMAP_SCAN,
-            (&raw mut arg).cast(),
-        )?;
-        Ok((n as usize, arg.walk_end))
+        // SAFETY: the kernel writes at most room.len() regions into the spare capacity,
+        // and says how many; only those are counted in.
+        let room = unsafe { std::slice::from_raw_parts_mut(room.as_mut_ptr().cast(), room.len()) };
+        let (n, walked) = scan(pagemap, at, end, q, room)?;
+        // SAFETY: n regions were written just past the old length.
+        unsafe { out.set_len(out.len() + n) };
+        if walked <= at {
+            return Ok(end);
+        }
+        at = walked;
     }
+    Ok(at)
+}
+
+/// One PAGEMAP_SCAN call: (regions filled, where the walk stopped).
+fn scan(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+    q: Query,
+    out: &mut [PageRegion],
+) -> io::Result<(usize, u64)> {
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags: q.flags,
+        start,
+        end,
+        walk_end: 0,
+        vec: out.as_mut_ptr() as u64,
+        vec_len: out.len() as u64,
+        max_pages: 0,
+        category_inverted: 0,
+        // (Protecting again only what is reported.)
+        category_mask: if q.flags & PM_SCAN_WP_MATCHING != 0 {
+            q.anyof
+        } else {
+            0
+        },
+        category_anyof_mask: q.anyof,
+        return_mask: q.ret,
+    };
+    if out.is_empty() {
+        arg.vec = 0;
+    }
+    let n = ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, (&raw mut arg).cast())?;
+    Ok((n as usize, arg.walk_end))
 }
 
 impl Drop for Tracker {

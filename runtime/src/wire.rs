@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -43,12 +43,9 @@ pub enum Request {
     Precopy {
         path: String,
     },
-    /// For a lazy migration: track this process's writes from now on, with no round
-    /// written; a Dump with image::SOURCE_ROUND as its round keeps the memory not written
-    /// since on this host, to be fetched from the frozen process afterwards (Pages).
-    Track,
     /// After a lazy migration's Dump: `len` bytes at `addr` of its memory as the dump left
-    /// it (read from the dump's snapshot). Answered by Pages, followed on the stream by
+    /// it (read from the process, or the dump's snapshot). Answered by Pages, followed on
+    /// the stream by
     /// the bytes themselves, unframed (no copies of a megabyte into and out of a frame).
     Pages {
         addr: u64,
@@ -80,7 +77,8 @@ pub enum Response {
         threads: u32,
         regions: u32,
         pages: u64,
-        /// The pid of the snapshot holding the pages kept in the source (lazy), or 0.
+        /// The pid of the process holding the pages kept in the source (lazy: the process
+        /// itself, or a snapshot of it), or 0.
         snapshot: i32,
     },
     Precopied {

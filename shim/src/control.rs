@@ -316,10 +316,6 @@ impl Session {
                     Err(e) => Response::Error(format!("pre-copy round into {path}: {e}")),
                 },
             },
-            Request::Track => match crate::precopy::track() {
-                Ok(()) => Response::Done,
-                Err(e) => Response::Error(format!("tracking writes: {e}")),
-            },
             Request::Pages { addr, len } => match &self.frozen {
                 Some(f) if f.snapshot > 0 => {
                     self.pages.resize(len as usize, 0);
@@ -345,9 +341,7 @@ impl Session {
                     let write = || {
                         let p = std::path::Path::new(&path);
                         crate::precopy::with_delta(|d| {
-                            let precopied =
-                                d.filter(|_| !rounds.is_empty()).map(|d| (d, &rounds[..]));
-                            crate::dump::dump(s, p, frozen, &sockets, sync, precopied)
+                            crate::dump::dump(s, p, frozen, &sockets, sync, (&rounds, d))
                         })
                     };
                     // A dump that raced its own heap growth is written again (see dump.rs);

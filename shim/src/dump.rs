@@ -31,7 +31,8 @@ pub struct Dumped {
     pub threads: u32,
     pub regions: u32,
     pub pages: u64,
-    /// The snapshot process holding the pages kept in the source (lazy migration), or 0.
+    /// The process holding the pages kept in the source (lazy migration: this one, or a
+    /// snapshot of it), or 0.
     pub snapshot: i32,
 }
 
@@ -69,17 +70,23 @@ fn link(p: &str) -> Bytes {
     )
 }
 
-/// Writes the image. With `precopied` (the pre-copy rounds' delta and files), memory the
+/// Writes the image. With pre-copy `rounds` (their files) and their `delta`, memory the
 /// rounds tracked is stored only where written since the last round; its other pages are
-/// listed as kept from the rounds (image::Precopied).
+/// listed as kept from the rounds (image::Precopied). With the round that stays in the
+/// source (image::SOURCE_ROUND, a lazy migration), none of the anonymous memory is stored:
+/// every page of it that exists is listed as kept there.
 pub fn dump(
     s: &Shim,
     path: &Path,
     frozen: &Frozen,
     sockets: &[migrt::sockstate::SocketState],
     sync: bool,
-    precopied: Option<(&Delta, &[String])>,
+    (rounds, delta): (&[String], Option<&Delta>),
 ) -> std::io::Result<Dumped> {
+    // Kept in the source (lazy migration): only what the target's pager fills in; the
+    // rest (the stack, private file mappings' changed pages) goes with the image.
+    let in_source = rounds.iter().any(|n| n == migrt::image::SOURCE_ROUND);
+    let delta = delta.filter(|_| !rounds.is_empty() && !in_source);
     let (parked, table, folded) = (&frozen.parked[..], &frozen.table, &frozen.folded);
     let file = std::fs::File::create(path)?;
     let scratch = Scratch::new()?;
@@ -195,7 +202,11 @@ pub fn dump(
     // it was when the app was parked.
     let mut pagemap = std::fs::File::open("/proc/self/pagemap")?;
     // (Room for the delta's page categories and kept ranges, allocated now.)
-    let room = if precopied.is_some() { 1 << 16 } else { 0 };
+    let room = if delta.is_some() || in_source {
+        1 << 16
+    } else {
+        0
+    };
     let mut existing: Vec<PageRegion> = Vec::with_capacity(room);
     let mut kept: Vec<(u64, u64)> = Vec::with_capacity(room);
     let mut len = 0;
@@ -228,10 +239,8 @@ pub fn dump(
         }
     }
     let mut pages = 0u64;
-    // Kept in the source (lazy migration): only what the target's pager fills in; the
-    // rest (the stack, private file mappings' changed pages) goes with the image.
-    let in_source =
-        precopied.is_some_and(|(_, r)| r.iter().any(|n| n == migrt::image::SOURCE_ROUND));
+    // What counts as written since: in the source, nothing (all of it stays there).
+    let written_bit = if in_source { 0 } else { WRITTEN };
     for &Span {
         start,
         end,
@@ -248,20 +257,28 @@ pub fn dump(
         };
         // Tracked by the rounds: the pages written since the last one are stored, the
         // others kept from the rounds (the shared zero page and file pages are neither).
+        // In the source: every page is kept there.
+        existing.clear();
         let delta = !shared
-            && (pageable || !in_source)
-            && precopied.is_some_and(|(d, _)| {
-                existing.clear();
-                d.tracked.iter().any(|&(s, e)| start >= s && end <= e)
-                    && d.tracker
-                        .existing_into((start, end), file, &mut existing)
-                        .unwrap_or(false)
-                    && kept.capacity() - kept.len() >= existing.len()
-            });
+            && match (in_source, delta) {
+                (true, _) => {
+                    pageable
+                        && migrt::dirty::existing_into(&pagemap, (start, end), file, &mut existing)
+                            .unwrap_or(false)
+                }
+                (false, Some(d)) => {
+                    d.tracked.iter().any(|&(s, e)| start >= s && end <= e)
+                        && d.tracker
+                            .existing_into((start, end), file, &mut existing)
+                            .unwrap_or(false)
+                }
+                (false, None) => false,
+            }
+            && kept.capacity() - kept.len() >= existing.len();
         if delta {
             for p in existing
                 .iter()
-                .filter(|p| p.categories & (WRITTEN | NOT_OWN) == 0)
+                .filter(|p| p.categories & (written_bit | NOT_OWN) == 0)
             {
                 match p.categories & PAGE_IS_PRESENT {
                     0 => keep_swapped(&mut pagemap, scratch.entries, (p.start, p.end), &mut kept)?,
@@ -275,7 +292,7 @@ pub fn dump(
                 cursor += 1;
             }
             existing.get(cursor).is_some_and(|p| {
-                p.start <= a && p.categories & WRITTEN != 0 && p.categories & NOT_OWN == 0
+                p.start <= a && p.categories & written_bit != 0 && p.categories & NOT_OWN == 0
             })
         };
         let total = (r.end - r.start) / PAGE as u64;
@@ -287,7 +304,7 @@ pub fn dump(
                 // gibibyte's pagemap is not read for the few written).
                 let at = r.start + first * PAGE as u64;
                 while existing.get(ahead).is_some_and(|p| {
-                    p.end <= at || p.categories & WRITTEN == 0 || p.categories & NOT_OWN != 0
+                    p.end <= at || p.categories & written_bit == 0 || p.categories & NOT_OWN != 0
                 }) {
                     ahead += 1;
                 }
@@ -374,7 +391,7 @@ pub fn dump(
         },
         (false, _) => Snapshot(0),
     };
-    if let Some((_, rounds)) = precopied {
+    if delta.is_some() || in_source {
         let p = Precopied {
             rounds: rounds.to_vec(),
             kept,

@@ -58,14 +58,13 @@ pub fn end() {
 /// The private memory a round covers: what an image stores of it (dump::stored), less
 /// shared mappings (their pages are the object's, stored whole by the final image) and
 /// code (nothing writes it; tracking a file's would make its unwritten pages look like the
-/// process's own, sent for nothing); with `pageable`, only what a lazy restore's pager
-/// fills in. (What is not tracked is stored whole by the final image.)
-fn private_ranges(pageable: bool) -> Vec<(u64, u64)> {
+/// process's own, sent for nothing). (What is not tracked is stored whole by the final
+/// image.)
+fn private_ranges() -> Vec<(u64, u64)> {
     migrt::procfs::all_mappings("self")
         .iter()
         .filter(|m| m.perms.as_bytes().get(3) == Some(&b'p') && crate::dump::stored(m, &[]))
         .filter(|m| m.perms.as_bytes().get(2) != Some(&b'x'))
-        .filter(|m| !pageable || migrt::image::pageable(&m.name.0))
         .map(|m| (m.start, m.end))
         .collect()
 }
@@ -90,16 +89,10 @@ fn start(st: &mut Option<State>, ranges: &[(u64, u64)]) -> std::io::Result<bool>
     Ok(true)
 }
 
-/// Tracks writes to the memory a lazy restore's pager fills in, from now on, without
-/// writing a round (a lazy migration: the frozen process's memory is the round).
-pub fn track() -> std::io::Result<()> {
-    start(&mut state(), &private_ranges(true)).map(|_| ())
-}
-
 /// Writes one round to `path`: (bytes written, pages).
 pub fn round(path: &str) -> std::io::Result<(u64, u64)> {
     let mut st = state();
-    let first = start(&mut st, &private_ranges(false))?;
+    let first = start(&mut st, &private_ranges())?;
     let s = st.as_mut().expect("set above");
     let file = std::fs::File::create(path)?;
     let mut w = ImageWriter::new(&file, Kind::Pages)?;
