@@ -336,24 +336,25 @@ impl Agent {
             added.add(h)?;
         }
         restore.go()?;
-        let child = &mut restore.0;
         // Lazily, the restored processes need pages from the sender before they are back.
         // (What comes after the image counts against the same limit.)
         let mut pager = pager.map(|p| Relay::new(p, self.max_bytes.saturating_sub(total)));
-        if let Some(r) = pager.as_mut()
-            && let Err(e) = r.run(link, Some(child), self.timeout / 3)
-        {
-            drop(restore);
-            end_session(name);
-            return Err(e);
+        match pager.as_mut() {
+            Some(r) => {
+                if let Err(e) = r.run(link, Some(&mut || restore.back()), self.timeout / 3) {
+                    drop(restore);
+                    end_session(name);
+                    return Err(e);
+                }
+            }
+            None => {
+                while !restore.back()? {
+                    migrt::sys::wait_readable(restore.output()?, Duration::from_millis(2))?;
+                }
+            }
         }
-        let status = child.wait()?;
-        if !status.success() {
-            let mut why = String::new();
-            use std::io::Read;
-            child.stderr.take().map(|mut e| e.read_to_string(&mut why));
-            bail!("{}", why.trim());
-        }
+        // (Its exit is not waited for: it has nothing more to say.)
+        restore.reap_later();
         for h in added.added() {
             if let Err(e) = netaddr::announce(h) {
                 log(format_args!("session {name}: {e:#}"));
@@ -405,11 +406,21 @@ impl Agent {
         };
         let child = restore
             .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .context("running mig restore")?;
-        Ok((Restore(child), pager))
+        if let Some(out) = &child.stdout {
+            use std::os::fd::AsRawFd;
+            migrt::sys::set_status_flags(out.as_raw_fd(), libc::O_NONBLOCK)?;
+        }
+        Ok((
+            Restore {
+                child: Some(child),
+                said: Vec::new(),
+            },
+            pager,
+        ))
     }
 }
 
@@ -423,27 +434,87 @@ enum Arrival {
 }
 
 /// A `mig restore` started before its image is all here; ended (if it still runs) when
-/// dropped.
-struct Restore(std::process::Child);
+/// dropped, unless it said the session is back.
+struct Restore {
+    child: Option<std::process::Child>,
+    /// What it printed so far (the session's name once it is back).
+    said: Vec<u8>,
+}
 
 impl Restore {
+    fn child(&mut self) -> Result<&mut std::process::Child> {
+        self.child.as_mut().context("mig restore is gone")
+    }
+
     /// File `name` is all here (the restore may read it ahead).
     fn have(&mut self, name: &str) -> Result<()> {
-        let told = self.0.stdin.as_mut().context("mig restore's input")?;
+        let told = self
+            .child()?
+            .stdin
+            .as_mut()
+            .context("mig restore's input")?;
         writeln!(told, "have {name}").context("telling mig restore what is here")
+    }
+
+    /// Its output (which says when the session is back).
+    fn output(&mut self) -> Result<&std::process::ChildStdout> {
+        self.child()?
+            .stdout
+            .as_ref()
+            .context("mig restore's output")
+    }
+
+    /// Whether the restored processes are back (mig restore prints the session's name
+    /// then, before it exits); an error with what it said if it ended without.
+    fn back(&mut self) -> Result<bool> {
+        use std::io::Read;
+        let child = self.child.as_mut().context("mig restore is gone")?;
+        let out = child.stdout.as_mut().context("mig restore's output")?;
+        let mut buf = [0u8; 256];
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.said.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e).context("reading mig restore's output"),
+            }
+        }
+        if self.said.contains(&b'\n') {
+            return Ok(true);
+        }
+        match child.try_wait()? {
+            None => Ok(false),
+            Some(status) => {
+                let mut why = String::new();
+                child.stderr.take().map(|mut e| e.read_to_string(&mut why));
+                match why.trim() {
+                    "" => bail!("mig restore ended ({status}) without the session back"),
+                    why => bail!("{why}"),
+                }
+            }
+        }
+    }
+
+    /// It said the session is back: it ends by itself, reaped by a thread of its own.
+    fn reap_later(mut self) {
+        if let Some(c) = self.child.take() {
+            std::thread::spawn(move || c.wait_with_output());
+        }
     }
 
     /// The image is complete: it restores now.
     fn go(&mut self) -> Result<()> {
-        let mut told = self.0.stdin.take().context("mig restore's input")?;
+        let mut told = self.child()?.stdin.take().context("mig restore's input")?;
         told.write_all(b"go\n").context("telling mig restore to go")
     }
 }
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -70,28 +70,29 @@ impl Relay {
     }
 
     /// Relays the pager's requests (vpid, address, length) over the link until the pager
-    /// ends (everything filled: true) or, if given, `restoring` has exited (false). Says
-    /// `Waiting` to the sender whenever the pager is quiet for `quiet`.
+    /// ends (everything filled: true) or, if given, `restored` says the restore is done
+    /// (false; its error ends the relay). Says `Waiting` to the sender whenever the pager
+    /// is quiet for `quiet`.
     pub fn run(
         &mut self,
         link: &mut Link,
-        mut restoring: Option<&mut std::process::Child>,
+        mut restored: Option<&mut dyn FnMut() -> Result<bool>>,
         quiet: Duration,
     ) -> Result<bool> {
         use std::io::{Read, Write};
         let mut ask = [0u8; 24];
         loop {
-            if let Some(c) = restoring.as_mut()
-                && c.try_wait()?.is_some()
+            if let Some(done) = restored.as_mut()
+                && done()?
             {
                 return Ok(false);
             }
-            let wait = match restoring {
+            let wait = match restored {
                 Some(_) => Duration::from_millis(2),
                 None => quiet,
             };
             if !migrt::sys::wait_readable(&self.pager, wait)? {
-                if restoring.is_none() {
+                if restored.is_none() {
                     link.send(&Msg::Waiting)?;
                 }
                 continue;

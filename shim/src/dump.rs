@@ -730,8 +730,6 @@ struct PageMapRef<'a> {
 /// Working memory of the page loop: its own shared anonymous mapping (never merged with
 /// the app's memory), made before the loop.
 struct Scratch {
-    base: *mut u8,
-    len: usize,
     data: &'static mut [u8],
     entries: &'static mut [u8],
     present: &'static mut [u64],
@@ -740,6 +738,8 @@ struct Scratch {
     resident: &'static mut [u8],
     /// The text of /proc/self/maps (room for MAPS_TEXT bytes; pages are touched as used).
     maps: &'static mut [u8],
+    /// (Last: unmapped after the slices into it are gone.)
+    mem: crate::interpose::Anonymous,
 }
 
 /// Room for the text of /proc/self/maps.
@@ -755,13 +755,12 @@ impl Scratch {
         let before_maps = data + entries + present + enc + resident;
         // Whole pages, so that the mapping /proc shows is exactly this range.
         let len = (before_maps + MAPS_TEXT).div_ceil(PAGE) * PAGE;
-        // SAFETY: a fresh private anonymous mapping, carved into disjoint slices below and
-        // unmapped in Drop, after which none of them is used.
+        let mem = crate::interpose::Anonymous::new(len)?;
+        let p = mem.as_mut_ptr();
+        // SAFETY: a fresh mapping of `len` bytes, carved into disjoint slices, which live
+        // no longer than it (fields drop in order: `mem` last).
         unsafe {
-            let p = crate::interpose::map_anonymous(len)?;
             Ok(Scratch {
-                base: p,
-                len,
                 data: std::slice::from_raw_parts_mut(p, data),
                 entries: std::slice::from_raw_parts_mut(p.add(data), entries),
                 present: std::slice::from_raw_parts_mut(
@@ -774,18 +773,13 @@ impl Scratch {
                     resident,
                 ),
                 maps: std::slice::from_raw_parts_mut(p.add(before_maps), MAPS_TEXT),
+                mem,
             })
         }
     }
 
     fn range(&self) -> (u64, u64) {
-        (self.base as u64, self.base as u64 + self.len as u64)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        crate::interpose::unmap(self.base, self.len);
+        self.mem.range()
     }
 }
 

@@ -96,7 +96,7 @@ pub fn round(path: &str) -> std::io::Result<(u64, u64)> {
     let s = st.as_mut().expect("set above");
     let file = std::fs::File::create(path)?;
     let mut w = ImageWriter::new(&file, Kind::Pages)?;
-    let mut buf = vec![0u8; RUN * PAGE];
+    let mut buf = crate::interpose::Anonymous::new(RUN * PAGE)?;
     let mut pages = 0;
     for &(start, end) in s.tracker.ranges() {
         // First everything the app has of its own (no file page, no shared zero page);
@@ -111,7 +111,7 @@ pub fn round(path: &str) -> std::io::Result<(u64, u64)> {
             s.tracker.take_written(start, end)?
         };
         for r in runs {
-            match write_run(&mut w, r.start, r.end, first, &mut buf) {
+            match write_run(&mut w, r.start, r.end, first, buf.bytes()) {
                 Ok(n) => pages += n,
                 Err(_) => s.tainted.push((start, end)),
             }

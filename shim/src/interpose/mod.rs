@@ -181,29 +181,59 @@ pub fn peer_uid(fd: i32) -> Option<u32> {
     }
 }
 
-/// A shared anonymous mapping of `len` bytes: the shim's own working memory, apart from the
-/// app's heap (the kernel never merges it with private memory).
-pub fn map_anonymous(len: usize) -> std::io::Result<*mut u8> {
-    // SAFETY: asking the kernel for fresh memory at an address of its choosing.
-    let p = unsafe {
-        real!(mmap: fn(*mut libc::c_void, usize, libc::c_int, libc::c_int, libc::c_int, libc::off_t) -> *mut libc::c_void)(
-            std::ptr::null_mut(),
+/// A shared anonymous mapping: the shim's own working memory, apart from the app's heap
+/// (the kernel never merges it with private memory) and the control thread's (ctlheap.rs:
+/// a buffer there would be written anew each time, and stay); unmapped when dropped.
+pub struct Anonymous {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Anonymous {
+    pub fn new(len: usize) -> std::io::Result<Anonymous> {
+        // SAFETY: asking the kernel for fresh memory at an address of its choosing.
+        let p = unsafe {
+            real!(mmap: fn(*mut libc::c_void, usize, libc::c_int, libc::c_int, libc::c_int, libc::off_t) -> *mut libc::c_void)(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Anonymous {
+            base: p.cast(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(p.cast())
+        })
+    }
+
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the whole mapping, which lives as long as self and is only reached
+        // through it.
+        unsafe { std::slice::from_raw_parts_mut(self.base, self.len) }
+    }
+
+    pub fn range(&self) -> (u64, u64) {
+        (self.base as u64, self.base as u64 + self.len as u64)
+    }
+}
+
+impl Drop for Anonymous {
+    fn drop(&mut self) {
+        unmap(self.base, self.len);
     }
 }
 
 pub fn unmap(p: *mut u8, len: usize) {
-    // SAFETY: unmapping memory map_anonymous gave, which nothing uses any more.
+    // SAFETY: unmapping memory that nothing uses any more.
     unsafe { real!(munmap: fn(*mut libc::c_void, usize) -> libc::c_int)(p.cast(), len) };
 }
 
