@@ -36,6 +36,9 @@ static USABLE: AtomicUsize = AtomicUsize::new(0);
 static GENERATION: AtomicUsize = AtomicUsize::new(0);
 /// A control thread's allocation went to libc's malloc (the region was full).
 static SPILLED: AtomicBool = AtomicBool::new(false);
+/// A block libc's malloc gave the control thread: where libc's own allocations for it
+/// (opendir's, for one) go — its arena.
+static LIBC_ARENA: AtomicUsize = AtomicUsize::new(0);
 
 /// A spin lock (not a mutex: a fork child must be able to take it over whatever state the
 /// parent's threads left it in).
@@ -47,8 +50,20 @@ thread_local! {
 }
 
 /// Marks the calling thread as the control thread: its allocations come from the region.
+/// Notes where libc's malloc puts what libc allocates for it.
 pub fn enter() {
     CONTROL.with(|c| c.set(true));
+    // SAFETY: a block allocated and freed at once; only its address is kept.
+    unsafe {
+        let p = libc::malloc(64);
+        LIBC_ARENA.store(p as usize, Relaxed);
+        libc::free(p);
+    }
+}
+
+/// Whether `start..end` holds the arena libc's malloc serves the control thread from.
+pub fn holds_libc_arena(start: u64, end: u64) -> bool {
+    (start..end).contains(&(LIBC_ARENA.load(Relaxed) as u64))
 }
 
 /// Whether `addr` lies in the region.

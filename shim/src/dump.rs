@@ -231,10 +231,13 @@ pub fn dump(
                 shared: perms.get(3) == Some(&b's'),
                 // (Not the shim's own static data: the restart path needs it at once, so it
                 // goes with the image rather than being fetched page by page from afar.)
-                // Nor the control thread's heap: it changes after the dump (ctlheap.rs).
+                // Nor the control thread's heaps (its own, and the libc arena it is served
+                // from, unless that is the app's main one): they may change after the dump
+                // (ctlheap.rs).
                 pageable: migrt::image::pageable(name)
                     && !(start..end).contains(&own_statics())
-                    && !crate::ctlheap::contains(start),
+                    && !crate::ctlheap::contains(start)
+                    && (!crate::ctlheap::holds_libc_arena(start, end) || name == b"[heap]"),
             });
         }
     }
@@ -383,7 +386,13 @@ pub fn dump(
     // until it ends here, and the control thread writes only to its own heap (ctlheap.rs) —
     // unless that was full: then from a snapshot made now, before anything is allocated
     // again, as they were when the pages written since were stored.
-    let snapshot = match (in_source, crate::ctlheap::spilled()) {
+    // (Or the control thread is served from libc's main arena, the app's: what libc
+    // allocates for it there could change the app's pages after the dump.)
+    let changing = crate::ctlheap::spilled()
+        || spans
+            .iter()
+            .any(|s| s.pageable && crate::ctlheap::holds_libc_arena(s.start, s.end));
+    let snapshot = match (in_source, changing) {
         (true, false) => Snapshot(crate::interpose::real_pid()),
         (true, true) => match crate::interpose::raw::snapshot() {
             pid if pid > 0 => Snapshot(pid as i32),
