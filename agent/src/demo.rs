@@ -142,18 +142,27 @@ pub fn demo() -> Result<i32> {
         mig(&["ps", "--host", &to, "--key", &key.display().to_string()])
     });
     println!("\n== 8. ending the session");
-    for l in sessions::list(&rt)
-        .iter()
-        .chain(&sessions::list(&state.join("run")))
-    {
-        if l.name() == name {
-            for p in l.processes() {
-                migrt::sys::terminate(p.pid);
-            }
+    let ours: Vec<sessions::Live> = sessions::list(&rt)
+        .into_iter()
+        .chain(sessions::list(&state.join("run")))
+        .filter(|l| l.name() == name)
+        .collect();
+    for l in &ours {
+        for p in l.processes() {
+            migrt::sys::terminate(p.pid);
         }
     }
     let _ = agent.kill();
     let _ = agent.wait();
+    // (Once they have ended, their directories go with their tables, which may be in
+    // /dev/shm.)
+    let t = std::time::Instant::now();
+    while ours.iter().any(|l| !l.processes().is_empty()) && t.elapsed().as_secs() < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for l in &ours {
+        l.dir.remove();
+    }
     moved?;
     let _ = std::fs::remove_dir_all(&work);
     println!("   done.");
