@@ -109,6 +109,56 @@ fn ten_checkpoint_restore_cycles_leave_the_state_intact() {
 }
 
 #[test]
+fn a_lazy_restore_checks_what_it_copies_in_before_anything_runs() {
+    // Lazily, most page data is checked as the pager reads it; what the restorer copies in
+    // itself (the stack, small regions) is checked before anything is made.
+    if !is_root() {
+        println!("SKIP: a lazy restore needs a userfaultfd that reports forks (root)");
+        return;
+    }
+    use migrt::image::{self, PageMap, Region, Tag};
+    let env = Env::new("damaged-copy");
+    start_counter(&env, "4");
+    let img = env.root.join("img");
+    stop_into(&env, "cnt", &img);
+    let file = img.join(format!("proc-{}.img", VPID_BASE + 1));
+    let (_, sections) = image::read_all(&file).unwrap();
+    let stack = sections
+        .iter()
+        .find(|s| s.tag == Tag::Regions)
+        .map(|s| s.decode::<Vec<Region>>(&file).unwrap())
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name.0 == b"[stack]")
+        .unwrap();
+    // The page data that follows the stack's page map (at the page boundary after its
+    // section header, as the restore reads it).
+    let data = sections
+        .windows(2)
+        .find(|w| {
+            w[0].tag == Tag::PageMap
+                && (stack.start..stack.end).contains(&w[0].decode::<PageMap>(&file).unwrap().start)
+        })
+        .map(|w| (w[1].offset + 32).div_ceil(4096) * 4096)
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[data as usize + 100] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let o = env.run(&["restore", img.to_str().unwrap(), "--lazy", "--detach"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stdout));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains(file.to_str().unwrap()) && e.contains("damaged"),
+        "{e}"
+    );
+    assert!(
+        env.processes("cnt").is_empty(),
+        "nothing runs: {:?}",
+        env.ps()
+    );
+}
+
+#[test]
 fn a_damaged_image_is_refused_before_anything_is_made() {
     let env = Env::new("damaged");
     start_counter(&env, "4");

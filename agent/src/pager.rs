@@ -94,7 +94,7 @@ impl Remote {
 }
 
 /// Checks the page data that `len` bytes of `fd` at `offset` belong to, once.
-fn verify(checks: &[Check], fd: RawFd, offset: u64, len: u64) -> std::io::Result<()> {
+pub fn verify(checks: &[Check], fd: RawFd, offset: u64, len: u64) -> std::io::Result<()> {
     for c in checks.iter().filter(|c| {
         c.fd == fd && !c.verified.get() && offset < c.offset + c.len && offset + len > c.offset
     }) {
@@ -476,6 +476,11 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
     // behind a chunk of the fill); it goes on once the app has been quiet this long.
     let quiet = std::time::Duration::from_millis(2);
     let mut faulted_at = std::time::Instant::now() - quiet;
+    // Nor does it start before a process that just came is back: its restart path faults
+    // with pauses between (and with pages from afar, a chunk of the fill ahead of a fault
+    // costs a round trip over the link).
+    let starting = std::time::Duration::from_millis(10);
+    let mut arrived_at = std::time::Instant::now() - starting;
     let mut spaces: Vec<Space> = Vec::new();
     let mut open = true;
     let mut buf = Vec::new();
@@ -501,6 +506,7 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
             false => pause
                 .saturating_sub(filled_at.elapsed())
                 .max(quiet.saturating_sub(faulted_at.elapsed()))
+                .max(starting.saturating_sub(arrived_at.elapsed()))
                 .as_millis() as i32,
         };
         // SAFETY: polls is a valid array of pollfds.
@@ -519,13 +525,16 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
                             .as_ref()
                             .and_then(|m| Some((m.clone(), *m.vpids.get(i)?)));
                         spaces.push(space);
+                        arrived_at = std::time::Instant::now();
                     }
                 }
                 _ => open = false, // every sender has closed its end
             }
         }
         let mut forks = Vec::new();
-        let fill_now = filled_at.elapsed() >= pause && faulted_at.elapsed() >= quiet;
+        let fill_now = filled_at.elapsed() >= pause
+            && faulted_at.elapsed() >= quiet
+            && arrived_at.elapsed() >= starting;
         if fill_now {
             filled_at = std::time::Instant::now();
         }

@@ -55,7 +55,9 @@ pub struct RestoreArgs {
     pub lazy: bool,
     /// With `lazy`: where the pages kept in a lazy migration's source are asked for.
     pub pages_from: Option<std::os::fd::OwnedFd>,
-    /// Started before the image is all there: wait for a line `go` on stdin first.
+    /// Started before the image is all there: wait for a line `go` on stdin first. (The
+    /// image came through a MAC-checked stream: what the restorer copies in itself is not
+    /// checked again.)
     pub when_told: bool,
     pub rebind: migrt::rebind::Rebind,
     /// Files for the restored process's stdin/stdout/stderr (default: mig restore's own).
@@ -545,7 +547,7 @@ fn map_regions(
     policy: &objects::Policy,
     shared: &HashMap<u64, u64>,
     keep: &mut Vec<std::fs::File>,
-    lazy: bool,
+    (lazy, trusted): (bool, bool),
 ) -> Result<Mapped> {
     let mut fds: Vec<u64> = Vec::new();
     for path in &img.files {
@@ -628,10 +630,14 @@ fn map_regions(
         })
     };
     // Lazily: the copies into anonymous memory are the pager's, and those regions are
-    // registered for it (a file's private mapping cannot be: its copies are made first).
+    // registered for it (a file's private mapping cannot be: its copies are made first),
+    // unless the region holds little here (image::SMALL_REGION: copied first too).
     // (Only the span of a region that has saved pages: the rest of it is zero, and a
     // fault there is the kernel's to fill, not a round trip to the pager.)
     let mut registered: Vec<(u64, u64)> = Vec::new();
+    // The pager's runs (entry, region) and the bytes each region has here.
+    let mut paged: Vec<(usize, (u64, u64))> = Vec::new();
+    let mut here: HashMap<u64, u64> = HashMap::new();
     for run in &img.runs {
         let at = |i: u64| run.addr + i * PAGE as u64;
         let mut i = 0;
@@ -646,9 +652,9 @@ fn map_regions(
             }
             let lazy = lazy && image::pageable(&r.name.0);
             if lazy {
-                match registered.iter_mut().find(|s| s.0 < r.end && s.1 > r.start) {
-                    Some(s) => *s = (s.0.min(at(start)), s.1.max(at(i))),
-                    None => registered.push((at(start), at(i))),
+                paged.push((entries.len(), (r.start, r.end)));
+                if run.file != REMOTE {
+                    *here.entry(r.start).or_default() += (i - start) * PAGE as u64;
                 }
             }
             entries.push([
@@ -662,10 +668,26 @@ fn map_regions(
             ]);
         }
     }
+    for (k, (r_start, r_end)) in paged {
+        let (start, end) = (entries[k][0], entries[k][0] + entries[k][1]);
+        let remote = entries[k][4] == u64::MAX;
+        if !remote
+            && here
+                .get(&r_start)
+                .is_some_and(|&b| b <= image::SMALL_REGION)
+        {
+            entries[k][6] = COPY;
+            continue;
+        }
+        match registered.iter_mut().find(|s| s.0 < r_end && s.1 > r_start) {
+            Some(s) => *s = (s.0.min(start), s.1.max(end)),
+            None => registered.push((start, end)),
+        }
+    }
     for (start, end) in registered {
         entries.push([start, end - start, 0, private, 0, 0, REGISTER]);
     }
-    let checks = img
+    let checks: Vec<crate::pager::Check> = img
         .checks
         .iter()
         .map(|c| crate::pager::Check {
@@ -677,6 +699,13 @@ fn map_regions(
             verified: Default::default(),
         })
         .collect();
+    // What the restorer copies itself is checked now, unless the stream it came in was
+    // (`trusted`: the agent checked its MAC); the pager checks the rest as it reads it.
+    if !trusted {
+        for e in entries.iter().filter(|e| e[6] == COPY && e[4] != u64::MAX) {
+            crate::pager::verify(&checks, e[4] as i32, e[5], e[1])?;
+        }
+    }
     Ok(Mapped {
         entries,
         fds,
@@ -925,7 +954,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         let sysv_ids = crate::sysv::make(&images, &dir.0)?;
         let mapped: Vec<Mapped> = images
             .iter()
-            .map(|i| map_regions(i, &policy, &shared, &mut keep, lazy))
+            .map(|i| map_regions(i, &policy, &shared, &mut keep, (lazy, a.when_told)))
             .collect::<Result<_>>()?;
         let mut plans = Vec::new();
         for _ in &images {

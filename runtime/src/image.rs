@@ -231,6 +231,12 @@ pub const SOURCE_ROUND: &str = "@source";
 /// Whether a private mapping of this name is memory a lazy restore's pager fills in:
 /// anonymous (not a file's), and not the stack (it holds the command line, which `ps` reads
 /// from the process's memory and cannot fault in).
+/// Anonymous memory holding this little is copied in whole, before the process runs, even
+/// by a lazy restore (and a lazy migration sends it with the image): what a restored
+/// process touches first is often there (its TLS, the heap's head), and a page fetched
+/// then, from the pager or from afar, is a round trip before it is back.
+pub const SMALL_REGION: u64 = 256 << 10;
+
 pub fn pageable(name: &[u8]) -> bool {
     name.first() != Some(&b'/') && name != b"[stack]"
 }

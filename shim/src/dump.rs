@@ -264,9 +264,7 @@ pub fn dump(
         existing.clear();
         let delta = !shared
             && match (in_source, delta) {
-                // (A mapping holding little goes with the image all the same: what the
-                // restored process touches first is often there — its TLS, the heap's head —
-                // and each page fetched from here then is a round trip inside the freeze.)
+                // (A mapping holding little goes with the image: image::SMALL_REGION.)
                 (true, _) => {
                     pageable
                         && migrt::dirty::existing_into(&pagemap, (start, end), file, &mut existing)
@@ -276,7 +274,7 @@ pub fn dump(
                             .filter(|p| p.categories & NOT_OWN == 0)
                             .map(|p| p.end - p.start)
                             .sum::<u64>()
-                            > SMALL_IN_SOURCE
+                            > migrt::image::SMALL_REGION
                 }
                 (false, Some(d)) => {
                     d.tracked.iter().any(|&(s, e)| start >= s && end <= e)
@@ -480,9 +478,6 @@ fn own_statics() -> u64 {
     static MARK: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
     &MARK as *const _ as u64
 }
-
-/// A lazy migration keeps a mapping's pages in the source only when it holds more than this.
-const SMALL_IN_SOURCE: u64 = 256 << 10;
 
 /// A mapping as the page loop sees it.
 struct Span {
