@@ -211,7 +211,7 @@ enum Cmd {
         lazy: bool,
         /// (For the agent: start now, while the image still comes, and restore once a line
         /// `go` comes on stdin; end without one. The agent has checked the stream's MAC by
-        /// then: what the restorer copies in itself is not checked again.)
+        /// then: page data is not checked again.)
         #[arg(long, hide = true)]
         when_told: bool,
         /// (For the agent, with --lazy: the pages the image keeps in a migration's source

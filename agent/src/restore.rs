@@ -56,8 +56,7 @@ pub struct RestoreArgs {
     /// With `lazy`: where the pages kept in a lazy migration's source are asked for.
     pub pages_from: Option<std::os::fd::OwnedFd>,
     /// Started before the image is all there: wait for a line `go` on stdin first. (The
-    /// image came through a MAC-checked stream: what the restorer copies in itself is not
-    /// checked again.)
+    /// image came through a MAC-checked stream: its page data is not checked again.)
     pub when_told: bool,
     pub rebind: migrt::rebind::Rebind,
     /// Files for the restored process's stdin/stdout/stderr (default: mig restore's own).
@@ -687,8 +686,11 @@ fn map_regions(
     for (start, end) in registered {
         entries.push([start, end - start, 0, private, 0, 0, REGISTER]);
     }
-    let checks: Vec<crate::pager::Check> = img
-        .checks
+    // What comes through a MAC-checked stream (`trusted`: the agent checked it) is not
+    // checked again, by the restorer or the pager; otherwise what the restorer copies in
+    // itself is checked now, and the pager checks the rest as it reads it.
+    let unchecked = if trusted { &[][..] } else { &img.checks[..] };
+    let checks: Vec<crate::pager::Check> = unchecked
         .iter()
         .map(|c| crate::pager::Check {
             fd: page_fds[c.file] as i32,
@@ -699,12 +701,8 @@ fn map_regions(
             verified: Default::default(),
         })
         .collect();
-    // What the restorer copies itself is checked now, unless the stream it came in was
-    // (`trusted`: the agent checked its MAC); the pager checks the rest as it reads it.
-    if !trusted {
-        for e in entries.iter().filter(|e| e[6] == COPY && e[4] != u64::MAX) {
-            crate::pager::verify(&checks, e[4] as i32, e[5], e[1])?;
-        }
+    for e in entries.iter().filter(|e| e[6] == COPY && e[4] != u64::MAX) {
+        crate::pager::verify(&checks, e[4] as i32, e[5], e[1])?;
     }
     Ok(Mapped {
         entries,
