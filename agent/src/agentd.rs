@@ -126,11 +126,9 @@ impl Agent {
                     homes: &homes,
                     lazy,
                     in_memory: crate::spool::in_memory(resident),
-                    streamed: Default::default(),
+                    streamed: std::cell::Cell::new(true),
                 };
-                let result = link
-                    .send(&Msg::Ready)
-                    .and_then(|_| self.receive(&mut link, &how));
+                let result = self.receive(&mut link, &how);
                 let result = match result {
                     // The sender went away meanwhile (it was killed): it has let the session
                     // run on there, so this copy must not run too.
@@ -219,33 +217,31 @@ impl Agent {
     /// put on their interfaces here first; the image files go again either way. Lazily: the
     /// socket its pager asks for the memory still in the sender on.
     fn receive(&self, link: &mut Link, how: &Incoming) -> Result<Option<Relay>> {
-        let name = how.name;
-        let files = match link.recv()? {
-            Msg::Files(f) => f,
-            other => bail!("expected the image's file list, got {other:?}"),
-        };
         let n = self.counter.fetch_add(1, Ordering::SeqCst);
-        let dir = self
-            .state
-            .join("incoming")
-            .join(format!("{name}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let result = self.receive_into(link, &dir, &files, how);
+        let dir =
+            self.state
+                .join("incoming")
+                .join(format!("{}-{}-{n}", how.name, std::process::id()));
+        let result = std::fs::create_dir_all(&dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| self.receive_into(link, &dir, how));
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
 
-    fn receive_into(
-        &self,
-        link: &mut Link,
-        dir: &Path,
-        files: &[String],
-        how: &Incoming,
-    ) -> Result<Option<Relay>> {
+    fn receive_into(&self, link: &mut Link, dir: &Path, how: &Incoming) -> Result<Option<Relay>> {
         let name = how.name;
-        // The restore is started now and waits until the image is all here: what it takes
-        // to start `mig` is not part of the freeze. (Ended if anything fails before.)
+        // The restore is started first and waits until the image is all here: what it takes
+        // to start `mig` is not part of the freeze (nor does it go on beside it: the sender
+        // freezes the session only once it hears Ready). Ended if anything fails before.
         let (mut restore, pager) = self.start_restore(dir, how)?;
+        restore.ready(self.timeout)?;
+        link.send(&Msg::Ready)?;
+        how.streamed.set(false);
+        let files = match link.recv()? {
+            Msg::Files(f) => f,
+            other => bail!("expected the image's file list, got {other:?}"),
+        };
         // Each file, its name and whether it has all come (and the restore been told so).
         let mut out: Vec<(std::fs::File, String, Arrival)> = Vec::new();
         // More files may be announced on the way (pre-copy rounds, then the image).
@@ -263,7 +259,7 @@ impl Agent {
             }
             Ok(())
         };
-        add(&mut out, files)?;
+        add(&mut out, &files)?;
         let mut total = 0u64;
         // Chunks of one file follow each other: those of the file the last one was of are
         // written from the frame as it came (not copied out of it first).
@@ -456,7 +452,7 @@ impl Restore {
         writeln!(told, "have {name}").context("telling mig restore what is here")
     }
 
-    /// Its output (which says when the session is back).
+    /// Its output (which says when it is ready, then when the session is back).
     fn output(&mut self) -> Result<&std::process::ChildStdout> {
         self.child()?
             .stdout
@@ -464,9 +460,30 @@ impl Restore {
             .context("mig restore's output")
     }
 
+    /// Waits (up to `patience`) until it says it is ready: started, waiting to be told.
+    fn ready(&mut self, patience: Duration) -> Result<()> {
+        let t = std::time::Instant::now();
+        loop {
+            match self.line()? {
+                Some(l) if l == "ready" => return Ok(()),
+                Some(l) => bail!("mig restore said {l:?}"),
+                None if t.elapsed() > patience => bail!("mig restore did not start"),
+                None => {
+                    migrt::sys::wait_readable(self.output()?, Duration::from_millis(100))?;
+                }
+            }
+        }
+    }
+
     /// Whether the restored processes are back (mig restore prints the session's name
     /// then, before it exits); an error with what it said if it ended without.
     fn back(&mut self) -> Result<bool> {
+        Ok(self.line()?.is_some())
+    }
+
+    /// The next line it printed, if one has come; an error with what it said if it ended
+    /// without one.
+    fn line(&mut self) -> Result<Option<String>> {
         use std::io::Read;
         let child = self.child.as_mut().context("mig restore is gone")?;
         let out = child.stdout.as_mut().context("mig restore's output")?;
@@ -479,11 +496,12 @@ impl Restore {
                 Err(e) => return Err(e).context("reading mig restore's output"),
             }
         }
-        if self.said.contains(&b'\n') {
-            return Ok(true);
+        if let Some(end) = self.said.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.said.drain(..=end).collect();
+            return Ok(Some(String::from_utf8_lossy(&line).trim().to_string()));
         }
         match child.try_wait()? {
-            None => Ok(false),
+            None => Ok(None),
             Some(status) => {
                 let mut why = String::new();
                 child.stderr.take().map(|mut e| e.read_to_string(&mut why));
@@ -526,7 +544,8 @@ struct Incoming<'a> {
     lazy: bool,
     /// Whether its image is kept in memory (spool.rs).
     in_memory: bool,
-    /// Whether the whole stream (up to its MAC) has come.
+    /// Whether nothing more comes from the sender before it listens: true before Ready
+    /// (it waits for that) and once the whole stream (up to its MAC) has come.
     streamed: std::cell::Cell<bool>,
 }
 

@@ -817,9 +817,12 @@ fn write_plan(
     Ok(())
 }
 
-/// `--when-told`: waits for the line `go` on stdin, reading each round named on a line
-/// `have NAME` before it meanwhile (so that reading it is not part of the freeze).
+/// `--when-told`: says `ready` on stdout, then waits for the line `go` on stdin, reading
+/// each round named on a line `have NAME` before it meanwhile (so that reading it is not
+/// part of the freeze).
 fn wait_to_go(dir: &Path, lazy: bool) -> Result<ReadAhead> {
+    // (The agent waits for this before it lets the sender go on.)
+    println!("ready");
     let mut ahead = ReadAhead::new();
     let mut line = String::new();
     loop {
