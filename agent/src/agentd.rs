@@ -433,7 +433,8 @@ enum Arrival {
 /// dropped, unless it said the session is back.
 struct Restore {
     child: Option<std::process::Child>,
-    /// What it printed so far (the session's name once it is back).
+    /// What it printed and is not taken as a line yet (`ready`, then the session's name
+    /// once it is back).
     said: Vec<u8>,
 }
 
