@@ -14,9 +14,10 @@ const MARGIN: u64 = 256 << 20;
 
 /// Whether a session of `resident` bytes is kept in memory: its image and, once restored,
 /// the session itself (until the pager has filled it in, both are held) fit into what the
-/// host has available now.
+/// host has available now, and into what the agent's memory cgroup still allows.
 pub fn in_memory(resident: u64) -> bool {
-    available().is_some_and(|a| resident.saturating_mul(2).saturating_add(MARGIN) < a)
+    let room = available().map(|a| a.min(cgroup_room().unwrap_or(u64::MAX)));
+    room.is_some_and(|a| resident.saturating_mul(2).saturating_add(MARGIN) < a)
 }
 
 /// MemAvailable from /proc/meminfo, in bytes.
@@ -25,6 +26,32 @@ fn available() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib << 10)
+}
+
+/// What this process's memory cgroup still allows (limit less usage), if it has a limit:
+/// cgroup v2 (`0::PATH`: memory.max, memory.current) or v1 (`N:memory:PATH`).
+fn cgroup_room() -> Option<u64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |p: String| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    groups.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let (dir, limit, usage) = match controllers {
+            "" => (
+                format!("/sys/fs/cgroup{path}"),
+                "memory.max",
+                "memory.current",
+            ),
+            "memory" => (
+                format!("/sys/fs/cgroup/memory{path}"),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            ),
+            _ => return None,
+        };
+        let limit = read(format!("{dir}/{limit}"))?; // ("max": no limit)
+        Some(limit.saturating_sub(read(format!("{dir}/{usage}")).unwrap_or(0)))
+    })
 }
 
 /// Creates image file `name` in `dir` (in memory: a symlink there to the memfd, which lives
@@ -43,4 +70,14 @@ pub fn create(dir: &Path, name: &str, memory: bool) -> Result<std::fs::File> {
             .open(&path)
     };
     made.with_context(|| format!("image file {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_session_is_kept_in_memory_only_where_it_fits() {
+        // (This machine kind has gigabytes free; no host has an exabyte.)
+        assert!(super::in_memory(1 << 20));
+        assert!(!super::in_memory(1 << 60));
+    }
 }
