@@ -192,6 +192,16 @@ fn held_migration(env: &Env) -> (Agent, std::process::Child, PathBuf, PathBuf) {
         assert!(t.elapsed() < Duration::from_secs(30), "no restore started");
         std::thread::sleep(Duration::from_millis(2));
     }
+    // (The image is held in the agent's memory: each file a link to one of its memfds.)
+    let incoming = std::fs::read_dir(agent.state.join("incoming"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path());
+    for f in incoming {
+        let memfd = std::fs::read_link(std::fs::read_link(&f).unwrap()).unwrap();
+        let memfd = memfd.to_string_lossy();
+        assert!(memfd.starts_with("/memfd:"), "{} → {memfd}", f.display());
+    }
     (agent, m, log, go)
 }
 

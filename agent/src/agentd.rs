@@ -236,6 +236,13 @@ impl Agent {
         // freezes the session only once it hears Ready). Ended if anything fails before.
         let (mut restore, pager) = self.start_restore(dir, how)?;
         restore.ready(self.timeout)?;
+        log(format_args!(
+            "session {name}: coming in, its image kept {}",
+            match how.in_memory {
+                true => "in memory".to_string(),
+                false => format!("in {}", dir.display()),
+            }
+        ));
         link.send(&Msg::Ready)?;
         how.streamed.set(false);
         let files = match link.recv()? {
