@@ -154,7 +154,7 @@ pub fn dump(
     let own = [table_range, scratch.range()];
     // Everything the page loop needs is allocated now; the address space is read into it
     // just before the loop, and nothing is allocated or freed from then until the pages are
-    // written (the control thread's own malloc arena is part of what is written).
+    // written (the control thread's own heap, ctlheap.rs, is part of what is written).
     let mut maps_file = std::fs::File::open("/proc/self/maps")?;
     let maps_text = &mut scratch.maps[..];
     let mut spans: Vec<Span> = Vec::with_capacity(1 << 16);
