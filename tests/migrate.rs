@@ -60,7 +60,18 @@ fn assert_runs_on_here(env: &Env, log: &Path) {
 
 #[test]
 fn precopy_sends_memory_while_the_session_runs_and_little_frozen() {
-    let env = Env::new("migrate-precopy");
+    precopy("migrate-precopy", false);
+}
+
+#[test]
+fn precopy_rounds_read_through_the_process_itself_come_out_right() {
+    // (Where mig may not read a process's memory — one that made itself undumpable, for a
+    // normal user — each round's pages come through the process's control thread.)
+    precopy("migrate-precopy-shim", true);
+}
+
+fn precopy(name: &str, through_shim: bool) {
+    let env = Env::new(name);
     let key = key(&env);
     let agent = Agent::start(&env, "agent", &key, None, &[]);
     // 64 MiB, of which it writes 8 MiB/s anew: each page's generation is checked against a
@@ -70,7 +81,12 @@ fn precopy_sends_memory_while_the_session_runs_and_little_frozen() {
     wait_numbers(&log, "count ", 3);
     let mut args = migrate_args("cnt", &agent.addr, &key).to_vec();
     args.extend(["--mode", "precopy"]);
-    let o = env.run(&args);
+    let mut c = env.mig();
+    c.args(&args);
+    if through_shim {
+        c.env("MIGSHIM_PAGES_THROUGH_SHIM", "1");
+    }
+    let o = env.output(c);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     let rounds: u32 = out
@@ -98,6 +114,28 @@ fn precopy_sends_memory_while_the_session_runs_and_little_frozen() {
     assert_went_on(&log, &agent.session_log("cnt"));
     // It goes on writing there, and checking.
     counts_on_undamaged(&agent.session_log("cnt"), 20);
+}
+
+#[test]
+fn memory_forked_freed_and_moved_during_the_precopy_rounds_comes_out_right() {
+    // The subject forks, frees and moves parts of its memory every tick, checking all of it
+    // (and its children check theirs), while mig reads its rounds: a page freed after a
+    // round must come back zero, a chunk away while read must still come back whole.
+    let env = Env::new("migrate-precopy-changes");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    let log = env.detach("lm", &[c_program("lazymem").to_str().unwrap(), "256"]);
+    wait_numbers(&log, "tick ", 3);
+    let mut args = migrate_args("lm", &agent.addr, &key).to_vec();
+    args.extend(["--mode", "precopy"]);
+    let o = env.run(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let last = *numbers(&log, "tick ").last().unwrap();
+    let there = agent.session_log("lm");
+    let after = wait_numbers(&there, "tick ", 20);
+    assert_eq!(after[0], last + 1, "it went on: {after:?}");
+    let said = std::fs::read_to_string(&there).unwrap();
+    assert!(!said.contains("BAD"), "{said}");
 }
 
 #[test]

@@ -64,12 +64,12 @@ impl Client {
         Ok(self.stream.set_read_timeout(Some(d))?)
     }
 
-    /// A call answered by Pages: its bytes, read into `buf`.
-    pub fn pages(&mut self, addr: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+    /// A call answered by Pages: `out.len()` bytes of its memory at `addr`, read into `out`.
+    pub fn pages(&mut self, addr: u64, out: &mut [u8]) -> Result<()> {
+        let len = out.len() as u64;
         match self.call(&Request::Pages { addr, len })? {
             Response::Pages { len: n } if n == len => {
-                buf.resize(len as usize, 0);
-                std::io::Read::read_exact(&mut self.stream, buf)
+                std::io::Read::read_exact(&mut self.stream, out)
                     .with_context(|| format!("pages from process {}", self.vpid))
             }
             other => bail!("process {}: unexpected answer {other:?}", self.vpid),

@@ -198,7 +198,7 @@ impl<'a> Frozen<'a> {
             .iter_mut()
             .find(|c| c.0 == vpid)
             .with_context(|| format!("no process {vpid} in this session"))?;
-        c.2.pages(addr, len, buf)
+        c.2.pages(addr, buf)
     }
 
     /// Tells every process that mig is still there (a frozen process left alone for long

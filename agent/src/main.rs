@@ -10,6 +10,7 @@ mod inspect;
 mod migrate;
 mod netaddr;
 mod objects;
+mod outgoing;
 mod pager;
 mod peer;
 mod relay;

@@ -26,11 +26,10 @@
 use crate::client::Client;
 use crate::frozen::{Frozen, human, manifest_bytes};
 use crate::netaddr;
-use crate::peer::{self, CHUNK, Link, Msg};
+use crate::outgoing::{self, Shared, Stream, announce, finish, stream_to};
+use crate::peer::{self, CHUNK, Msg};
 use crate::sessions;
 use anyhow::{Context, Result, bail};
-use migrt::wire::{Request, Response};
-use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,43 +57,6 @@ pub struct MigrateArgs {
     /// `--map-...` arguments, passed to the restore on the target.
     pub restore_args: Vec<String>,
     pub timeout: Duration,
-}
-
-/// The link, shared with the thread that forwards a process's image as it is written.
-type Shared = Arc<Mutex<(Link, u64)>>;
-
-/// Announces more files to the agent; returns the index of the first (files are numbered
-/// in the order announced, across messages).
-fn announce(link: &Shared, announced: &mut u32, names: Vec<String>) -> Result<u32> {
-    let first = *announced;
-    *announced += names.len() as u32;
-    link.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .0
-        .send(&Msg::Files(names))?;
-    Ok(first)
-}
-
-/// A pipe whose content goes to file `index` on the agent: (the end to write, its path
-/// for a process of ours to open, the forwarding thread).
-type Stream = (std::fs::File, String, std::thread::JoinHandle<Result<()>>);
-
-fn stream_to(link: &Shared, index: u32) -> Result<Stream> {
-    use std::os::fd::AsRawFd;
-    let (r, w) = migrt::sys::pipe()?;
-    migrt::sys::grow_pipe(&w, 1 << 20);
-    let path = format!("/proc/{}/fd/{}", std::process::id(), w.as_raw_fd());
-    Ok((w, path, forward(r, index, link.clone())))
-}
-
-/// Ends a stream: the forwarder sees the end of the file, and says why it failed first.
-fn finish(s: Option<Stream>) -> Result<()> {
-    if let Some((w, _, t)) = s {
-        drop(w);
-        t.join()
-            .map_err(|_| anyhow::anyhow!("the forwarding thread failed"))??;
-    }
-    Ok(())
 }
 
 /// What pre-copy did before the freeze.
@@ -135,6 +97,7 @@ fn keep_memory_here(rounds: &mut Rounds) {
 fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()> {
     let progress = migrt::sys::isatty(2);
     let mut previous = u64::MAX;
+    let mut buf = vec![0u8; migrt::rounds::RUN * migrt::image::PAGE];
     for r in 0..MAX_ROUNDS {
         let names: Vec<String> = rounds
             .clients
@@ -144,14 +107,7 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()
         let first = announce(link, announced, names.clone())?;
         let mut sent = 0;
         for (k, (vpid, c, files)) in rounds.clients.iter_mut().enumerate() {
-            let stream = stream_to(link, first + k as u32)?;
-            let path = stream.1.clone();
-            let answer = c.call(&Request::Precopy { path });
-            finish(Some(stream))?;
-            match answer? {
-                Response::Precopied { bytes, .. } => sent += bytes,
-                other => bail!("process {vpid}: unexpected answer {other:?}"),
-            }
+            sent += outgoing::send_round(c, *vpid, link, first + k as u32, &mut buf)?;
             files.push(names[k].clone());
         }
         // The agent may still be storing what it was sent: waited for here, so that the
@@ -187,34 +143,6 @@ fn sync(link: &Shared) -> Result<()> {
         Msg::Refused(why) => bail!("the agent refused: {why}"),
         other => bail!("the agent said {other:?}"),
     }
-}
-
-fn forward(pipe: std::fs::File, file: u32, link: Shared) -> std::thread::JoinHandle<Result<()>> {
-    std::thread::spawn(move || {
-        let mut pipe = pipe;
-        let mut buf = vec![0u8; CHUNK];
-        let progress = migrt::sys::isatty(2);
-        let mut shown = Instant::now();
-        loop {
-            let n = pipe.read(&mut buf)?;
-            let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
-            l.0.send_with_data(
-                &Msg::Chunk {
-                    file,
-                    data: Vec::new(),
-                },
-                &buf[..n],
-            )?;
-            l.1 += n as u64;
-            if progress && shown.elapsed() > Duration::from_millis(200) {
-                eprint!("\rmig migrate: {} sent", human(l.1));
-                shown = Instant::now();
-            }
-            if n == 0 {
-                return Ok(());
-            }
-        }
-    })
 }
 
 /// Streams every process's image and the manifest while the session is frozen; returns the

@@ -12,6 +12,7 @@ pub mod paths;
 pub mod procfs;
 pub mod rebind;
 pub mod record;
+pub mod rounds;
 pub mod sessiontable;
 pub mod sharing;
 pub mod sockaddr;

@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -38,15 +38,20 @@ pub enum Request {
         rounds: Vec<String>,
         handover: Vec<u64>,
     },
-    /// While running: write a pre-copy round of its memory to `path` (the first: all of
-    /// it; the next ones: what was written since the round before).
-    Precopy {
-        path: String,
+    /// While running: a pre-copy round — which runs of its memory to send (the first
+    /// round: all it has; the next ones: what was written since the round before). Mig
+    /// reads the pages itself (or through Pages) and writes the round (crate::rounds).
+    Precopy,
+    /// After a round: ranges mig could not read whole (unmapped meanwhile): the final
+    /// image stores the tracked ranges holding them whole.
+    Unread {
+        ranges: Vec<(u64, u64)>,
     },
-    /// After a lazy migration's Dump: `len` bytes at `addr` of its memory as the dump left
-    /// it (read from the process, or the dump's snapshot). Answered by Pages, followed on
-    /// the stream by
-    /// the bytes themselves, unframed (no copies of a megabyte into and out of a frame).
+    /// `len` bytes at `addr` of its memory: while running, as they are now (a pre-copy
+    /// round, when mig may not read the process's memory itself); after a lazy
+    /// migration's Dump, as the dump left it (read from the process, or the dump's
+    /// snapshot). Answered by Pages, followed on the stream by the bytes themselves,
+    /// unframed (no copies of a megabyte into and out of a frame).
     Pages {
         addr: u64,
         len: u64,
@@ -81,9 +86,12 @@ pub enum Response {
         /// itself, or a snapshot of it), or 0.
         snapshot: i32,
     },
-    Precopied {
-        bytes: u64,
-        pages: u64,
+    /// A pre-copy round's runs of memory (start, end), whether it is the first (zero pages
+    /// are left out then), and the process's pid for reading them.
+    Round {
+        pid: i32,
+        runs: Vec<(u64, u64)>,
+        first: bool,
     },
     /// `len` bytes follow, unframed.
     Pages {

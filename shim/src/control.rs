@@ -15,7 +15,7 @@
 
 use crate::dump::Frozen;
 use crate::interpose::{
-    block_all_signals, close_real, freeze, move_fd_high, peer_uid, raw, real_tid,
+    block_all_signals, close_real, freeze, move_fd_high, peer_uid, raw, real_pid, real_tid,
 };
 use crate::state::{CTL_PATH, enter_forever, shim, vpid};
 use migrt::wire::{self, PROTOCOL_VERSION, Request, Response};
@@ -309,23 +309,37 @@ impl Session {
                 Response::Table { table, journal }
             }
             Request::Freeze => self.freeze(),
-            Request::Precopy { path } => match self.frozen {
+            Request::Precopy => match self.frozen {
                 Some(_) => Response::Error("frozen: a pre-copy round is made while running".into()),
-                None => match crate::precopy::round(&path) {
-                    Ok((bytes, pages)) => Response::Precopied { bytes, pages },
-                    Err(e) => Response::Error(format!("pre-copy round into {path}: {e}")),
+                None => match crate::precopy::round() {
+                    Ok((runs, first)) => Response::Round {
+                        pid: real_pid(),
+                        runs,
+                        first,
+                    },
+                    Err(e) => Response::Error(format!("pre-copy round: {e}")),
                 },
             },
-            Request::Pages { addr, len } => match &self.frozen {
-                Some(f) if f.snapshot > 0 => {
-                    self.pages.resize(len as usize, 0);
-                    match migrt::sys::read_memory(f.snapshot, addr, &mut self.pages) {
-                        Ok(()) => Response::Pages { len },
-                        Err(e) => Response::Error(format!("reading {len} bytes at {addr:#x}: {e}")),
+            Request::Unread { ranges } => {
+                crate::precopy::unread(&ranges);
+                Response::Done
+            }
+            Request::Pages { addr, len } => {
+                let from = match &self.frozen {
+                    Some(f) if f.snapshot > 0 => f.snapshot,
+                    Some(_) => {
+                        return Response::Error(
+                            "no lazy migration's dump to read pages from".into(),
+                        );
                     }
+                    None => real_pid(),
+                };
+                self.pages.resize(len as usize, 0);
+                match migrt::sys::read_memory(from, addr, &mut self.pages) {
+                    Ok(()) => Response::Pages { len },
+                    Err(e) => Response::Error(format!("reading {len} bytes at {addr:#x}: {e}")),
                 }
-                _ => Response::Error("no lazy migration's dump to read pages from".into()),
-            },
+            }
             Request::Dump {
                 path,
                 sync,

@@ -4,13 +4,9 @@
 //! once the app is frozen holds just the pages written after the last round (dump.rs).
 
 use crate::interpose::real_pid;
-use migrt::dirty::{NOT_OWN, PageRegion, Tracker};
-use migrt::image::{ImageWriter, Kind, PAGE, PageMap, Tag};
+use migrt::dirty::{NOT_OWN, Tracker};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
-
-/// Pages read and written at a time.
-const RUN: usize = 1024;
 
 struct State {
     /// The process that made the tracker (a forked child has a copy that is not its own).
@@ -89,87 +85,51 @@ fn start(st: &mut Option<State>, ranges: &[(u64, u64)]) -> std::io::Result<bool>
     Ok(true)
 }
 
-/// Writes one round to `path`: (bytes written, pages).
-pub fn round(path: &str) -> std::io::Result<(u64, u64)> {
+/// A round: the runs of memory to send (first everything the app has of its own — no
+/// file page, no shared zero page; then what it wrote since, zeros too: an older round
+/// may hold the page's old data), and whether it is the first. Mig reads them.
+pub fn round() -> std::io::Result<(Vec<(u64, u64)>, bool)> {
     let mut st = state();
     let first = start(&mut st, &private_ranges())?;
     let s = st.as_mut().expect("set above");
-    let file = std::fs::File::create(path)?;
-    let mut w = ImageWriter::new(&file, Kind::Pages)?;
-    let mut buf = crate::interpose::Anonymous::new(RUN * PAGE)?;
-    let mut pages = 0;
+    let mut runs = Vec::new();
     for &(start, end) in s.tracker.ranges() {
-        // First everything the app has of its own (no file page, no shared zero page);
-        // then what it wrote since (zeros too: an older round may hold the page's old data).
-        let runs: Vec<PageRegion> = if first {
-            s.tracker
-                .existing(start, end)?
-                .into_iter()
-                .filter(|r| r.categories & NOT_OWN == 0)
-                .collect()
+        if first {
+            let existing = s.tracker.existing(start, end)?;
+            runs.extend(
+                existing
+                    .into_iter()
+                    .filter(|r| r.categories & NOT_OWN == 0)
+                    .map(|r| (r.start, r.end)),
+            );
         } else {
-            s.tracker.take_written(start, end)?
-        };
-        for r in runs {
-            match write_run(&mut w, r.start, r.end, first, buf.bytes()) {
-                Ok(n) => pages += n,
-                Err(_) => s.tainted.push((start, end)),
+            runs.extend(
+                s.tracker
+                    .take_written(start, end)?
+                    .iter()
+                    .map(|r| (r.start, r.end)),
+            );
+        }
+    }
+    Ok((runs, first))
+}
+
+/// Runs mig could not read whole (the app unmapped them meanwhile): the tracked ranges
+/// holding them are stored whole by the final image.
+pub fn unread(runs: &[(u64, u64)]) {
+    if let Some(s) = state().as_mut().filter(|s| s.owner == real_pid()) {
+        for &(a, b) in runs {
+            let hit = s
+                .tracker
+                .ranges()
+                .iter()
+                .find(|r| r.0 < b && a < r.1)
+                .copied();
+            if let Some(r) = hit.filter(|r| !s.tainted.contains(r)) {
+                s.tainted.push(r);
             }
         }
     }
-    let bytes = w.written();
-    w.finish()?;
-    Ok((bytes, pages))
-}
-
-/// Pages `start..end` read (the app runs: a page may change while read, and then counts
-/// as written for the next round) and written as PageMap/PageData pairs; zero pages are
-/// left out when `skip_zero`. Fails if part of the range cannot be read.
-fn write_run(
-    w: &mut ImageWriter<&std::fs::File>,
-    start: u64,
-    end: u64,
-    skip_zero: bool,
-    buf: &mut [u8],
-) -> std::io::Result<u64> {
-    let mut pages = 0;
-    let mut at = start;
-    while at < end {
-        let count = ((end - at) as usize / PAGE).min(RUN);
-        let len = count * PAGE;
-        read_own(at, &mut buf[..len])?;
-        let mut present = vec![0u64; count.div_ceil(64)];
-        let mut n = 0;
-        for i in 0..count {
-            let page = i * PAGE;
-            if skip_zero && buf[page..page + PAGE].iter().all(|&b| b == 0) {
-                continue;
-            }
-            buf.copy_within(page..page + PAGE, n * PAGE);
-            present[i / 64] |= 1 << (i % 64);
-            n += 1;
-        }
-        if n > 0 {
-            let map = PageMap {
-                start: at,
-                count: count as u64,
-                present,
-            };
-            w.postcard(Tag::PageMap, &map)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            w.section(Tag::PageData, &buf[..n * PAGE])?;
-            pages += n as u64;
-        }
-        at += len as u64;
-    }
-    Ok(pages)
-}
-
-/// Reads this process's memory at `addr` without trusting it is still mapped (the app may
-/// unmap it meanwhile): process_vm_readv answers EFAULT where a plain read would crash.
-fn read_own(addr: u64, out: &mut [u8]) -> std::io::Result<()> {
-    migrt::sys::read_memory(real_pid(), addr, out)
-        .map_err(|_| std::io::Error::other("memory went away while read"))
 }
 
 /// What the final image needs of the rounds: the ranges still tracked as a whole (their

@@ -334,15 +334,24 @@ fn summary_ms(s: &str, after: &str) -> f64 {
     s[i..].split_whitespace().next().unwrap().parse().unwrap()
 }
 
-/// Time to send `n` bytes over a loopback TCP connection (1 MiB writes), in ms.
-fn loopback_ms(n: usize) -> f64 {
+/// Time to send `n` bytes over a loopback TCP connection (1 MiB writes), in ms. `keep`:
+/// the receiver keeps all it receives, in memory it maps for it (as a target host must),
+/// else it reads into one reused buffer.
+fn loopback_ms(n: usize, keep: bool) -> f64 {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let reader = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        while s.read(&mut buf).unwrap() > 0 {}
+        let mut buf = vec![0u8; if keep { n } else { 1 << 20 }];
+        let mut at = 0;
+        loop {
+            let end = (at + (1 << 20)).min(buf.len());
+            match s.read(&mut buf[at..end]).unwrap() {
+                0 => break,
+                k => at = if keep { at + k } else { 0 },
+            }
+        }
     });
     let chunk = vec![1u8; 1 << 20];
     let t = Instant::now();
@@ -392,7 +401,8 @@ impl Drop for TwoHosts {
 /// `--migrate`: a session writing 10 MiB/s of its memory migrated to an agent on this host
 /// (`--netns`: from one network namespace to another), per mode and size: freeze and total
 /// time, bytes sent and pre-copy rounds (lazy: how long the source served pages after the
-/// session ran on the target), beside a plain loopback transfer of the session's size.
+/// session ran on the target), beside a plain loopback transfer of the session's size, and
+/// one whose receiver keeps it (in fresh memory: what a target must at least do).
 /// `only`: the rows to run ("MODE" or "MODE/MiB", e.g. `lazy/1024`), all when empty.
 fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]) {
     let hosts = netns.then(TwoHosts::new);
@@ -424,9 +434,9 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     println!(
-        "| mode | session | frozen | (stopping / image / restore there) | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback |"
+        "| mode | session | frozen | (stopping / image / restore there) | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback | loopback into fresh memory | total ÷ that |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (mode, mib) in [
         ("stop-and-copy", 64usize),
         ("stop-and-copy", 1024),
@@ -439,8 +449,8 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
     .filter(|(mode, mib)| {
         only.is_empty() || only.contains(mode) || only.contains(&format!("{mode}/{mib}").as_str())
     }) {
-        let (mut frozen, mut total, mut sent, mut rounds, mut wire) =
-            (vec![], vec![], String::new(), String::new(), vec![]);
+        let (mut frozen, mut total, mut sent, mut rounds, mut wire, mut kept) =
+            (vec![], vec![], String::new(), String::new(), vec![], vec![]);
         let mut parts: [Vec<f64>; 3] = Default::default();
         for _ in 0..runs {
             start_counter((&mig, src), &rt, base, mib, 10);
@@ -501,13 +511,15 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            wire.push(loopback_ms(mib << 20));
+            wire.push(loopback_ms(mib << 20, false));
+            kept.push(loopback_ms(mib << 20, true));
         }
-        let (f, t, w) = (median(frozen), median(total), median(wire));
+        let (f, t, w, k) = (median(frozen), median(total), median(wire), median(kept));
         let [stop, image, there] = parts.map(median);
         println!(
-            "| {mode} | {mib} MiB | {f:.1} ms | {stop:.1} / {image:.1} / {there:.1} ms | {t:.1} ms | {sent} | {rounds} | {w:.1} ms | {:.2} |",
-            t / w
+            "| {mode} | {mib} MiB | {f:.1} ms | {stop:.1} / {image:.1} / {there:.1} ms | {t:.1} ms | {sent} | {rounds} | {w:.1} ms | {:.2} | {k:.1} ms | {:.2} |",
+            t / w,
+            t / k
         );
     }
     println!(

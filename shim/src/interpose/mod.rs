@@ -215,12 +215,6 @@ impl Anonymous {
         self.base
     }
 
-    pub fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the whole mapping, which lives as long as self and is only reached
-        // through it.
-        unsafe { std::slice::from_raw_parts_mut(self.base, self.len) }
-    }
-
     pub fn range(&self) -> (u64, u64) {
         (self.base as u64, self.base as u64 + self.len as u64)
     }

@@ -1,0 +1,186 @@
+//! What `mig migrate` sends the agent: files announced, then written into the link as
+//! Chunk frames — a frozen process's image forwarded from the pipe it writes into, a
+//! pre-copy round read by `mig` itself from the running process (the process says which
+//! runs of its memory; mig reads them with process_vm_readv: no copy through a pipe).
+
+use crate::client::Client;
+use crate::frozen::human;
+use crate::peer::{CHUNK, Link, Msg};
+use anyhow::{Result, bail};
+use migrt::image::{ImageWriter, Kind};
+use migrt::wire::{Request, Response};
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The link, shared with the threads that forward images as they are written, and the
+/// bytes sent so far.
+pub type Shared = Arc<Mutex<(Link, u64)>>;
+
+/// Announces more files to the agent; returns the index of the first (files are numbered
+/// in the order announced, across messages).
+pub fn announce(link: &Shared, announced: &mut u32, names: Vec<String>) -> Result<u32> {
+    let first = *announced;
+    *announced += names.len() as u32;
+    link.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .send(&Msg::Files(names))?;
+    Ok(first)
+}
+
+/// File `file` on the agent, written as Chunk frames of at most CHUNK bytes (the sent
+/// bytes counted, shown on a terminal). `end` ends the file.
+pub struct Chunks {
+    link: Shared,
+    file: u32,
+    progress: bool,
+    shown: Instant,
+}
+
+impl Chunks {
+    pub fn new(link: &Shared, file: u32) -> Chunks {
+        Chunks {
+            link: link.clone(),
+            file,
+            progress: migrt::sys::isatty(2),
+            shown: Instant::now(),
+        }
+    }
+
+    fn send(&mut self, data: &[u8]) -> Result<()> {
+        let mut l = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        let file = self.file;
+        l.0.send_with_data(
+            &Msg::Chunk {
+                file,
+                data: Vec::new(),
+            },
+            data,
+        )?;
+        l.1 += data.len() as u64;
+        if self.progress && self.shown.elapsed() > Duration::from_millis(200) {
+            eprint!("\rmig migrate: {} sent", human(l.1));
+            self.shown = Instant::now();
+        }
+        Ok(())
+    }
+
+    pub fn end(mut self) -> Result<()> {
+        self.send(&[])
+    }
+}
+
+impl std::io::Write for Chunks {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(CHUNK);
+        if n > 0 {
+            self.send(&buf[..n]).map_err(std::io::Error::other)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A pipe whose content goes to file `index` on the agent: (the end to write, its path
+/// for a process of ours to open, the forwarding thread).
+pub type Stream = (std::fs::File, String, std::thread::JoinHandle<Result<()>>);
+
+pub fn stream_to(link: &Shared, index: u32) -> Result<Stream> {
+    use std::os::fd::AsRawFd;
+    let (r, w) = migrt::sys::pipe()?;
+    migrt::sys::grow_pipe(&w, 1 << 20);
+    let path = format!("/proc/{}/fd/{}", std::process::id(), w.as_raw_fd());
+    let mut out = Chunks::new(link, index);
+    let forward = std::thread::spawn(move || {
+        let mut pipe = r;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = pipe.read(&mut buf)?;
+            if n == 0 {
+                return out.end();
+            }
+            out.send(&buf[..n])?;
+        }
+    });
+    Ok((w, path, forward))
+}
+
+/// Ends a stream: the forwarder sees the end of the file, and says why it failed first.
+pub fn finish(s: Option<Stream>) -> Result<()> {
+    if let Some((w, _, t)) = s {
+        drop(w);
+        t.join()
+            .map_err(|_| anyhow::anyhow!("the forwarding thread failed"))??;
+    }
+    Ok(())
+}
+
+/// Where mig reads a running process's pages: from its memory directly, or — where the
+/// kernel does not let it (a process that made itself undumpable) — through the process.
+struct Reader<'a> {
+    pid: i32,
+    client: &'a mut Client,
+    direct: bool,
+    /// Whether a read failed (memory the app unmapped meanwhile).
+    failed: bool,
+}
+
+impl Reader<'_> {
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let r = match self.direct {
+            true => match migrt::sys::read_memory(self.pid, addr, out) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    self.direct = false;
+                    return self.read(addr, out);
+                }
+                r => r,
+            },
+            false => self.client.pages(addr, out).map_err(std::io::Error::other),
+        };
+        self.failed |= r.is_err();
+        r
+    }
+}
+
+/// Process `vpid`'s next pre-copy round, written into file `index` on the agent; returns
+/// the bytes written. `buf` (a multiple of the page size) holds the pages read at a time.
+pub fn send_round(
+    client: &mut Client,
+    vpid: i32,
+    link: &Shared,
+    index: u32,
+    buf: &mut [u8],
+) -> Result<u64> {
+    let (pid, runs, first) = match client.call(&Request::Precopy)? {
+        Response::Round { pid, runs, first } => (pid, runs, first),
+        other => bail!("process {vpid}: unexpected answer {other:?}"),
+    };
+    let mut w = ImageWriter::new(Chunks::new(link, index), Kind::Pages)?;
+    let mut reader = Reader {
+        pid,
+        client,
+        // (MIGSHIM_PAGES_THROUGH_SHIM: the tests take the other way too.)
+        direct: std::env::var_os("MIGSHIM_PAGES_THROUGH_SHIM").is_none(),
+        failed: false,
+    };
+    let mut unread = Vec::new();
+    for run in runs {
+        reader.failed = false;
+        let read = &mut |addr, out: &mut [u8]| reader.read(addr, out);
+        match migrt::rounds::write_run(&mut w, run, first, buf, read) {
+            Ok(_) => {}
+            Err(_) if reader.failed => unread.push(run),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let bytes = w.written();
+    w.finish()?.end()?;
+    if !unread.is_empty() {
+        reader.client.call(&Request::Unread { ranges: unread })?;
+    }
+    Ok(bytes)
+}
