@@ -68,28 +68,70 @@ pub struct Check {
 
 /// The pages still in a lazy migration's source: a stream socket to the agent, which fetches
 /// them over its link. Asked: the process (vpid), the address there, the length (3 × u64);
-/// answered: the bytes. The agent closes the socket when it cannot answer (the link broke).
+/// answered: the bytes, in the order asked. The agent closes the socket when it cannot
+/// answer (the link broke).
 pub struct Remote {
     pub sock: std::os::unix::net::UnixStream,
     /// The vpid of each process, by index.
     pub vpids: Vec<i32>,
+    /// A request sent before its answer was needed — the fill's next chunk, asked for
+    /// before this one is copied in, so that it comes meanwhile — and its answer, once
+    /// another request had to be answered first.
+    pub ahead: std::cell::RefCell<Option<(Ask, Option<Vec<u8>>)>>,
 }
 
+/// A request to the source: process (vpid), address there, length.
+pub type Ask = (i32, u64, u64);
+
 impl Remote {
-    fn fetch(&self, vpid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        use std::io::{Read, Write};
+    fn ask(&self, (vpid, addr, len): Ask) -> std::io::Result<()> {
+        use std::io::Write;
         let mut ask = [0u8; 24];
-        for (k, w) in [vpid as u64, addr, buf.len() as u64].iter().enumerate() {
+        for (k, w) in [vpid as u64, addr, len].iter().enumerate() {
             ask[k * 8..][..8].copy_from_slice(&w.to_le_bytes());
         }
-        (&self.sock)
-            .write_all(&ask)
-            .and_then(|_| (&self.sock).read_exact(buf))
-            .map_err(|e| {
-                std::io::Error::other(format!(
-                    "the pages at {addr:#x} did not come from the source ({e}): the link to it broke"
-                ))
-            })
+        (&self.sock).write_all(&ask)
+    }
+
+    fn fetch(&self, vpid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::io::Read;
+        let want = (vpid, addr, buf.len() as u64);
+        let answer = |buf: &mut [u8]| (&self.sock).read_exact(buf);
+        let ahead = self.ahead.take();
+        let got = match ahead {
+            Some((a, Some(data))) if a == want => {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            Some((a, None)) if a == want => answer(buf),
+            ahead => {
+                // (An answer to something else comes first: kept for when it is wanted,
+                // unless it was kept already — then the fill went another way.)
+                if let Some((a, None)) = ahead {
+                    let mut data = vec![0u8; a.2 as usize];
+                    answer(&mut data).map_err(|e| self.broke(a.1, e))?;
+                    *self.ahead.borrow_mut() = Some((a, Some(data)));
+                }
+                self.ask(want).and_then(|_| answer(buf))
+            }
+        };
+        got.map_err(|e| self.broke(addr, e))
+    }
+
+    /// Asks for `a` now, to be fetched later (unless a request is ahead already).
+    fn prefetch(&self, a: Ask) -> std::io::Result<()> {
+        if self.ahead.borrow().is_some() {
+            return Ok(());
+        }
+        self.ask(a).map_err(|e| self.broke(a.1, e))?;
+        *self.ahead.borrow_mut() = Some((a, None));
+        Ok(())
+    }
+
+    fn broke(&self, addr: u64, e: std::io::Error) -> std::io::Error {
+        std::io::Error::other(format!(
+            "the pages at {addr:#x} did not come from the source ({e}): the link to it broke"
+        ))
     }
 }
 
@@ -139,6 +181,8 @@ struct Space {
     fetched: Spans,
     /// Where the last fault's pages ended, and how much it fetched.
     ahead: (u64, u64),
+    /// The fill's next piece from the source, asked for once this one has come.
+    then: std::cell::Cell<Option<Ask>>,
 }
 
 /// Address ranges, merged: start → end.
@@ -217,6 +261,7 @@ impl Space {
             remote: None,
             fetched: Spans::default(),
             ahead: (0, 0),
+            then: std::cell::Cell::new(None),
         }
     }
 
@@ -227,7 +272,11 @@ impl Space {
             let (remote, vpid) = self.remote.as_ref().ok_or_else(|| {
                 std::io::Error::other("pages kept in a migration's source, and no link to it")
             })?;
-            return remote.fetch(*vpid, off, buf);
+            remote.fetch(*vpid, off, buf)?;
+            if let Some(next) = self.then.take() {
+                remote.prefetch(next)?;
+            }
+            return Ok(());
         }
         verify(&self.checks, run.fd, off, len)?;
         // SAFETY: pread into our own buffer of `len` bytes.
@@ -318,7 +367,14 @@ impl Space {
                 };
                 let len = chunk.min(r.addr + r.len - a);
                 self.ahead = (a + len, chunk);
-                self.copy(&r, a, len, buf)
+                // (Read-ahead at full size: the next chunk is asked for before this one is
+                // copied in.)
+                if chunk == REMOTE_CHUNK && self.fetched.missing(a, a + len) == Some((a, a + len)) {
+                    self.then.set(self.first_missing(&r, a + len, chunk));
+                }
+                let copied = self.copy(&r, a, len, buf);
+                self.then.set(None);
+                copied
             }
             None => uffd_zero(&self.uffd, page),
         }
@@ -326,20 +382,42 @@ impl Space {
 
     /// Fills the next chunk; Ok(true) once everything is in.
     fn fill(&mut self, buf: &mut Vec<u8>) -> std::io::Result<bool> {
-        let Some(run) = self.runs.get(self.next.0).copied() else {
+        let Some((run, a, len)) = self.fill_chunk(self.next) else {
             return Ok(true);
         };
-        let chunk = if run.fd < 0 { REMOTE_CHUNK } else { FILL_CHUNK };
-        let len = chunk.min(run.len - self.next.1);
-        match self.copy(&run, run.addr + self.next.1, len, buf)? {
-            Copied::Later => return Ok(false),
-            Copied::Done => {}
+        let after = match self.next.1 + len >= run.len {
+            true => (self.next.0 + 1, 0),
+            false => (self.next.0, self.next.1 + len),
+        };
+        // (Asked ahead only where this chunk is one request: the next must follow it.)
+        if self.fetched.missing(a, a + len) == Some((a, a + len)) {
+            let next = self.fill_chunk(after);
+            self.then
+                .set(next.and_then(|(r, a, len)| self.first_missing(&r, a, len)));
         }
-        self.next.1 += len;
-        if self.next.1 >= run.len {
-            self.next = (self.next.0 + 1, 0);
+        let copied = self.copy(&run, a, len, buf);
+        self.then.set(None);
+        if let Copied::Later = copied? {
+            return Ok(false);
         }
+        self.next = after;
         Ok(self.next.0 >= self.runs.len())
+    }
+
+    /// The fill's chunk at `next` (run index, offset): the run, its image address, length.
+    fn fill_chunk(&self, (i, off): (usize, u64)) -> Option<(Run, u64, u64)> {
+        let run = self.runs.get(i).copied()?;
+        let chunk = if run.fd < 0 { REMOTE_CHUNK } else { FILL_CHUNK };
+        Some((run, run.addr + off, chunk.min(run.len - off)))
+    }
+
+    /// What a copy of `len` bytes of `run` at image address `a` (cut at the run's end)
+    /// asks the source for first, if anything.
+    fn first_missing(&self, run: &Run, a: u64, len: u64) -> Option<Ask> {
+        let (_, vpid) = self.remote.as_ref().filter(|_| run.fd < 0)?;
+        let end = (a + len).min(run.addr + run.len);
+        let (s, e) = self.fetched.missing(a, end)?;
+        Some((*vpid, run.offset + (s - run.addr), e - s))
     }
 
     /// Reads what the kernel reports (a forked child's space goes to `forks`), then answers
@@ -459,7 +537,25 @@ pub fn available() -> bool {
 /// Serves the processes whose userfaultfds come on `sock` (a message each: the process's
 /// index into `runs` and its pid, the fd attached) until every one is filled and `sock` has no sender
 /// left.
+/// The processes being filled in: a pager that fails midway (a bug: it panics) ends them —
+/// with it gone, their missing pages would read as zeros.
+static FILLING: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+fn end_filling() {
+    let pids = FILLING.lock().unwrap_or_else(|p| p.into_inner());
+    for &pid in pids.iter() {
+        // SAFETY: kill takes plain values.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Option<Remote>) {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("mig restore: lazy restore: the pager failed; the processes it filled in end");
+        end_filling();
+    }));
     let remote = remote.map(Rc::new);
     let checks: Rc<[Check]> = checks.into();
     let runs: Vec<Rc<Vec<Run>>> = runs.into_iter().map(Rc::new).collect();
@@ -524,6 +620,7 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
                         space.remote = remote
                             .as_ref()
                             .and_then(|m| Some((m.clone(), *m.vpids.get(i)?)));
+                        FILLING.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
                         spaces.push(space);
                         arrived_at = std::time::Instant::now();
                     }
@@ -563,12 +660,22 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
             if filled {
                 // Drained again, so that no fork report is lost with the fd.
                 let _ = spaces[i].events(&mut buf, &mut forks);
-                spaces.swap_remove(i);
+                let done = spaces.swap_remove(i);
+                FILLING
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|&p| p != done.pid);
             } else {
                 i += 1;
             }
         }
         spaces.extend(forks);
+    }
+    // An answer still coming is read: the agent must not find the pager gone mid-answer.
+    if let Some(r) = remote.as_ref()
+        && let Some((a, None)) = r.ahead.take()
+    {
+        let _ = std::io::Read::read_exact(&mut &r.sock, &mut vec![0u8; a.2 as usize]);
     }
 }
 

@@ -981,6 +981,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
         let remote = a.pages_from.take().map(|sock| crate::pager::Remote {
             sock: sock.into(),
             vpids: vpids.clone(),
+            ahead: Default::default(),
         });
         let pager = match lazy {
             true => Some(start_pager(
