@@ -225,10 +225,29 @@ const SLOW: [(&str, &str); 1] = [("MIGSHIM_PAGER_THROTTLE_MS", "200")];
 
 #[test]
 fn an_agent_that_dies_during_the_post_copy_leaves_the_session_running_here() {
+    post_copy_broken("lazy-dies", |agent| agent.child.kill().unwrap());
+}
+
+#[test]
+fn a_pager_killed_during_the_post_copy_leaves_the_session_running_here() {
+    // The pager there is what fills the restored memory in: killed (by the OOM killer, say),
+    // the pages it did not fill would read as zeros. The agent must not take its end for
+    // the end of the copy: the copy there ends, and the session runs on here.
+    post_copy_broken("lazy-pager", |agent| {
+        let pager = pagers(&agent.state);
+        assert_eq!(pager.len(), 1, "one pager: {pager:?}");
+        // SAFETY: kill takes plain values.
+        unsafe { libc::kill(pager[0], libc::SIGKILL) };
+    });
+}
+
+/// A lazy migration to an agent on this host, broken by `break_it` while the session runs
+/// there and its memory still comes: it must run on here, intact.
+fn post_copy_broken(name: &str, break_it: impl FnOnce(&mut Agent)) {
     if !userfaultfd() {
         return;
     }
-    let env = Env::new("lazy-dies");
+    let env = Env::new(name);
     let key = key(&env);
     let mut agent = Agent::start_with(&env, "agent", &key, None, &[], &SLOW);
     let check = env.root.join("check");
@@ -237,8 +256,31 @@ fn an_agent_that_dies_during_the_post_copy_leaves_the_session_running_here() {
     let mut c = env.mig();
     c.args(lazy_args("idle", &agent.addr, &key));
     let (m, pids) = until_it_runs_there(c, &agent);
-    agent.child.kill().unwrap();
+    break_it(&mut agent);
     assert_back_here(&env, m, &pids, &log, &check);
+}
+
+/// The pagers of the lazy restores of the agent with state directory `state`: `mig
+/// restore` processes that lead a session of their own (the pager's setsid) and ask for
+/// pages from afar.
+fn pagers(state: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let sid = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.split(' ').nth(3))
+                .and_then(|s| s.parse::<i32>().ok());
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("--pages-from")
+                && cmd.contains(state.to_str().unwrap())
+                && sid == Some(*pid)
+        })
+        .collect()
 }
 
 #[test]

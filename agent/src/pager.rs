@@ -83,6 +83,9 @@ pub struct Remote {
 /// A request to the source: process (vpid), address there, length.
 pub type Ask = (i32, u64, u64);
 
+/// The pager's last word to the agent: it has filled in all it had to.
+pub const DONE: Ask = (0, 0, 0);
+
 impl Remote {
     fn ask(&self, (vpid, addr, len): Ask) -> std::io::Result<()> {
         use std::io::Write;
@@ -671,11 +674,14 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
         }
         spaces.extend(forks);
     }
-    // An answer still coming is read: the agent must not find the pager gone mid-answer.
-    if let Some(r) = remote.as_ref()
-        && let Some((a, None)) = r.ahead.take()
-    {
-        let _ = std::io::Read::read_exact(&mut &r.sock, &mut vec![0u8; a.2 as usize]);
+    // An answer still coming is read (the agent must not find the pager gone mid-answer),
+    // then the agent told that this is the end: a pager killed midway only closes its
+    // socket, and the source must then keep the session.
+    if let Some(r) = remote.as_ref() {
+        if let Some((a, None)) = r.ahead.take() {
+            let _ = std::io::Read::read_exact(&mut &r.sock, &mut vec![0u8; a.2 as usize]);
+        }
+        let _ = r.ask(DONE);
     }
 }
 

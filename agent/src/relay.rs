@@ -70,7 +70,7 @@ impl Relay {
     }
 
     /// Relays the pager's requests (vpid, address, length) over the link until the pager
-    /// ends (everything filled: true) or, if given, `restored` says the restore is done
+    /// says it is done (everything filled: true; its end without a word is an error) or, if given, `restored` says the restore is done
     /// (false; its error ends the relay). Says `Waiting` to the sender whenever the pager
     /// is quiet for `quiet`.
     pub fn run(
@@ -100,12 +100,7 @@ impl Relay {
             match (&self.pager).read_exact(&mut ask) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    // (What was asked ahead is read, so that the sender is not cut off
-                    // mid-answer.)
-                    if let Some(a) = self.ahead.take() {
-                        self.answer(link, a)?;
-                    }
-                    return Ok(true);
+                    bail!("the pager ended before the session had all its memory (killed?)")
                 }
                 Err(e) => return Err(e).context("reading the pager's request"),
             }
@@ -115,6 +110,14 @@ impl Relay {
                 addr: word(1),
                 len: word(2),
             };
+            if (want.vpid, want.addr, want.len) == crate::pager::DONE {
+                // (What was asked ahead is read, so that the sender is not cut off
+                // mid-answer.)
+                if let Some(a) = self.ahead.take() {
+                    self.answer(link, a)?;
+                }
+                return Ok(true);
+            }
             if want.len == 0 || want.len > peer::CHUNK as u64 {
                 bail!("the pager asked for {} bytes at once", want.len);
             }
