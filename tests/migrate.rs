@@ -60,17 +60,29 @@ fn assert_runs_on_here(env: &Env, log: &Path) {
 
 #[test]
 fn precopy_sends_memory_while_the_session_runs_and_little_frozen() {
-    precopy("migrate-precopy", false);
+    precopy("migrate-precopy", &[]);
 }
 
 #[test]
 fn precopy_rounds_read_through_the_process_itself_come_out_right() {
     // (Where mig may not read a process's memory — one that made itself undumpable, for a
     // normal user — each round's pages come through the process's control thread.)
-    precopy("migrate-precopy-shim", true);
+    precopy(
+        "migrate-precopy-shim",
+        &[("MIGSHIM_PAGES_THROUGH_SHIM", "1")],
+    );
 }
 
-fn precopy(name: &str, through_shim: bool) {
+#[test]
+fn precopy_by_page_hashes_sends_memory_while_the_session_runs_and_little_frozen() {
+    // Where the kernel tracks no writes (before Linux 6.7, or no userfaultfd): each round
+    // sends the pages whose content changed since they were sent, and the frozen memory
+    // is compared once more.
+    precopy("migrate-precopy-hash", &[("MIGSHIM_PRECOPY_BY_HASH", "1")]);
+}
+
+/// `mig migrate --mode precopy` of the counter subject, `mig` run with `env`.
+fn precopy(name: &str, env_vars: &[(&str, &str)]) {
     let env = Env::new(name);
     let key = key(&env);
     let agent = Agent::start(&env, "agent", &key, None, &[]);
@@ -82,10 +94,7 @@ fn precopy(name: &str, through_shim: bool) {
     let mut args = migrate_args("cnt", &agent.addr, &key).to_vec();
     args.extend(["--mode", "precopy"]);
     let mut c = env.mig();
-    c.args(&args);
-    if through_shim {
-        c.env("MIGSHIM_PAGES_THROUGH_SHIM", "1");
-    }
+    c.args(&args).envs(env_vars.iter().copied());
     let o = env.output(c);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
@@ -118,17 +127,32 @@ fn precopy(name: &str, through_shim: bool) {
 
 #[test]
 fn memory_forked_freed_and_moved_during_the_precopy_rounds_comes_out_right() {
-    // The subject forks, frees and moves parts of its memory every tick, checking all of it
-    // (and its children check theirs), while mig reads its rounds: a page freed after a
-    // round must come back zero, a chunk away while read must still come back whole.
-    let env = Env::new("migrate-precopy-changes");
+    precopy_changes("migrate-precopy-changes", &[]);
+}
+
+#[test]
+fn memory_forked_freed_and_moved_during_precopy_by_hash_comes_out_right() {
+    precopy_changes(
+        "migrate-precopy-hash-changes",
+        &[("MIGSHIM_PRECOPY_BY_HASH", "1")],
+    );
+}
+
+/// The subject forks, frees and moves parts of its memory every tick, checking all of it
+/// (and its children check theirs), while mig (run with `env_vars`) reads its rounds: a
+/// page freed after a round must come back zero, a chunk away while read must still come
+/// back whole.
+fn precopy_changes(name: &str, env_vars: &[(&str, &str)]) {
+    let env = Env::new(name);
     let key = key(&env);
     let agent = Agent::start(&env, "agent", &key, None, &[]);
     let log = env.detach("lm", &[c_program("lazymem").to_str().unwrap(), "256"]);
     wait_numbers(&log, "tick ", 3);
     let mut args = migrate_args("lm", &agent.addr, &key).to_vec();
     args.extend(["--mode", "precopy"]);
-    let o = env.run(&args);
+    let mut c = env.mig();
+    c.args(&args).envs(env_vars.iter().copied());
+    let o = env.output(c);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let last = *numbers(&log, "tick ").last().unwrap();
     let there = agent.session_log("lm");

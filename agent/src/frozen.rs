@@ -21,6 +21,8 @@ pub struct Frozen<'a> {
     shared: migrt::sharing::Shared,
     /// The pre-copy rounds' files of each process that made rounds.
     pub rounds: std::collections::HashMap<i32, Vec<String>>,
+    /// Of each process whose rounds went by hash: what changed since the last one.
+    pub compared: std::collections::HashMap<i32, migrt::rounds::Compared>,
     /// Connections to peers outside the session handed over whole (socket ids).
     handover: Vec<u64>,
     /// Where each process's memory is read after a lazy migration's dump (the process
@@ -47,6 +49,7 @@ impl<'a> Frozen<'a> {
             released: false,
             shared: Vec::new(),
             rounds: Default::default(),
+            compared: Default::default(),
             handover: Vec::new(),
             snapshots: Default::default(),
         };
@@ -154,11 +157,13 @@ impl<'a> Frozen<'a> {
             let (file, path) = place(*vpid)?;
             let rounds = self.rounds.get(vpid).cloned().unwrap_or_default();
             let handover = self.handover.clone();
+            let compared = self.compared.get(vpid).cloned();
             match c.call(&Request::Dump {
                 path,
                 sync,
                 rounds,
                 handover,
+                compared,
             })? {
                 Response::Dumped {
                     bytes: b, snapshot, ..
@@ -179,8 +184,7 @@ impl<'a> Frozen<'a> {
 
     /// `len` bytes of process `vpid`'s memory at `addr` as it was dumped (kept here), into
     /// `buf`.
-    pub fn pages(&mut self, vpid: i32, addr: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
-        buf.resize(len as usize, 0);
+    pub fn pages(&mut self, vpid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
         if let Some(&pid) = self.snapshots.get(&vpid) {
             match migrt::sys::read_memory(pid, addr, buf) {
                 Ok(()) => return Ok(()),

@@ -26,10 +26,12 @@
 use crate::client::Client;
 use crate::frozen::{Frozen, human, manifest_bytes};
 use crate::netaddr;
-use crate::outgoing::{self, Shared, Stream, announce, finish, stream_to};
+use crate::outgoing::{self, Sending, Shared, Stream, announce, finish, stream_to};
 use crate::peer::{self, CHUNK, Msg};
 use crate::sessions;
 use anyhow::{Context, Result, bail};
+use migrt::rounds::PageHashes;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,8 +64,7 @@ pub struct MigrateArgs {
 /// What pre-copy did before the freeze.
 #[derive(Default)]
 struct Rounds {
-    /// Each process's connection (its tracking lives as long as it) and its rounds' files.
-    clients: Vec<(i32, Client, Vec<String>)>,
+    clients: Vec<Sending>,
     count: usize,
     bytes: u64,
 }
@@ -76,7 +77,12 @@ fn connect_all(live: &sessions::Live, patience: Duration) -> Result<Rounds> {
         match Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
             Ok(c) => {
                 c.set_patience(patience)?;
-                rounds.clients.push((p.vpid, c, Vec::new()));
+                rounds.clients.push(Sending {
+                    vpid: p.vpid,
+                    client: c,
+                    files: Vec::new(),
+                    hashes: None,
+                });
             }
             Err(_) if sessions::gone(p.pid) => {}
             Err(e) => return Err(e),
@@ -88,8 +94,8 @@ fn connect_all(live: &sessions::Live, patience: Duration) -> Result<Rounds> {
 /// For a lazy migration: each process's dump keeps its anonymous memory here (in the
 /// frozen process itself), to be fetched after the session runs on the target.
 fn keep_memory_here(rounds: &mut Rounds) {
-    for (_, _, files) in rounds.clients.iter_mut() {
-        files.push(migrt::image::SOURCE_ROUND.into());
+    for p in rounds.clients.iter_mut() {
+        p.files.push(migrt::image::SOURCE_ROUND.into());
     }
 }
 
@@ -102,13 +108,13 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()
         let names: Vec<String> = rounds
             .clients
             .iter()
-            .map(|(v, _, _)| format!("pages-{v}-{r}.img"))
+            .map(|p| format!("pages-{}-{r}.img", p.vpid))
             .collect();
         let first = announce(link, announced, names.clone())?;
         let mut sent = 0;
-        for (k, (vpid, c, files)) in rounds.clients.iter_mut().enumerate() {
-            sent += outgoing::send_round(c, *vpid, link, first + k as u32, &mut buf)?;
-            files.push(names[k].clone());
+        for (k, p) in rounds.clients.iter_mut().enumerate() {
+            sent += p.round(link, first + k as u32, &mut buf)?;
+            p.files.push(names[k].clone());
         }
         // The agent may still be storing what it was sent: waited for here, so that the
         // next round (or the freeze) covers only what was written since it is all there.
@@ -128,6 +134,18 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()
         previous = sent;
     }
     Ok(())
+}
+
+/// Where pre-copy went by hash: each such process's memory, frozen now, compared with what
+/// its rounds sent (its dump then stores only what differs).
+fn compare(frozen: &mut Frozen, hashed: Vec<(i32, i32, PageHashes)>) {
+    let mut buf = vec![0u8; migrt::rounds::RUN * migrt::image::PAGE];
+    for (vpid, pid, h) in hashed {
+        let mut through = |addr, out: &mut [u8]| frozen.pages(vpid, addr, out);
+        let mut reader = outgoing::Reader::new(pid, &mut through);
+        let c = h.compare(&mut buf, &mut |addr, out| reader.read(addr, out));
+        frozen.compared.insert(vpid, c);
+    }
 }
 
 /// Waits until the agent has stored everything sent so far.
@@ -240,7 +258,8 @@ fn answers(frozen: &mut Frozen, link: &Shared, lazy: bool) -> Result<(Duration, 
                 len,
                 ahead,
             } if lazy => {
-                match frozen.pages(vpid, addr, len, &mut buf) {
+                buf.resize(len as usize, 0);
+                match frozen.pages(vpid, addr, &mut buf) {
                     Ok(()) => bytes += len,
                     // (A guess past the end of its memory: nothing there.)
                     Err(_) if ahead => buf.clear(),
@@ -321,15 +340,16 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
     let (count, before) = (rounds.count, rounds.bytes);
-    let mut open = Vec::new();
-    let mut files = std::collections::HashMap::new();
-    for (vpid, c, f) in rounds.clients {
-        open.push((vpid, c));
-        files.insert(vpid, f);
+    let (mut open, mut files, mut hashed) = (Vec::new(), HashMap::new(), Vec::new());
+    for p in rounds.clients {
+        open.push((p.vpid, p.client));
+        files.insert(p.vpid, p.files);
+        hashed.extend(p.hashes.map(|(pid, h)| (p.vpid, pid, h)));
     }
     let mut frozen = Frozen::freeze_with(&live, open)?;
     let stopped = frozen.at.elapsed();
     frozen.rounds = files;
+    compare(&mut frozen, hashed);
     // Dropped before `frozen` on failure: the addresses are back before the session thaws.
     let mut moved = netaddr::Changes::default();
     let sent = transfer(

@@ -8,6 +8,7 @@ use crate::frozen::human;
 use crate::peer::{CHUNK, Link, Msg};
 use anyhow::{Result, bail};
 use migrt::image::{ImageWriter, Kind};
+use migrt::rounds::PageHashes;
 use migrt::wire::{Request, Response};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -119,18 +120,28 @@ pub fn finish(s: Option<Stream>) -> Result<()> {
     Ok(())
 }
 
-/// Where mig reads a running process's pages: from its memory directly, or — where the
-/// kernel does not let it (a process that made itself undumpable) — through the process.
-struct Reader<'a> {
-    pid: i32,
-    client: &'a mut Client,
+/// Where mig reads a process's pages: from its memory directly, or — where the kernel does
+/// not let it (a process that made itself undumpable) — `through` the process.
+pub struct Reader<'a> {
+    pub pid: i32,
+    through: &'a mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
     direct: bool,
     /// Whether a read failed (memory the app unmapped meanwhile).
     failed: bool,
 }
 
-impl Reader<'_> {
-    fn read(&mut self, addr: u64, out: &mut [u8]) -> std::io::Result<()> {
+impl<'a> Reader<'a> {
+    pub fn new(pid: i32, through: &'a mut dyn FnMut(u64, &mut [u8]) -> Result<()>) -> Self {
+        Reader {
+            pid,
+            through,
+            // (MIGSHIM_PAGES_THROUGH_SHIM: the tests take the other way too.)
+            direct: std::env::var_os("MIGSHIM_PAGES_THROUGH_SHIM").is_none(),
+            failed: false,
+        }
+    }
+
+    pub fn read(&mut self, addr: u64, out: &mut [u8]) -> std::io::Result<()> {
         let r = match self.direct {
             true => match migrt::sys::read_memory(self.pid, addr, out) {
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
@@ -139,48 +150,72 @@ impl Reader<'_> {
                 }
                 r => r,
             },
-            false => self.client.pages(addr, out).map_err(std::io::Error::other),
+            false => (self.through)(addr, out).map_err(std::io::Error::other),
         };
         self.failed |= r.is_err();
         r
     }
 }
 
-/// Process `vpid`'s next pre-copy round, written into file `index` on the agent; returns
-/// the bytes written. `buf` (a multiple of the page size) holds the pages read at a time.
-pub fn send_round(
-    client: &mut Client,
-    vpid: i32,
-    link: &Shared,
-    index: u32,
-    buf: &mut [u8],
-) -> Result<u64> {
-    let (pid, runs, first) = match client.call(&Request::Precopy)? {
-        Response::Round { pid, runs, first } => (pid, runs, first),
-        other => bail!("process {vpid}: unexpected answer {other:?}"),
-    };
-    let mut w = ImageWriter::new(Chunks::new(link, index), Kind::Pages)?;
-    let mut reader = Reader {
-        pid,
-        client,
-        // (MIGSHIM_PAGES_THROUGH_SHIM: the tests take the other way too.)
-        direct: std::env::var_os("MIGSHIM_PAGES_THROUGH_SHIM").is_none(),
-        failed: false,
-    };
-    let mut unread = Vec::new();
-    for run in runs {
-        reader.failed = false;
-        let read = &mut |addr, out: &mut [u8]| reader.read(addr, out);
-        match migrt::rounds::write_run(&mut w, run, first, buf, read) {
-            Ok(_) => {}
-            Err(_) if reader.failed => unread.push(run),
-            Err(e) => return Err(e.into()),
+/// A process of the session as pre-copy sends it: its connection (its write tracking
+/// lives as long as it), its rounds' files and — where its rounds go by hash — its pid and
+/// what they sent (to compare its memory with once it is frozen).
+pub struct Sending {
+    pub vpid: i32,
+    pub client: Client,
+    pub files: Vec<String>,
+    pub hashes: Option<(i32, PageHashes)>,
+}
+
+impl Sending {
+    /// Its next pre-copy round, written into file `index` on the agent; returns the bytes
+    /// written. `buf` (a multiple of the page size) holds the pages read at a time.
+    /// (MIGSHIM_PRECOPY_BY_HASH: by hash even where the kernel tracks writes.)
+    pub fn round(&mut self, link: &Shared, index: u32, buf: &mut [u8]) -> Result<u64> {
+        let by_hash =
+            self.hashes.is_some() || std::env::var_os("MIGSHIM_PRECOPY_BY_HASH").is_some();
+        let (pid, runs, first, by_hash) = match self.client.call(&Request::Precopy { by_hash })? {
+            Response::Round {
+                pid,
+                runs,
+                first,
+                by_hash,
+            } => (pid, runs, first, by_hash),
+            other => bail!("process {}: unexpected answer {other:?}", self.vpid),
+        };
+        let mut hashes = match (by_hash, self.hashes.take()) {
+            (true, Some(h)) => Some(h),
+            (true, None) => Some((pid, PageHashes::new())),
+            (false, _) => None,
+        };
+        if let Some((_, h)) = hashes.as_mut() {
+            h.covering(&runs);
         }
+        let mut w = ImageWriter::new(Chunks::new(link, index), Kind::Pages)?;
+        let client = &mut self.client;
+        let mut through = |addr, out: &mut [u8]| client.pages(addr, out);
+        let mut reader = Reader::new(pid, &mut through);
+        let mut send = |addr, page: &[u8]| match hashes.as_mut() {
+            Some((_, h)) => h.send(addr, page),
+            None => !first || !migrt::rounds::is_zero(page),
+        };
+        let mut unread = Vec::new();
+        for run in runs {
+            reader.failed = false;
+            let read = &mut |addr, out: &mut [u8]| reader.read(addr, out);
+            match migrt::rounds::write_run(&mut w, run, &mut send, buf, read) {
+                Ok(_) => {}
+                Err(_) if reader.failed => unread.push(run),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let bytes = w.written();
+        w.finish()?.end()?;
+        self.hashes = hashes;
+        // (By hash, what could not be read differs when frozen, or is not vouched for.)
+        if !unread.is_empty() && !by_hash {
+            self.client.call(&Request::Unread { ranges: unread })?;
+        }
+        Ok(bytes)
     }
-    let bytes = w.written();
-    w.finish()?.end()?;
-    if !unread.is_empty() {
-        reader.client.call(&Request::Unread { ranges: unread })?;
-    }
-    Ok(bytes)
 }

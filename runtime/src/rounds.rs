@@ -1,24 +1,37 @@
 //! A pre-copy round's file (image kind Pages): the pages of a process's memory runs, read
 //! while it runs, as PageMap/PageData pairs. `mig` writes it straight into the stream to
 //! the target, reading the pages itself (the process only says which runs, shim/src/precopy.rs).
+//!
+//! Which pages a round sends: those the process wrote since the round before, as its
+//! write tracking says (crate::dirty) — or, where the kernel has no such tracking (before
+//! Linux 6.7, or no userfaultfd), those whose content hash differs from the one of the
+//! version sent last (PageHashes): every round then reads all of the memory, and the frozen
+//! process's memory is compared once more (Compared) to tell the dump which pages the
+//! rounds hold as they are.
 
+use crate::dirty::{PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PageRegion};
 use crate::image::{ImageWriter, PAGE, PageMap, Tag};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::{Result, Write};
 
 /// Pages read and written at a time.
 pub const RUN: usize = 1024;
 
+/// Reads `out.len()` bytes of a process's memory at an address.
+pub type Read<'a> = &'a mut dyn FnMut(u64, &mut [u8]) -> Result<()>;
+
 /// Pages `start..end` read with `read` (the app runs: a page may change while read, and
 /// then counts as written for the next round) and written as PageMap/PageData pairs, in
-/// pieces of at most `buf.len()` bytes (a multiple of the page size); zero pages are left
-/// out when `skip_zero`. Returns the pages written; fails if part of the range cannot be
-/// read (what was written before stays written).
+/// pieces of at most `buf.len()` bytes (a multiple of the page size); only the pages that
+/// `send` (given each page's address and content) says. Returns the pages written; fails
+/// if part of the range cannot be read (what was written before stays written).
 pub fn write_run<W: Write>(
     w: &mut ImageWriter<W>,
     (start, end): (u64, u64),
-    skip_zero: bool,
+    send: &mut dyn FnMut(u64, &[u8]) -> bool,
     buf: &mut [u8],
-    read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    read: Read,
 ) -> Result<u64> {
     let mut pages = 0;
     let mut at = start;
@@ -30,7 +43,7 @@ pub fn write_run<W: Write>(
         let mut n = 0;
         for i in 0..count {
             let page = i * PAGE;
-            if skip_zero && buf[page..page + PAGE].iter().all(|&b| b == 0) {
+            if !send(at + page as u64, &buf[page..page + PAGE]) {
                 continue;
             }
             if n != i {
@@ -53,6 +66,127 @@ pub fn write_run<W: Write>(
         at += len as u64;
     }
     Ok(pages)
+}
+
+pub fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}
+
+/// A page's content, as far as pre-copy by hash compares it.
+fn hash(page: &[u8]) -> [u8; 16] {
+    blake3::hash(page).as_bytes()[..16].try_into().unwrap()
+}
+
+/// Pre-copy without write tracking: the hash of each page as it was last sent (a page
+/// never sent reads as zero on the target).
+#[derive(Default)]
+pub struct PageHashes {
+    sent: HashMap<u64, [u8; 16]>,
+    /// The ranges the last round covered.
+    ranges: Vec<(u64, u64)>,
+    zero: [u8; 16],
+}
+
+impl PageHashes {
+    pub fn new() -> PageHashes {
+        PageHashes {
+            zero: hash(&[0u8; PAGE]),
+            ..Default::default()
+        }
+    }
+
+    /// A round covers `ranges`.
+    pub fn covering(&mut self, ranges: &[(u64, u64)]) {
+        self.ranges = ranges.to_vec();
+    }
+
+    /// Whether page `addr` differs from what the target has of it (then it is taken as sent).
+    pub fn send(&mut self, addr: u64, page: &[u8]) -> bool {
+        let h = hash(page);
+        let before = self.sent.get(&addr).copied().unwrap_or(self.zero);
+        if h == before {
+            return false;
+        }
+        self.sent.insert(addr, h);
+        true
+    }
+
+    /// The frozen process's memory compared with what the rounds sent: the ranges read
+    /// whole (a range it unmapped is not vouched for), and the runs in them that differ.
+    pub fn compare(&self, buf: &mut [u8], read: Read) -> Compared {
+        let mut c = Compared::default();
+        for &(start, end) in &self.ranges {
+            let mut changed = Vec::new();
+            let mut at = start;
+            let whole = loop {
+                if at >= end {
+                    break true;
+                }
+                let len = ((end - at) as usize).min(buf.len());
+                if read(at, &mut buf[..len]).is_err() {
+                    break false;
+                }
+                for (i, page) in buf[..len].chunks(PAGE).enumerate() {
+                    let a = at + (i * PAGE) as u64;
+                    if hash(page) != self.sent.get(&a).copied().unwrap_or(self.zero) {
+                        match changed.last_mut() {
+                            Some((_, e)) if *e == a => *e = a + PAGE as u64,
+                            _ => changed.push((a, a + PAGE as u64)),
+                        }
+                    }
+                }
+                at += len as u64;
+            };
+            if whole {
+                c.tracked.push((start, end));
+                c.changed.extend(changed);
+            }
+        }
+        c
+    }
+}
+
+/// What pre-copy by hash found of a frozen process's memory: the ranges compared, and the
+/// runs in them that differ from what the rounds sent (the rest the rounds hold as it is).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Compared {
+    pub tracked: Vec<(u64, u64)>,
+    pub changed: Vec<(u64, u64)>,
+}
+
+impl Compared {
+    /// Whether `start..end` lies in one compared range.
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        self.tracked.iter().any(|&(s, e)| start >= s && end <= e)
+    }
+
+    /// `start..end` as write tracking would report it: every page present, those that
+    /// changed written; appended to `out` within the room it has (nothing is allocated:
+    /// for a frozen process's dump). Ok(false) when the room did not suffice.
+    pub fn existing_into(&self, (start, end): (u64, u64), out: &mut Vec<PageRegion>) -> bool {
+        let mut at = start;
+        let push = |out: &mut Vec<PageRegion>, s: u64, e: u64, categories: u64| {
+            if s < e && out.len() < out.capacity() {
+                out.push(PageRegion {
+                    start: s,
+                    end: e,
+                    categories,
+                });
+                return true;
+            }
+            s >= e
+        };
+        for &(s, e) in self.changed.iter().filter(|&&(s, e)| s < end && e > start) {
+            let (s, e) = (s.max(start), e.min(end));
+            if !push(out, at, s, PAGE_IS_PRESENT)
+                || !push(out, s, e, PAGE_IS_PRESENT | PAGE_IS_WRITTEN)
+            {
+                return false;
+            }
+            at = e;
+        }
+        push(out, at, end, PAGE_IS_PRESENT)
+    }
 }
 
 #[cfg(test)]
@@ -80,13 +214,9 @@ mod tests {
         };
         let mut w = ImageWriter::new(Vec::new(), Kind::Pages).unwrap();
         let mut buf = vec![0u8; 2 * PAGE];
-        let n = write_run(
-            &mut w,
-            (base, base + 5 * PAGE as u64),
-            true,
-            &mut buf,
-            &mut read,
-        );
+        let mut nonzero = |_: u64, p: &[u8]| !is_zero(p);
+        let range = (base, base + 5 * PAGE as u64);
+        let n = write_run(&mut w, range, &mut nonzero, &mut buf, &mut read);
         assert_eq!(n.unwrap(), 4);
         let file = w.finish().unwrap();
         let mut r = ImageReader::new(&file[..], std::path::Path::new("round")).unwrap();
@@ -110,15 +240,61 @@ mod tests {
         // A range that cannot be read fails.
         let mut fail = |_: u64, _: &mut [u8]| Err(std::io::Error::other("gone"));
         let mut w = ImageWriter::new(Vec::new(), Kind::Pages).unwrap();
-        assert!(
-            write_run(
-                &mut w,
-                (base, base + PAGE as u64),
-                true,
-                &mut buf,
-                &mut fail
-            )
-            .is_err()
+        let one = (base, base + PAGE as u64);
+        assert!(write_run(&mut w, one, &mut nonzero, &mut buf, &mut fail).is_err());
+    }
+
+    #[test]
+    fn pages_are_sent_again_only_when_their_content_changed() {
+        let base = 0x40000u64;
+        let mut mem = vec![0u8; 4 * PAGE];
+        mem[PAGE] = 1; // page 1 has data, the others are zero
+        let mut h = PageHashes::new();
+        h.covering(&[(base, base + 4 * PAGE as u64)]);
+        let sent = |h: &mut PageHashes, mem: &[u8]| -> Vec<usize> {
+            (0..4)
+                .filter(|&i| h.send(base + (i * PAGE) as u64, &mem[i * PAGE..][..PAGE]))
+                .collect()
+        };
+        assert_eq!(sent(&mut h, &mem), [1], "zero pages the target has already");
+        assert_eq!(sent(&mut h, &mem), [] as [usize; 0]);
+        mem[3 * PAGE + 9] = 7;
+        mem[PAGE] = 0;
+        assert_eq!(
+            sent(&mut h, &mem),
+            [1, 3],
+            "changed, and changed back to zero"
+        );
+        // Frozen: page 2 changed since; the range is compared whole.
+        mem[2 * PAGE] = 5;
+        let mut read = |a: u64, out: &mut [u8]| {
+            let at = (a - base) as usize;
+            out.copy_from_slice(&mem[at..at + out.len()]);
+            Ok(())
+        };
+        let c = h.compare(&mut vec![0u8; 2 * PAGE], &mut read);
+        let p = |i: u64| base + i * PAGE as u64;
+        assert_eq!(c.tracked, [(p(0), p(4))]);
+        assert_eq!(c.changed, [(p(2), p(3))]);
+        // As write tracking would say it, for the part of a mapping from page 1 on.
+        let mut out = Vec::with_capacity(8);
+        assert!(c.existing_into((p(1), p(4)), &mut out));
+        let cats: Vec<(u64, u64, u64)> =
+            out.iter().map(|r| (r.start, r.end, r.categories)).collect();
+        let (present, written) = (PAGE_IS_PRESENT, PAGE_IS_PRESENT | PAGE_IS_WRITTEN);
+        assert_eq!(
+            cats,
+            [
+                (p(1), p(2), present),
+                (p(2), p(3), written),
+                (p(3), p(4), present)
+            ]
+        );
+        // Memory that went away is not vouched for.
+        let mut gone = |_: u64, _: &mut [u8]| Err(std::io::Error::other("unmapped"));
+        assert_eq!(
+            h.compare(&mut vec![0u8; PAGE], &mut gone),
+            Compared::default()
         );
     }
 }

@@ -37,20 +37,26 @@ pub enum Request {
         sync: bool,
         rounds: Vec<String>,
         handover: Vec<u64>,
+        /// Rounds made by hash: what mig found changed since the last one.
+        compared: Option<crate::rounds::Compared>,
     },
     /// While running: a pre-copy round — which runs of its memory to send (the first
     /// round: all it has; the next ones: what was written since the round before). Mig
     /// reads the pages itself (or through Pages) and writes the round (crate::rounds).
-    Precopy,
+    /// `by_hash`: without write tracking, even where the kernel has it (the answer says
+    /// which way it is: where it has none, always by hash).
+    Precopy {
+        by_hash: bool,
+    },
     /// After a round: ranges mig could not read whole (unmapped meanwhile): the final
     /// image stores the tracked ranges holding them whole.
     Unread {
         ranges: Vec<(u64, u64)>,
     },
-    /// `len` bytes at `addr` of its memory: while running, as they are now (a pre-copy
-    /// round, when mig may not read the process's memory itself); after a lazy
-    /// migration's Dump, as the dump left it (read from the process, or the dump's
-    /// snapshot). Answered by Pages, followed on the stream by the bytes themselves,
+    /// `len` bytes at `addr` of its memory, for mig where it may not read the process's
+    /// memory itself: as they are now (a pre-copy round; frozen, the comparison of rounds
+    /// made by hash); after a lazy migration's Dump, as the dump left it (read from the
+    /// process, or the dump's snapshot). Answered by Pages, followed on the stream by the bytes themselves,
     /// unframed (no copies of a megabyte into and out of a frame).
     Pages {
         addr: u64,
@@ -87,11 +93,13 @@ pub enum Response {
         snapshot: i32,
     },
     /// A pre-copy round's runs of memory (start, end), whether it is the first (zero pages
-    /// are left out then), and the process's pid for reading them.
+    /// are left out then), and the process's pid for reading them. `by_hash`: no write
+    /// tracking — the runs are all its private memory, mig sends what changed by hash.
     Round {
         pid: i32,
         runs: Vec<(u64, u64)>,
         first: bool,
+        by_hash: bool,
     },
     /// `len` bytes follow, unframed.
     Pages {

@@ -309,13 +309,14 @@ impl Session {
                 Response::Table { table, journal }
             }
             Request::Freeze => self.freeze(),
-            Request::Precopy => match self.frozen {
+            Request::Precopy { by_hash } => match self.frozen {
                 Some(_) => Response::Error("frozen: a pre-copy round is made while running".into()),
-                None => match crate::precopy::round() {
-                    Ok((runs, first)) => Response::Round {
+                None => match crate::precopy::round(by_hash) {
+                    Ok(r) => Response::Round {
                         pid: real_pid(),
-                        runs,
-                        first,
+                        runs: r.runs,
+                        first: r.first,
+                        by_hash: r.by_hash,
                     },
                     Err(e) => Response::Error(format!("pre-copy round: {e}")),
                 },
@@ -325,14 +326,10 @@ impl Session {
                 Response::Done
             }
             Request::Pages { addr, len } => {
+                // (Frozen and not dumped lazily, the process itself is as frozen.)
                 let from = match &self.frozen {
                     Some(f) if f.snapshot > 0 => f.snapshot,
-                    Some(_) => {
-                        return Response::Error(
-                            "no lazy migration's dump to read pages from".into(),
-                        );
-                    }
-                    None => real_pid(),
+                    _ => real_pid(),
                 };
                 self.pages.resize(len as usize, 0);
                 match migrt::sys::read_memory(from, addr, &mut self.pages) {
@@ -345,6 +342,7 @@ impl Session {
                 sync,
                 rounds,
                 handover,
+                compared,
             } => match (&mut self.frozen, shim()) {
                 (Some(f), Some(s)) => {
                     let sockets = match crate::dump::socket_states(f, &handover) {
@@ -354,7 +352,7 @@ impl Session {
                     let frozen = &*f;
                     let write = || {
                         let p = std::path::Path::new(&path);
-                        crate::precopy::with_delta(|d| {
+                        crate::precopy::with_delta(compared.as_ref(), |d| {
                             crate::dump::dump(s, p, frozen, &sockets, sync, (&rounds, d))
                         })
                     };

@@ -277,9 +277,8 @@ pub fn dump(
                             > migrt::image::SMALL_REGION
                 }
                 (false, Some(d)) => {
-                    d.tracked.iter().any(|&(s, e)| start >= s && end <= e)
-                        && d.tracker
-                            .existing_into((start, end), file, &mut existing)
+                    d.covers(start, end)
+                        && d.existing_into((start, end), file, &mut existing)
                             .unwrap_or(false)
                 }
                 (false, None) => false,

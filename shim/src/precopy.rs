@@ -1,10 +1,14 @@
 //! Pre-copy rounds (`mig migrate --mode precopy`): while the app runs on, its private
-//! memory is written ahead — all of it in the first round, then only what the app wrote
+//! memory is sent ahead — all of it in the first round, then only what the app wrote
 //! since the round before (migrt::dirty tracks the writes) — so that the image written
 //! once the app is frozen holds just the pages written after the last round (dump.rs).
+//! This process says which runs of its memory a round holds; mig reads and sends them.
+//! Where the kernel tracks no writes, mig finds what changed by comparing page hashes
+//! (migrt::rounds), and tells the dump.
 
 use crate::interpose::real_pid;
-use migrt::dirty::{NOT_OWN, Tracker};
+use migrt::dirty::{NOT_OWN, PageRegion, Tracker};
+use migrt::rounds::Compared;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
 
@@ -87,11 +91,23 @@ fn start(st: &mut Option<State>, ranges: &[(u64, u64)]) -> std::io::Result<bool>
 
 /// A round: the runs of memory to send (first everything the app has of its own — no
 /// file page, no shared zero page; then what it wrote since, zeros too: an older round
-/// may hold the page's old data), and whether it is the first. Mig reads them.
-pub fn round() -> std::io::Result<(Vec<(u64, u64)>, bool)> {
+/// may hold the page's old data), whether it is the first, and whether by hash: without
+/// write tracking (asked for, or the kernel has none) the runs are all of its private
+/// memory, and mig sends what changed by content (migrt::rounds). Mig reads them.
+pub fn round(by_hash: bool) -> std::io::Result<Round> {
     let mut st = state();
-    let first = start(&mut st, &private_ranges())?;
-    let s = st.as_mut().expect("set above");
+    let ranges = private_ranges();
+    let first = match by_hash {
+        true => None,
+        false => start(&mut st, &ranges).ok(),
+    };
+    let (Some(first), Some(s)) = (first, st.as_mut()) else {
+        return Ok(Round {
+            runs: ranges,
+            first: false,
+            by_hash: true,
+        });
+    };
     let mut runs = Vec::new();
     for &(start, end) in s.tracker.ranges() {
         if first {
@@ -111,7 +127,18 @@ pub fn round() -> std::io::Result<(Vec<(u64, u64)>, bool)> {
             );
         }
     }
-    Ok((runs, first))
+    Ok(Round {
+        runs,
+        first,
+        by_hash: false,
+    })
+}
+
+/// A round's runs of memory, whether it is the first, whether by hash.
+pub struct Round {
+    pub runs: Vec<(u64, u64)>,
+    pub first: bool,
+    pub by_hash: bool,
 }
 
 /// Runs mig could not read whole (the app unmapped them meanwhile): the tracked ranges
@@ -132,21 +159,51 @@ pub fn unread(runs: &[(u64, u64)]) {
     }
 }
 
-/// What the final image needs of the rounds: the ranges still tracked as a whole (their
-/// unwritten pages are kept from the rounds), checked while the app is frozen.
-pub struct Delta<'a> {
-    pub tracker: &'a Tracker,
-    pub tracked: Vec<(u64, u64)>,
+/// What the final image needs of the rounds: which of its memory they cover as a whole,
+/// and of that, which pages changed since the last round — as this process's write
+/// tracking says, checked while the app is frozen, or as mig found by hash.
+pub enum Delta<'a> {
+    Tracked {
+        tracker: &'a Tracker,
+        tracked: Vec<(u64, u64)>,
+    },
+    Compared(&'a Compared),
+}
+
+impl Delta<'_> {
+    /// Whether the mapping `start..end` lies in what the rounds cover as a whole.
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        match self {
+            Delta::Tracked { tracked, .. } => tracked.iter().any(|&(s, e)| start >= s && end <= e),
+            Delta::Compared(c) => c.covers(start, end),
+        }
+    }
+
+    /// The pages of `range` that exist, those changed since the last round marked written
+    /// (dirty::Tracker::existing_into: nothing allocated; Ok(false) if `out` had no room).
+    pub fn existing_into(
+        &self,
+        range: (u64, u64),
+        file_backed: bool,
+        out: &mut Vec<PageRegion>,
+    ) -> std::io::Result<bool> {
+        match self {
+            Delta::Tracked { tracker, .. } => tracker.existing_into(range, file_backed, out),
+            Delta::Compared(c) => Ok(c.existing_into(range, out)),
+        }
+    }
 }
 
 /// Runs `f` (the frozen process's dump) with the rounds' delta, if this process made
-/// rounds. Meanwhile the state is out of its place, unlocked: the image must show no lock
-/// held and no tracking (the restored process has neither).
-pub fn with_delta<T>(f: impl FnOnce(Option<&Delta>) -> T) -> T {
+/// rounds: `compared` where they were made by hash. Meanwhile the state is out of its
+/// place, unlocked: the image must show no lock held and no tracking (the restored process
+/// has neither).
+pub fn with_delta<T>(compared: Option<&Compared>, f: impl FnOnce(Option<&Delta>) -> T) -> T {
     let taken = state().take();
     let fds = FDS.each_ref().map(|f| f.swap(-1, Relaxed));
-    let r = match taken.as_ref().filter(|s| s.owner == real_pid()) {
-        Some(s) => {
+    let r = match (compared, taken.as_ref().filter(|s| s.owner == real_pid())) {
+        (Some(c), _) => f(Some(&Delta::Compared(c))),
+        (None, Some(s)) => {
             let tracked = s
                 .tracker
                 .ranges()
@@ -154,12 +211,12 @@ pub fn with_delta<T>(f: impl FnOnce(Option<&Delta>) -> T) -> T {
                 .copied()
                 .filter(|r| !s.tainted.contains(r))
                 .collect();
-            f(Some(&Delta {
+            f(Some(&Delta::Tracked {
                 tracker: &s.tracker,
                 tracked,
             }))
         }
-        None => f(None),
+        (None, None) => f(None),
     };
     for (f, fd) in FDS.iter().zip(fds) {
         f.store(fd, Relaxed);
