@@ -172,8 +172,8 @@ impl Sending {
     /// written. `buf` (a multiple of the page size) holds the pages read at a time.
     /// (MIGSHIM_PRECOPY_BY_HASH: by hash even where the kernel tracks writes.)
     pub fn round(&mut self, link: &Shared, index: u32, buf: &mut [u8]) -> Result<u64> {
-        let by_hash =
-            self.hashes.is_some() || std::env::var_os("MIGSHIM_PRECOPY_BY_HASH").is_some();
+        let asked = std::env::var_os("MIGSHIM_PRECOPY_BY_HASH").is_some();
+        let by_hash = self.hashes.is_some() || asked;
         let (pid, runs, first, by_hash) = match self.client.call(&Request::Precopy { by_hash })? {
             Response::Round {
                 pid,
@@ -185,7 +185,15 @@ impl Sending {
         };
         let mut hashes = match (by_hash, self.hashes.take()) {
             (true, Some(h)) => Some(h),
-            (true, None) => Some((pid, PageHashes::new())),
+            (true, None) => {
+                if !asked {
+                    eprintln!(
+                        "mig migrate: process {}: its writes cannot be tracked here (that needs Linux 6.7+ and a userfaultfd): pre-copy compares page hashes, and the freeze reads all of its memory",
+                        self.vpid
+                    );
+                }
+                Some((pid, PageHashes::new()))
+            }
             (false, _) => None,
         };
         if let Some((_, h)) = hashes.as_mut() {
