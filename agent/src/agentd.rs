@@ -250,7 +250,7 @@ impl Agent {
             other => bail!("expected the image's file list, got {other:?}"),
         };
         // Each file, its name and whether it has all come (and the restore been told so).
-        let mut out: Vec<(std::fs::File, String, Arrival)> = Vec::new();
+        let mut out: Vec<(Arc<std::fs::File>, String, Arrival)> = Vec::new();
         // More files may be announced on the way (pre-copy rounds, then the image).
         let add = |out: &mut Vec<_>, files: &[String]| -> Result<()> {
             if files.is_empty()
@@ -262,57 +262,67 @@ impl Agent {
             }
             for f in files {
                 let file = crate::spool::create(dir, f, how.in_memory)?;
-                out.push((file, f.clone(), Arrival::Coming));
+                out.push((Arc::new(file), f.clone(), Arrival::Coming));
             }
             Ok(())
         };
         add(&mut out, &files)?;
         let mut total = 0u64;
         // Chunks of one file follow each other: those of the file the last one was of are
-        // written from the frame as it came (not copied out of it first).
-        let (mut body, mut last) = (Vec::new(), 0u32);
+        // written from the frame as it came (not copied out of it first), by the writer
+        // while the next is read.
+        let (mut writer, mut last) = (crate::spool::Writer::new(), 0u32);
         loop {
             let expected = Msg::Chunk {
                 file: last,
                 data: Vec::new(),
             };
-            let (file, data) = match link.recv_with_data(&mut body, &expected)? {
-                Ok(at) => (last, &body[at]),
-                Err(Msg::Chunk { file, data }) => {
-                    last = file;
-                    body = data;
-                    (file, &body[..])
-                }
-                Err(Msg::Files(more)) => {
-                    add(&mut out, &more)?;
-                    continue;
-                }
-                Err(Msg::Sync) => {
-                    // (The restore reads the rounds that are all here while it waits.)
-                    for (_, name, arrival) in out.iter_mut() {
-                        if *arrival == Arrival::Complete {
-                            restore.have(name)?;
-                            *arrival = Arrival::Told;
+            let mut body = writer.buffer()?;
+            let (file, body, at) = match link.recv_with_data(&mut body, &expected)? {
+                Ok(at) => (last, body, at),
+                Err(m) => {
+                    writer.recycle(body);
+                    match m {
+                        Msg::Chunk { file, data } => {
+                            last = file;
+                            let n = data.len();
+                            (file, data, 0..n)
                         }
+                        Msg::Files(more) => {
+                            add(&mut out, &more)?;
+                            continue;
+                        }
+                        Msg::Sync => {
+                            // (The restore reads the rounds that are all here while it
+                            // waits.)
+                            writer.wait()?;
+                            for (_, name, arrival) in out.iter_mut() {
+                                if *arrival == Arrival::Complete {
+                                    restore.have(name)?;
+                                    *arrival = Arrival::Told;
+                                }
+                            }
+                            link.send(&Msg::Synced)?;
+                            continue;
+                        }
+                        Msg::Sent { mac } => {
+                            how.streamed.set(true);
+                            if !link.verify(&mac) {
+                                bail!(
+                                    "the stream does not match its MAC: damaged or tampered with on the way"
+                                );
+                            }
+                            writer.wait()?;
+                            break;
+                        }
+                        other => bail!("unexpected {other:?} in the middle of the images"),
                     }
-                    link.send(&Msg::Synced)?;
-                    continue;
                 }
-                Err(Msg::Sent { mac }) => {
-                    how.streamed.set(true);
-                    if !link.verify(&mac) {
-                        bail!(
-                            "the stream does not match its MAC: damaged or tampered with on the way"
-                        );
-                    }
-                    break;
-                }
-                Err(other) => bail!("unexpected {other:?} in the middle of the images"),
             };
             let (f, _, arrival) = out
                 .get_mut(file as usize)
                 .context("a chunk of no announced file")?;
-            total += data.len() as u64;
+            total += at.len() as u64;
             if total > self.max_bytes {
                 bail!(
                     "the image is over this agent's limit of {} bytes",
@@ -322,10 +332,10 @@ impl Agent {
             if *arrival != Arrival::Coming {
                 bail!("more of a file after its end");
             }
-            f.write_all(data)?;
-            if data.is_empty() {
+            if at.is_empty() {
                 *arrival = Arrival::Complete;
             }
+            writer.write(f, body, at)?;
         }
         // (`out` lives on until the restore has opened every file: in memory, a file is
         // gone when the agent closes it.)

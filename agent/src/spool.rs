@@ -6,8 +6,10 @@
 
 use anyhow::{Context, Result};
 use std::ffi::CString;
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Memory kept free beside the image and the restored session.
 const MARGIN: u64 = 256 << 20;
@@ -70,6 +72,120 @@ pub fn create(dir: &Path, name: &str, memory: bool) -> Result<std::fs::File> {
             .open(&path)
     };
     made.with_context(|| format!("image file {name}"))
+}
+
+/// Writes an incoming image's chunks on a thread of its own, in order, while the link is
+/// read and checked meanwhile: a gibibyte written into fresh memory took this machine kind
+/// 0.5-3 s (its host backs a page only when first touched), as long as the rest of the
+/// receiving. The buffers go back and forth (a fresh one per chunk would cost as much).
+pub struct Writer {
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    back: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    free: Vec<Vec<u8>>,
+    /// Buffers made so far (at most DEPTH).
+    made: usize,
+}
+
+enum Job {
+    Write(Arc<std::fs::File>, Vec<u8>, std::ops::Range<usize>),
+    /// Answered once everything before is written.
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Chunks on their way to the writer at most.
+const DEPTH: usize = 4;
+
+impl Writer {
+    pub fn new() -> Writer {
+        let (jobs, todo) = std::sync::mpsc::sync_channel::<Job>(DEPTH);
+        let (done, back) = std::sync::mpsc::sync_channel(DEPTH);
+        let thread = std::thread::spawn(move || -> Result<()> {
+            for job in todo {
+                match job {
+                    Job::Write(f, buf, range) => {
+                        (&*f).write_all(&buf[range]).context("storing the image")?;
+                        // (A buffer beyond the ones in use — a chunk of another file
+                        // came decoded in a buffer of its own — is let go.)
+                        let _ = done.try_send(buf);
+                    }
+                    Job::Barrier(ack) => {
+                        let _ = ack.send(());
+                    }
+                }
+            }
+            Ok(())
+        });
+        Writer {
+            jobs: Some(jobs),
+            back,
+            thread: Some(thread),
+            free: Vec::new(),
+            made: 0,
+        }
+    }
+
+    /// A buffer to receive a chunk into (waits for one the writer is done with).
+    pub fn buffer(&mut self) -> Result<Vec<u8>> {
+        if let Some(b) = self.free.pop() {
+            return Ok(b);
+        }
+        if self.made < DEPTH {
+            self.made += 1;
+            return Ok(Vec::new());
+        }
+        match self.back.recv() {
+            Ok(b) => Ok(b),
+            Err(_) => Err(self.failure()),
+        }
+    }
+
+    /// A buffer not written after all.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.free.push(buf);
+    }
+
+    /// `buf[range]` appended to `file`, later.
+    pub fn write(
+        &mut self,
+        file: &Arc<std::fs::File>,
+        buf: Vec<u8>,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let job = Job::Write(file.clone(), buf, range);
+        match self.jobs.as_ref().map(|j| j.send(job)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.failure()),
+        }
+    }
+
+    /// Waits until everything given is written.
+    pub fn wait(&mut self) -> Result<()> {
+        let (ack, acked) = std::sync::mpsc::sync_channel(1);
+        let sent = self.jobs.as_ref().map(|j| j.send(Job::Barrier(ack)));
+        match (sent, acked.recv()) {
+            (Some(Ok(())), Ok(())) => Ok(()),
+            _ => Err(self.failure()),
+        }
+    }
+
+    /// Why the writer stopped.
+    fn failure(&mut self) -> anyhow::Error {
+        self.jobs = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Err(e))) => e,
+            _ => anyhow::anyhow!("the image writer stopped"),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[cfg(test)]
