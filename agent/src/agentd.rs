@@ -354,7 +354,9 @@ impl Agent {
         let mut pager = pager.map(|p| Relay::new(p, self.max_bytes.saturating_sub(total)));
         match pager.as_mut() {
             Some(r) => {
-                if let Err(e) = r.run(link, Some(&mut || restore.back()), self.timeout / 3) {
+                let said = std::os::fd::AsRawFd::as_raw_fd(restore.output()?);
+                let back = &mut || restore.back();
+                if let Err(e) = r.run(link, Some((back, said)), self.timeout / 3) {
                     drop(restore);
                     end_session(name);
                     return Err(e);

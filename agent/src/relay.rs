@@ -70,32 +70,38 @@ impl Relay {
     }
 
     /// Relays the pager's requests (vpid, address, length) over the link until the pager
-    /// says it is done (everything filled: true; its end without a word is an error) or, if given, `restored` says the restore is done
-    /// (false; its error ends the relay). Says `Waiting` to the sender whenever the pager
-    /// is quiet for `quiet`.
+    /// says it is done (everything filled: true; its end without a word is an error) or, if
+    /// given, `restored` says the restore is done (false; its error ends the relay) — asked
+    /// whenever `fd` (what the restore says) has something. Says `Waiting` to the sender
+    /// whenever the pager is quiet for `quiet`.
     pub fn run(
         &mut self,
         link: &mut Link,
-        mut restored: Option<&mut dyn FnMut() -> Result<bool>>,
+        mut restored: Option<(&mut dyn FnMut() -> Result<bool>, std::os::fd::RawFd)>,
         quiet: Duration,
     ) -> Result<bool> {
         use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
         let mut ask = [0u8; 24];
         loop {
-            if let Some(done) = restored.as_mut()
+            if let Some((done, _)) = restored.as_mut()
                 && done()?
             {
                 return Ok(false);
             }
-            let wait = match restored {
-                Some(_) => Duration::from_millis(2),
-                None => quiet,
-            };
-            if !migrt::sys::wait_readable(&self.pager, wait)? {
-                if restored.is_none() {
-                    link.send(&Msg::Waiting)?;
+            let fds = [
+                self.pager.as_raw_fd(),
+                restored.as_ref().map_or(-1, |r| r.1),
+            ];
+            match migrt::sys::wait_readable_any(&fds, quiet)? {
+                Some(0) => {}
+                Some(_) => continue,
+                None => {
+                    if restored.is_none() {
+                        link.send(&Msg::Waiting)?;
+                    }
+                    continue;
                 }
-                continue;
             }
             match (&self.pager).read_exact(&mut ask) {
                 Ok(()) => {}

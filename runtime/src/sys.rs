@@ -263,15 +263,26 @@ pub fn wait_readable(
     fd: &impl std::os::fd::AsRawFd,
     timeout: std::time::Duration,
 ) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd of our own.
-    match unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) } {
+    Ok(wait_readable_any(&[fd.as_raw_fd()], timeout)?.is_some())
+}
+
+/// Which of `fds` (the first, by index) has something to read (or its end) within
+/// `timeout`, if any; a negative fd is left out.
+pub fn wait_readable_any(fds: &[i32], timeout: std::time::Duration) -> io::Result<Option<usize>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: pollfds of our own (poll skips negative fds).
+    match unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) } {
         n if n < 0 => Err(io::Error::last_os_error()),
-        n => Ok(n > 0),
+        0 => Ok(None),
+        _ => Ok(p.iter().position(|p| p.revents != 0)),
     }
 }
 
