@@ -143,7 +143,15 @@ impl Agent {
                         let running = link.send(&Msg::Running { name: name.clone() });
                         match (running, pager) {
                             (Ok(()), Some(pager)) => self.post_copy(&mut link, &how, pager),
-                            (r, _) => r,
+                            (Ok(()), None) => Ok(()),
+                            // (The sender cannot have heard it: it lets the session run on
+                            // there.)
+                            (Err(e), _) => {
+                                abandon(&how);
+                                Err(e.context(format!(
+                                    "session {name}: the sender could not be told it runs here: ended here"
+                                )))
+                            }
                         }
                     }
                     Err(e) => {
