@@ -60,17 +60,48 @@ fn assert_runs_on_here(env: &Env, log: &Path) {
 
 #[test]
 fn precopy_sends_memory_while_the_session_runs_and_little_frozen() {
-    precopy("migrate-precopy", &[], &[]);
+    precopy("migrate-precopy", &[], (&[], &[]));
 }
 
 #[test]
 fn precopy_goes_by_page_hashes_where_userfaultfd_is_not_allowed() {
-    // (As in a container whose seccomp filter refuses userfaultfd: the session runs under
-    // such a filter; mig must say that it goes by hashes, and the memory must still come
-    // out right with little sent frozen.)
+    // As in a container whose seccomp filter refuses userfaultfd: the session runs under
+    // such a filter. The filter itself is not carried, so the migration is refused unless
+    // told to go on without it; then mig must say that it goes by hashes, and the memory
+    // must still come out right with little sent frozen.
     let wrap = c_program("nouffd");
-    let out = precopy("migrate-precopy-nouffd", &[], &[wrap.to_str().unwrap()]);
+    let out = precopy(
+        "migrate-precopy-nouffd",
+        &[],
+        (&[wrap.to_str().unwrap()], &["--ignore-unsupported"]),
+    );
     assert!(out.contains("pre-copy compares page hashes"), "{out}");
+    assert!(out.contains("a seccomp filter"), "{out}");
+}
+
+#[test]
+fn a_process_under_a_seccomp_filter_is_not_migrated_without_it_unless_told() {
+    let env = Env::new("migrate-seccomp");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    let wrap = c_program("nouffd");
+    let log = env.detach(
+        "cnt",
+        &[
+            wrap.to_str().unwrap(),
+            "sh",
+            "-c",
+            "echo count 1; sleep 600",
+        ],
+    );
+    wait_numbers(&log, "count ", 1);
+    let o = env.run(&migrate_args("cnt", &agent.addr, &key));
+    assert_refused(
+        &o,
+        &["a seccomp filter", "--ignore-unsupported", "runs on here"],
+    );
+    assert_eq!(env.processes("cnt").len(), 2, "it runs on here, untouched");
+    env.stop("cnt");
 }
 
 #[test]
@@ -80,7 +111,7 @@ fn precopy_rounds_read_through_the_process_itself_come_out_right() {
     precopy(
         "migrate-precopy-shim",
         &[("MIGSHIM_PAGES_THROUGH_SHIM", "1")],
-        &[],
+        (&[], &[]),
     );
 }
 
@@ -92,13 +123,13 @@ fn precopy_by_page_hashes_sends_memory_while_the_session_runs_and_little_frozen(
     precopy(
         "migrate-precopy-hash",
         &[("MIGSHIM_PRECOPY_BY_HASH", "1")],
-        &[],
+        (&[], &[]),
     );
 }
 
-/// `mig migrate --mode precopy` of the counter subject (started through `wrap`), `mig`
-/// run with `env_vars`; returns what mig said on stderr.
-fn precopy(name: &str, env_vars: &[(&str, &str)], wrap: &[&str]) -> String {
+/// `mig migrate --mode precopy [MORE...]` of the counter subject (started through `wrap`),
+/// `mig` run with `env_vars`; returns what mig said on stderr.
+fn precopy(name: &str, env_vars: &[(&str, &str)], (wrap, more): (&[&str], &[&str])) -> String {
     let env = Env::new(name);
     let key = key(&env);
     let agent = Agent::start(&env, "agent", &key, None, &[]);
@@ -114,6 +145,7 @@ fn precopy(name: &str, env_vars: &[(&str, &str)], wrap: &[&str]) -> String {
     wait_numbers(&log, "count ", 3);
     let mut args = migrate_args("cnt", &agent.addr, &key).to_vec();
     args.extend(["--mode", "precopy"]);
+    args.extend(more);
     let mut c = env.mig();
     c.args(&args).envs(env_vars.iter().copied());
     let o = env.output(c);

@@ -118,19 +118,29 @@ impl<'a> Frozen<'a> {
         self.shared = migrt::sharing::find(&tables);
         self.handover = migrt::support::handover(&tables, moving);
         let unsupported = migrt::support::unsupported(&tables, &self.handover);
-        if unsupported.is_empty() {
+        let mut list: Vec<String> = unsupported.iter().map(|u| format!("  {u}")).collect();
+        // Seccomp filters the session installed are not carried (it would run on without
+        // them); those of the environment mig runs in too (a container's) are the target's
+        // business.
+        let around = migrt::procfs::seccomp_filters("self");
+        list.extend(
+            tables
+                .iter()
+                .filter(|t| migrt::procfs::seccomp_filters(&t.real_pid.to_string()) > around)
+                .map(|t| format!("  process {}: a seccomp filter of its own", t.vpid)),
+        );
+        if list.is_empty() {
             return Ok(self.handover.len());
         }
-        let list: Vec<String> = unsupported.iter().map(|u| format!("  {u}")).collect();
         if !ignore {
             bail!(
-                "session {} holds what a restore cannot rebuild:\n{}\n(nothing was written; checkpoint anyway with --ignore-unsupported: after a restore these fds read as closed)",
+                "session {} holds what a restore cannot rebuild:\n{}\n(nothing was written; checkpoint anyway with --ignore-unsupported: after a restore such fds read as closed, such processes run without their seccomp filter)",
                 self.live.name(),
                 list.join("\n")
             );
         }
         eprintln!(
-            "mig: ignored, as asked (they read as closed after a restore):\n{}",
+            "mig: ignored, as asked (after a restore such fds read as closed, such processes run without their seccomp filter):\n{}",
             list.join("\n")
         );
         Ok(self.handover.len())

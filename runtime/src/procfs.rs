@@ -52,6 +52,15 @@ pub fn status(pid: i32) -> Option<(char, u32)> {
     Some((state, threads))
 }
 
+/// How many seccomp filters process `pid` ("self": this one) runs under.
+pub fn seccomp_filters(pid: &str) -> u32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The parsed lines of `/proc/<pid>/fdinfo/<fd>`.
 #[derive(Debug, Default, Clone)]
 pub struct FdInfo {
