@@ -91,14 +91,6 @@ fn connect_all(live: &sessions::Live, patience: Duration) -> Result<Rounds> {
     Ok(rounds)
 }
 
-/// For a lazy migration: each process's dump keeps its anonymous memory here (in the
-/// frozen process itself), to be fetched after the session runs on the target.
-fn keep_memory_here(rounds: &mut Rounds) {
-    for p in rounds.clients.iter_mut() {
-        p.files.push(migrt::image::SOURCE_ROUND.into());
-    }
-}
-
 /// Pre-copy rounds while the session runs, until one is small or stops shrinking.
 fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()> {
     let progress = migrt::sys::isatty(2);
@@ -134,6 +126,22 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()
         previous = sent;
     }
     Ok(())
+}
+
+/// A process forked since the rounds began has none: a freeze that catches it stores all
+/// of its memory (a child checking a big parent's memory: hundreds of MiB frozen). So
+/// pre-copy freezes at a moment without such a process holding much, if one comes soon.
+fn wait_for_no_late_process(live: &sessions::Live, rounds: &Rounds) {
+    for _ in 0..40 {
+        let late = live.processes().into_iter().any(|p| {
+            !rounds.clients.iter().any(|c| c.vpid == p.vpid)
+                && sessions::resident(p.pid) > SMALL_ROUND
+        });
+        if !late {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Where pre-copy went by hash: each such process's memory, frozen now, compared with what
@@ -332,13 +340,12 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let mut rounds = connect_all(&live, a.timeout)?;
     match a.mode {
         Mode::Precopy => precopy(&mut rounds, &link, &mut announced),
-        Mode::Lazy => {
-            keep_memory_here(&mut rounds);
-            Ok(())
-        }
-        Mode::StopAndCopy => Ok(()),
+        Mode::Lazy | Mode::StopAndCopy => Ok(()),
     }
     .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
+    if a.mode == Mode::Precopy {
+        wait_for_no_late_process(&live, &rounds);
+    }
     let (count, before) = (rounds.count, rounds.bytes);
     let (mut open, mut files, mut hashed) = (Vec::new(), HashMap::new(), Vec::new());
     for p in rounds.clients {
@@ -349,6 +356,15 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let mut frozen = Frozen::freeze_with(&live, open)?;
     let stopped = frozen.at.elapsed();
     frozen.rounds = files;
+    // Lazily, each process's dump keeps its anonymous memory here (in the frozen process
+    // itself), to be fetched after the session runs on the target.
+    if a.mode == Mode::Lazy {
+        for v in frozen.vpids() {
+            frozen
+                .rounds
+                .insert(v, vec![migrt::image::SOURCE_ROUND.into()]);
+        }
+    }
     compare(&mut frozen, hashed);
     // Dropped before `frozen` on failure: the addresses are back before the session thaws.
     let mut moved = netaddr::Changes::default();

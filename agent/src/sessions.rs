@@ -49,13 +49,17 @@ impl Live {
 
     /// The memory its processes hold, in bytes (pages they share counted in each).
     pub fn resident(&self) -> u64 {
-        self.processes()
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(format!("/proc/{}/statm", p.pid)).ok())
-            .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum::<u64>()
-            * migrt::image::PAGE as u64
+        self.processes().iter().map(|p| resident(p.pid)).sum()
     }
+}
+
+/// The resident size of process `pid`, in bytes (0 if it is gone).
+pub fn resident(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * migrt::image::PAGE as u64
 }
 
 fn live_processes(table: &SessionTable) -> Vec<Proc> {
