@@ -217,6 +217,44 @@ fn precopy_changes(name: &str, env_vars: &[(&str, &str)]) {
 }
 
 #[test]
+fn a_worker_forked_during_the_precopy_rounds_gets_rounds_of_its_own() {
+    // The subject forks a worker (a copy of its 256 MiB) while the first round is being
+    // sent: the worker has no rounds, and it lives on, so it must get rounds of its own
+    // before the freeze rather than go whole with the frozen image. Both go on there,
+    // their memory intact.
+    let env = Env::new("migrate-late-worker");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    let log = env.detach("wk", &[c_program("worker").to_str().unwrap(), "256"]);
+    wait_numbers(&log, "tick ", 2);
+    let pid = env.processes("wk")[0]["pid"].as_i64().unwrap() as i32;
+    let mut args = migrate_args("wk", &agent.addr, &key).to_vec();
+    args.extend(["--mode", "precopy"]);
+    let mut c = env.mig();
+    c.args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let m = c.spawn().unwrap();
+    wait_for_text(&env.root.join("agent.log"), "coming in");
+    // SAFETY: kill takes plain values.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    let o = m.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains(" 2 process(es)"), "the worker went too: {out}");
+    assert!(
+        kib_before(&out, "frozen)") < 32.0 * 1024.0,
+        "the worker's memory went ahead, not frozen: {out}"
+    );
+    let there = agent.session_log("wk");
+    wait_numbers(&there, "worker tick ", 5);
+    wait_numbers(&there, "tick ", 5);
+    let said = std::fs::read_to_string(&there).unwrap();
+    assert!(!said.contains("BAD"), "{said}");
+    assert!(env.processes("wk").is_empty(), "the session ended here");
+}
+
+#[test]
 fn a_wrong_key_or_a_refusing_agent_leaves_the_session_running_here() {
     let env = Env::new("migrate-refused");
     let key = key(&env);

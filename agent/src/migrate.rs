@@ -71,9 +71,13 @@ struct Rounds {
 
 /// Connections to every process of the session, opened while it runs (what starts a
 /// process's control thread is not part of the freeze).
-fn connect_all(live: &sessions::Live, patience: Duration) -> Result<Rounds> {
-    let mut rounds = Rounds::default();
-    for p in live.processes() {
+fn connect_all(live: &sessions::Live, patience: Duration, rounds: &mut Rounds) -> Result<()> {
+    let known: Vec<i32> = rounds.clients.iter().map(|c| c.vpid).collect();
+    for p in live
+        .processes()
+        .into_iter()
+        .filter(|p| !known.contains(&p.vpid))
+    {
         match Client::connect(&live.dir, p.vpid, p.pid, live.table.signal()) {
             Ok(c) => {
                 c.set_patience(patience)?;
@@ -88,23 +92,23 @@ fn connect_all(live: &sessions::Live, patience: Duration) -> Result<Rounds> {
             Err(e) => return Err(e),
         }
     }
-    Ok(rounds)
+    Ok(())
 }
 
-/// Pre-copy rounds while the session runs, until one is small or stops shrinking.
-fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()> {
+/// Pre-copy rounds while the session runs, until one is small or stops shrinking (of the
+/// processes from index `from` on).
+fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32, from: usize) -> Result<()> {
     let progress = migrt::sys::isatty(2);
     let mut previous = u64::MAX;
     let mut buf = vec![0u8; migrt::rounds::RUN * migrt::image::PAGE];
     for r in 0..MAX_ROUNDS {
-        let names: Vec<String> = rounds
-            .clients
+        let names: Vec<String> = rounds.clients[from..]
             .iter()
             .map(|p| format!("pages-{}-{r}.img", p.vpid))
             .collect();
         let first = announce(link, announced, names.clone())?;
         let mut sent = 0;
-        for (k, p) in rounds.clients.iter_mut().enumerate() {
+        for (k, p) in rounds.clients[from..].iter_mut().enumerate() {
             sent += p.round(link, first + k as u32, &mut buf)?;
             p.files.push(names[k].clone());
         }
@@ -130,18 +134,34 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32) -> Result<()
 
 /// A process forked since the rounds began has none: a freeze that catches it stores all
 /// of its memory (a child checking a big parent's memory: hundreds of MiB frozen). So
-/// pre-copy freezes at a moment without such a process holding much, if one comes soon.
-fn wait_for_no_late_process(live: &sessions::Live, rounds: &Rounds) {
-    for _ in 0..40 {
-        let late = live.processes().into_iter().any(|p| {
+/// pre-copy freezes at a moment without such a process holding much, if one comes soon
+/// (a short-lived child); one that lives on gets rounds of its own.
+fn catch_up(
+    live: &sessions::Live,
+    rounds: &mut Rounds,
+    (link, announced): (&Shared, &mut u32),
+    patience: Duration,
+) -> Result<()> {
+    let late = |rounds: &Rounds| {
+        live.processes().into_iter().any(|p| {
             !rounds.clients.iter().any(|c| c.vpid == p.vpid)
                 && sessions::resident(p.pid) > SMALL_ROUND
-        });
-        if !late {
-            return;
+        })
+    };
+    for _ in 0..3 {
+        let mut waited = 0;
+        while late(rounds) && waited < 40 {
+            std::thread::sleep(Duration::from_millis(5));
+            waited += 1;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        if waited < 40 {
+            return Ok(());
+        }
+        let from = rounds.clients.len();
+        connect_all(live, patience, rounds)?;
+        precopy(rounds, link, announced, from)?;
     }
+    Ok(())
 }
 
 /// Where pre-copy went by hash: each such process's memory, frozen now, compared with what
@@ -337,15 +357,14 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     // Any error below drops `frozen` (and the pre-copy connections), which thaws the
     // session here and ends its write tracking.
     let mut announced = 0;
-    let mut rounds = connect_all(&live, a.timeout)?;
+    let mut rounds = Rounds::default();
+    connect_all(&live, a.timeout, &mut rounds)?;
     match a.mode {
-        Mode::Precopy => precopy(&mut rounds, &link, &mut announced),
+        Mode::Precopy => precopy(&mut rounds, &link, &mut announced, 0)
+            .and_then(|_| catch_up(&live, &mut rounds, (&link, &mut announced), a.timeout)),
         Mode::Lazy | Mode::StopAndCopy => Ok(()),
     }
     .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
-    if a.mode == Mode::Precopy {
-        wait_for_no_late_process(&live, &rounds);
-    }
     let (count, before) = (rounds.count, rounds.bytes);
     let (mut open, mut files, mut hashed) = (Vec::new(), HashMap::new(), Vec::new());
     for p in rounds.clients {

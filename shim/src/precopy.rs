@@ -9,7 +9,7 @@
 use crate::interpose::real_pid;
 use migrt::dirty::{NOT_OWN, PageRegion, Tracker};
 use migrt::rounds::Compared;
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
 
 struct State {
@@ -20,12 +20,14 @@ struct State {
     tainted: Vec<(u64, u64)>,
 }
 
+/// (parking_lot's: a forked child can let go of the lock the parent's control thread may
+/// have held at the fork, in the middle of a round.)
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 /// The tracker's fds, for `is_own_fd` and a forked child (which must not use a lock).
 static FDS: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
 
-fn state() -> std::sync::MutexGuard<'static, Option<State>> {
-    STATE.lock().unwrap_or_else(|p| p.into_inner())
+fn state() -> parking_lot::MutexGuard<'static, Option<State>> {
+    STATE.lock()
 }
 
 pub fn is_own_fd(fd: i32) -> bool {
@@ -35,6 +37,11 @@ pub fn is_own_fd(fd: i32) -> bool {
 /// In a forked child: the tracker's fds act on the parent's memory; closed here, and the
 /// state (the parent's) is forgotten at its next use.
 pub fn after_fork_child() {
+    if STATE.is_locked() {
+        // SAFETY: a fork child has one thread, and it holds no guard: the holder was a
+        // thread of the parent, which is not in this process.
+        unsafe { STATE.force_unlock() };
+    }
     for f in &FDS {
         // (Read first: a write costs the child a copy-on-write fault when there is none.)
         if f.load(Relaxed) >= 0 {
