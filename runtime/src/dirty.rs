@@ -115,7 +115,9 @@ pub struct Tracker {
 impl Tracker {
     /// Starts tracking `ranges` (page-aligned, each within one mapping or several): every
     /// page counts as unwritten from now on.
-    pub fn start(ranges: &[(u64, u64)]) -> io::Result<Tracker> {
+    /// A tracker of nothing yet: its fds, made with system calls only (nothing journals
+    /// them: the shim makes them while it holds its journal, see shim/src/precopy.rs).
+    pub fn new() -> io::Result<Tracker> {
         // SAFETY: userfaultfd takes flags only; the fd is fresh and ours.
         let fd = unsafe {
             libc::syscall(
@@ -139,23 +141,52 @@ impl Tracker {
                 format!("userfaultfd asynchronous write-protection (Linux 6.7+): {e}"),
             )
         })?;
-        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
-        let mut t = Tracker {
+        // SAFETY: openat with a NUL-terminated path; the fd is fresh and ours.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/proc/self/pagemap".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let pagemap = unsafe { std::fs::File::from_raw_fd(fd as i32) };
+        Ok(Tracker {
             uffd,
             pagemap,
             ranges: Vec::new(),
-        };
+        })
+    }
+
+    /// Starts tracking `ranges` (those that can be tracked).
+    pub fn track(&mut self, ranges: &[(u64, u64)]) -> io::Result<()> {
         for &(start, end) in ranges {
             let mut reg = [start, end - start, UFFDIO_REGISTER_MODE_WP, 0];
-            if ioctl(t.uffd.as_raw_fd(), UFFDIO_REGISTER, reg.as_mut_ptr().cast()).is_ok() {
-                t.ranges.push((start, end));
+            if ioctl(
+                self.uffd.as_raw_fd(),
+                UFFDIO_REGISTER,
+                reg.as_mut_ptr().cast(),
+            )
+            .is_ok()
+            {
+                self.ranges.push((start, end));
             }
         }
         // Everything write-protected: from here on a write marks its page.
-        for &(start, end) in &t.ranges.clone() {
-            scan(&t.pagemap, start, end, only(PM_SCAN_WP_MATCHING), &mut [])?;
+        for &(start, end) in &self.ranges {
+            scan(
+                &self.pagemap,
+                start,
+                end,
+                only(PM_SCAN_WP_MATCHING),
+                &mut [],
+            )?;
         }
-        Ok(t)
+        Ok(())
     }
 
     /// The ranges being tracked.
@@ -323,7 +354,10 @@ mod tests {
         let start = mem as u64;
         // SAFETY: within the mapping.
         unsafe { std::ptr::write_bytes(mem, 1, len) };
-        let t = match Tracker::start(&[(start, start + len as u64)]) {
+        let t = match Tracker::new().and_then(|mut t| {
+            t.track(&[(start, start + len as u64)])?;
+            Ok(t)
+        }) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("skipped: {e}");

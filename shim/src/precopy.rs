@@ -84,9 +84,23 @@ fn start(st: &mut Option<State>, ranges: &[(u64, u64)]) -> std::io::Result<bool>
     if st.is_some() {
         return Ok(false);
     }
-    let tracker = Tracker::start(ranges)?;
-    for (f, fd) in FDS.iter().zip(tracker.raw_fds()) {
-        f.store(fd, Relaxed);
+    // A fork holds the journal: the tracker's fds are made and noted under it, so that a
+    // fork child always knows them and closes its copies (kept, they would be fds of the
+    // app's in the child, and refuse its next checkpoint).
+    let no_fork = crate::state::shim().map(crate::state::journal);
+    let made = Tracker::new();
+    if let Ok(t) = &made {
+        for (f, fd) in FDS.iter().zip(t.raw_fds()) {
+            f.store(fd, Relaxed);
+        }
+    }
+    drop(no_fork);
+    let mut tracker = made?;
+    if let Err(e) = tracker.track(ranges) {
+        for f in &FDS {
+            f.store(-1, Relaxed);
+        }
+        return Err(e);
     }
     *st = Some(State {
         owner: real_pid(),
