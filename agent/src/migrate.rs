@@ -83,6 +83,7 @@ fn connect_all(live: &sessions::Live, patience: Duration, rounds: &mut Rounds) -
                 c.set_patience(patience)?;
                 rounds.clients.push(Sending {
                     vpid: p.vpid,
+                    pid: p.pid,
                     client: c,
                     files: Vec::new(),
                     hashes: None,
@@ -107,11 +108,18 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32, from: usize)
             .map(|p| format!("pages-{}-{r}.img", p.vpid))
             .collect();
         let first = announce(link, announced, names.clone())?;
-        let mut sent = 0;
+        let (mut sent, mut ended) = (0, Vec::new());
         for (k, p) in rounds.clients[from..].iter_mut().enumerate() {
-            sent += p.round(link, first + k as u32, &mut buf)?;
+            match p.round(link, first + k as u32, &mut buf) {
+                Ok(n) => sent += n,
+                // (A process that ended meanwhile — a short-lived child — is no error; its
+                // round file is not in the image's list.)
+                Err(_) if sessions::gone(p.pid) => ended.push(p.vpid),
+                Err(e) => return Err(e),
+            }
             p.files.push(names[k].clone());
         }
+        rounds.clients.retain(|p| !ended.contains(&p.vpid));
         // The agent may still be storing what it was sent: waited for here, so that the
         // next round (or the freeze) covers only what was written since it is all there.
         sync(link)?;
@@ -370,7 +378,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     for p in rounds.clients {
         open.push((p.vpid, p.client));
         files.insert(p.vpid, p.files);
-        hashed.extend(p.hashes.map(|(pid, h)| (p.vpid, pid, h)));
+        hashed.extend(p.hashes.map(|h| (p.vpid, p.pid, h)));
     }
     let mut frozen = Frozen::freeze_with(&live, open)?;
     let stopped = frozen.at.elapsed();

@@ -158,13 +158,14 @@ impl<'a> Reader<'a> {
 }
 
 /// A process of the session as pre-copy sends it: its connection (its write tracking
-/// lives as long as it), its rounds' files and — where its rounds go by hash — its pid and
-/// what they sent (to compare its memory with once it is frozen).
+/// lives as long as it), its rounds' files and — where its rounds go by hash — what they
+/// sent (to compare its memory with once it is frozen).
 pub struct Sending {
     pub vpid: i32,
+    pub pid: i32,
     pub client: Client,
     pub files: Vec<String>,
-    pub hashes: Option<(i32, PageHashes)>,
+    pub hashes: Option<PageHashes>,
 }
 
 impl Sending {
@@ -192,11 +193,11 @@ impl Sending {
                         self.vpid
                     );
                 }
-                Some((pid, PageHashes::new()))
+                Some(PageHashes::new())
             }
             (false, _) => None,
         };
-        if let Some((_, h)) = hashes.as_mut() {
+        if let Some(h) = hashes.as_mut() {
             h.covering(&runs);
         }
         let mut w = ImageWriter::new(Chunks::new(link, index), Kind::Pages)?;
@@ -204,7 +205,7 @@ impl Sending {
         let mut through = |addr, out: &mut [u8]| client.pages(addr, out);
         let mut reader = Reader::new(pid, &mut through);
         let mut send = |addr, page: &[u8]| match hashes.as_mut() {
-            Some((_, h)) => h.send(addr, page),
+            Some(h) => h.send(addr, page),
             None => !first || !migrt::rounds::is_zero(page),
         };
         let mut unread = Vec::new();
