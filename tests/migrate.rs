@@ -342,7 +342,9 @@ fn held_migration(env: &Env) -> (Agent, std::process::Child, PathBuf, PathBuf) {
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while !agent.state.join("run/sessions/cnt").exists() {
+    // (The session there is made while the image comes; its `restored` note once the
+    // restore goes.)
+    while !agent.state.join("run/sessions/cnt/restored").exists() {
         assert!(t.elapsed() < Duration::from_secs(30), "no restore started");
         std::thread::sleep(Duration::from_millis(2));
     }

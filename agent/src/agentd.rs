@@ -128,7 +128,14 @@ impl Agent {
                     in_memory: crate::spool::in_memory(resident),
                     streamed: std::cell::Cell::new(true),
                 };
-                let result = self.receive(&mut link, &how);
+                let n = self.counter.fetch_add(1, Ordering::SeqCst);
+                let mut spooled = Spooled {
+                    dir: (self.state.join("incoming"))
+                        .join(format!("{name}-{}-{n}", std::process::id())),
+                    files: Vec::new(),
+                    writer: crate::spool::Writer::new(),
+                };
+                let result = self.receive(&mut link, &mut spooled, &how);
                 let result = match result {
                     // The sender went away meanwhile (it was killed): it has let the session
                     // run on there, so this copy must not run too.
@@ -141,6 +148,9 @@ impl Agent {
                     Ok(pager) => {
                         log(format_args!("session {name} restored, running"));
                         let running = link.send(&Msg::Running { name: name.clone() });
+                        // (Its image goes only now, beside what follows: closing a gibibyte
+                        // of memory files takes a millisecond.)
+                        std::thread::spawn(move || drop(spooled));
                         match (running, pager) {
                             (Ok(()), Some(pager)) => self.post_copy(&mut link, &how, pager),
                             (Ok(()), None) => Ok(()),
@@ -222,22 +232,17 @@ impl Agent {
     }
 
     /// Receives a session's images and restores it, with the addresses that move with it
-    /// put on their interfaces here first; the image files go again either way. Lazily: the
-    /// socket its pager asks for the memory still in the sender on.
-    fn receive(&self, link: &mut Link, how: &Incoming) -> Result<Option<Relay>> {
-        let n = self.counter.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            self.state
-                .join("incoming")
-                .join(format!("{}-{}-{n}", how.name, std::process::id()));
-        let result = std::fs::create_dir_all(&dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| self.receive_into(link, &dir, how));
-        let _ = std::fs::remove_dir_all(&dir);
-        result
-    }
-
-    fn receive_into(&self, link: &mut Link, dir: &Path, how: &Incoming) -> Result<Option<Relay>> {
+    /// put on their interfaces here first; its files are in `spooled` (the caller drops them
+    /// once the sender knows). Lazily: the socket its pager asks for the memory still in the
+    /// sender on.
+    fn receive(
+        &self,
+        link: &mut Link,
+        spooled: &mut Spooled,
+        how: &Incoming,
+    ) -> Result<Option<Relay>> {
+        std::fs::create_dir_all(&spooled.dir)?;
+        let (dir, out) = (&spooled.dir, &mut spooled.files);
         let name = how.name;
         // The restore is started first and waits until the image is all here: what it takes
         // to start `mig` is not part of the freeze (nor does it go on beside it: the sender
@@ -258,7 +263,6 @@ impl Agent {
             other => bail!("expected the image's file list, got {other:?}"),
         };
         // Each file, its name and whether it has all come (and the restore been told so).
-        let mut out: Vec<(Arc<std::fs::File>, String, Arrival)> = Vec::new();
         // More files may be announced on the way (pre-copy rounds, then the image).
         let add = |out: &mut Vec<_>, files: &[String]| -> Result<()> {
             if files.is_empty()
@@ -274,12 +278,12 @@ impl Agent {
             }
             Ok(())
         };
-        add(&mut out, &files)?;
+        add(out, &files)?;
         let mut total = 0u64;
         // Chunks of one file follow each other: those of the file the last one was of are
         // written from the frame as it came (not copied out of it first), by the writer
         // while the next is read.
-        let (mut writer, mut last) = (crate::spool::Writer::new(), 0u32);
+        let (writer, mut last) = (&mut spooled.writer, 0u32);
         loop {
             let expected = Msg::Chunk {
                 file: last,
@@ -297,7 +301,7 @@ impl Agent {
                             (file, data, 0..n)
                         }
                         Msg::Files(more) => {
-                            add(&mut out, &more)?;
+                            add(out, &more)?;
                             continue;
                         }
                         Msg::Sync => {
@@ -345,8 +349,6 @@ impl Agent {
             }
             writer.write(f, body, at)?;
         }
-        // (`out` lives on until the restore has opened every file: in memory, a file is
-        // gone when the agent closes it.)
         log(format_args!(
             "session {name}: {total} bytes received, restoring"
         ));
@@ -444,6 +446,24 @@ impl Agent {
             },
             pager,
         ))
+    }
+}
+
+/// An incoming image: its files (in memory, or in `dir`), each with its name and how far it
+/// has come. Removed when dropped — not before the restore has opened every file: in
+/// memory, a file is gone when the agent closes it.
+struct Spooled {
+    dir: PathBuf,
+    files: Vec<(Arc<std::fs::File>, String, Arrival)>,
+    /// What stores the chunks as they come.
+    writer: crate::spool::Writer,
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        self.writer.stop();
+        self.files.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -558,6 +578,16 @@ impl Restore {
 impl Drop for Restore {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // Not told to go yet: told that nothing comes (its input ends), it takes away the
+            // session it made for the image.
+            if c.stdin.take().is_some() {
+                let t = std::time::Instant::now();
+                while c.try_wait().is_ok_and(|s| s.is_none())
+                    && t.elapsed() < Duration::from_secs(1)
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

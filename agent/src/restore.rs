@@ -838,7 +838,75 @@ fn wait_to_go(dir: &Path, lazy: bool) -> Result<ReadAhead> {
     }
 }
 
-pub fn restore(mut a: RestoreArgs) -> Result<i32> {
+/// A restore's session (named, its table made), its log and its restorer: made before the
+/// image is all here when the restore is told when to go (the agent's), out of the freeze —
+/// and a name already taken refuses before the session is frozen at the sender.
+struct Made {
+    dir: migrt::paths::SessionDir,
+    table: SessionTable,
+    /// `--detach`: the file the restored session writes to, and its path.
+    log: Option<(std::fs::File, PathBuf)>,
+    /// The restorer, in memory.
+    restorer: std::fs::File,
+}
+
+impl Made {
+    fn new(rt: &Path, name: &str, a: &RestoreArgs) -> Result<Made> {
+        let signal = migrt::wire::DEFAULT_SIGNAL;
+        // (Its command is written once the image says it.)
+        let dir = sessions::create(rt, Some(name), &[], signal)
+            .map_err(|e| anyhow::anyhow!("{e:#} (restore under another name with --name)"))?;
+        let made = (|| {
+            let log = match a.detach {
+                true => {
+                    let log = a
+                        .log
+                        .clone()
+                        .unwrap_or_else(|| migrt::paths::logs_dir(rt).join(format!("{name}.log")));
+                    if let Some(d) = log.parent() {
+                        std::fs::create_dir_all(d)?;
+                    }
+                    Some((std::fs::File::create(&log)?, log))
+                }
+                false => None,
+            };
+            let restorer = migrt::sys::memfd(c"migrestore", false)?;
+            std::io::Write::write_all(&mut &restorer, RESTORER)?;
+            Ok(Made {
+                table: SessionTable::open(&dir.procs())?,
+                dir: dir.clone(),
+                log,
+                restorer,
+            })
+        })();
+        if made.is_err() {
+            dir.remove();
+        }
+        made
+    }
+}
+
+pub fn restore(a: RestoreArgs) -> Result<i32> {
+    let rt = sessions::runtime_dir()?;
+    let detach = a.detach;
+    let mut made = match (&a.name, a.when_told) {
+        (Some(name), true) => Some(Made::new(&rt, name, &a)?),
+        _ => None,
+    };
+    let result = restore_into(a, &rt, &mut made);
+    if let Some(m) = made
+        && !(detach && result.is_ok())
+    {
+        if result.is_err() {
+            crate::sysv::remove_made(&m.dir.0);
+        }
+        sessions::remove_if_dead(&m.dir);
+    }
+    result
+}
+
+/// The restore, into the session made before (`made`) or made here.
+fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Result<i32> {
     let lazy = a.lazy
         && {
             let ok = crate::pager::available();
@@ -899,12 +967,13 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
 
     // 2. The session, with the same vpid.
     let name = a.name.clone().unwrap_or_else(|| manifest.name.clone());
-    let rt = sessions::runtime_dir()?;
     let command: Vec<String> = img.meta.command.iter().map(|c| c.to_string()).collect();
-    let signal = migrt::wire::DEFAULT_SIGNAL;
-    let dir = sessions::create(&rt, Some(&name), &command, signal)
-        .map_err(|e| anyhow::anyhow!("{e:#} (restore under another name with --name)"))?;
-    let table = SessionTable::open(&dir.procs())?;
+    let made = match made {
+        Some(m) => m,
+        None => made.insert(Made::new(rt, &name, &a)?),
+    };
+    let (dir, table) = (&made.dir, &made.table);
+    sessions::describe(dir, &command)?;
     let rules = a.rebind.to_string();
     std::fs::write(
         dir.0.join("restored"),
@@ -932,190 +1001,166 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     }
 
     // 3. The plan, and the restorer.
-    let result = (|| -> Result<i32> {
-        let mut keep = Vec::new();
-        let policy = objects::Policy {
-            rebind: &a.rebind,
-            allow_changed_files: a.allow_changed_files,
-            fifo_contents: std::cell::RefCell::new(
-                images
-                    .iter()
-                    .flat_map(|i| &i.contents)
-                    .map(|(ino, c)| (*ino, c.0.clone()))
-                    .collect(),
-            ),
-            stdio_given: [
-                a.stdio[0].is_some(),
-                a.stdio[1].is_some() || a.log.is_some(),
-                a.stdio[2].is_some() || a.stdio[1].is_some() || a.log.is_some(),
-            ],
-        };
-        let objects = objects::build(&images, &manifest.shared, &policy)?;
-        let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
-        let sysv_ids = crate::sysv::make(&images, &dir.0)?;
-        let mapped: Vec<Mapped> = images
-            .iter()
-            .map(|i| map_regions(i, &policy, &shared, &mut keep, (lazy, a.when_told)))
-            .collect::<Result<_>>()?;
-        let mut plans = Vec::new();
-        for _ in &images {
-            let f = migrt::sys::memfd(c"migshim-plan", false)?;
-            let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
-            plans.push((f, fd as u64));
-        }
-        let channels = hand_down(&objects)?;
-        let cttys = controlling_terminals(&images, &objects)?;
-        let detach_log = match a.detach {
-            true => {
-                let log = a
-                    .log
-                    .clone()
-                    .unwrap_or_else(|| migrt::paths::logs_dir(&rt).join(format!("{name}.log")));
-                if let Some(d) = log.parent() {
-                    std::fs::create_dir_all(d)?;
-                }
-                Some((std::fs::File::create(&log)?, log))
-            }
-            false => None,
-        };
-        let remote = a.pages_from.take().map(|sock| crate::pager::Remote {
-            sock: sock.into(),
-            vpids: vpids.clone(),
-            ahead: Default::default(),
-        });
-        let pager = match lazy {
-            true => Some(start_pager(
-                &mapped,
-                detach_log.as_ref().map(|l| &l.0),
-                remote,
-            )?),
-            false => None,
-        };
-        let pager_fd = pager.as_ref().map_or(u64::MAX, |p| p.as_raw_fd() as u64);
-        let closes: Vec<u64> = mapped
-            .iter()
-            .flat_map(|m| m.fds.iter().copied())
-            .chain(plans.iter().map(|p| p.1))
-            .chain(channels.iter().map(|c| c.1))
-            .chain(shared.values().copied())
-            .chain(cttys.iter().copied().filter(|&f| f != u64::MAX))
-            .chain(pager.iter().map(|p| p.as_raw_fd() as u64))
-            .collect();
-        for (k, i) in images.iter().enumerate() {
-            let children: Vec<u64> = (0..images.len())
-                .filter(|&c| parent_of(&images[c]) == i.meta.vpid)
-                .map(|c| plans[c].1)
-                .collect();
-            let links = Links {
-                session_dir: &dir.0,
-                children: &children,
-                closes: &closes,
-                channel: channels[k].1,
-                sysv: &crate::sysv::attachments(i, &sysv_ids),
-                ctty: cttys[k],
-                pager: [pager_fd, k as u64],
-            };
-            write_plan(i, &mapped[k].entries, &plans[k].0, &links)?;
-        }
-        let plan_fd = plans[root].1.to_string().into_bytes();
-        let restorer = migrt::sys::memfd(c"migrestore", false)?;
-        use std::io::Write;
-        (&restorer).write_all(RESTORER)?;
-        use std::os::fd::AsRawFd;
-        let mut c = Command::new(format!("/proc/self/fd/{}", restorer.as_raw_fd()));
-        c.arg0("migrestore")
-            .arg(std::ffi::OsStr::from_bytes(&plan_fd))
-            .arg("a");
-        if let Some((out, _)) = &detach_log {
-            c.stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out.try_clone()?)
-                .process_group(0);
-        }
-        let [stdin, stdout, stderr] = &a.stdio;
-        if let Some(p) = stdin {
-            c.stdin(std::fs::File::open(p).with_context(|| format!("--stdin {}", p.display()))?);
-        }
-        let append = |p: &PathBuf| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening {}", p.display()))
-        };
-        if let Some(p) = stdout {
-            c.stdout(append(p)?);
-        }
-        if let Some(p) = stderr.as_ref().or(stdout.as_ref()) {
-            c.stderr(append(p)?);
-        }
-        if !a.detach {
-            terminal::restore_modes(&images);
-        }
-        // (MIGSHIM_RESTORE_PAUSE=FILE, for the tests: the restore waits here, its session
-        // made but nothing of it running yet, until FILE exists.)
-        if let Some(f) = std::env::var_os("MIGSHIM_RESTORE_PAUSE") {
-            while !Path::new(&f).exists() {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        let mut child = c.spawn().context("starting the restorer")?;
-        // (The restored processes hold the pager's socket now: it ends when they all did.)
-        drop(pager);
-        // 4. Running again once each process says it is back (a byte on its channel, sent
-        // when it has its command line, its threads and its timers again).
-        let t = Instant::now();
-        let mut back = vec![false; channels.len()];
-        for (c, _) in &channels {
-            c.set_nonblocking(true)?;
-        }
-        loop {
-            for (k, (c, _)) in channels.iter().enumerate() {
-                let mut byte = [0u8];
-                back[k] |= std::io::Read::read(&mut &*c, &mut byte).is_ok_and(|n| n == 1);
-            }
-            if back.iter().all(|&b| b) {
-                break;
-            }
-            if let Some(st) = child.try_wait()? {
-                let log = detach_log
-                    .as_ref()
-                    .map(|l| format!("; its log, {}, may say why", l.1.display()));
-                bail!(
-                    "the restore failed (restorer exit code {}){}",
-                    exit_code(st),
-                    log.unwrap_or_default()
-                );
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                let _ = child.kill();
-                bail!("the restored process did not come back within 10 s");
-            }
-            // (Woken by the first process not back yet saying so, else soon, to look at
-            // the others and at the restorer.)
-            if let Some((c, _)) = channels
+    let mut keep = Vec::new();
+    let policy = objects::Policy {
+        rebind: &a.rebind,
+        allow_changed_files: a.allow_changed_files,
+        fifo_contents: std::cell::RefCell::new(
+            images
                 .iter()
-                .zip(&back)
-                .find(|(_, b)| !**b)
-                .map(|(c, _)| c)
-            {
-                migrt::sys::wait_readable(c, Duration::from_millis(2))?;
-            }
-        }
-        if a.detach {
-            println!("{name}");
-            return Ok(0);
-        }
-        migrt::sys::ignore_terminal_signals();
-        terminal::redraw(&images);
-        Ok(exit_code(child.wait()?))
-    })();
-    if a.detach && result.is_ok() {
-        return result;
+                .flat_map(|i| &i.contents)
+                .map(|(ino, c)| (*ino, c.0.clone()))
+                .collect(),
+        ),
+        stdio_given: [
+            a.stdio[0].is_some(),
+            a.stdio[1].is_some() || a.log.is_some(),
+            a.stdio[2].is_some() || a.stdio[1].is_some() || a.log.is_some(),
+        ],
+    };
+    let objects = objects::build(&images, &manifest.shared, &policy)?;
+    let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
+    let sysv_ids = crate::sysv::make(&images, &dir.0)?;
+    let mapped: Vec<Mapped> = images
+        .iter()
+        .map(|i| map_regions(i, &policy, &shared, &mut keep, (lazy, a.when_told)))
+        .collect::<Result<_>>()?;
+    let mut plans = Vec::new();
+    for _ in &images {
+        let f = migrt::sys::memfd(c"migshim-plan", false)?;
+        let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
+        plans.push((f, fd as u64));
     }
-    if result.is_err() {
-        crate::sysv::remove_made(&dir.0);
+    let channels = hand_down(&objects)?;
+    let cttys = controlling_terminals(&images, &objects)?;
+    let detach_log = &made.log;
+    let remote = a.pages_from.take().map(|sock| crate::pager::Remote {
+        sock: sock.into(),
+        vpids: vpids.clone(),
+        ahead: Default::default(),
+    });
+    let pager = match lazy {
+        true => Some(start_pager(
+            &mapped,
+            detach_log.as_ref().map(|l| &l.0),
+            remote,
+        )?),
+        false => None,
+    };
+    let pager_fd = pager.as_ref().map_or(u64::MAX, |p| p.as_raw_fd() as u64);
+    let closes: Vec<u64> = mapped
+        .iter()
+        .flat_map(|m| m.fds.iter().copied())
+        .chain(plans.iter().map(|p| p.1))
+        .chain(channels.iter().map(|c| c.1))
+        .chain(shared.values().copied())
+        .chain(cttys.iter().copied().filter(|&f| f != u64::MAX))
+        .chain(pager.iter().map(|p| p.as_raw_fd() as u64))
+        .collect();
+    for (k, i) in images.iter().enumerate() {
+        let children: Vec<u64> = (0..images.len())
+            .filter(|&c| parent_of(&images[c]) == i.meta.vpid)
+            .map(|c| plans[c].1)
+            .collect();
+        let links = Links {
+            session_dir: &dir.0,
+            children: &children,
+            closes: &closes,
+            channel: channels[k].1,
+            sysv: &crate::sysv::attachments(i, &sysv_ids),
+            ctty: cttys[k],
+            pager: [pager_fd, k as u64],
+        };
+        write_plan(i, &mapped[k].entries, &plans[k].0, &links)?;
     }
-    sessions::remove_if_dead(&dir);
-    result
+    let plan_fd = plans[root].1.to_string().into_bytes();
+    use std::os::fd::AsRawFd;
+    let restorer = made.restorer.as_raw_fd();
+    let mut c = Command::new(format!("/proc/self/fd/{restorer}"));
+    c.arg0("migrestore")
+        .arg(std::ffi::OsStr::from_bytes(&plan_fd))
+        .arg("a");
+    if let Some((out, _)) = &detach_log {
+        c.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out.try_clone()?)
+            .process_group(0);
+    }
+    let [stdin, stdout, stderr] = &a.stdio;
+    if let Some(p) = stdin {
+        c.stdin(std::fs::File::open(p).with_context(|| format!("--stdin {}", p.display()))?);
+    }
+    let append = |p: &PathBuf| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("opening {}", p.display()))
+    };
+    if let Some(p) = stdout {
+        c.stdout(append(p)?);
+    }
+    if let Some(p) = stderr.as_ref().or(stdout.as_ref()) {
+        c.stderr(append(p)?);
+    }
+    if !a.detach {
+        terminal::restore_modes(&images);
+    }
+    // (MIGSHIM_RESTORE_PAUSE=FILE, for the tests: the restore waits here, its session
+    // made but nothing of it running yet, until FILE exists.)
+    if let Some(f) = std::env::var_os("MIGSHIM_RESTORE_PAUSE") {
+        while !Path::new(&f).exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let mut child = c.spawn().context("starting the restorer")?;
+    // (The restored processes hold the pager's socket now: it ends when they all did.)
+    drop(pager);
+    // 4. Running again once each process says it is back (a byte on its channel, sent
+    // when it has its command line, its threads and its timers again).
+    let t = Instant::now();
+    let mut back = vec![false; channels.len()];
+    for (c, _) in &channels {
+        c.set_nonblocking(true)?;
+    }
+    loop {
+        for (k, (c, _)) in channels.iter().enumerate() {
+            let mut byte = [0u8];
+            back[k] |= std::io::Read::read(&mut &*c, &mut byte).is_ok_and(|n| n == 1);
+        }
+        if back.iter().all(|&b| b) {
+            break;
+        }
+        if let Some(st) = child.try_wait()? {
+            let log = detach_log
+                .as_ref()
+                .map(|l| format!("; its log, {}, may say why", l.1.display()));
+            bail!(
+                "the restore failed (restorer exit code {}){}",
+                exit_code(st),
+                log.unwrap_or_default()
+            );
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            bail!("the restored process did not come back within 10 s");
+        }
+        // (Woken by the first process not back yet saying so, else soon, to look at
+        // the others and at the restorer.)
+        if let Some((c, _)) = channels
+            .iter()
+            .zip(&back)
+            .find(|(_, b)| !**b)
+            .map(|(c, _)| c)
+        {
+            migrt::sys::wait_readable(c, Duration::from_millis(2))?;
+        }
+    }
+    if a.detach {
+        println!("{name}");
+        return Ok(0);
+    }
+    migrt::sys::ignore_terminal_signals();
+    terminal::redraw(&images);
+    Ok(exit_code(child.wait()?))
 }

@@ -207,6 +207,14 @@ pub fn create(
     )
 }
 
+/// Says what a session runs (its command, as `mig ps` shows it).
+pub fn describe(dir: &SessionDir, command: &[String]) -> Result<()> {
+    let mut meta = read_meta(dir).context("the session's description is gone")?;
+    meta.command = command.to_vec();
+    std::fs::write(dir.meta(), serde_json::to_vec_pretty(&meta)?)?;
+    Ok(())
+}
+
 /// Removes a session's directory if nothing of it lives any more.
 pub fn remove_if_dead(dir: &SessionDir) {
     let alive = SessionTable::open(&dir.procs()).is_ok_and(|t| !live_processes(&t).is_empty());

@@ -177,14 +177,19 @@ impl Writer {
             _ => anyhow::anyhow!("the image writer stopped"),
         }
     }
-}
 
-impl Drop for Writer {
-    fn drop(&mut self) {
+    /// Ends the thread, once it has stored what it was given.
+    pub fn stop(&mut self) {
         self.jobs = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
