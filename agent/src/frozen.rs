@@ -14,6 +14,8 @@ pub struct Frozen<'a> {
     pub live: &'a Live,
     /// (vpid, parent vpid, control connection), in the order they were frozen.
     clients: Vec<(i32, i32, Client)>,
+    /// Their tables as they were frozen.
+    tables: Vec<migrt::table::ProcessTable>,
     pub threads: u32,
     pub at: Instant,
     released: bool,
@@ -44,6 +46,7 @@ impl<'a> Frozen<'a> {
         let mut f = Frozen {
             live,
             clients: Vec::new(),
+            tables: Vec::new(),
             threads: 0,
             at: Instant::now(),
             released: false,
@@ -74,9 +77,12 @@ impl<'a> Frozen<'a> {
                     Err(e) => return Err(e),
                 };
                 match c.call(&Request::Freeze) {
-                    Ok(Response::Frozen { threads: n, .. }) => {
+                    Ok(Response::Frozen {
+                        threads: n, table, ..
+                    }) => {
                         f.threads += n;
                         f.clients.push((p.vpid, p.parent_vpid, c));
+                        f.tables.push(table);
                     }
                     Err(_) if sessions::gone(p.pid) => {}
                     Ok(other) => bail!("process {}: unexpected answer {other:?}", p.vpid),
@@ -107,13 +113,7 @@ impl<'a> Frozen<'a> {
         ignore: bool,
         moving: &[std::net::Ipv4Addr],
     ) -> Result<usize> {
-        let mut tables = Vec::new();
-        for (vpid, _, c) in self.clients.iter_mut() {
-            match c.call(&Request::Table { journal: false })? {
-                Response::Table { table, .. } => tables.push(table),
-                other => bail!("process {vpid}: unexpected answer {other:?}"),
-            }
-        }
+        let mut tables = self.tables.clone();
         migrt::link::link_peers(&mut tables);
         self.shared = migrt::sharing::find(&tables);
         self.handover = migrt::support::handover(&tables, moving);

@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -78,10 +78,12 @@ pub enum Response {
         table: ProcessTable,
         journal: Option<JournalView>,
     },
+    /// Every thread parked: how many, how long that took, and the process's table as it
+    /// is frozen.
     Frozen {
         threads: u32,
-        /// Time it took to park every thread.
         micros: u64,
+        table: ProcessTable,
     },
     Dumped {
         bytes: u64,

@@ -440,6 +440,11 @@ impl Session {
                 crate::restart::keep_table(&table);
                 let folded = crate::state::journal(s).folded().clone();
                 let threads = parked.len() as u32;
+                let response = Response::Frozen {
+                    threads,
+                    micros,
+                    table: table.clone(),
+                };
                 self.frozen = Some(Frozen {
                     parked,
                     table,
@@ -447,7 +452,7 @@ impl Session {
                     repaired: Vec::new(),
                     snapshot: 0,
                 });
-                Response::Frozen { threads, micros }
+                response
             }
             Err(e) => Response::Error(format!("freezing: {e}")),
         }
