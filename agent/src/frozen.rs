@@ -163,18 +163,30 @@ impl<'a> Frozen<'a> {
             processes: Vec::new(),
             shared: self.shared.clone(),
         };
-        for (vpid, parent, c) in self.clients.iter_mut() {
+        for ((vpid, parent, c), table) in self.clients.iter_mut().zip(&self.tables) {
             let (file, path) = place(*vpid)?;
             let rounds = self.rounds.get(vpid).cloned().unwrap_or_default();
             let handover = self.handover.clone();
             let compared = self.compared.get(vpid).cloned();
-            match c.call(&Request::Dump {
+            // The dump walks its memory's page tables where the rounds track it (not by
+            // hash) or it stays here (lazily): mig helps with that.
+            let helping = match rounds.is_empty() || compared.is_some() {
+                true => None,
+                false => crate::walkhelp::start(table.real_pid),
+            };
+            let walked = helping.as_ref().map(|h| h.offer.clone());
+            let answer = c.call(&Request::Dump {
                 path,
                 sync,
                 rounds,
                 handover,
                 compared,
-            })? {
+                walked,
+            });
+            if let Some(h) = helping {
+                h.end();
+            }
+            match answer? {
                 Response::Dumped {
                     bytes: b, snapshot, ..
                 } => {

@@ -23,6 +23,7 @@ mod spool;
 mod sysv;
 mod table;
 mod terminal;
+mod walkhelp;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -249,6 +249,54 @@ pub fn existing_into(
     Ok(scan_into(pagemap, start, end, existing(file_backed, 0), out)? >= end)
 }
 
+/// What a walk of part of a frozen process's memory found, written by another process
+/// that walked it (`existing_into` through /proc/PID/pagemap) for the process's dump,
+/// which walks the rest meanwhile: the count of regions (u64::MAX: the walk did not
+/// complete), then each region's three words, little-endian.
+pub fn write_walked(w: &mut impl io::Write, found: Option<&[PageRegion]>) -> io::Result<()> {
+    let mut bytes = found
+        .map_or(u64::MAX, |f| f.len() as u64)
+        .to_le_bytes()
+        .to_vec();
+    for r in found.unwrap_or_default() {
+        for word in [r.start, r.end, r.categories] {
+            bytes.extend(word.to_le_bytes());
+        }
+    }
+    w.write_all(&bytes)
+}
+
+/// Reads what `write_walked` wrote, appended to `out` within the room it has (nothing is
+/// allocated: for a frozen process's dump). Ok(false) when the walk did not complete or the
+/// room did not suffice.
+pub fn read_walked(r: &mut impl io::Read, out: &mut Vec<PageRegion>) -> io::Result<bool> {
+    let mut count = [0u8; 8];
+    r.read_exact(&mut count)?;
+    let mut left = match u64::from_le_bytes(count) {
+        u64::MAX => return Ok(false),
+        n => n,
+    };
+    let mut buf = [0u8; 24 * 128];
+    let mut fits = true;
+    while left > 0 {
+        let n = left.min(128) as usize;
+        r.read_exact(&mut buf[..n * 24])?;
+        for w in buf[..n * 24].chunks_exact(24) {
+            let word = |i: usize| u64::from_le_bytes(w[i * 8..][..8].try_into().unwrap());
+            fits &= out.len() < out.capacity();
+            if fits {
+                out.push(PageRegion {
+                    start: word(0),
+                    end: word(1),
+                    categories: word(2),
+                });
+            }
+        }
+        left -= n as u64;
+    }
+    Ok(fits)
+}
+
 /// The query for existing pages, with `flags`.
 fn existing(file_backed: bool, flags: u64) -> Query {
     let q = if file_backed { EXISTING } else { EXISTING_ANON };
@@ -420,5 +468,33 @@ mod tests {
         drop(t);
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(mem.cast(), len) };
+    }
+
+    #[test]
+    fn a_walk_passed_on_reads_back_as_found_within_the_room_it_has() {
+        let found: Vec<PageRegion> = (0..300u64)
+            .map(|i| PageRegion {
+                start: i * 8192,
+                end: i * 8192 + 4096,
+                categories: PAGE_IS_PRESENT | ((i % 2) * PAGE_IS_WRITTEN),
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        write_walked(&mut bytes, Some(&found)).unwrap();
+        // Appended after what is there.
+        let mut out = Vec::with_capacity(400);
+        out.push(PageRegion::default());
+        assert!(read_walked(&mut &bytes[..], &mut out).unwrap());
+        assert_eq!(&out[1..], &found[..]);
+        // Not room for all: as many as fit, and false.
+        let mut small = Vec::with_capacity(100);
+        assert!(!read_walked(&mut &bytes[..], &mut small).unwrap());
+        assert_eq!(&small[..], &found[..small.len()]);
+        // A walk that did not complete.
+        let mut failed = Vec::new();
+        write_walked(&mut failed, None).unwrap();
+        assert!(!read_walked(&mut &failed[..], &mut out).unwrap());
+        // Cut short: an error, not a guess.
+        assert!(read_walked(&mut &bytes[..100], &mut Vec::with_capacity(400)).is_err());
     }
 }

@@ -39,6 +39,7 @@ pub enum Request {
         handover: Vec<u64>,
         /// Rounds made by hash: what mig found changed since the last one.
         compared: Option<crate::rounds::Compared>,
+        walked: Option<Walked>,
     },
     /// While running: a pre-copy round — which runs of its memory to send (the first
     /// round: all it has; the next ones: what was written since the round before). Mig
@@ -67,6 +68,11 @@ pub enum Request {
     /// End the process (after a complete checkpoint).
     Stop,
 }
+
+/// `(path, start, end)`: mig walks `start..end`, the upper part of one large anonymous
+/// mapping, while the process dumps, and writes what it finds into the pipe at `path`
+/// (dirty::write_walked); the dump reads it from there rather than walk that part.
+pub type Walked = (String, u64, u64);
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {

@@ -343,6 +343,7 @@ impl Session {
                 rounds,
                 handover,
                 compared,
+                walked,
             } => match (&mut self.frozen, shim()) {
                 (Some(f), Some(s)) => {
                     let sockets = match crate::dump::socket_states(f, &handover) {
@@ -353,7 +354,8 @@ impl Session {
                     let write = || {
                         let p = std::path::Path::new(&path);
                         crate::precopy::with_delta(compared.as_ref(), |d| {
-                            crate::dump::dump(s, p, frozen, &sockets, sync, (&rounds, d))
+                            let delta = (&rounds[..], d, walked.as_ref());
+                            crate::dump::dump(s, p, frozen, &sockets, sync, delta)
                         })
                     };
                     // A dump that raced its own heap growth is written again (see dump.rs);

@@ -12,6 +12,7 @@ use migrt::dirty::{NOT_OWN, PAGE_IS_PRESENT, PAGE_IS_WRITTEN as WRITTEN, PageReg
 use migrt::image::{ImageWriter, Kind, PAGE, Precopied, ProcessMeta, Region, Tag, ThreadState};
 use migrt::record::Bytes;
 use migrt::table::{Folded, ProcessTable};
+use migrt::wire::Walked;
 use std::io::{Read, Seek, SeekFrom};
 
 use std::os::unix::ffi::OsStrExt;
@@ -81,7 +82,7 @@ pub fn dump(
     frozen: &Frozen,
     sockets: &[migrt::sockstate::SocketState],
     sync: bool,
-    (rounds, delta): (&[String], Option<&Delta>),
+    (rounds, delta, walked): (&[String], Option<&Delta>, Option<&Walked>),
 ) -> std::io::Result<Dumped> {
     // Kept in the source (lazy migration): only what the target's pager fills in; the
     // rest (the stack, private file mappings' changed pages) goes with the image.
@@ -156,6 +157,14 @@ pub fn dump(
     // just before the loop, and nothing is allocated or freed from then until the pages are
     // written (the control thread's own heap, ctlheap.rs, is part of what is written).
     let mut maps_file = std::fs::File::open("/proc/self/maps")?;
+    let mut help = walked.and_then(|(path, start, end)| {
+        let file = std::fs::File::open(path).ok()?;
+        Some(Help {
+            file,
+            start: *start,
+            end: *end,
+        })
+    });
     let maps_text = &mut scratch.maps[..];
     let mut spans: Vec<Span> = Vec::with_capacity(1 << 16);
     let own = own.to_vec();
@@ -267,8 +276,13 @@ pub fn dump(
                 // (A mapping holding little goes with the image: image::SMALL_REGION.)
                 (true, _) => {
                     pageable
-                        && migrt::dirty::existing_into(&pagemap, (start, end), file, &mut existing)
-                            .unwrap_or(false)
+                        && existing_with_help(
+                            &mut help,
+                            (start, end),
+                            !file,
+                            |r, out| migrt::dirty::existing_into(&pagemap, r, file, out),
+                            &mut existing,
+                        )
                         && existing
                             .iter()
                             .filter(|p| p.categories & NOT_OWN == 0)
@@ -278,8 +292,13 @@ pub fn dump(
                 }
                 (false, Some(d)) => {
                     d.covers(start, end)
-                        && d.existing_into((start, end), file, &mut existing)
-                            .unwrap_or(false)
+                        && existing_with_help(
+                            &mut help,
+                            (start, end),
+                            pageable && !file,
+                            |r, out| d.existing_into(r, file, out),
+                            &mut existing,
+                        )
                 }
                 (false, None) => false,
             }
@@ -428,6 +447,40 @@ pub fn dump(
         pages,
         snapshot: snapshot.keep(),
     })
+}
+
+/// mig's part of the walk of one large anonymous mapping (`start..end`, its upper part):
+/// what it found comes through `file`.
+struct Help {
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+}
+
+/// The pages of `start..end` that exist, appended to `existing` (nothing is allocated):
+/// walked here (`walk`), but for the upper part mig walked meanwhile (`help`, where it
+/// fits, `may`: a mapping of the app's own, not file-backed), read from it — or walked
+/// here after all if that fails (a dump written again finds it read already). False where
+/// `existing` has no room.
+fn existing_with_help(
+    help: &mut Option<Help>,
+    (start, end): (u64, u64),
+    may: bool,
+    walk: impl Fn((u64, u64), &mut Vec<PageRegion>) -> std::io::Result<bool>,
+    existing: &mut Vec<PageRegion>,
+) -> bool {
+    match help.take_if(|h| may && h.end == end && start < h.start && h.start < end) {
+        Some(mut h) => {
+            walk((start, h.start), existing).unwrap_or(false) && {
+                let before = existing.len();
+                migrt::dirty::read_walked(&mut h.file, existing).unwrap_or(false) || {
+                    existing.truncate(before);
+                    walk((h.start, end), existing).unwrap_or(false)
+                }
+            }
+        }
+        None => walk((start, end), existing).unwrap_or(false),
+    }
 }
 
 /// Adds `start..end` to the kept ranges (merged; within the room they have: when full, the
