@@ -31,6 +31,8 @@ pub struct Frozen<'a> {
     /// itself, or a snapshot of it: a pid), read directly while that is allowed (ptrace
     /// access: same user, no stricter Yama policy).
     snapshots: std::collections::HashMap<i32, i32>,
+    /// Walks part of the memory of each process whose dump walks it (walkhelp.rs).
+    pub walker: Option<crate::walkhelp::Walker>,
 }
 
 impl<'a> Frozen<'a> {
@@ -55,6 +57,7 @@ impl<'a> Frozen<'a> {
             compared: Default::default(),
             handover: Vec::new(),
             snapshots: Default::default(),
+            walker: None,
         };
         loop {
             let newcomers: Vec<_> = live
@@ -172,7 +175,7 @@ impl<'a> Frozen<'a> {
             // hash) or it stays here (lazily): mig helps with that.
             let helping = match rounds.is_empty() || compared.is_some() {
                 true => None,
-                false => crate::walkhelp::start(table.real_pid),
+                false => self.walker.as_ref().and_then(|w| w.start(table.real_pid)),
             };
             let walked = helping.as_ref().map(|h| h.offer.clone());
             let answer = c.call(&Request::Dump {

@@ -380,9 +380,11 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         files.insert(p.vpid, p.files);
         hashed.extend(p.hashes.map(|h| (p.vpid, p.pid, h)));
     }
+    let walker = crate::walkhelp::Walker::new();
     let mut frozen = Frozen::freeze_with(&live, open)?;
     let stopped = frozen.at.elapsed();
     frozen.rounds = files;
+    frozen.walker = Some(walker);
     // Lazily, each process's dump keeps its anonymous memory here (in the frozen process
     // itself), to be fetched after the session runs on the target.
     if a.mode == Mode::Lazy {
