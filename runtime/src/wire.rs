@@ -69,10 +69,18 @@ pub enum Request {
     Stop,
 }
 
-/// `(path, start, end)`: mig walks `start..end`, the upper part of one large anonymous
-/// mapping, while the process dumps, and writes what it finds into the pipe at `path`
-/// (dirty::write_walked); the dump reads it from there rather than walk that part.
-pub type Walked = (String, u64, u64);
+/// mig walks `start..end`, the upper part of one large anonymous mapping, while the
+/// process dumps: once the dump writes a byte into the pipe at `go` (when it has mapped
+/// all it maps: the walk holds the memory map's lock, a mapping made would wait for all of
+/// it), and writes what it finds into the pipe at `found` (dirty::write_walked). The dump
+/// reads it from there rather than walk that part.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Walked {
+    pub go: String,
+    pub found: String,
+    pub start: u64,
+    pub end: u64,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {

@@ -157,12 +157,13 @@ pub fn dump(
     // just before the loop, and nothing is allocated or freed from then until the pages are
     // written (the control thread's own heap, ctlheap.rs, is part of what is written).
     let mut maps_file = std::fs::File::open("/proc/self/maps")?;
-    let mut help = walked.and_then(|(path, start, end)| {
-        let file = std::fs::File::open(path).ok()?;
+    let mut help = walked.and_then(|w| {
+        let go = std::fs::OpenOptions::new().write(true).open(&w.go).ok()?;
         Some(Help {
-            file,
-            start: *start,
-            end: *end,
+            file: std::fs::File::open(&w.found).ok()?,
+            go: Some(go),
+            start: w.start,
+            end: w.end,
         })
     });
     let maps_text = &mut scratch.maps[..];
@@ -249,6 +250,10 @@ pub fn dump(
                     && (!crate::ctlheap::holds_libc_arena(start, end) || name == b"[heap]"),
             });
         }
+    }
+    // mig walks its part from now on (nothing is mapped from here to the end).
+    if let Some(go) = help.as_mut().and_then(|h| h.go.take()) {
+        let _ = std::io::Write::write_all(&mut &go, &[1]);
     }
     let mut pages = 0u64;
     // What counts as written since: in the source, nothing (all of it stays there).
@@ -453,6 +458,8 @@ pub fn dump(
 /// what it found comes through `file`.
 struct Help {
     file: std::fs::File,
+    /// Told to go on this once the dump maps nothing more.
+    go: Option<std::fs::File>,
     start: u64,
     end: u64,
 }
