@@ -31,6 +31,8 @@ pub struct Frozen<'a> {
     /// itself, or a snapshot of it: a pid), read directly while that is allowed (ptrace
     /// access: same user, no stricter Yama policy).
     snapshots: std::collections::HashMap<i32, i32>,
+    /// Whether they are read directly (outgoing::read_pages).
+    direct: bool,
     /// Walks part of the memory of each process whose dump walks it (walkhelp.rs).
     pub walker: Option<crate::walkhelp::Walker>,
 }
@@ -57,6 +59,7 @@ impl<'a> Frozen<'a> {
             compared: Default::default(),
             handover: Vec::new(),
             snapshots: Default::default(),
+            direct: crate::outgoing::reads_directly(),
             walker: None,
         };
         loop {
@@ -194,8 +197,7 @@ impl<'a> Frozen<'a> {
                     bytes: b, snapshot, ..
                 } => {
                     bytes += b;
-                    // (MIGSHIM_PAGES_THROUGH_SHIM: the tests take the other way too.)
-                    if snapshot > 0 && std::env::var_os("MIGSHIM_PAGES_THROUGH_SHIM").is_none() {
+                    if snapshot > 0 {
                         self.snapshots.insert(*vpid, snapshot);
                     }
                 }
@@ -210,24 +212,19 @@ impl<'a> Frozen<'a> {
     /// `len` bytes of process `vpid`'s memory at `addr` as it was dumped (kept here), into
     /// `buf`.
     pub fn pages(&mut self, vpid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
-        if let Some(&pid) = self.snapshots.get(&vpid) {
-            match migrt::sys::read_memory(pid, addr, buf) {
-                Ok(()) => return Ok(()),
-                // Not allowed to: through the process itself from now on.
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                    self.snapshots.clear();
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("process {vpid}'s memory at {addr:#x}"));
-                }
-            }
-        }
         let c = self
             .clients
             .iter_mut()
             .find(|c| c.0 == vpid)
             .with_context(|| format!("no process {vpid} in this session"))?;
-        c.2.pages(addr, buf)
+        match self.snapshots.get(&vpid) {
+            Some(&pid) => {
+                crate::outgoing::read_pages(&mut self.direct, pid, (addr, buf), |a, b| {
+                    c.2.pages(a, b)
+                })
+            }
+            None => c.2.pages(addr, buf),
+        }
     }
 
     /// Tells every process that mig is still there (a frozen process left alone for long

@@ -6,7 +6,7 @@
 use crate::client::Client;
 use crate::frozen::human;
 use crate::peer::{CHUNK, Link, Msg};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use migrt::image::{ImageWriter, Kind};
 use migrt::rounds::PageHashes;
 use migrt::wire::{Request, Response};
@@ -120,8 +120,32 @@ pub fn finish(s: Option<Stream>) -> Result<()> {
     Ok(())
 }
 
-/// Where mig reads a process's pages: from its memory directly, or — where the kernel does
-/// not let it (a process that made itself undumpable) — `through` the process.
+/// Whether mig reads the memory of a session's processes itself (process_vm_readv), as
+/// it does unless told otherwise. (MIGSHIM_PAGES_THROUGH_SHIM: the tests take the other
+/// way too.)
+pub fn reads_directly() -> bool {
+    std::env::var_os("MIGSHIM_PAGES_THROUGH_SHIM").is_none()
+}
+
+/// `out.len()` bytes of process `pid`'s memory at `addr`: read directly while `*direct`,
+/// else — and from the first refusal on (a process that made itself undumpable, a stricter
+/// Yama policy) — `through` the process.
+pub fn read_pages(
+    direct: &mut bool,
+    pid: i32,
+    (addr, out): (u64, &mut [u8]),
+    through: impl FnOnce(u64, &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    if *direct {
+        match migrt::sys::read_memory(pid, addr, out) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => *direct = false,
+            r => return r.with_context(|| format!("process {pid}'s memory at {addr:#x}")),
+        }
+    }
+    through(addr, out)
+}
+
+/// Where mig reads a process's pages (read_pages), noting whether a read failed.
 pub struct Reader<'a> {
     pub pid: i32,
     through: &'a mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
@@ -135,25 +159,15 @@ impl<'a> Reader<'a> {
         Reader {
             pid,
             through,
-            // (MIGSHIM_PAGES_THROUGH_SHIM: the tests take the other way too.)
-            direct: std::env::var_os("MIGSHIM_PAGES_THROUGH_SHIM").is_none(),
+            direct: reads_directly(),
             failed: false,
         }
     }
 
     pub fn read(&mut self, addr: u64, out: &mut [u8]) -> std::io::Result<()> {
-        let r = match self.direct {
-            true => match migrt::sys::read_memory(self.pid, addr, out) {
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                    self.direct = false;
-                    return self.read(addr, out);
-                }
-                r => r,
-            },
-            false => (self.through)(addr, out).map_err(std::io::Error::other),
-        };
+        let r = read_pages(&mut self.direct, self.pid, (addr, out), &mut *self.through);
         self.failed |= r.is_err();
-        r
+        r.map_err(std::io::Error::other)
     }
 }
 
