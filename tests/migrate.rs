@@ -282,6 +282,8 @@ fn a_wrong_key_or_a_refusing_agent_leaves_the_session_running_here() {
     let o = migrate(&env, "cnt", &agent.addr, &key);
     assert_refused(&o, &["limit", "runs on here"]);
     assert_runs_on_here(&env, &log);
+    // The session made there for it (while the image came) is gone again.
+    assert!(!agent.state.join("run/sessions/cnt").exists());
     env.stop("cnt");
 }
 
@@ -401,6 +403,30 @@ fn a_sender_killed_while_the_target_restores_leaves_one_copy_running_here() {
     wait_gone(&agent.restored_pids());
     counts_on_undamaged(&log, 3);
     assert_eq!(env.processes("cnt").len(), 1);
+    env.stop("cnt");
+}
+
+#[test]
+fn a_name_being_taken_at_the_target_is_refused_before_anything_is_frozen() {
+    // A session of that name is being made there (its directory without its description
+    // yet, as `mig run` leaves it for a moment): the agent lets it come (nothing of that
+    // name runs), but the restore it starts cannot take the name — which it tries while
+    // the image is still to come, so the sender hears it before it freezes anything.
+    let env = Env::new("migrate-name-taken");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    std::fs::create_dir_all(agent.state.join("run/sessions/cnt")).unwrap();
+    let log = env.detach("cnt", &[c_program("counter").to_str().unwrap(), "40", "4"]);
+    wait_numbers(&log, "count ", 3);
+    let o = migrate(&env, "cnt", &agent.addr, &key);
+    assert_refused(&o, &["refused", "being created right now"]);
+    let said = std::fs::read_to_string(env.root.join("agent.log")).unwrap();
+    assert!(said.contains("being created right now"), "{said}");
+    assert!(
+        !said.contains("coming in"),
+        "refused before the image came: {said}"
+    );
+    assert_runs_on_here(&env, &log);
     env.stop("cnt");
 }
 

@@ -854,8 +854,7 @@ impl Made {
     fn new(rt: &Path, name: &str, a: &RestoreArgs) -> Result<Made> {
         let signal = migrt::wire::DEFAULT_SIGNAL;
         // (Its command is written once the image says it.)
-        let dir = sessions::create(rt, Some(name), &[], signal)
-            .map_err(|e| anyhow::anyhow!("{e:#} (restore under another name with --name)"))?;
+        let dir = sessions::create(rt, Some(name), &[], signal)?;
         let made = (|| {
             let log = match a.detach {
                 true => {
