@@ -77,7 +77,18 @@ impl Client {
     }
 
     pub fn call(&mut self, req: &Request) -> Result<Response> {
-        wire::write_frame(&mut self.stream, req)?;
+        self.send(req)?;
+        self.answer()
+    }
+
+    /// A request whose answer is read later (`answer`): several processes work on theirs
+    /// at once.
+    pub fn send(&mut self, req: &Request) -> Result<()> {
+        Ok(wire::write_frame(&mut self.stream, req)?)
+    }
+
+    /// The answer to the request sent last.
+    pub fn answer(&mut self) -> Result<Response> {
         let resp: Response = wire::read_frame(&mut self.stream)
             .with_context(|| format!("no answer from process {}", self.vpid))?;
         if let Response::Error(e) = &resp {

@@ -71,6 +71,9 @@ impl<'a> Frozen<'a> {
             if newcomers.is_empty() {
                 break;
             }
+            // Each process starts freezing as soon as it is asked; the answers are read
+            // once all are. (One dropped unanswered thaws: its connection closes.)
+            let mut asked = Vec::new();
             for p in newcomers {
                 let known = open.iter().position(|o| o.0 == p.vpid);
                 let connected = match known {
@@ -82,7 +85,14 @@ impl<'a> Frozen<'a> {
                     Err(_) if sessions::gone(p.pid) => continue,
                     Err(e) => return Err(e),
                 };
-                match c.call(&Request::Freeze) {
+                match c.send(&Request::Freeze) {
+                    Ok(()) => asked.push((p, c)),
+                    Err(_) if sessions::gone(p.pid) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            for (p, mut c) in asked {
+                match c.answer() {
                     Ok(Response::Frozen {
                         threads: n, table, ..
                     }) => {
