@@ -6,6 +6,19 @@ use migrt::wire::{self, Request, Response};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+/// Why a connection failed: the process has exited (its pid may be another's by the time
+/// the caller looks).
+#[derive(Debug)]
+pub struct Exited;
+
+impl std::fmt::Display for Exited {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("exited")
+    }
+}
+
+impl std::error::Error for Exited {}
+
 pub struct Client {
     stream: UnixStream,
     vpid: i32,
@@ -36,10 +49,10 @@ impl Client {
                 Err(_) => {}
             }
             if crate::sessions::gone(pid) {
-                bail!(
+                return Err(anyhow::Error::new(Exited).context(format!(
                     "process {vpid} (pid {pid}) of session {} has exited",
                     dir.name()
-                );
+                )));
             }
             if last_wake.is_none_or(|t| t.elapsed() > Duration::from_millis(50)) {
                 let tasks = migrt::procfs::list_tasks(&pid.to_string());

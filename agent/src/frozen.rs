@@ -82,7 +82,9 @@ impl<'a> Frozen<'a> {
                 };
                 let mut c = match connected {
                     Ok(c) => c,
-                    Err(_) if sessions::gone(p.pid) => continue,
+                    Err(e) if sessions::gone(p.pid) || e.is::<crate::client::Exited>() => {
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 };
                 match c.send(&Request::Freeze) {
@@ -179,44 +181,90 @@ impl<'a> Frozen<'a> {
             processes: Vec::new(),
             shared: self.shared.clone(),
         };
-        for ((vpid, parent, c), table) in self.clients.iter_mut().zip(&self.tables) {
-            let (file, path) = place(*vpid)?;
-            let rounds = self.rounds.get(vpid).cloned().unwrap_or_default();
-            let handover = self.handover.clone();
-            let compared = self.compared.get(vpid).cloned();
-            // The dump walks its memory's page tables where the rounds track it (not by
-            // hash) or it stays here (lazily): mig helps with that.
-            let helping = match rounds.is_empty() || compared.is_some() {
-                true => None,
-                false => self.walker.as_ref().and_then(|w| w.start(table.real_pid)),
-            };
-            let walked = helping.as_ref().map(|h| h.offer.clone());
-            let answer = c.call(&Request::Dump {
-                path,
-                sync,
-                rounds,
-                handover,
-                compared,
-                walked,
+        // Processes that hold no pipe or FIFO in common are asked all at once and write
+        // their images meanwhile; the answers are read in order. Ones that do are dumped
+        // one after the other (a dump reads out what a pipe holds and puts it back).
+        // (Once one was asked, its answer is read, even after a failure.)
+        let at_once = !share_a_pipe(&self.tables);
+        let (mut asked, mut failed) = (Vec::new(), None);
+        for k in 0..self.clients.len() {
+            let vpid = self.clients[k].0;
+            let sent = place(vpid).and_then(|(file, path)| {
+                let rounds = self.rounds.get(&vpid).cloned().unwrap_or_default();
+                let compared = self.compared.get(&vpid).cloned();
+                // The dump walks its memory's page tables where the rounds track it (not
+                // by hash) or it stays here (lazily): mig helps with that.
+                let helping = match rounds.is_empty() || compared.is_some() {
+                    true => None,
+                    false => (self.walker.as_ref()).and_then(|w| w.start(self.tables[k].real_pid)),
+                };
+                self.clients[k].2.send(&Request::Dump {
+                    path,
+                    sync,
+                    rounds,
+                    handover: self.handover.clone(),
+                    compared,
+                    walked: helping.as_ref().map(|h| h.offer.clone()),
+                })?;
+                Ok((k, file, helping))
             });
+            match sent {
+                Ok(one) => asked.push(one),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if !at_once {
+                bytes += self.answers(asked.drain(..), &mut manifest, &mut failed);
+                if failed.is_some() {
+                    break;
+                }
+            }
+        }
+        bytes += self.answers(asked.drain(..), &mut manifest, &mut failed);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok((bytes, manifest))
+    }
+
+    /// Reads the answers of the processes `asked` to dump (index, image file, mig's walk),
+    /// adding each dumped one to `manifest` and keeping the first failure in `failed`;
+    /// returns the bytes they wrote.
+    fn answers(
+        &mut self,
+        asked: impl Iterator<Item = (usize, String, Option<crate::walkhelp::Helping>)>,
+        manifest: &mut SessionManifest,
+        failed: &mut Option<anyhow::Error>,
+    ) -> u64 {
+        let mut bytes = 0;
+        for (k, file, helping) in asked {
+            let (vpid, parent, c) = &mut self.clients[k];
+            let answer = c.answer();
             if let Some(h) = helping {
                 h.end();
             }
-            match answer? {
-                Response::Dumped {
+            match answer {
+                Ok(Response::Dumped {
                     bytes: b, snapshot, ..
-                } => {
+                }) => {
                     bytes += b;
                     if snapshot > 0 {
                         self.snapshots.insert(*vpid, snapshot);
                     }
+                    manifest.processes.push((*vpid, *parent, file));
                 }
-                Response::Error(e) => bail!("process {vpid}: {e}"),
-                other => bail!("process {vpid}: unexpected answer {other:?}"),
+                Ok(other) => {
+                    let e = anyhow::anyhow!("process {vpid}: unexpected answer {other:?}");
+                    failed.get_or_insert(e);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
-            manifest.processes.push((*vpid, *parent, file));
         }
-        Ok((bytes, manifest))
+        bytes
     }
 
     /// `len` bytes of process `vpid`'s memory at `addr` as it was dumped (kept here), into
@@ -314,4 +362,23 @@ pub fn human(b: u64) -> String {
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
         b => format!("{:.1} KiB", b as f64 / 1024.0),
     }
+}
+
+/// Whether two of the processes hold the same pipe or FIFO (either end).
+fn share_a_pipe(tables: &[migrt::table::ProcessTable]) -> bool {
+    use migrt::table::Object;
+    let mut seen: Vec<(u64, i32)> = Vec::new();
+    for t in tables {
+        for f in &t.fds {
+            let ino = match &f.object {
+                Object::Pipe { ino, .. } | Object::Fifo { ino, .. } => *ino,
+                _ => continue,
+            };
+            if seen.iter().any(|&(i, v)| i == ino && v != t.vpid) {
+                return true;
+            }
+            seen.push((ino, t.vpid));
+        }
+    }
+    false
 }

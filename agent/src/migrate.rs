@@ -225,10 +225,9 @@ fn transfer(
         .collect();
     files.push("session.img".into());
     let base = announce(link, announced, files.clone())?;
-    let mut pending: Option<Stream> = None;
+    let mut streams: Vec<Stream> = Vec::new();
     let dumped = frozen.dump(
         |vpid| {
-            finish(pending.take())?;
             let file = format!("proc-{vpid}.img");
             let index = files
                 .iter()
@@ -236,13 +235,14 @@ fn transfer(
                 .context("a process that came meanwhile")?;
             let stream = stream_to(link, base + index as u32)?;
             let path = stream.1.clone();
-            pending = Some(stream);
+            streams.push(stream);
             Ok((file, path))
         },
         false,
     );
-    // The forwarder ends either way (its pipe closes), and says why it failed first.
-    finish(pending.take())?;
+    // The forwarders end either way (their pipes close), and say why one failed first.
+    let finished: Vec<Result<()>> = streams.into_iter().map(finish).collect();
+    finished.into_iter().collect::<Result<()>>()?;
     let (mut bytes, manifest) = dumped?;
     let session = manifest_bytes(&manifest)?;
     bytes += session.len() as u64;

@@ -111,13 +111,10 @@ pub fn stream_to(link: &Shared, index: u32) -> Result<Stream> {
 }
 
 /// Ends a stream: the forwarder sees the end of the file, and says why it failed first.
-pub fn finish(s: Option<Stream>) -> Result<()> {
-    if let Some((w, _, t)) = s {
-        drop(w);
-        t.join()
-            .map_err(|_| anyhow::anyhow!("the forwarding thread failed"))??;
-    }
-    Ok(())
+pub fn finish((w, _, t): Stream) -> Result<()> {
+    drop(w);
+    t.join()
+        .map_err(|_| anyhow::anyhow!("the forwarding thread failed"))?
 }
 
 /// Whether mig reads the memory of a session's processes itself (process_vm_readv), as
