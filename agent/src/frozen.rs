@@ -181,9 +181,9 @@ impl<'a> Frozen<'a> {
             processes: Vec::new(),
             shared: self.shared.clone(),
         };
-        // Processes that hold no pipe or FIFO in common are asked all at once and write
-        // their images meanwhile; the answers are read in order. Ones that do are dumped
-        // one after the other (a dump reads out what a pipe holds and puts it back).
+        // Processes that read out no pipe or FIFO in common are asked all at once and
+        // write their images meanwhile; the answers are read in order. Otherwise they are
+        // dumped one after the other (a dump reads out what a pipe holds and puts it back).
         // (Once one was asked, its answer is read, even after a failure.)
         let at_once = !share_a_pipe(&self.tables);
         let (mut asked, mut failed) = (Vec::new(), None);
@@ -364,14 +364,20 @@ pub fn human(b: u64) -> String {
     }
 }
 
-/// Whether two of the processes hold the same pipe or FIFO (either end).
+/// Whether two of the processes would both read out what the same pipe (a read end) or
+/// FIFO (either end) holds when they dump.
 fn share_a_pipe(tables: &[migrt::table::ProcessTable]) -> bool {
-    use migrt::table::Object;
+    use migrt::table::{Object, PipeEnd};
     let mut seen: Vec<(u64, i32)> = Vec::new();
     for t in tables {
         for f in &t.fds {
             let ino = match &f.object {
-                Object::Pipe { ino, .. } | Object::Fifo { ino, .. } => *ino,
+                Object::Pipe {
+                    ino,
+                    end: PipeEnd::Read,
+                    ..
+                }
+                | Object::Fifo { ino, .. } => *ino,
                 _ => continue,
             };
             if seen.iter().any(|&(i, v)| i == ino && v != t.vpid) {
