@@ -207,14 +207,34 @@ fn kill_sessions(rt: &Path) {
         .env("MIGSHIM_RUNTIME_DIR", rt)
         .args(["ps", "--json"])
         .output();
+    let mut killed = Vec::new();
     if let Ok(Value::Array(sessions)) =
         out.map(|o| serde_json::from_slice::<Value>(&o.stdout).unwrap_or(Value::Null))
     {
         for s in sessions {
             for p in s["processes"].as_array().into_iter().flatten() {
+                let pid = p["pid"].as_i64().unwrap_or(0) as i32;
                 // SAFETY: cleaning up our own test sessions.
-                unsafe { libc::kill(p["pid"].as_i64().unwrap_or(0) as i32, libc::SIGKILL) };
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed.push(pid);
             }
+        }
+    }
+    // System V segments they made (a subject killed before it removed its own).
+    let segments = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+    for l in segments.lines().skip(1) {
+        // key shmid perms size cpid ...
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let parsed = (
+            f.get(1).map(|s| s.parse()),
+            f.get(4).map(|s| s.parse::<i32>()),
+        );
+        if let (Some(Ok(id)), Some(Ok(cpid))) = parsed
+            && killed.contains(&cpid)
+        {
+            // SAFETY: removing a segment a killed test process made (it goes once no one
+            // has it attached).
+            unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
         }
     }
 }
@@ -222,20 +242,33 @@ fn kill_sessions(rt: &Path) {
 impl Drop for Env {
     fn drop(&mut self) {
         kill_sessions(&self.rt);
-        // (Session tables may live in /dev/shm, linked from their session's directory.)
+        // (Session tables may live in /dev/shm, linked from their session's directory;
+        // System V segments a restore made outlive the processes killed.)
         remove_tables(&self.root, 6);
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
 /// Removes the session tables in /dev/shm linked from session directories under `dir` (the
-/// tests' own and their agents'), down to `depth` levels.
+/// tests' own and their agents'), and the System V segments their restores made (listed
+/// in the session's `sysv` file: old and new id per line), down to `depth` levels.
 pub fn remove_tables(dir: &Path, depth: u32) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = e.path();
         match std::fs::read_link(&path) {
             Ok(table) if e.file_name() == "procs" => {
                 let _ = std::fs::remove_file(table);
+            }
+            Err(_) if e.file_name() == "sysv" => {
+                let made = std::fs::read_to_string(&path).unwrap_or_default();
+                for id in made
+                    .lines()
+                    .filter_map(|l| l.split_once(' ')?.1.parse().ok())
+                {
+                    // SAFETY: removing a segment a test's restore made (it goes once no one
+                    // has it attached).
+                    unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+                }
             }
             Err(_) if depth > 0 && e.file_type().is_ok_and(|t| t.is_dir()) => {
                 remove_tables(&path, depth - 1)
