@@ -241,41 +241,47 @@ fn kill_sessions(rt: &Path) {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // System V segments the sessions' restores made outlive the processes killed
+        // (listed in each session's `sysv` file: old and new id per line; read before the
+        // cleanup of dead sessions takes the files away).
+        each_under(&self.root, 6, "sysv", &mut |path| {
+            let made = std::fs::read_to_string(path).unwrap_or_default();
+            for id in made
+                .lines()
+                .filter_map(|l| l.split_once(' ')?.1.parse().ok())
+            {
+                // SAFETY: removing a segment a test's restore made (it goes once no one
+                // has it attached).
+                unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+            }
+        });
         kill_sessions(&self.rt);
-        // (Session tables may live in /dev/shm, linked from their session's directory;
-        // System V segments a restore made outlive the processes killed.)
+        // (Session tables may live in /dev/shm, linked from their session's directory.)
         remove_tables(&self.root, 6);
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
-/// Removes the session tables in /dev/shm linked from session directories under `dir` (the
-/// tests' own and their agents'), and the System V segments their restores made (listed
-/// in the session's `sysv` file: old and new id per line), down to `depth` levels.
-pub fn remove_tables(dir: &Path, depth: u32) {
+/// Calls `f` with every file called `name` under `dir`, down to `depth` levels.
+fn each_under(dir: &Path, depth: u32, name: &str, f: &mut dyn FnMut(&Path)) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = e.path();
-        match std::fs::read_link(&path) {
-            Ok(table) if e.file_name() == "procs" => {
-                let _ = std::fs::remove_file(table);
-            }
-            Err(_) if e.file_name() == "sysv" => {
-                let made = std::fs::read_to_string(&path).unwrap_or_default();
-                for id in made
-                    .lines()
-                    .filter_map(|l| l.split_once(' ')?.1.parse().ok())
-                {
-                    // SAFETY: removing a segment a test's restore made (it goes once no one
-                    // has it attached).
-                    unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
-                }
-            }
-            Err(_) if depth > 0 && e.file_type().is_ok_and(|t| t.is_dir()) => {
-                remove_tables(&path, depth - 1)
-            }
-            _ => {}
+        if e.file_name() == name {
+            f(&path);
+        } else if depth > 0 && e.file_type().is_ok_and(|t| t.is_dir()) {
+            each_under(&path, depth - 1, name, f);
         }
     }
+}
+
+/// Removes the session tables in /dev/shm linked from session directories under `dir` (the
+/// tests' own and their agents'), down to `depth` levels.
+pub fn remove_tables(dir: &Path, depth: u32) {
+    each_under(dir, depth, "procs", &mut |path| {
+        if let Ok(table) = std::fs::read_link(path) {
+            let _ = std::fs::remove_file(table);
+        }
+    });
 }
 
 pub fn text(b: &[u8]) -> String {
