@@ -537,9 +537,6 @@ pub fn available() -> bool {
     matches!(ioctl(&fd, UFFDIO_API, &mut api), Ok(Copied::Done))
 }
 
-/// Serves the processes whose userfaultfds come on `sock` (a message each: the process's
-/// index into `runs` and its pid, the fd attached) until every one is filled and `sock` has no sender
-/// left.
 /// The processes being filled in: a pager that fails midway (a bug: it panics) ends them —
 /// with it gone, their missing pages would read as zeros.
 static FILLING: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
@@ -552,7 +549,17 @@ fn end_filling() {
     }
 }
 
-pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Option<Remote>) {
+/// Serves the processes whose userfaultfds come on `sock` (a message each: the process's
+/// index into `runs` and its pid, the fd attached) until every one is filled and `sock` has
+/// no sender left. Until `hold` is closed (the restore is done), faults are answered but
+/// nothing else filled in.
+pub fn serve(
+    sock: OwnedFd,
+    hold: OwnedFd,
+    runs: Vec<Vec<Run>>,
+    checks: Vec<Check>,
+    remote: Option<Remote>,
+) {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report(info);
@@ -575,11 +582,7 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
     // behind a chunk of the fill); it goes on once the app has been quiet this long.
     let quiet = std::time::Duration::from_millis(2);
     let mut faulted_at = std::time::Instant::now() - quiet;
-    // Nor does it start before a process that just came is back: its restart path faults
-    // with pauses between (and with pages from afar, a chunk of the fill ahead of a fault
-    // costs a round trip over the link).
-    let starting = std::time::Duration::from_millis(10);
-    let mut arrived_at = std::time::Instant::now() - starting;
+    let mut hold = Some(hold);
     let mut spaces: Vec<Space> = Vec::new();
     let mut open = true;
     let mut buf = Vec::new();
@@ -592,6 +595,12 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
                 revents: 0,
             })
             .collect();
+        // (A hold's end is seen as POLLHUP; it is never written to.)
+        polls.extend(hold.iter().map(|h| libc::pollfd {
+            fd: h.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        }));
         if open {
             polls.push(libc::pollfd {
                 fd: sock.as_raw_fd(),
@@ -600,16 +609,18 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
             });
         }
         // Wait only when there is nothing to fill (or until the next chunk is due).
-        let timeout = match spaces.is_empty() {
+        let timeout = match spaces.is_empty() || hold.is_some() {
             true => -1,
             false => pause
                 .saturating_sub(filled_at.elapsed())
                 .max(quiet.saturating_sub(faulted_at.elapsed()))
-                .max(starting.saturating_sub(arrived_at.elapsed()))
                 .as_millis() as i32,
         };
         // SAFETY: polls is a valid array of pollfds.
         unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as _, timeout) };
+        if hold.is_some() && polls[spaces.len()].revents != 0 {
+            hold = None;
+        }
         if open && polls.last().is_some_and(|p| p.revents != 0) {
             let mut msg = [0u8; 16];
             match migrt::sys::recv_fd(sock.as_raw_fd(), &mut msg) {
@@ -625,16 +636,14 @@ pub fn serve(sock: OwnedFd, runs: Vec<Vec<Run>>, checks: Vec<Check>, remote: Opt
                             .and_then(|m| Some((m.clone(), *m.vpids.get(i)?)));
                         FILLING.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
                         spaces.push(space);
-                        arrived_at = std::time::Instant::now();
                     }
                 }
                 _ => open = false, // every sender has closed its end
             }
         }
         let mut forks = Vec::new();
-        let fill_now = filled_at.elapsed() >= pause
-            && faulted_at.elapsed() >= quiet
-            && arrived_at.elapsed() >= starting;
+        let fill_now =
+            hold.is_none() && filled_at.elapsed() >= pause && faulted_at.elapsed() >= quiet;
         if fill_now {
             filled_at = std::time::Instant::now();
         }

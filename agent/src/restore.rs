@@ -383,16 +383,25 @@ fn controlling_terminals(images: &[ProcImage], objects: &Objects) -> Result<Vec<
         .collect()
 }
 
+/// The pager as mig restore holds it: the socket end the restored processes inherit (fd at
+/// FD_BASE or above) to send it their userfaultfds, and the hold on its fill.
+struct Pager {
+    sock: std::os::fd::OwnedFd,
+    /// While this is open, the pager answers faults but does not fill in the rest: the
+    /// restore is not done, and the fill would take the CPUs its processes need to come
+    /// back (a tree of them restarting at once on two CPUs). Dropped once all are back.
+    hold: std::fs::File,
+}
+
 /// Starts the pager of a lazy restore (a process of its own: it outlives `mig restore
 /// --detach`; what it has to say goes to `log`, else to mig restore's stderr) with each
-/// process's pages to fill; returns the socket end the restored
-/// processes inherit (fd at FD_BASE or above) to send it their userfaultfds. Pages still in
-/// a lazy migration's source are asked for through `remote`.
+/// process's pages to fill. Pages still in a lazy migration's source are asked for through
+/// `remote`.
 fn start_pager(
     mapped: &[Mapped],
     log: Option<&std::fs::File>,
     remote: Option<crate::pager::Remote>,
-) -> Result<std::os::fd::OwnedFd> {
+) -> Result<Pager> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let checks = mapped.iter().flat_map(|m| m.checks.clone()).collect();
     let runs: Vec<Vec<crate::pager::Run>> = mapped
@@ -413,6 +422,7 @@ fn start_pager(
     let (ours, theirs) = migrt::sys::seqpacket_pair()?;
     let theirs_fd = migrt::sys::inheritable_fd_of(theirs.as_raw_fd(), FD_BASE)?;
     drop(theirs);
+    let (held, hold) = migrt::sys::pipe()?;
     // SAFETY: mig restore has no other thread; the child only runs the pager and exits.
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()).context("starting the pager"),
@@ -425,18 +435,19 @@ fn start_pager(
                 libc::dup2(null, 1);
                 libc::setsid();
             }
+            drop(hold);
             if let Some(f) = log {
                 // SAFETY: dup2 onto our own stderr.
                 unsafe { libc::dup2(f.as_raw_fd(), 2) };
             }
-            crate::pager::serve(ours.into(), runs, checks, remote);
+            crate::pager::serve(ours.into(), held.into(), runs, checks, remote);
             std::process::exit(0);
         }
-        _ => {
-            drop(ours);
+        _ => Ok(Pager {
             // SAFETY: the inheritable duplicate made above is ours to own.
-            Ok(unsafe { OwnedFd::from_raw_fd(theirs_fd) })
-        }
+            sock: unsafe { OwnedFd::from_raw_fd(theirs_fd) },
+            hold,
+        }),
     }
 }
 
@@ -1046,7 +1057,9 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
         )?),
         false => None,
     };
-    let pager_fd = pager.as_ref().map_or(u64::MAX, |p| p.as_raw_fd() as u64);
+    let pager_fd = pager
+        .as_ref()
+        .map_or(u64::MAX, |p| p.sock.as_raw_fd() as u64);
     let closes: Vec<u64> = mapped
         .iter()
         .flat_map(|m| m.fds.iter().copied())
@@ -1054,7 +1067,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
         .chain(channels.iter().map(|c| c.1))
         .chain(shared.values().copied())
         .chain(cttys.iter().copied().filter(|&f| f != u64::MAX))
-        .chain(pager.iter().map(|p| p.as_raw_fd() as u64))
+        .chain(pager.iter().map(|p| p.sock.as_raw_fd() as u64))
         .collect();
     for (k, i) in images.iter().enumerate() {
         let children: Vec<u64> = (0..images.len())
@@ -1114,7 +1127,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     }
     let mut child = c.spawn().context("starting the restorer")?;
     // (The restored processes hold the pager's socket now: it ends when they all did.)
-    drop(pager);
+    let hold = pager.map(|p| p.hold);
     // 4. Running again once each process says it is back (a byte on its channel, sent
     // when it has its command line, its threads and its timers again).
     let t = Instant::now();
@@ -1128,6 +1141,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
             back[k] |= std::io::Read::read(&mut &*c, &mut byte).is_ok_and(|n| n == 1);
         }
         if back.iter().all(|&b| b) {
+            drop(hold);
             break;
         }
         if let Some(st) = child.try_wait()? {

@@ -47,6 +47,7 @@ static mut HEAP: Dlmalloc<Region> = Dlmalloc::new_with_allocator(Region);
 
 thread_local! {
     static CONTROL: Cell<bool> = const { Cell::new(false) };
+    static RESTARTING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Marks the calling thread as the control thread: its allocations come from the region.
@@ -59,6 +60,16 @@ pub fn enter() {
         LIBC_ARENA.store(p as usize, Relaxed);
         libc::free(p);
     }
+}
+
+/// The restart path (`on` from before its first allocation, after `start_again`, to its
+/// end): its allocations come from the region, as the control thread's do, and what it
+/// frees of libc's malloc (the old process's blocks it replaces) is left where it is. With
+/// libc's malloc it would walk the app's heap, whose pages a lazy restore has not filled in
+/// yet: each page it touched waited for the pager (~50 per python process).
+pub fn restarting(on: bool) {
+    CONTROL.with(|c| c.set(on));
+    RESTARTING.with(|c| c.set(on));
 }
 
 /// Whether `start..end` holds the arena libc's malloc serves the control thread from.
@@ -222,6 +233,7 @@ unsafe impl GlobalAlloc for ShimAlloc {
             // SAFETY: allocated by this heap's current generation with this layout.
             true if current(p) => with_heap(|h| unsafe { h.free(p, l.size(), l.align()) }),
             true => {}
+            false if RESTARTING.try_with(Cell::get).unwrap_or(false) => {}
             // SAFETY: allocated by libc's malloc.
             false => unsafe { System.dealloc(p, l) },
         }

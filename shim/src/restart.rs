@@ -52,6 +52,9 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     // No signal until each thread is back in its own context (rt_sigreturn puts its own
     // mask back): timers and pending signals set again below fire only then.
     crate::interpose::raw::sigmask(libc::SIG_SETMASK, !0);
+    // The old process's control thread and its heap's state are gone (allocation-free).
+    crate::control::forget();
+    crate::ctlheap::restarting(true);
     // SAFETY: the block is at most 1 MiB and mapped by the restorer for the whole restart.
     let mut a = Args {
         words: unsafe { std::slice::from_raw_parts(args, 1 << 20) },
@@ -92,9 +95,8 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
             )
         };
     }
-    // The old process's control socket and listener are gone: forget them first (their fd
-    // numbers mean other things now).
-    crate::control::forget();
+    // (The old process's control socket and listener were forgotten first: their fd
+    // numbers mean other things now.)
     crate::interpose::freeze::forget();
     if let Some(s) = shim() {
         if let Err(e) = s.table.remap(&dir.procs()) {
@@ -184,6 +186,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         crate::interpose::raw::exit_group(128 + libc::SIGKILL);
     }
     crate::interpose::close_real(channel);
+    crate::ctlheap::restarting(false);
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {
