@@ -3,7 +3,7 @@
 //!
 //!   cargo build --release && target/release/migbench [--runs 5]
 //!   cargo build --release && target/release/migbench --checkpoint [--runs 5] [--dir DIR]
-//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns] [--only MODE[/MiB]]...
+//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns] [--only MODE[/MiB|/tree]]...
 //!
 //! `--checkpoint`: checkpoint time, freeze time, image size and restore time (until the
 //! process runs again) of 64 MiB and 1 GiB sessions (the C counter subject), beside a
@@ -157,13 +157,35 @@ fn start_counter(
     writes_mib_per_s: u32,
 ) -> std::path::PathBuf {
     let log = base.join("migbench-counter.log");
+    let args = [&mib.to_string(), &writes_mib_per_s.to_string()];
+    start_session(
+        (mig, ns),
+        rt,
+        &log,
+        &counter(),
+        &["2", args[0], args[1]],
+        "count 1 ",
+    );
+    log
+}
+
+/// Runs `prog ARGS` as session "bench" (in namespace `ns`), its output into `log`, and waits
+/// until the log shows `first`.
+fn start_session(
+    (mig, ns): (&std::path::Path, Option<&str>),
+    rt: &std::path::Path,
+    log: &std::path::Path,
+    prog: &std::path::Path,
+    args: &[&str],
+    first: &str,
+) {
     let st = in_ns(ns, mig)
         .env("MIGSHIM_RUNTIME_DIR", rt)
         .args(["run", "--detach", "--name", "bench", "--log"])
-        .arg(&log)
+        .arg(log)
         .arg("--")
-        .arg(counter())
-        .args(["2", &mib.to_string(), &writes_mib_per_s.to_string()])
+        .arg(prog)
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -171,13 +193,82 @@ fn start_counter(
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
-    while !std::fs::read_to_string(&log)
+    while !std::fs::read_to_string(log)
         .unwrap_or_default()
-        .contains("count 1 ")
+        .contains(first)
     {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    log
+}
+
+/// What `--migrate` moves: the counter with this many MiB, or a python3 tree of 9
+/// processes (a parent printing ticks and 8 forked children; ~10 MiB each, mostly python's
+/// many small mappings: a real program's shape, unlike the counter's one big region).
+#[derive(Clone, Copy)]
+enum Subject {
+    Counter(usize),
+    Tree,
+}
+
+const TREE: &str = "import os, sys, time
+for i in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        while True: time.sleep(0.01)
+c = 0
+while True:
+    c += 1; print('tick', c, flush=True); time.sleep(0.05)
+";
+
+impl Subject {
+    /// As `--only` names it (after "MODE/").
+    fn key(self) -> String {
+        match self {
+            Subject::Counter(mib) => mib.to_string(),
+            Subject::Tree => "tree".into(),
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Subject::Counter(mib) => format!("{mib} MiB"),
+            Subject::Tree => "python tree, 9 processes".into(),
+        }
+    }
+
+    /// Starts it as session "bench", writing 10 MiB/s (the counter) or ticking (the tree).
+    fn start(
+        self,
+        on: (&std::path::Path, Option<&str>),
+        rt: &std::path::Path,
+        base: &std::path::Path,
+    ) {
+        match self {
+            Subject::Counter(mib) => drop(start_counter(on, rt, base, mib, 10)),
+            Subject::Tree => {
+                let script = base.join("migbench-tree.py");
+                std::fs::write(&script, TREE).unwrap();
+                let log = base.join("migbench-tree.log");
+                let _ = std::fs::remove_file(&log);
+                let py = std::path::Path::new("python3");
+                start_session(
+                    on,
+                    rt,
+                    &log,
+                    py,
+                    &[script.to_str().unwrap(), "8"],
+                    "tick 1\n",
+                );
+            }
+        }
+    }
+
+    fn stop(self) {
+        let pattern = match self {
+            Subject::Counter(mib) => format!("counter 2 {mib}"),
+            Subject::Tree => "migbench-tree.py".into(),
+        };
+        let _ = Command::new("pkill").args(["-f", &pattern]).output();
+    }
 }
 
 /// One checkpoint of a running session; (total ms, frozen ms, bytes) from mig's summary.
@@ -334,6 +425,17 @@ fn summary_ms(s: &str, after: &str) -> f64 {
     s[i..].split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// The size at the start of `s` ("95.9 MiB ..."), in MiB.
+fn summary_mib(s: &str) -> f64 {
+    let mut w = s.split_whitespace();
+    let n: f64 = w.next().unwrap().parse().unwrap();
+    n * match w.next().unwrap() {
+        "GiB" => 1024.0,
+        "KiB" => 1.0 / 1024.0,
+        _ => 1.0,
+    }
+}
+
 /// Time to send `n` bytes over a loopback TCP connection (1 MiB writes), in ms. `keep`:
 /// the receiver keeps all it receives, in memory it maps for it (as a target host must),
 /// else it reads into one reused buffer.
@@ -437,23 +539,21 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
         "| mode | session | frozen | (stopping / image / restore there) | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback | loopback into fresh memory | total ÷ that |"
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (mode, mib) in [
-        ("stop-and-copy", 64usize),
-        ("stop-and-copy", 1024),
-        ("precopy", 64),
-        ("precopy", 1024),
-        ("lazy", 64),
-        ("lazy", 1024),
-    ]
-    .into_iter()
-    .filter(|(mode, mib)| {
-        only.is_empty() || only.contains(mode) || only.contains(&format!("{mode}/{mib}").as_str())
+    let rows = ["stop-and-copy", "precopy", "lazy"]
+        .into_iter()
+        .flat_map(|mode| {
+            [Subject::Counter(64), Subject::Counter(1024), Subject::Tree].map(|s| (mode, s))
+        });
+    for (mode, subject) in rows.filter(|(mode, s)| {
+        only.is_empty()
+            || only.contains(mode)
+            || only.contains(&format!("{mode}/{}", s.key()).as_str())
     }) {
         let (mut frozen, mut total, mut sent, mut rounds, mut wire, mut kept) =
             (vec![], vec![], String::new(), String::new(), vec![], vec![]);
         let mut parts: [Vec<f64>; 3] = Default::default();
         for _ in 0..runs {
-            start_counter((&mig, src), &rt, base, mib, 10);
+            subject.start((&mig, src), &rt, base);
             // (Writing for a moment first, as a running server would.)
             std::thread::sleep(std::time::Duration::from_millis(500));
             let out = in_ns(src, &mig)
@@ -499,9 +599,7 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
                     .unwrap()
                     .into(),
             };
-            let _ = Command::new("pkill")
-                .args(["-f", &format!("counter 2 {mib}")])
-                .output();
+            subject.stop();
             // Gone from the agent too before the next run.
             while Command::new(&mig)
                 .env("MIGSHIM_RUNTIME_DIR", state.join("run"))
@@ -511,13 +609,19 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            wire.push(loopback_ms(mib << 20, false));
-            kept.push(loopback_ms(mib << 20, true));
+            // (The tree's size: what was sent of it.)
+            let size = match subject {
+                Subject::Counter(mib) => mib << 20,
+                Subject::Tree => (summary_mib(sent_part) * (1 << 20) as f64) as usize,
+            };
+            wire.push(loopback_ms(size, false));
+            kept.push(loopback_ms(size, true));
         }
         let (f, t, w, k) = (median(frozen), median(total), median(wire), median(kept));
         let [stop, image, there] = parts.map(median);
         println!(
-            "| {mode} | {mib} MiB | {f:.1} ms | {stop:.1} / {image:.1} / {there:.1} ms | {t:.1} ms | {sent} | {rounds} | {w:.1} ms | {:.2} | {k:.1} ms | {:.2} |",
+            "| {mode} | {} | {f:.1} ms | {stop:.1} / {image:.1} / {there:.1} ms | {t:.1} ms | {sent} | {rounds} | {w:.1} ms | {:.2} | {k:.1} ms | {:.2} |",
+            subject.label(),
             t / w,
             t / k
         );
