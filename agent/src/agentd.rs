@@ -280,26 +280,16 @@ impl Agent {
         };
         add(out, &files)?;
         let mut total = 0u64;
-        // Chunks of one file follow each other: those of the file the last one was of are
-        // written from the frame as it came (not copied out of it first), by the writer
-        // while the next is read.
-        let (writer, mut last) = (&mut spooled.writer, 0u32);
+        // Chunks are written from the frame as it came (not copied out of it first), by
+        // the writer while the next is read.
+        let writer = &mut spooled.writer;
         loop {
-            let expected = Msg::Chunk {
-                file: last,
-                data: Vec::new(),
-            };
             let mut body = writer.buffer()?;
-            let (file, body, at) = match link.recv_with_data(&mut body, &expected)? {
-                Ok(at) => (last, body, at),
+            let (file, at) = match link.recv_chunk(&mut body)? {
+                Ok(chunk) => chunk,
                 Err(m) => {
                     writer.recycle(body);
                     match m {
-                        Msg::Chunk { file, data } => {
-                            last = file;
-                            let n = data.len();
-                            (file, data, 0..n)
-                        }
                         Msg::Files(more) => {
                             add(out, &more)?;
                             continue;

@@ -233,6 +233,52 @@ impl Link {
         body: &mut Vec<u8>,
         empty: &Msg,
     ) -> Result<std::result::Result<std::ops::Range<usize>, Msg>> {
+        self.read_body(body)?;
+        let head = postcard::to_stdvec(empty)?;
+        let data = body
+            .strip_prefix(&head[..head.len() - 1])
+            .and_then(|rest| postcard::take_from_bytes::<usize>(rest).ok())
+            .filter(|(n, data)| *n == data.len());
+        match data {
+            Some((n, _)) => {
+                self.stream_mac.update(body);
+                Ok(Ok(body.len() - n..body.len()))
+            }
+            None => self.decode(body).map(Err),
+        }
+    }
+
+    /// The agent's end: receives a frame into `body` (reused); if it is a Chunk (of any
+    /// file), the file and where its bytes are in `body` (not copied out), else the
+    /// message. (Several processes' images come interleaved: a chunk of another file than
+    /// the last one's is as common as one of the same.)
+    pub fn recv_chunk(
+        &mut self,
+        body: &mut Vec<u8>,
+    ) -> Result<std::result::Result<(u32, std::ops::Range<usize>), Msg>> {
+        self.read_body(body)?;
+        // A Chunk's encoding: its variant, the file (varint), the bytes' length (varint), the
+        // bytes. (Of file 0 with no bytes, the last two are a 0 each.)
+        let head = postcard::to_stdvec(&Msg::Chunk {
+            file: 0,
+            data: Vec::new(),
+        })?;
+        let chunk = body
+            .strip_prefix(&head[..head.len() - 2])
+            .and_then(|rest| postcard::take_from_bytes::<u32>(rest).ok())
+            .and_then(|(file, rest)| Some((file, postcard::take_from_bytes::<usize>(rest).ok()?)))
+            .filter(|(_, (n, data))| *n == data.len());
+        match chunk {
+            Some((file, (n, _))) => {
+                self.stream_mac.update(body);
+                Ok(Ok((file, body.len() - n..body.len())))
+            }
+            None => self.decode(body).map(Err),
+        }
+    }
+
+    /// Reads a frame into `body`.
+    fn read_body(&mut self, body: &mut Vec<u8>) -> Result<()> {
         use std::io::Read;
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len)?;
@@ -242,24 +288,16 @@ impl Link {
         }
         body.resize(len, 0);
         self.stream.read_exact(body)?;
-        let head = postcard::to_stdvec(empty)?;
-        let data = body
-            .strip_prefix(&head[..head.len() - 1])
-            .and_then(|rest| postcard::take_from_bytes::<usize>(rest).ok())
-            .filter(|(n, data)| *n == data.len());
-        match data {
-            Some((n, _)) => {
-                self.stream_mac.update(body);
-                Ok(Ok(len - n..len))
-            }
-            None => {
-                let m: Msg = postcard::from_bytes(body)?;
-                if !matches!(m, Msg::Sent { .. }) {
-                    self.stream_mac.update(body);
-                }
-                Ok(Err(m))
-            }
+        Ok(())
+    }
+
+    /// A frame received (the agent's end) decoded whole, and counted in the MAC.
+    fn decode(&mut self, body: &[u8]) -> Result<Msg> {
+        let m: Msg = postcard::from_bytes(body)?;
+        if !matches!(m, Msg::Sent { .. }) {
+            self.stream_mac.update(body);
         }
+        Ok(m)
     }
 
     /// Whether `mac` is the MAC of everything received so far.
@@ -374,13 +412,12 @@ mod tests {
             };
             let at = link.recv_with_data(&mut body, &pages).unwrap().unwrap();
             assert_eq!(body[at], [7u8; 300]);
+            // (Chunks of any file are found in place too.)
+            let (file, at) = link.recv_chunk(&mut body).unwrap().unwrap();
+            assert_eq!((file, &body[at]), (300, &[8u8; 200][..]));
             // (Not the message expected: decoded whole.)
-            let other_file = Msg::Chunk {
-                file: 2,
-                data: Vec::new(),
-            };
-            let m = link.recv_with_data(&mut body, &other_file).unwrap();
-            assert!(matches!(m, Err(Msg::Chunk { file: 3, data }) if data == [8u8; 200]));
+            let m = link.recv_chunk(&mut body).unwrap();
+            assert!(matches!(m, Err(Msg::Pages { vpid: 4200001, data, .. }) if data == [9u8; 10]));
             let Msg::Sent { mac } = link.recv().unwrap() else {
                 panic!()
             };
@@ -399,12 +436,13 @@ mod tests {
         link.send_with_data(&pages, &[7u8; 300]).unwrap();
         link.send_with_data(
             &Msg::Chunk {
-                file: 3,
+                file: 300,
                 data: Vec::new(),
             },
             &[8u8; 200],
         )
         .unwrap();
+        link.send_with_data(&pages, &[9u8; 10]).unwrap();
         link.send_mac().unwrap();
         let e = connect(
             &format!("127.0.0.1:{port}"),

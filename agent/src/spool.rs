@@ -105,8 +105,6 @@ impl Writer {
                 match job {
                     Job::Write(f, buf, range) => {
                         (&*f).write_all(&buf[range]).context("storing the image")?;
-                        // (A buffer beyond the ones in use — a chunk of another file
-                        // came decoded in a buffer of its own — is let go.)
                         let _ = done.try_send(buf);
                     }
                     Job::Barrier(ack) => {
