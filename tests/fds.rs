@@ -274,3 +274,77 @@ fn offsets_come_from_the_kernel_and_inherited_fds_are_listed() {
     );
     env.stop("in");
 }
+
+#[test]
+fn what_the_shim_itself_does_is_not_journaled_as_the_app_s() {
+    // A checkpoint's control thread reads /proc and writes the image; a restore's restart
+    // path reads files and places the objects it is handed. None of that is the app's: its
+    // journal holds its own three calls throughout, and after the restore every fd it
+    // opened is still described by them. (Once, any nested call marked the thread as
+    // outside the shim: the control thread journaled its /proc reads, and the restart
+    // path's placing of fd 3 replaced its description with "a dup of an unknown fd".)
+    let env = Env::new("ownwork");
+    let dir = env.scratch("d");
+    let log = env.detach(
+        "ow",
+        &[
+            mig_bin().to_str().unwrap(),
+            "counter",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    wait_for_text(&log, "count 2");
+    let app_calls = |t: &Value| -> Vec<String> {
+        let p = &t["processes"][0];
+        p["journal"]["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_object().unwrap().keys().next().unwrap().clone())
+            .collect()
+    };
+    let own = ["Open", "SocketPair", "Pipe"];
+    assert_eq!(app_calls(&env.table("ow", true)), own);
+    let img = env.root.join("img");
+    ok(
+        &env,
+        &[
+            "checkpoint",
+            "ow",
+            "--out",
+            env.root.join("img1").to_str().unwrap(),
+        ],
+    );
+    let t = env.table("ow", true);
+    assert_eq!(
+        app_calls(&t),
+        own,
+        "after a checkpoint: {}",
+        t["processes"][0]["journal"]
+    );
+    stop_into(&env, "ow", &img);
+    let log = restore_detached(&env, &img, "ow");
+    wait_for_text(&log, "count");
+    let t = env.table("ow", true);
+    assert_eq!(
+        app_calls(&t),
+        own,
+        "after the restore: {}",
+        t["processes"][0]["journal"]
+    );
+    let fds = fds_of(&t, VPID_BASE + 1);
+    for fd in 3..=7 {
+        assert_eq!(
+            fds[&fd]["journaled"], true,
+            "fd {fd} after the restore: {}",
+            fds[&fd]
+        );
+    }
+    assert!(
+        t["processes"][0]["notes"].as_array().unwrap().is_empty(),
+        "{}",
+        t["processes"][0]["notes"]
+    );
+    env.stop("ow");
+}

@@ -48,7 +48,9 @@ impl<'a> Args<'a> {
 /// Called only by the restorer, with `args` pointing at the plan's argument block.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
-    crate::state::enter_forever();
+    // Inside the shim until it goes back into the app: what the restart path does with
+    // libc (reading files, placing the objects it receives) is not the app's to journal.
+    let was_busy = crate::state::enter_forever();
     // No signal until each thread is back in its own context (rt_sigreturn puts its own
     // mask back): timers and pending signals set again below fire only then.
     crate::interpose::raw::sigmask(libc::SIG_SETMASK, !0);
@@ -187,6 +189,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     }
     crate::interpose::close_real(channel);
     crate::ctlheap::restarting(false);
+    crate::state::leave_to(was_busy);
     // Back into the app: rt_sigreturn reads the saved frame just above the ucontext.
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {

@@ -85,7 +85,9 @@ pub fn vpid() -> i32 {
 /// Marks the current thread as inside the shim until the guard drops. `None` when it is
 /// already inside (the shim's own libc use, or a signal handler interrupting a wrapper).
 pub fn enter() -> Option<Busy> {
-    BUSY.try_with(|b| (!b.replace(true)).then_some(Busy))
+    // (`then`, not `then_some`: a guard made for nothing would be dropped, and its drop
+    // would mark the thread as outside the shim while it still is.)
+    BUSY.try_with(|b| (!b.replace(true)).then(|| Busy))
         .ok()
         .flatten()
 }
@@ -98,9 +100,16 @@ impl Drop for Busy {
     }
 }
 
-/// Marks the current thread as the shim's own for good (the control thread).
-pub fn enter_forever() {
-    let _ = BUSY.try_with(|b| b.set(true));
+/// Marks the current thread as the shim's own for good (the control thread), or until
+/// `leave_to` (the restart path); returns whether it was inside the shim already.
+pub fn enter_forever() -> bool {
+    BUSY.try_with(|b| b.replace(true)).unwrap_or(true)
+}
+
+/// The restart path's end: the main thread goes back into the app inside the shim only if
+/// it was when it was frozen (`was`, from enter_forever).
+pub fn leave_to(was: bool) {
+    let _ = BUSY.try_with(|b| b.set(was));
 }
 
 /// Whether the current thread is inside the shim (a wrapper, or the control thread).
