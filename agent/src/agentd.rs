@@ -321,7 +321,7 @@ impl Agent {
                     }
                 }
             };
-            let (f, _, arrival) = out
+            let (f, name, arrival) = out
                 .get_mut(file as usize)
                 .context("a chunk of no announced file")?;
             total += at.len() as u64;
@@ -334,10 +334,17 @@ impl Agent {
             if *arrival != Arrival::Coming {
                 bail!("more of a file after its end");
             }
-            if at.is_empty() {
-                *arrival = Arrival::Complete;
-            }
+            let ended = at.is_empty();
             writer.write(f, body, at)?;
+            if ended {
+                *arrival = Arrival::Complete;
+                // A process image all here is read by the restore while the others come.
+                if name.starts_with(migrt::image::PROCESS_PREFIX) {
+                    writer.wait()?;
+                    restore.have(name)?;
+                    *arrival = Arrival::Told;
+                }
+            }
         }
         log(format_args!(
             "session {name}: {total} bytes received, restoring"

@@ -30,7 +30,7 @@ pub fn checkpoint(session: &str, out: &Path, stop: bool, ignore_unsupported: boo
         frozen.check_supported(ignore_unsupported, &[])?;
         let (mut bytes, manifest) = frozen.dump(
             |vpid| {
-                let file = format!("proc-{vpid}.img");
+                let file = migrt::image::process_file(vpid);
                 let path = out.join(&file).display().to_string();
                 Ok((file, path))
             },

@@ -221,14 +221,14 @@ fn transfer(
     let mut files: Vec<String> = frozen
         .vpids()
         .iter()
-        .map(|v| format!("proc-{v}.img"))
+        .map(|&v| migrt::image::process_file(v))
         .collect();
     files.push("session.img".into());
     let base = announce(link, announced, files.clone())?;
     let mut streams: Vec<Stream> = Vec::new();
     let dumped = frozen.dump(
         |vpid| {
-            let file = format!("proc-{vpid}.img");
+            let file = migrt::image::process_file(vpid);
             let index = files
                 .iter()
                 .position(|f| *f == file)

@@ -198,6 +198,14 @@ fn read_round(path: &Path, lazy: bool) -> Result<Round> {
 /// source, each round is read as soon as the agent has all of it).
 type ReadAhead = HashMap<String, Round>;
 
+/// What `--when-told` read before "go": the rounds, and the process images that came
+/// whole while others were still coming (a session of several processes).
+#[derive(Default)]
+struct Ahead {
+    rounds: ReadAhead,
+    images: HashMap<String, ProcImage>,
+}
+
 /// The runs of the pages an image keeps from its pre-copy rounds (files beside it, each
 /// verified; a later round's page overrides an earlier one's), their files added to `files`.
 fn kept_runs(
@@ -831,10 +839,10 @@ fn write_plan(
 /// `--when-told`: says `ready` on stdout, then waits for the line `go` on stdin, reading
 /// each round named on a line `have NAME` before it meanwhile (so that reading it is not
 /// part of the freeze).
-fn wait_to_go(dir: &Path, lazy: bool) -> Result<ReadAhead> {
+fn wait_to_go(dir: &Path, lazy: bool) -> Result<Ahead> {
     // (The agent waits for this before it lets the sender go on.)
     println!("ready");
-    let mut ahead = ReadAhead::new();
+    let mut ahead = Ahead::default();
     let mut line = String::new();
     loop {
         line.clear();
@@ -842,7 +850,19 @@ fn wait_to_go(dir: &Path, lazy: bool) -> Result<ReadAhead> {
         match line.trim().split_once(' ') {
             _ if line.trim() == "go" => return Ok(ahead),
             Some(("have", name)) if !name.contains('/') && !name.starts_with('.') => {
-                ahead.insert(name.to_string(), read_round(&dir.join(name), lazy)?);
+                // (Its rounds were all here before it was.)
+                let path = dir.join(name);
+                match name.starts_with(image::PROCESS_PREFIX) {
+                    true => {
+                        let img = read_image(&path, lazy, &mut ahead.rounds)?;
+                        ahead.images.insert(name.to_string(), img);
+                    }
+                    false => {
+                        ahead
+                            .rounds
+                            .insert(name.to_string(), read_round(&path, lazy)?);
+                    }
+                }
             }
             _ => bail!("not told to go: the image did not all come"),
         }
@@ -929,7 +949,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
         };
     let mut ahead = match a.when_told {
         true => wait_to_go(&a.dir, lazy)?,
-        false => ReadAhead::new(),
+        false => Ahead::default(),
     };
     // 1. Everything verified before anything is made (lazily: page data as it is read).
     let session_img = a.dir.join("session.img");
@@ -941,7 +961,10 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     let mut images: Vec<ProcImage> = manifest
         .processes
         .iter()
-        .map(|(_, _, f)| read_image(&a.dir.join(f), lazy, &mut ahead))
+        .map(|(_, _, f)| match ahead.images.remove(f) {
+            Some(img) => Ok(img),
+            None => read_image(&a.dir.join(f), lazy, &mut ahead.rounds),
+        })
         .collect::<Result<_>>()?;
     // Which socket is connected to which, session-wide.
     let mut tables: Vec<ProcessTable> = images.iter().map(|i| i.table.clone()).collect();

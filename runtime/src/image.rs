@@ -221,6 +221,13 @@ impl PageMap {
     }
 }
 
+/// A process image's file name in a session image: its vpid after this.
+pub const PROCESS_PREFIX: &str = "proc-";
+
+pub fn process_file(vpid: i32) -> String {
+    format!("{PROCESS_PREFIX}{vpid}.img")
+}
+
 /// A process image whose memory was sent ahead in rounds while it ran: its own page data
 /// holds the pages written since the last round; the pages of `kept` are as the latest
 /// round that holds them has them, or zero if none does; a page in neither is zero.
