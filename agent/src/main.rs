@@ -256,6 +256,7 @@ enum Cmd {
 }
 
 fn main() {
+    quiet_on_a_closed_output();
     let cli = Cli::parse();
     match dispatch(cli.cmd) {
         Ok(code) => std::process::exit(code),
@@ -264,6 +265,24 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// Output read by a reader that stops early (`mig ps | head -1`) ends mig as it would end
+/// a C program, by SIGPIPE's status, without a panic's message: println! panics on a
+/// closed pipe, and mig keeps SIGPIPE ignored (a peer or restore that vanishes is an
+/// error it handles, not its death). What mig was asked to do is done by then.
+fn quiet_on_a_closed_output() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let said = info
+            .payload()
+            .downcast_ref::<String>()
+            .map_or("", String::as_str);
+        if said.starts_with("failed printing to stdout") && said.contains("Broken pipe") {
+            std::process::exit(128 + libc::SIGPIPE);
+        }
+        report(info);
+    }));
 }
 
 fn dispatch(cmd: Cmd) -> Result<i32> {
