@@ -6,18 +6,32 @@ use migrt::wire::{self, Request, Response};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// Why a connection failed: the process has exited (its pid may be another's by the time
-/// the caller looks).
-#[derive(Debug)]
-pub struct Exited;
+/// Why a process could not be asked: it has `Exited` (found at connect; its pid may be
+/// another's by the time the caller looks), or its control thread `Ended` the connection
+/// before answering (the process exited, or exec'd a new program, whose own control
+/// thread can be asked anew).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Gone {
+    Exited,
+    Ended,
+}
 
-impl std::fmt::Display for Exited {
+impl std::fmt::Display for Gone {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("exited")
+        f.write_str(match self {
+            Gone::Exited => "exited",
+            Gone::Ended => "its control thread closed the connection",
+        })
     }
 }
 
-impl std::error::Error for Exited {}
+impl std::error::Error for Gone {}
+
+impl Gone {
+    pub fn is(e: &anyhow::Error, which: Gone) -> bool {
+        e.downcast_ref::<Gone>() == Some(&which)
+    }
+}
 
 pub struct Client {
     stream: UnixStream,
@@ -49,7 +63,7 @@ impl Client {
                 Err(_) => {}
             }
             if crate::sessions::gone(pid) {
-                return Err(anyhow::Error::new(Exited).context(format!(
+                return Err(anyhow::Error::new(Gone::Exited).context(format!(
                     "process {vpid} (pid {pid}) of session {} has exited",
                     dir.name()
                 )));
@@ -102,8 +116,13 @@ impl Client {
 
     /// The answer to the request sent last.
     pub fn answer(&mut self) -> Result<Response> {
-        let resp: Response = wire::read_frame(&mut self.stream)
-            .with_context(|| format!("no answer from process {}", self.vpid))?;
+        let resp: Response = wire::read_frame(&mut self.stream).map_err(|e| {
+            let e = match e {
+                migrt::Error::Closed => anyhow::Error::new(Gone::Ended),
+                e => e.into(),
+            };
+            e.context(format!("no answer from process {}", self.vpid))
+        })?;
         if let Response::Error(e) = &resp {
             bail!("process {}: {e}", self.vpid);
         }

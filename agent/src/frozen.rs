@@ -3,7 +3,7 @@
 //! `Frozen` that was not released thaws every process: whatever fails on the way, the
 //! session goes on as if nothing happened.
 
-use crate::client::Client;
+use crate::client::{Client, Gone};
 use crate::sessions::{self, Live};
 use anyhow::{Context, Result, bail};
 use migrt::image::{ImageWriter, Kind, SessionManifest, Tag};
@@ -62,6 +62,7 @@ impl<'a> Frozen<'a> {
             direct: crate::outgoing::reads_directly(),
             walker: None,
         };
+        let mut ended: std::collections::HashMap<i32, u32> = Default::default();
         loop {
             let newcomers: Vec<_> = live
                 .processes()
@@ -82,7 +83,7 @@ impl<'a> Frozen<'a> {
                 };
                 let mut c = match connected {
                     Ok(c) => c,
-                    Err(e) if sessions::gone(p.pid) || e.is::<crate::client::Exited>() => {
+                    Err(e) if sessions::gone(p.pid) || Gone::is(&e, Gone::Exited) => {
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -103,6 +104,16 @@ impl<'a> Frozen<'a> {
                         f.tables.push(table);
                     }
                     Err(_) if sessions::gone(p.pid) => {}
+                    // Exec'd meanwhile: the new program is asked in the next pass, as a
+                    // newcomer. (A control thread that keeps closing the connection — one
+                    // that refuses this user — is an error after a few tries.)
+                    Err(e) if Gone::is(&e, Gone::Ended) => {
+                        let tries = ended.entry(p.vpid).or_insert(0);
+                        *tries += 1;
+                        if *tries > 10 {
+                            return Err(e);
+                        }
+                    }
                     Ok(other) => bail!("process {}: unexpected answer {other:?}", p.vpid),
                     Err(e) => return Err(e),
                 }

@@ -24,6 +24,9 @@ pub enum Error {
     Image { path: PathBuf, what: String },
     #[error("wire: {0}")]
     Wire(String),
+    /// The other end closed the connection (or reset it) before a frame began.
+    #[error("wire: the other end closed the connection")]
+    Closed,
     #[error("encoding: {0}")]
     Encode(#[from] postcard::Error),
 }

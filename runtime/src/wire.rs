@@ -154,8 +154,10 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {
 /// A frame of at most `max` bytes; also returns its encoded body (for a running MAC).
 pub fn read_frame_upto<T: DeserializeOwned>(r: &mut impl Read, max: usize) -> Result<(T, Vec<u8>)> {
     let mut len = [0u8; 4];
-    r.read_exact(&mut len)
-        .map_err(|e| Error::Wire(format!("receiving: {e}")))?;
+    r.read_exact(&mut len).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => Error::Closed,
+        _ => Error::Wire(format!("receiving: {e}")),
+    })?;
     let len = u32::from_le_bytes(len) as usize;
     if len > max {
         return Err(Error::Wire(format!(
