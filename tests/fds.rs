@@ -151,16 +151,27 @@ print("parent", os.getpid(), a.fileno(), w, flush=True)
 time.sleep(60)
 "#;
     let log = env.detach("sh", &["python3", "-c", script]);
-    let said = wait_for_text(&log, "parent");
-    let said = if said.contains("child") {
-        said
-    } else {
-        wait_for_text(&log, "child")
+    // Both lines whole before their numbers are read (the message says what came if not).
+    let t = std::time::Instant::now();
+    let said = loop {
+        let s = std::fs::read_to_string(&log).unwrap_or_default();
+        let whole = |who: &str| {
+            s.split_inclusive('\n')
+                .any(|l| l.starts_with(who) && l.ends_with('\n'))
+        };
+        if whole("parent ") && whole("child ") {
+            break s;
+        }
+        assert!(
+            t.elapsed().as_secs() < 15,
+            "the two lines did not come: {s:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     };
     let get = |who: &str| -> Vec<i64> {
         said.lines()
             .find(|l| l.starts_with(who))
-            .unwrap()
+            .unwrap_or_else(|| panic!("no {who:?} line in {said:?}"))
             .split_whitespace()
             .skip(1)
             .map(|x| x.parse().unwrap())
