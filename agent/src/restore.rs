@@ -560,11 +560,15 @@ fn shared_anonymous(r: &Region) -> bool {
             || r.name.0.ends_with(b" (deleted)"))
 }
 
+/// The mapped files opened for the restorer so far, by (name, opened for writing): one fd
+/// each for the whole session (a tree's processes map the same libraries).
+type MappedFiles = HashMap<(Vec<u8>, bool), i32>;
+
 fn map_regions(
     img: &ProcImage,
     policy: &objects::Policy,
     shared: &HashMap<u64, u64>,
-    keep: &mut Vec<std::fs::File>,
+    (keep, files): (&mut Vec<std::fs::File>, &mut MappedFiles),
     (lazy, trusted): (bool, bool),
 ) -> Result<Mapped> {
     let mut fds: Vec<u64> = Vec::new();
@@ -574,7 +578,6 @@ fn map_regions(
         keep.push(f);
     }
     let page_fds = fds.clone();
-    let mut files: HashMap<(Vec<u8>, bool), i32> = HashMap::new();
     let mut entries: Vec<[u64; 7]> = Vec::new();
     let private = libc::MAP_PRIVATE as u64;
     // Page data is copied in (by the restorer, or lazily by the pager), not mapped from the
@@ -1054,9 +1057,13 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     let objects = objects::build(&images, &manifest.shared, &policy)?;
     let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
     let sysv_ids = crate::sysv::make(&images, &dir.0)?;
+    let mut files = MappedFiles::new();
     let mapped: Vec<Mapped> = images
         .iter()
-        .map(|i| map_regions(i, &policy, &shared, &mut keep, (lazy, a.when_told)))
+        .map(|i| {
+            let opened = (&mut keep, &mut files);
+            map_regions(i, &policy, &shared, opened, (lazy, a.when_told))
+        })
         .collect::<Result<_>>()?;
     let mut plans = Vec::new();
     for _ in &images {
