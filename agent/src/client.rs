@@ -111,18 +111,23 @@ impl Client {
     /// A request whose answer is read later (`answer`): several processes work on theirs
     /// at once.
     pub fn send(&mut self, req: &Request) -> Result<()> {
-        Ok(wire::write_frame(&mut self.stream, req)?)
+        wire::write_frame(&mut self.stream, req).map_err(|e| self.failed(e, "no request to"))
+    }
+
+    /// A failed exchange as an error: Gone::Ended when the control thread closed the
+    /// connection (`what`: "no answer from", say).
+    fn failed(&self, e: migrt::Error, what: &str) -> anyhow::Error {
+        let e = match e {
+            migrt::Error::Closed => anyhow::Error::new(Gone::Ended),
+            e => e.into(),
+        };
+        e.context(format!("{what} process {}", self.vpid))
     }
 
     /// The answer to the request sent last.
     pub fn answer(&mut self) -> Result<Response> {
-        let resp: Response = wire::read_frame(&mut self.stream).map_err(|e| {
-            let e = match e {
-                migrt::Error::Closed => anyhow::Error::new(Gone::Ended),
-                e => e.into(),
-            };
-            e.context(format!("no answer from process {}", self.vpid))
-        })?;
+        let resp: Response =
+            wire::read_frame(&mut self.stream).map_err(|e| self.failed(e, "no answer from"))?;
         if let Response::Error(e) = &resp {
             bail!("process {}: {e}", self.vpid);
         }

@@ -91,6 +91,7 @@ impl<'a> Frozen<'a> {
                 match c.send(&Request::Freeze) {
                     Ok(()) => asked.push((p, c)),
                     Err(_) if sessions::gone(p.pid) => {}
+                    Err(e) if Gone::is(&e, Gone::Ended) => ask_again(&mut ended, p.vpid, e)?,
                     Err(e) => return Err(e),
                 }
             }
@@ -104,16 +105,7 @@ impl<'a> Frozen<'a> {
                         f.tables.push(table);
                     }
                     Err(_) if sessions::gone(p.pid) => {}
-                    // Exec'd meanwhile: the new program is asked in the next pass, as a
-                    // newcomer. (A control thread that keeps closing the connection — one
-                    // that refuses this user — is an error after a few tries.)
-                    Err(e) if Gone::is(&e, Gone::Ended) => {
-                        let tries = ended.entry(p.vpid).or_insert(0);
-                        *tries += 1;
-                        if *tries > 10 {
-                            return Err(e);
-                        }
-                    }
+                    Err(e) if Gone::is(&e, Gone::Ended) => ask_again(&mut ended, p.vpid, e)?,
                     Ok(other) => bail!("process {}: unexpected answer {other:?}", p.vpid),
                     Err(e) => return Err(e),
                 }
@@ -347,6 +339,22 @@ impl<'a> Frozen<'a> {
             }
         }
         Ok(frozen)
+    }
+}
+
+/// A process whose control thread closed the connection before it answered: it exec'd
+/// meanwhile, and the new program is asked in the next pass, as a newcomer. (One that keeps
+/// closing it — refusing this user, say — is an error after a few tries.)
+fn ask_again(
+    ended: &mut std::collections::HashMap<i32, u32>,
+    vpid: i32,
+    e: anyhow::Error,
+) -> Result<()> {
+    let tries = ended.entry(vpid).or_insert(0);
+    *tries += 1;
+    match *tries > 10 {
+        true => Err(e),
+        false => Ok(()),
     }
 }
 

@@ -24,7 +24,8 @@ pub enum Error {
     Image { path: PathBuf, what: String },
     #[error("wire: {0}")]
     Wire(String),
-    /// The other end closed the connection (or reset it) before a frame began.
+    /// The other end closed the connection (or reset it): before a frame began, or while
+    /// one was being sent.
     #[error("wire: the other end closed the connection")]
     Closed,
     #[error("encoding: {0}")]

@@ -144,7 +144,10 @@ pub fn write_frame_body(w: &mut impl Write, body: &[u8]) -> Result<()> {
     out.extend_from_slice(body);
     w.write_all(&out)
         .and_then(|_| w.flush())
-        .map_err(|e| Error::Wire(format!("sending: {e}")))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => Error::Closed,
+            _ => Error::Wire(format!("sending: {e}")),
+        })
 }
 
 pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {
