@@ -380,3 +380,45 @@ fn memory_over_the_agents_limit_ends_the_copy_there_and_the_session_runs_on_here
     wait_gone(&agent.restored_pids());
     env.stop("cnt");
 }
+
+#[test]
+fn a_large_mapping_mostly_untouched_moves_lazily_as_what_it_holds() {
+    // 512 MiB mapped, one page in 64 holding data; others written with zeros, only read,
+    // or never touched. The freeze does not walk such a mapping: the source finds out what
+    // exists as the target asks. Only the data comes, and only the data is memory there.
+    if !userfaultfd() {
+        return;
+    }
+    let env = Env::new("lazy-sparse");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    let log = env.detach("sp", &[c_program("sparsemem").to_str().unwrap(), "512"]);
+    wait_numbers(&log, "tick ", 3);
+    let o = env.run(&lazy_args("sp", &agent.addr, &key));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let (frozen, after) = (
+        kib_before(&out, "frozen)"),
+        kib_before(&out, "after it ran there"),
+    );
+    assert!(frozen < 4.0 * 1024.0, "little went frozen: {out}");
+    // 8 MiB of data pages (and the few written since).
+    assert!(
+        (7.5 * 1024.0..12.0 * 1024.0).contains(&after),
+        "the data pages came afterwards, nothing else: {out}"
+    );
+    let last = *numbers(&log, "tick ").last().unwrap();
+    let there = agent.session_log("sp");
+    let ticks = wait_numbers(&there, "tick ", 10);
+    assert_eq!(ticks[0], last + 1, "it went on: {ticks:?}");
+    let text = std::fs::read_to_string(&there).unwrap();
+    assert!(!text.contains("BAD"), "{text}");
+    // All its memory was there when mig migrate ended: what it holds is what it used here.
+    let rss: u64 = text
+        .lines()
+        .last()
+        .and_then(|l| l.split(" rss ").nth(1)?.trim().parse().ok())
+        .unwrap();
+    assert!(rss < 32 * 1024, "{rss} KiB resident there: {text}");
+    println!("{out}");
+}

@@ -33,6 +33,9 @@ pub struct Frozen<'a> {
     snapshots: std::collections::HashMap<i32, i32>,
     /// Whether they are read directly (outgoing::read_pages).
     direct: bool,
+    /// Their page maps (/proc/PID/pagemap, by that pid; None: not readable), which say
+    /// where a post-copy's pages exist.
+    pagemaps: std::collections::HashMap<i32, Option<std::fs::File>>,
     /// Walks part of the memory of each process whose dump walks it (walkhelp.rs).
     pub walker: Option<crate::walkhelp::Walker>,
 }
@@ -60,6 +63,7 @@ impl<'a> Frozen<'a> {
             handover: Vec::new(),
             snapshots: Default::default(),
             direct: crate::outgoing::reads_directly(),
+            pagemaps: Default::default(),
             walker: None,
         };
         let mut ended: std::collections::HashMap<i32, u32> = Default::default();
@@ -196,8 +200,9 @@ impl<'a> Frozen<'a> {
                 let rounds = self.rounds.get(&vpid).cloned().unwrap_or_default();
                 let compared = self.compared.get(&vpid).cloned();
                 // The dump walks its memory's page tables where the rounds track it (not
-                // by hash) or it stays here (lazily): mig helps with that.
-                let helping = match rounds.is_empty() || compared.is_some() {
+                // by hash): mig helps with that. (Lazily, it leaves large mappings unwalked.)
+                let lazily = rounds.iter().any(|n| n == migrt::image::SOURCE_ROUND);
+                let helping = match rounds.is_empty() || compared.is_some() || lazily {
                     true => None,
                     false => (self.walker.as_ref()).and_then(|w| w.start(self.tables[k].real_pid)),
                 };
@@ -286,6 +291,52 @@ impl<'a> Frozen<'a> {
             }
             None => c.2.pages(addr, buf),
         }
+    }
+
+    /// `len` bytes of process `vpid`'s memory at `addr` as it was dumped, as a post-copy
+    /// sends them (sparse.rs): in `out`, the map of the pages with data, then those pages.
+    /// Only pages that exist there are read, where its page map says so (the frozen
+    /// process's pages do not change). Returns the bytes of page data.
+    pub fn sparse_pages(
+        &mut self,
+        vpid: i32,
+        addr: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<usize> {
+        use migrt::dirty::{PAGE_IS_PFNZERO, PageRegion};
+        let page = crate::sparse::PAGE as u64;
+        let head = crate::sparse::map_len(len);
+        out.resize(head + len as usize, 0);
+        // The ranges that may hold data: the pages that exist and are not the zero page.
+        let pid = self.snapshots.get(&vpid).copied();
+        let pagemap = pid.and_then(|pid| {
+            let open = || std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
+            self.pagemaps.entry(pid).or_insert_with(open).as_ref()
+        });
+        let mut found: Vec<PageRegion> = Vec::with_capacity((len / page) as usize);
+        let walked = pagemap.is_some_and(|m| {
+            migrt::dirty::existing_into(m, (addr, addr + len), false, &mut found).unwrap_or(false)
+        });
+        let ranges: Vec<(u64, u64)> = match walked {
+            true => found
+                .iter()
+                .filter(|r| r.categories & PAGE_IS_PFNZERO == 0)
+                .map(|r| (r.start, r.end))
+                .collect(),
+            false => vec![(addr, addr + len)],
+        };
+        for &(s, e) in &ranges {
+            let at = head + (s - addr) as usize;
+            self.pages(vpid, s, &mut out[at..at + (e - s) as usize])?;
+        }
+        let read = |i: usize| {
+            let a = addr + i as u64 * page;
+            ranges.iter().any(|&(s, e)| (s..e).contains(&a))
+        };
+        let n = crate::sparse::pack(out, len, read);
+        out.truncate(head + n);
+        Ok(n)
     }
 
     /// Tells every process that mig is still there (a frozen process left alone for long

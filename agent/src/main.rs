@@ -19,6 +19,7 @@ mod run;
 mod sessions;
 mod show;
 mod sockets;
+mod sparse;
 mod spool;
 mod sysv;
 mod table;

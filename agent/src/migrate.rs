@@ -294,9 +294,8 @@ fn answers(frozen: &mut Frozen, link: &Shared, lazy: bool) -> Result<(Duration, 
                 len,
                 ahead,
             } if lazy => {
-                buf.resize(len as usize, 0);
-                match frozen.pages(vpid, addr, &mut buf) {
-                    Ok(()) => bytes += len,
+                match frozen.sparse_pages(vpid, addr, len, &mut buf) {
+                    Ok(n) => bytes += n as u64,
                     // (A guess past the end of its memory: nothing there.)
                     Err(_) if ahead => buf.clear(),
                     Err(e) => return Err(e),

@@ -68,17 +68,21 @@ pub struct Check {
 
 /// The pages still in a lazy migration's source: a stream socket to the agent, which fetches
 /// them over its link. Asked: the process (vpid), the address there, the length (3 × u64);
-/// answered: the bytes, in the order asked. The agent closes the socket when it cannot
-/// answer (the link broke).
+/// answered, in the order asked: which of the pages have data, and those pages (sparse.rs;
+/// the others are left missing: they read as zero). The agent closes the socket when it
+/// cannot answer (the link broke).
 pub struct Remote {
     pub sock: std::os::unix::net::UnixStream,
     /// The vpid of each process, by index.
     pub vpids: Vec<i32>,
     /// A request sent before its answer was needed — the fill's next chunk, asked for
-    /// before this one is copied in, so that it comes meanwhile — and its answer, once
-    /// another request had to be answered first.
-    pub ahead: std::cell::RefCell<Option<(Ask, Option<Vec<u8>>)>>,
+    /// before this one is copied in, so that it comes meanwhile — and its answer (map,
+    /// pages), once another request had to be answered first.
+    pub ahead: std::cell::RefCell<Option<(Ask, Option<Answer>)>>,
 }
+
+/// Which pages have data (sparse.rs), and the pages, each at its place.
+pub type Answer = (Vec<u8>, Vec<u8>);
 
 /// A request to the source: process (vpid), address there, length.
 pub type Ask = (i32, u64, u64);
@@ -96,29 +100,45 @@ impl Remote {
         (&self.sock).write_all(&ask)
     }
 
-    fn fetch(&self, vpid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        use std::io::Read;
+    /// The pages of process `vpid` at `addr` that have data, into `buf` (each at its
+    /// place; the others' bytes are left as they were); returns which they are.
+    fn fetch(&self, vpid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<Vec<u8>> {
         let want = (vpid, addr, buf.len() as u64);
-        let answer = |buf: &mut [u8]| (&self.sock).read_exact(buf);
         let ahead = self.ahead.take();
         let got = match ahead {
-            Some((a, Some(data))) if a == want => {
+            Some((a, Some((map, data)))) if a == want => {
                 buf.copy_from_slice(&data);
-                Ok(())
+                Ok(map)
             }
-            Some((a, None)) if a == want => answer(buf),
+            Some((a, None)) if a == want => self.answer(buf),
             ahead => {
                 // (An answer to something else comes first: kept for when it is wanted,
                 // unless it was kept already — then the fill went another way.)
                 if let Some((a, None)) = ahead {
                     let mut data = vec![0u8; a.2 as usize];
-                    answer(&mut data).map_err(|e| self.broke(a.1, e))?;
-                    *self.ahead.borrow_mut() = Some((a, Some(data)));
+                    let map = self.answer(&mut data).map_err(|e| self.broke(a.1, e))?;
+                    *self.ahead.borrow_mut() = Some((a, Some((map, data))));
                 }
-                self.ask(want).and_then(|_| answer(buf))
+                self.ask(want).and_then(|_| self.answer(buf))
             }
         };
         got.map_err(|e| self.broke(addr, e))
+    }
+
+    /// Reads the answer to a request of `buf.len()` bytes: its map, and its pages into
+    /// `buf`, each at its place.
+    fn answer(&self, buf: &mut [u8]) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut map = vec![0u8; crate::sparse::map_len(buf.len() as u64)];
+        (&self.sock).read_exact(&mut map)?;
+        let n = crate::sparse::data_len(&map);
+        let asked = buf.len();
+        let data = buf.get_mut(..n).ok_or_else(|| {
+            std::io::Error::other(format!("{n} bytes of pages for {asked} asked"))
+        })?;
+        (&self.sock).read_exact(data)?;
+        crate::sparse::unpack(&map, buf);
+        Ok(map)
     }
 
     /// Asks for `a` now, to be fetched later (unless a request is ahead already).
@@ -268,18 +288,25 @@ impl Space {
         }
     }
 
-    /// The saved data of `len` bytes of `run` at image address `a`, read into `buf`.
-    fn read(&self, run: &Run, a: u64, len: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    /// The saved data of `len` bytes of `run` at image address `a`, read into `buf`; from
+    /// a lazy migration's source, which pages have data (sparse.rs; None: all).
+    fn read(
+        &self,
+        run: &Run,
+        a: u64,
+        len: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<Option<Vec<u8>>> {
         let off = run.offset + (a - run.addr);
         if run.fd < 0 {
             let (remote, vpid) = self.remote.as_ref().ok_or_else(|| {
                 std::io::Error::other("pages kept in a migration's source, and no link to it")
             })?;
-            remote.fetch(*vpid, off, buf)?;
+            let map = remote.fetch(*vpid, off, buf)?;
             if let Some(next) = self.then.take() {
                 remote.prefetch(next)?;
             }
-            return Ok(());
+            return Ok(Some(map));
         }
         verify(&self.checks, run.fd, off, len)?;
         // SAFETY: pread into our own buffer of `len` bytes.
@@ -290,7 +317,7 @@ impl Space {
                 run.fd
             )));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The image address of the page now at `x`, if it holds one (not something made
@@ -333,18 +360,28 @@ impl Space {
         buf: &mut Vec<u8>,
     ) -> std::io::Result<Copied> {
         buf.resize(len as usize, 0);
-        self.read(run, a, len, buf)?;
-        let step = match follow(&self.changes, a, len) {
-            Some(_) => len,
-            None => PAGE,
+        let map = self.read(run, a, len, buf)?;
+        let pages = (len / PAGE) as usize;
+        let all = [(0, pages, true)];
+        let runs: Box<dyn Iterator<Item = (usize, usize, bool)>> = match &map {
+            Some(map) => Box::new(crate::sparse::runs(map, pages)),
+            None => Box::new(all.into_iter()),
         };
-        for at in (0..len).step_by(step as usize) {
-            let Some(Some(x)) = follow(&self.changes, a + at, step) else {
-                continue;
+        // Pages without data are left missing (a fault there gets the zero page).
+        for (first, count, _) in runs.filter(|r| r.2) {
+            let (from, n) = (first as u64 * PAGE, count as u64 * PAGE);
+            let step = match follow(&self.changes, a + from, n) {
+                Some(_) => n,
+                None => PAGE,
             };
-            match uffd_copy(&self.uffd, x, buf[at as usize..].as_ptr(), step)? {
-                Copied::Later => return Ok(Copied::Later),
-                Copied::Done => {}
+            for at in (from..from + n).step_by(step as usize) {
+                let Some(Some(x)) = follow(&self.changes, a + at, step) else {
+                    continue;
+                };
+                match uffd_copy(&self.uffd, x, buf[at as usize..].as_ptr(), step)? {
+                    Copied::Later => return Ok(Copied::Later),
+                    Copied::Done => {}
+                }
             }
         }
         Ok(Copied::Done)
@@ -377,7 +414,12 @@ impl Space {
                 }
                 let copied = self.copy(&r, a, len, buf);
                 self.then.set(None);
-                copied
+                match (copied?, r.fd) {
+                    // From the source, the page may have had no data (or came earlier):
+                    // zeros where it is still missing.
+                    (Copied::Done, fd) if fd < 0 => uffd_zero(&self.uffd, page),
+                    (copied, _) => Ok(copied),
+                }
             }
             None => uffd_zero(&self.uffd, page),
         }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_PORT: u16 = 7070;
-const VERSION: u32 = 6;
+const VERSION: u32 = 7;
 /// No frame is larger (a chunk of image is 1 MiB).
 pub const MAX_FRAME: usize = 4 << 20;
 pub const CHUNK: usize = 1 << 20;
@@ -90,6 +90,7 @@ pub enum Msg {
         len: u64,
         ahead: bool,
     },
+    /// The answer to Want: which of the pages have data, and those pages (sparse.rs).
     Pages {
         vpid: i32,
         addr: u64,

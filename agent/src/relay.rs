@@ -1,7 +1,8 @@
 //! The agent's side of a lazy migration's post-copy: the restored session's pager asks
 //! for the memory still in the sender (process, address, length) on a socket of its own;
-//! each request goes over the link as `Want`, each answer (`Pages`, then the MAC so far) is
-//! checked — it must name what was asked — and handed to the pager. The pager's fill asks
+//! each request goes over the link as `Want`, each answer (`Pages`: the pages with data,
+//! sparse.rs; then the MAC so far) is checked — it must name what was asked — and handed
+//! to the pager. The pager's fill asks
 //! for its memory a chunk after another, so the next chunk is asked for while the pager
 //! copies this one in.
 
@@ -127,9 +128,6 @@ impl Relay {
             if want.len == 0 || want.len > peer::CHUNK as u64 {
                 bail!("the pager asked for {} bytes at once", want.len);
             }
-            if self.bytes + want.len > self.limit {
-                bail!("the session's memory is over this agent's limit (--max-bytes)");
-            }
             if self.ahead != Some(want) {
                 self.want(link, want, false)?;
                 if let Some(a) = self.ahead.take() {
@@ -147,11 +145,20 @@ impl Relay {
                 self.ahead = Some(next);
             }
             let data = self.answer(link, want)?;
-            if data.len() as u64 != want.len {
-                bail!("{} bytes of pages instead of {}", data.len(), want.len);
+            let head = crate::sparse::map_len(want.len);
+            let pages = match self.body[data.clone()].get(..head) {
+                Some(map) if data.len() == head + crate::sparse::data_len(map) => data.len() - head,
+                _ => bail!(
+                    "{} bytes of pages for {} asked: not a map of them and their data",
+                    data.len(),
+                    want.len
+                ),
+            };
+            self.bytes += pages as u64;
+            if self.bytes > self.limit {
+                bail!("the session's memory is over this agent's limit (--max-bytes)");
             }
             (&self.pager).write_all(&self.body[data])?;
-            self.bytes += want.len;
         }
     }
 

@@ -22,6 +22,11 @@ use std::path::Path;
 pub const MIGSHIM_TABLE: &str = "[migshim-table]";
 pub const MIGSHIM_SCRATCH: &str = "[migshim-scratch]";
 
+/// A mapping kept in the source of a lazy migration that is this large is not walked in
+/// the freeze (~1 ms per 0.5 GiB here): all of it is kept, and the source finds out which
+/// of its pages exist as the target asks for them (agent/src/sparse.rs).
+const UNWALKED: u64 = 32 << 20;
+
 /// Pages per PageMap/PageData pair (4 MiB: a lazy restore checksums a pair before it
 /// serves any page of it).
 const CHUNK: u64 = 1024;
@@ -276,24 +281,26 @@ pub fn dump(
         // others kept from the rounds (the shared zero page and file pages are neither).
         // In the source: every page is kept there.
         existing.clear();
+        let whole = in_source && pageable && !shared && end - start >= UNWALKED;
         let delta = !shared
             && match (in_source, delta) {
                 // (A mapping holding little goes with the image: image::SMALL_REGION.)
                 (true, _) => {
-                    pageable
-                        && existing_with_help(
-                            &mut help,
-                            (start, end),
-                            !file,
-                            |r, out| migrt::dirty::existing_into(&pagemap, r, file, out),
-                            &mut existing,
-                        )
-                        && existing
-                            .iter()
-                            .filter(|p| p.categories & NOT_OWN == 0)
-                            .map(|p| p.end - p.start)
-                            .sum::<u64>()
-                            > migrt::image::SMALL_REGION
+                    whole
+                        || pageable
+                            && existing_with_help(
+                                &mut help,
+                                (start, end),
+                                !file,
+                                |r, out| migrt::dirty::existing_into(&pagemap, r, file, out),
+                                &mut existing,
+                            )
+                            && existing
+                                .iter()
+                                .filter(|p| p.categories & NOT_OWN == 0)
+                                .map(|p| p.end - p.start)
+                                .sum::<u64>()
+                                > migrt::image::SMALL_REGION
                 }
                 (false, Some(d)) => {
                     d.covers(start, end)
@@ -308,7 +315,9 @@ pub fn dump(
                 (false, None) => false,
             }
             && kept.capacity() - kept.len() >= existing.len();
-        if delta {
+        if whole {
+            keep(&mut kept, start, end);
+        } else if delta {
             for p in existing
                 .iter()
                 .filter(|p| p.categories & (written_bit | NOT_OWN) == 0)
