@@ -398,6 +398,10 @@ impl Space {
             Some((*r, a))
         });
         match run {
+            // From the source already, with no data there (sparse.rs): zeros.
+            Some((r, a)) if r.fd < 0 && self.fetched.missing(a, a + PAGE).is_none() => {
+                uffd_zero(&self.uffd, page)
+            }
             Some((r, a)) => {
                 // (From a lazy migration's source, a fault right after the last one's pages
                 // fetches twice as much, up to a fill chunk: read-ahead for sequential use.)
