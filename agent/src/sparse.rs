@@ -38,7 +38,9 @@ pub fn pack(buf: &mut [u8], len: u64, read: impl Fn(usize) -> bool) -> usize {
             continue;
         }
         map[i / 8] |= 1 << (i % 8);
-        pages.copy_within(at..at + PAGE, n);
+        if n != at {
+            pages.copy_within(at..at + PAGE, n);
+        }
         n += PAGE;
     }
     n
@@ -52,7 +54,9 @@ pub fn unpack(map: &[u8], buf: &mut [u8]) {
     for i in (0..buf.len() / PAGE).rev() {
         if has(map, i) {
             n -= PAGE;
-            buf.copy_within(n..n + PAGE, i * PAGE);
+            if n != i * PAGE {
+                buf.copy_within(n..n + PAGE, i * PAGE);
+            }
         }
     }
 }
