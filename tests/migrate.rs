@@ -1115,3 +1115,68 @@ fn a_normal_user_migrates_to_their_own_agent() {
     assert!(o.status.success(), "{}\nagent: {err}", text(&o.stderr));
     assert_eq!(went_on.unwrap()[0], last + 1, "it went on there");
 }
+
+/// A parent holding 24 MiB of random bytes and three children it forked, each checking
+/// the copy it shares with the parent every tick.
+const SHARING: &str = r#"
+import hashlib, os, time
+data = bytearray(os.urandom(24 << 20))
+h = hashlib.sha256(data).digest()
+for k in range(3):
+    if os.fork() == 0:
+        n = 0
+        while True:
+            n += 1
+            ok = hashlib.sha256(data).digest() == h
+            print(f"child {k} tick {n} {'ok' if ok else 'DAMAGED'}", flush=True)
+            time.sleep(0.1)
+while True:
+    time.sleep(1)
+"#;
+
+#[test]
+fn a_forked_tree_s_pages_go_once_and_every_process_has_them_there() {
+    // Four processes, the same 24 MiB each (and much of python's own memory): the pages
+    // go over the link once, the images there hold them all.
+    let env = Env::new("migrate-same");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    let log = env.detach("tree", &["python3", "-c", SHARING]);
+    let ticks = |log: &Path, k: usize| numbers(log, &format!("child {k} tick "));
+    let t = Instant::now();
+    while (0..3).any(|k| ticks(&log, k).len() < 2) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the tree does not tick"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut args = migrate_args("tree", &agent.addr, &key).to_vec();
+    args.extend(["--mode", "stop-and-copy"]);
+    let o = env.run(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("4 process(es)"), "{out}");
+    let (sent, image) = (kib_before(&out, "sent ("), kib_before(&out, "frozen)"));
+    assert!(
+        image > 4.0 * 24.0 * 1024.0,
+        "every image holds the pages: {out}"
+    );
+    assert!(sent < image / 2.5, "the same pages went once: {out}");
+    let there = agent.session_log("tree");
+    for k in 0..3 {
+        let last = *ticks(&log, k).last().unwrap();
+        let t = Instant::now();
+        while ticks(&there, k).len() < 3 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "child {k} does not tick there"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(ticks(&there, k)[0], last + 1, "child {k} went on");
+    }
+    let text = std::fs::read_to_string(&there).unwrap();
+    assert!(!text.contains("DAMAGED"), "{text}");
+    println!("{out}");
+}

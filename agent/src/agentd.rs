@@ -280,16 +280,24 @@ impl Agent {
         };
         add(out, &files)?;
         let mut total = 0u64;
+        // How much of each file has come.
+        let mut sizes: Vec<u64> = Vec::new();
         // Chunks are written from the frame as it came (not copied out of it first), by
         // the writer while the next is read.
         let writer = &mut spooled.writer;
         loop {
             let mut body = writer.buffer()?;
-            let (file, at) = match link.recv_chunk(&mut body)? {
-                Ok(chunk) => chunk,
+            let (file, piece) = match link.recv_chunk(&mut body)? {
+                Ok((file, at)) => (file, Piece::Bytes(at)),
                 Err(m) => {
-                    writer.recycle(body);
+                    writer.recycle(std::mem::take(&mut body));
                     match m {
+                        Msg::Same {
+                            file,
+                            from,
+                            offset,
+                            len,
+                        } => (file, Piece::Same(from, offset, len)),
                         Msg::Files(more) => {
                             add(out, &more)?;
                             continue;
@@ -321,10 +329,21 @@ impl Agent {
                     }
                 }
             };
-            let (f, name, arrival) = out
+            sizes.resize(out.len(), 0);
+            let len = match &piece {
+                Piece::Bytes(at) => at.len() as u64,
+                Piece::Same(from, offset, len) => {
+                    let had = sizes.get(*from as usize).copied().unwrap_or(0);
+                    if *len == 0 || offset.checked_add(*len).is_none_or(|end| end > had) {
+                        bail!("pages sent before that did not come");
+                    }
+                    *len
+                }
+            };
+            let (f, _, arrival) = out
                 .get_mut(file as usize)
                 .context("a chunk of no announced file")?;
-            total += at.len() as u64;
+            total += len;
             if total > self.max_bytes {
                 bail!(
                     "the image is over this agent's limit of {} bytes",
@@ -334,8 +353,16 @@ impl Agent {
             if *arrival != Arrival::Coming {
                 bail!("more of a file after its end");
             }
-            let ended = at.is_empty();
-            writer.write(f, body, at)?;
+            let ended = len == 0;
+            sizes[file as usize] += len;
+            match piece {
+                Piece::Bytes(at) => writer.write(f, body, at)?,
+                Piece::Same(from, offset, len) => {
+                    let f = f.clone();
+                    writer.same((&out[from as usize].0, offset, len), &f)?;
+                }
+            }
+            let (_, name, arrival) = &mut out[file as usize];
             if ended {
                 *arrival = Arrival::Complete;
                 // A process image all here is read by the restore while the others come.
@@ -465,6 +492,13 @@ impl Drop for Spooled {
         self.files.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A piece of an incoming file: bytes where they are in the frame received, or bytes of a
+/// file come already (file, offset, length).
+enum Piece {
+    Bytes(std::ops::Range<usize>),
+    Same(u32, u64, u64),
 }
 
 /// How far an incoming file has come.

@@ -16,6 +16,7 @@ mod peer;
 mod relay;
 mod restore;
 mod run;
+mod samepages;
 mod sessions;
 mod show;
 mod sockets;

@@ -32,7 +32,6 @@ use crate::sessions;
 use anyhow::{Context, Result, bail};
 use migrt::rounds::PageHashes;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -187,9 +186,9 @@ fn compare(frozen: &mut Frozen, hashed: Vec<(i32, i32, PageHashes)>) {
 /// Waits until the agent has stored everything sent so far.
 fn sync(link: &Shared) -> Result<()> {
     let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
-    l.0.send(&Msg::Sync)?;
+    l.link.send(&Msg::Sync)?;
     match l
-        .0
+        .link
         .recv()
         .context("waiting for the agent to store a pre-copy round")?
     {
@@ -209,7 +208,8 @@ fn transfer(
     ignore_unsupported: bool,
     (moving, moved): (&[netaddr::Held], &mut netaddr::Changes),
 ) -> Result<u64> {
-    let send = |m: &Msg| -> Result<()> { link.lock().unwrap_or_else(|p| p.into_inner()).0.send(m) };
+    let send =
+        |m: &Msg| -> Result<()> { link.lock().unwrap_or_else(|p| p.into_inner()).link.send(m) };
     let ips: Vec<std::net::Ipv4Addr> = moving.iter().map(|h| h.ip).collect();
     let handed = frozen.check_supported(ignore_unsupported, &ips)?;
     for h in moving {
@@ -253,7 +253,7 @@ fn transfer(
             data: piece.to_vec(),
         })?;
     }
-    link.lock().unwrap_or_else(|p| p.into_inner()).1 += session.len() as u64;
+    link.lock().unwrap_or_else(|p| p.into_inner()).bytes += session.len() as u64;
     Ok(bytes)
 }
 
@@ -283,7 +283,7 @@ fn answers(frozen: &mut Frozen, link: &Shared, lazy: bool) -> Result<(Duration, 
     let mut running = None;
     let mut buf = Vec::new();
     loop {
-        let m = l.0.recv().with_context(|| match running {
+        let m = l.link.recv().with_context(|| match running {
             None => "waiting for the agent to restore the session",
             Some(_) => "the link broke during the post-copy (the agent ends the copy there)",
         })?;
@@ -301,8 +301,9 @@ fn answers(frozen: &mut Frozen, link: &Shared, lazy: bool) -> Result<(Duration, 
                     Err(e) => return Err(e),
                 }
                 let data = Vec::new();
-                l.0.send_with_data(&Msg::Pages { vpid, addr, data }, &buf)?;
-                l.0.send_mac()?;
+                l.link
+                    .send_with_data(&Msg::Pages { vpid, addr, data }, &buf)?;
+                l.link.send_mac()?;
             }
             Msg::Waiting if lazy => {}
             Msg::Running { .. } if running.is_none() => {
@@ -331,7 +332,7 @@ fn answers(frozen: &mut Frozen, link: &Shared, lazy: bool) -> Result<(Duration, 
     if progress && lazy {
         eprintln!();
     }
-    l.1 += bytes;
+    l.bytes += bytes;
     Ok((running.unwrap_or_default(), bytes))
 }
 
@@ -359,7 +360,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         Msg::Refused(why) => bail!("the agent at {} refused: {why}", a.to),
         other => bail!("the agent at {} said {other:?}", a.to),
     }
-    let link: Shared = Arc::new(Mutex::new((link, 0)));
+    let link: Shared = outgoing::Sender::shared(link);
 
     // Any error below drops `frozen` (and the pre-copy connections), which thaws the
     // session here and ends its write tracking.
@@ -408,7 +409,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         // From here until the session has ended here, an interrupt must not leave it
         // running on both hosts (a frozen session left by a vanished mig thaws itself).
         migrt::sys::ignore_terminal_signals();
-        l.0.send_mac()?;
+        l.link.send_mac()?;
         if migrt::sys::isatty(2) {
             eprintln!();
         }
@@ -422,7 +423,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     // The addresses are the target's now.
     moved.keep();
     let (processes, threads) = (frozen.processes(), frozen.threads);
-    let (bytes, sent) = (sent, link.lock().unwrap_or_else(|p| p.into_inner()).1);
+    let (bytes, sent) = (sent, link.lock().unwrap_or_else(|p| p.into_inner()).bytes);
     frozen.release(true)?;
     // (Lazily, the post-copy after the pre-copy figures: the summary reads the same in
     // every mode up to the rounds.)

@@ -6,6 +6,7 @@
 use crate::client::Client;
 use crate::frozen::human;
 use crate::peer::{CHUNK, Link, Msg};
+use crate::samepages::{PAGE, Part, SentPages};
 use anyhow::{Context, Result, bail};
 use migrt::image::{ImageWriter, Kind};
 use migrt::rounds::PageHashes;
@@ -14,9 +15,26 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The link, shared with the threads that forward images as they are written, and the
-/// bytes sent so far.
-pub type Shared = Arc<Mutex<(Link, u64)>>;
+/// The link, shared with the threads that forward images as they are written.
+pub type Shared = Arc<Mutex<Sender>>;
+
+pub struct Sender {
+    pub link: Link,
+    /// The bytes sent so far.
+    pub bytes: u64,
+    /// The pages sent so far, and where (each goes once).
+    sent: SentPages,
+}
+
+impl Sender {
+    pub fn shared(link: Link) -> Shared {
+        Arc::new(Mutex::new(Sender {
+            link,
+            bytes: 0,
+            sent: SentPages::default(),
+        }))
+    }
+}
 
 /// Announces more files to the agent; returns the index of the first (files are numbered
 /// in the order announced, across messages).
@@ -25,16 +43,19 @@ pub fn announce(link: &Shared, announced: &mut u32, names: Vec<String>) -> Resul
     *announced += names.len() as u32;
     link.lock()
         .unwrap_or_else(|p| p.into_inner())
-        .0
+        .link
         .send(&Msg::Files(names))?;
     Ok(first)
 }
 
-/// File `file` on the agent, written as Chunk frames of at most CHUNK bytes (the sent
-/// bytes counted, shown on a terminal). `end` ends the file.
+/// File `file` on the agent, written as Chunk frames of at most CHUNK bytes — its pages
+/// sent before as references to them (samepages.rs) — the sent bytes counted, shown on a
+/// terminal. `end` ends the file.
 pub struct Chunks {
     link: Shared,
     file: u32,
+    /// Where in the file the next byte goes.
+    offset: u64,
     progress: bool,
     shown: Instant,
 }
@@ -44,24 +65,41 @@ impl Chunks {
         Chunks {
             link: link.clone(),
             file,
+            offset: 0,
             progress: migrt::sys::isatty(2),
             shown: Instant::now(),
         }
     }
 
     fn send(&mut self, data: &[u8]) -> Result<()> {
+        let hashes = crate::samepages::hashes(self.offset, data);
         let mut l = self.link.lock().unwrap_or_else(|p| p.into_inner());
         let file = self.file;
-        l.0.send_with_data(
-            &Msg::Chunk {
-                file,
-                data: Vec::new(),
-            },
-            data,
-        )?;
-        l.1 += data.len() as u64;
+        let parts = match data.is_empty() {
+            true => vec![Part::Data(0..0)], // the end
+            false => l.sent.parts(file, self.offset, data.len(), &hashes),
+        };
+        for part in parts {
+            match part {
+                Part::Data(r) => {
+                    let empty = Msg::Chunk {
+                        file,
+                        data: Vec::new(),
+                    };
+                    l.link.send_with_data(&empty, &data[r.clone()])?;
+                    l.bytes += r.len() as u64;
+                }
+                Part::Same { from, offset, len } => l.link.send(&Msg::Same {
+                    file,
+                    from,
+                    offset,
+                    len,
+                })?,
+            }
+        }
+        self.offset += data.len() as u64;
         if self.progress && self.shown.elapsed() > Duration::from_millis(200) {
-            eprint!("\rmig migrate: {} sent", human(l.1));
+            eprint!("\rmig migrate: {} sent", human(l.bytes));
             self.shown = Instant::now();
         }
         Ok(())
@@ -99,12 +137,24 @@ pub fn stream_to(link: &Shared, index: u32) -> Result<Stream> {
     let forward = std::thread::spawn(move || {
         let mut pipe = r;
         let mut buf = vec![0u8; CHUNK];
+        // Sent in whole pages (but at the end): a page split between two reads would not
+        // be found among the pages sent before. What is left over goes with the next.
+        let mut have = 0;
         loop {
-            let n = pipe.read(&mut buf)?;
+            let n = pipe.read(&mut buf[have..])?;
             if n == 0 {
+                if have > 0 {
+                    out.send(&buf[..have])?;
+                }
                 return out.end();
             }
-            out.send(&buf[..n])?;
+            have += n;
+            let whole = have / PAGE * PAGE;
+            if whole > 0 {
+                out.send(&buf[..whole])?;
+                buf.copy_within(whole..have, 0);
+                have -= whole;
+            }
         }
     });
     Ok((w, path, forward))

@@ -102,6 +102,14 @@ pub enum Msg {
     Waiting,
     /// agent → client: the session has all its memory here; the sender's part is over.
     Complete,
+    /// client → agent: `len` bytes of file `from` at `offset`, come already, are the next
+    /// piece of file `file` too (pages sent once: samepages.rs).
+    Same {
+        file: u32,
+        from: u32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 fn mac_of(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {

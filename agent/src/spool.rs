@@ -66,7 +66,9 @@ pub fn create(dir: &Path, name: &str, memory: bool) -> Result<std::fs::File> {
             std::os::unix::fs::symlink(fd, &path).map(|_| f)
         })
     } else {
+        // (Read too: pages sent once are copied from where they came first.)
         std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
@@ -89,6 +91,8 @@ pub struct Writer {
 
 enum Job {
     Write(Arc<std::fs::File>, Vec<u8>, std::ops::Range<usize>),
+    /// `len` bytes of the first file at `offset` (written before) appended to the second.
+    Same(Arc<std::fs::File>, u64, u64, Arc<std::fs::File>),
     /// Answered once everything before is written.
     Barrier(std::sync::mpsc::SyncSender<()>),
 }
@@ -106,6 +110,10 @@ impl Writer {
                     Job::Write(f, buf, range) => {
                         (&*f).write_all(&buf[range]).context("storing the image")?;
                         let _ = done.try_send(buf);
+                    }
+                    Job::Same(from, offset, len, to) => {
+                        migrt::sys::append_range(&from, offset, len, &to)
+                            .context("storing the image (pages sent before)")?;
                     }
                     Job::Barrier(ack) => {
                         let _ = ack.send(());
@@ -151,6 +159,19 @@ impl Writer {
         range: std::ops::Range<usize>,
     ) -> Result<()> {
         let job = Job::Write(file.clone(), buf, range);
+        match self.jobs.as_ref().map(|j| j.send(job)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.failure()),
+        }
+    }
+
+    /// `len` bytes of `from` at `offset` (given before) appended to `to`, later.
+    pub fn same(
+        &mut self,
+        (from, offset, len): (&Arc<std::fs::File>, u64, u64),
+        to: &Arc<std::fs::File>,
+    ) -> Result<()> {
+        let job = Job::Same(from.clone(), offset, len, to.clone());
         match self.jobs.as_ref().map(|j| j.send(job)) {
             Some(Ok(())) => Ok(()),
             _ => Err(self.failure()),

@@ -191,6 +191,37 @@ pub fn terminate(pid: i32) {
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }
 
+/// Appends `len` bytes of `from` at `offset` to `to` (at its file position), copied by the
+/// kernel (copy_file_range: no trip through a buffer of ours).
+pub fn append_range(
+    from: &std::fs::File,
+    offset: u64,
+    len: u64,
+    to: &std::fs::File,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (mut at, end) = (offset as i64, offset + len);
+    while (at as u64) < end {
+        // SAFETY: two open files of ours; `at` is ours; the kernel advances `to`'s position.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut at,
+                to.as_raw_fd(),
+                std::ptr::null_mut(),
+                (end - at as u64) as usize,
+                0,
+            )
+        };
+        match n {
+            n if n > 0 => {}
+            0 => return Err(io::Error::other("the range to copy ends early")),
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+    Ok(())
+}
+
 /// An anonymous in-memory file (memfd), close-on-exec unless `inherit`.
 pub fn memfd(name: &std::ffi::CStr, inherit: bool) -> io::Result<std::fs::File> {
     let flags = if inherit { 0 } else { libc::MFD_CLOEXEC };
