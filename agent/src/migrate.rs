@@ -360,7 +360,9 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         Msg::Refused(why) => bail!("the agent at {} refused: {why}", a.to),
         other => bail!("the agent at {} said {other:?}", a.to),
     }
-    let link: Shared = outgoing::Sender::shared(link);
+    // (Pages alike are common between processes — a forked tree's — and rare within one:
+    // one process's pages are not compared, which would cost more than it saves.)
+    let link: Shared = outgoing::Sender::shared(link, live.processes().len() > 1);
 
     // Any error below drops `frozen` (and the pre-copy connections), which thaws the
     // session here and ends its write tracking.

@@ -22,16 +22,16 @@ pub struct Sender {
     pub link: Link,
     /// The bytes sent so far.
     pub bytes: u64,
-    /// The pages sent so far, and where (each goes once).
-    sent: SentPages,
+    /// The pages sent so far, and where (each goes once), if pages are compared.
+    sent: Option<SentPages>,
 }
 
 impl Sender {
-    pub fn shared(link: Link) -> Shared {
+    pub fn shared(link: Link, compare: bool) -> Shared {
         Arc::new(Mutex::new(Sender {
             link,
             bytes: 0,
-            sent: SentPages::default(),
+            sent: compare.then(SentPages::default),
         }))
     }
 }
@@ -56,28 +56,39 @@ pub struct Chunks {
     file: u32,
     /// Where in the file the next byte goes.
     offset: u64,
+    /// Whether its pages are compared with the pages sent before.
+    compare: bool,
     progress: bool,
     shown: Instant,
 }
 
 impl Chunks {
     pub fn new(link: &Shared, file: u32) -> Chunks {
+        let compare = link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sent
+            .is_some();
         Chunks {
             link: link.clone(),
             file,
             offset: 0,
+            compare,
             progress: migrt::sys::isatty(2),
             shown: Instant::now(),
         }
     }
 
     fn send(&mut self, data: &[u8]) -> Result<()> {
-        let hashes = crate::samepages::hashes(self.offset, data);
+        let hashes = match self.compare {
+            true => crate::samepages::hashes(self.offset, data),
+            false => Vec::new(),
+        };
         let mut l = self.link.lock().unwrap_or_else(|p| p.into_inner());
         let file = self.file;
-        let parts = match data.is_empty() {
-            true => vec![Part::Data(0..0)], // the end
-            false => l.sent.parts(file, self.offset, data.len(), &hashes),
+        let parts = match (data.is_empty(), l.sent.as_mut()) {
+            (false, Some(sent)) => sent.parts(file, self.offset, data.len(), &hashes),
+            _ => vec![Part::Data(0..data.len())], // (empty: the end)
         };
         for part in parts {
             match part {

@@ -12,7 +12,36 @@ pub const PAGE: usize = 4096;
 
 /// The pages sent so far: by content hash, where they are (file, offset).
 #[derive(Default)]
-pub struct SentPages(HashMap<u128, (u32, u64)>);
+pub struct SentPages(HashMap<u128, (u32, u64), Hashed>);
+
+/// The keys are hashes already: their low bits serve.
+#[derive(Default, Clone, Copy)]
+struct Hashed;
+
+impl std::hash::BuildHasher for Hashed {
+    type Hasher = LowBits;
+    fn build_hasher(&self) -> LowBits {
+        LowBits(0)
+    }
+}
+
+struct LowBits(u64);
+
+impl std::hash::Hasher for LowBits {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ *b as u64;
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// A part of a piece of file sent: bytes as they are, or pages the agent has already.
 #[derive(Debug, PartialEq)]

@@ -1,8 +1,8 @@
 /* counter: counts up, one line per tick, and keeps a block of patterned memory it verifies
  * on every tick. The demo subject.  usage: counter [ticks_per_second] [MiB] [MiB_written_per_second]
  *
- * Each page holds a pattern of its number and of its generation, which a separate table
- * holds too; with a write rate, pages are written anew (next generation) round-robin.
+ * Each page holds its number and its generation, and a pattern of both; a separate table
+ * holds the generations too; with a write rate, pages are written anew (next generation) round-robin.
  * A page that came back older or newer than the table says is "damaged". */
 #include <stdint.h>
 #include <stdio.h>
@@ -13,7 +13,11 @@
 
 #define PAGE 4096
 
+/* A page begins with its number and its generation (8 bytes each: no two pages are alike,
+ * as in a real program's memory), then a pattern of both. */
 static unsigned char expected(size_t page, uint32_t gen, size_t j) {
+    if (j < 8) return (unsigned char)((uint64_t)page >> (8 * j));
+    if (j < 16) return (unsigned char)((uint64_t)gen >> (8 * (j - 8)));
     return (unsigned char)(page * 131 + gen * 7 + j);
 }
 
