@@ -113,14 +113,15 @@ fn checkpoint_writes_a_verifiable_image_and_the_program_runs_on() {
         "the 32 MiB block is stored: {} pages",
         img.pages
     );
-    // The counter's pattern (byte j of each of its pages is j plus a per-page value) is in
-    // the page data, every page of the block.
+    // The counter's pattern (after its page's number and generation, 16 bytes, byte j of
+    // each of its pages is j plus a per-page value) is in the page data, every page of the
+    // block.
     let patterned = img
         .data
         .iter()
         .flat_map(|d| d[d.len() % 4096..].chunks_exact(4096)) // (after the alignment)
         // (malloc's block starts 16 bytes into a page: so do the counter's pages)
-        .map(|p| &p[16..])
+        .map(|p| &p[16 + 16..])
         .filter(|p| {
             p.iter()
                 .enumerate()
