@@ -399,8 +399,10 @@ fn refill(b: &Builder) -> Result<()> {
                 s.info.id, st.unsent_lost
             );
         }
-        if let Some(sock) = b.built.get(&s.info.id).filter(|_| !st.unsent.0.is_empty()) {
-            send_all(sock, &st.unsent.0, s.info.id)?;
+        let peer = s.info.peer_link.as_ref().and_then(|p| b.socks.get(&p.id));
+        let unsent = st.after_peer(peer.and_then(|p| p.state));
+        if let Some(sock) = b.built.get(&s.info.id).filter(|_| !unsent.is_empty()) {
+            send_all(sock, unsent, s.info.id)?;
         }
     }
     for s in b.socks.values() {

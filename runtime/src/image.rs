@@ -19,7 +19,7 @@ use std::io::{IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 8] = *b"MIGSHIM\0";
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 pub const PAGE: usize = 4096;
 const HEAD: usize = 32;
 

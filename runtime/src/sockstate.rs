@@ -18,10 +18,17 @@ pub struct SocketState {
     pub unread: Vec<Bytes>,
     /// (level, option, value as the kernel gave it)
     pub options: Vec<(i32, i32, Bytes)>,
-    /// Bytes a TCP socket had not sent yet (the tail of its send queue, e.g. while the
-    /// peer's receive window was full): read in repair mode (root), sent again after the
-    /// peer's unread bytes on restore.
+    /// A TCP socket's send queue, if it had bytes it had not sent yet (e.g. while the
+    /// peer's receive window was full): read in repair mode (root); what the peer had not
+    /// taken goes again after the peer's unread bytes on restore (`after_peer`).
     pub unsent: Bytes,
+    /// How many of its last bytes were not sent yet.
+    pub not_sent: u32,
+    /// The TCP sequence number just after the last byte of `unsent`, and the one just
+    /// after the last of `unread` (root): the two ends are read one after the other, and
+    /// what went from one to the other meanwhile is in both.
+    pub sent_upto: Option<u32>,
+    pub received_upto: Option<u32>,
     /// How many of those could not be read (no CAP_NET_ADMIN): lost, and said so.
     pub unsent_lost: u32,
     /// A connection to a peer outside the session, handed over whole (its address moves
@@ -63,9 +70,7 @@ fn applies(level: i32, domain: i32, ty: i32) -> bool {
 /// in repair mode and left in it; that can fail (no CAP_NET_ADMIN, not established).
 pub fn capture(
     fd: i32,
-    id: u64,
-    domain: i32,
-    ty: i32,
+    (id, domain, ty): (u64, i32, i32),
     listening: bool,
     handover: bool,
 ) -> std::io::Result<SocketState> {
@@ -86,34 +91,71 @@ pub fn capture(
         });
     }
     let keeps_data = domain == libc::AF_UNIX || ty == libc::SOCK_STREAM;
+    let tcp = domain != libc::AF_UNIX && ty == libc::SOCK_STREAM && !listening;
+    // (A TCP receive queue may grow while it is read: where it is known to end is known
+    // only if it did not.)
+    let mut received_upto = None;
     let unread = if listening || !keeps_data {
         Vec::new()
+    } else if tcp {
+        let mut tries = 0;
+        loop {
+            let before = crate::tcprepair::next_received(fd);
+            let unread = peek_all(fd, true);
+            let after = crate::tcprepair::next_received(fd);
+            tries += 1;
+            if before == after || tries == 10 {
+                received_upto = before.filter(|_| before == after);
+                break unread;
+            }
+        }
     } else {
-        peek_all(fd, ty == libc::SOCK_STREAM)
+        peek_all(fd, false)
     };
     // Only what was never sent: bytes sent but not acknowledged yet are in the peer's
     // receive queue already (between processes of one host nothing is lost on the way),
     // where they are captured as its unread bytes.
-    let (queued, not_sent) = if domain != libc::AF_UNIX && ty == libc::SOCK_STREAM && !listening {
-        sys::send_queue_sizes(fd)
-    } else {
-        (0, 0)
+    // The whole send queue, and where it ends: its part the peer has already is told by
+    // the peer's `received_upto` (without that, only the part not sent yet goes again).
+    let not_sent = if tcp { sys::send_queue_sizes(fd).1 } else { 0 };
+    let (queue, sent_upto) = match not_sent {
+        0 => (Vec::new(), None),
+        _ => crate::tcprepair::peek_send_queue(fd)
+            .map_or((Vec::new(), None), |(q, end)| (q, Some(end))),
     };
-    let mut unsent = if not_sent > 0 {
-        crate::tcprepair::peek_send_queue(fd, queued as usize).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    let captured = unsent.len() as u32 >= not_sent;
-    unsent.drain(..unsent.len().saturating_sub(not_sent as usize));
+    let captured = queue.len() as u32 >= not_sent;
+    let not_sent = not_sent.min(queue.len() as u32);
     Ok(SocketState {
         id,
         unread,
         options,
         unsent_lost: if captured { 0 } else { not_sent },
-        unsent: Bytes(unsent),
-        handover: None,
+        unsent: Bytes(queue),
+        not_sent,
+        sent_upto,
+        received_upto,
+        ..Default::default()
     })
+}
+
+impl SocketState {
+    /// What of `unsent` is sent again on restore, after the peer's unread bytes (`peer`):
+    /// from where the peer's queue ended, where both ends' sequence numbers say so; else
+    /// the bytes not sent yet (the others are in the peer's queue, unless it took them
+    /// after it was read: then they are lost — settle() makes that rare).
+    pub fn after_peer(&self, peer: Option<&SocketState>) -> &[u8] {
+        let data = &self.unsent.0;
+        let tail = &data[data.len() - (self.not_sent as usize).min(data.len())..];
+        let ends = (self.sent_upto, peer.and_then(|p| p.received_upto));
+        let (Some(end), Some(received)) = ends else {
+            return tail;
+        };
+        let start = end.wrapping_sub(data.len() as u32);
+        match received.wrapping_sub(start) as i32 {
+            ..0 => tail,
+            taken => data.get(taken as usize..).unwrap_or_default(),
+        }
+    }
 }
 
 /// Every unread message (or the stream's bytes, as one), without consuming any.
@@ -193,7 +235,7 @@ mod tests {
 
     /// A plain unix socket's state.
     fn unix(fd: i32, id: u64, ty: i32) -> SocketState {
-        capture(fd, id, libc::AF_UNIX, ty, false, false).unwrap()
+        capture(fd, (id, libc::AF_UNIX, ty), false, false).unwrap()
     }
 
     #[test]
@@ -216,5 +258,41 @@ mod tests {
         let mut buf = [0u8; 16];
         let n = d.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"one");
+    }
+
+    #[test]
+    fn what_the_peer_took_after_the_sender_was_read_is_not_sent_twice() {
+        // The sender's queue: 10 bytes ending at sequence 1000 (990..1000), the last 6 not
+        // sent yet when read.
+        let sender = SocketState {
+            unsent: Bytes((0..10).collect()),
+            not_sent: 6,
+            sent_upto: Some(1000),
+            ..Default::default()
+        };
+        let peer = |received| SocketState {
+            received_upto: received,
+            ..Default::default()
+        };
+        // The peer, read later, had taken up to 996: only what lies after goes.
+        assert_eq!(sender.after_peer(Some(&peer(Some(996)))), [6, 7, 8, 9]);
+        assert_eq!(sender.after_peer(Some(&peer(Some(1000)))), [] as [u8; 0]);
+        assert_eq!(
+            sender.after_peer(Some(&peer(Some(990)))),
+            (0..10).collect::<Vec<u8>>()
+        );
+        // Across the wrap of sequence numbers.
+        let wrapped = SocketState {
+            sent_upto: Some(4),
+            ..sender.clone()
+        };
+        assert_eq!(wrapped.after_peer(Some(&peer(Some(2)))), [8, 9]);
+        // Without the peer's sequence number, or behind the queue: the part not sent.
+        assert_eq!(sender.after_peer(Some(&peer(None))), [4, 5, 6, 7, 8, 9]);
+        assert_eq!(sender.after_peer(None), [4, 5, 6, 7, 8, 9]);
+        assert_eq!(
+            sender.after_peer(Some(&peer(Some(900)))),
+            [4, 5, 6, 7, 8, 9]
+        );
     }
 }

@@ -118,13 +118,25 @@ fn queue_seq(fd: i32, queue: i32) -> io::Result<u32> {
     ))
 }
 
-/// A TCP socket's send queue (its first `len` bytes), read without consuming it: repair
-/// mode is entered and left again (without a window probe). None without CAP_NET_ADMIN.
-pub fn peek_send_queue(fd: i32, len: usize) -> Option<Vec<u8>> {
+/// A TCP socket's send queue, read without consuming it, and the sequence number just
+/// after its last byte (fixed while its owner writes nothing): repair mode is entered and
+/// left again (without a window probe). None without CAP_NET_ADMIN.
+pub fn peek_send_queue(fd: i32) -> Option<(Vec<u8>, u32)> {
+    let (queued, _) = sys::send_queue_sizes(fd);
     tcp(fd, libc::TCP_REPAIR, 1).ok()?;
-    let got = peek_queue(fd, SEND_QUEUE, len);
+    let got = peek_queue(fd, SEND_QUEUE, queued as usize)
+        .and_then(|data| Ok((data, queue_seq(fd, SEND_QUEUE)?)));
     leave(fd, false);
     got.ok()
+}
+
+/// The sequence number a TCP socket expects next (just after its last unread byte), read
+/// in repair mode (entered and left again). None without CAP_NET_ADMIN.
+pub fn next_received(fd: i32) -> Option<u32> {
+    tcp(fd, libc::TCP_REPAIR, 1).ok()?;
+    let seq = queue_seq(fd, RECV_QUEUE);
+    leave(fd, false);
+    seq.ok()
 }
 
 /// Reads established connection `fd`, which must be in repair mode (`enter`); it stays so.

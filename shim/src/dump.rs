@@ -694,8 +694,8 @@ pub fn socket_states(
             if whole {
                 frozen.repaired.push(f.fd);
             }
-            let state = migrt::sockstate::capture(f.fd, s.id, s.domain, s.ty, s.listening, whole)
-                .map_err(|e| {
+            let kind = (s.id, s.domain, s.ty);
+            let state = migrt::sockstate::capture(f.fd, kind, s.listening, whole).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
                     format!("fd {} (TCP connection to hand over): {e}", f.fd),
