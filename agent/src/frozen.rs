@@ -10,6 +10,9 @@ use migrt::image::{ImageWriter, Kind, SessionManifest, Tag};
 use migrt::wire::{Request, Response};
 use std::time::{Duration, Instant};
 
+/// The end of user space (x86-64, 4-level page tables): a page map is not scanned past it.
+const USER_END: u64 = 0x7fff_ffff_f000;
+
 pub struct Frozen<'a> {
     pub live: &'a Live,
     /// (vpid, parent vpid, control connection), in the order they were frozen.
@@ -318,6 +321,19 @@ impl<'a> Frozen<'a> {
         let walked = pagemap.is_some_and(|m| {
             migrt::dirty::existing_into(m, (addr, addr + len), false, &mut found).unwrap_or(false)
         });
+        // Where the next existing page is past the range (the scan skips empty page tables:
+        // a far one costs little), or where the scan ended without finding one.
+        let next = pagemap.map_or(0, |m| {
+            let (from, to) = (
+                addr + len,
+                (addr + len).saturating_add(1 << 40).min(USER_END),
+            );
+            let mut first = Vec::with_capacity(1);
+            match migrt::dirty::existing_into(m, (from, to), false, &mut first) {
+                Ok(_) => first.first().map_or(to, |r| r.start),
+                Err(_) => 0,
+            }
+        });
         let ranges: Vec<(u64, u64)> = match walked {
             true => found
                 .iter()
@@ -336,6 +352,7 @@ impl<'a> Frozen<'a> {
         };
         let n = crate::sparse::pack(out, len, read);
         out.truncate(head + n);
+        out.extend(next.to_le_bytes());
         Ok(n)
     }
 

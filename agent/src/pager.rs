@@ -81,8 +81,16 @@ pub struct Remote {
     pub ahead: std::cell::RefCell<Option<(Ask, Option<Answer>)>>,
 }
 
-/// Which pages have data (sparse.rs), and the pages, each at its place.
-pub type Answer = (Vec<u8>, Vec<u8>);
+/// An answer kept: what it says, and the pages, each at its place.
+pub type Answer = (Got, Vec<u8>);
+
+/// What an answer from the source says besides its pages (sparse.rs): which of them have
+/// data, and where the next page with data may be past them (a source address; 0: not
+/// known).
+pub struct Got {
+    map: Vec<u8>,
+    next: u64,
+}
 
 /// A request to the source: process (vpid), address there, length.
 pub type Ask = (i32, u64, u64);
@@ -102,13 +110,13 @@ impl Remote {
 
     /// The pages of process `vpid` at `addr` that have data, into `buf` (each at its
     /// place; the others' bytes are left as they were); returns which they are.
-    fn fetch(&self, vpid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<Vec<u8>> {
+    fn fetch(&self, vpid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<Got> {
         let want = (vpid, addr, buf.len() as u64);
         let ahead = self.ahead.take();
         let got = match ahead {
-            Some((a, Some((map, data)))) if a == want => {
+            Some((a, Some((got, data)))) if a == want => {
                 buf.copy_from_slice(&data);
-                Ok(map)
+                Ok(got)
             }
             Some((a, None)) if a == want => self.answer(buf),
             ahead => {
@@ -116,8 +124,8 @@ impl Remote {
                 // unless it was kept already — then the fill went another way.)
                 if let Some((a, None)) = ahead {
                     let mut data = vec![0u8; a.2 as usize];
-                    let map = self.answer(&mut data).map_err(|e| self.broke(a.1, e))?;
-                    *self.ahead.borrow_mut() = Some((a, Some((map, data))));
+                    let got = self.answer(&mut data).map_err(|e| self.broke(a.1, e))?;
+                    *self.ahead.borrow_mut() = Some((a, Some((got, data))));
                 }
                 self.ask(want).and_then(|_| self.answer(buf))
             }
@@ -125,9 +133,9 @@ impl Remote {
         got.map_err(|e| self.broke(addr, e))
     }
 
-    /// Reads the answer to a request of `buf.len()` bytes: its map, and its pages into
-    /// `buf`, each at its place.
-    fn answer(&self, buf: &mut [u8]) -> std::io::Result<Vec<u8>> {
+    /// Reads the answer to a request of `buf.len()` bytes: its pages into `buf`, each at
+    /// its place, and what it says of them.
+    fn answer(&self, buf: &mut [u8]) -> std::io::Result<Got> {
         use std::io::Read;
         let mut map = vec![0u8; crate::sparse::map_len(buf.len() as u64)];
         (&self.sock).read_exact(&mut map)?;
@@ -138,7 +146,12 @@ impl Remote {
         })?;
         (&self.sock).read_exact(data)?;
         crate::sparse::unpack(&map, buf);
-        Ok(map)
+        let mut next = [0u8; crate::sparse::NEXT];
+        (&self.sock).read_exact(&mut next)?;
+        Ok(Got {
+            map,
+            next: u64::from_le_bytes(next),
+        })
     }
 
     /// Asks for `a` now, to be fetched later (unless a request is ahead already).
@@ -206,6 +219,8 @@ struct Space {
     ahead: (u64, u64),
     /// The fill's next piece from the source, asked for once this one has come.
     then: std::cell::Cell<Option<Ask>>,
+    /// Where the source said the next page with data may be, past what it sent last.
+    data_next: std::cell::Cell<u64>,
 }
 
 /// Address ranges, merged: start → end.
@@ -285,6 +300,7 @@ impl Space {
             fetched: Spans::default(),
             ahead: (0, 0),
             then: std::cell::Cell::new(None),
+            data_next: std::cell::Cell::new(0),
         }
     }
 
@@ -302,11 +318,12 @@ impl Space {
             let (remote, vpid) = self.remote.as_ref().ok_or_else(|| {
                 std::io::Error::other("pages kept in a migration's source, and no link to it")
             })?;
-            let map = remote.fetch(*vpid, off, buf)?;
+            let got = remote.fetch(*vpid, off, buf)?;
             if let Some(next) = self.then.take() {
                 remote.prefetch(next)?;
             }
-            return Ok(Some(map));
+            self.data_next.set(got.next);
+            return Ok(Some(got.map));
         }
         verify(&self.checks, run.fd, off, len)?;
         // SAFETY: pread into our own buffer of `len` bytes.
@@ -444,13 +461,27 @@ impl Space {
             self.then
                 .set(next.and_then(|(r, a, len)| self.first_missing(&r, a, len)));
         }
+        self.data_next.set(0);
         let copied = self.copy(&run, a, len, buf);
         self.then.set(None);
         if let Copied::Later = copied? {
             return Ok(false);
         }
-        self.next = after;
+        self.next = self.skip(after, &run);
         Ok(self.next.0 >= self.runs.len())
+    }
+
+    /// Where the fill goes on after a chunk of `run` (`after`): past the pages without
+    /// data the source said follow it (to the next run if they reach its end).
+    fn skip(&self, after: (usize, u64), run: &Run) -> (usize, u64) {
+        let next = self.data_next.take();
+        if run.fd >= 0 || next <= run.offset || after.0 != self.next.0 {
+            return after;
+        }
+        match (next - run.offset) & !(PAGE - 1) {
+            at if at >= run.len => (after.0 + 1, 0),
+            at => (after.0, at.max(after.1)),
+        }
     }
 
     /// The fill's chunk at `next` (run index, offset): the run, its image address, length.

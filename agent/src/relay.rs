@@ -145,9 +145,11 @@ impl Relay {
                 self.ahead = Some(next);
             }
             let data = self.answer(link, want)?;
-            let head = crate::sparse::map_len(want.len);
+            let (head, tail) = (crate::sparse::map_len(want.len), crate::sparse::NEXT);
             let pages = match self.body[data.clone()].get(..head) {
-                Some(map) if data.len() == head + crate::sparse::data_len(map) => data.len() - head,
+                Some(map) if data.len() == head + crate::sparse::data_len(map) + tail => {
+                    data.len() - head - tail
+                }
                 _ => bail!(
                     "{} bytes of pages for {} asked: not a map of them and their data",
                     data.len(),

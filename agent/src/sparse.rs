@@ -1,13 +1,20 @@
 //! Pages as a lazy migration's post-copy sends them: for a range asked for, a map with a
-//! bit per page (set: the source has data there), then the data of those pages, in order.
-//! A page the source never had, or one of zeros, costs a bit rather than 4 KiB on the link
-//! and no memory on the target (its pager leaves it missing: it reads as zero).
+//! bit per page (set: the source has data there), then the data of those pages, in order,
+//! then where the next page with data may be past the range (NEXT). A page the source
+//! never had, or one of zeros, costs a bit rather than 4 KiB on the link and no memory on
+//! the target (its pager leaves it missing: it reads as zero), and a stretch of them the
+//! pager's fill skips (a mapping of gibibytes reserved and barely used is not asked for a
+//! mebibyte at a time).
 //!
 //! The dump of a lazy migration does not walk the page tables of large mappings inside
 //! the freeze (shim/src/dump.rs): all of such a mapping is kept in the source, and which of
 //! its pages exist is found out here, as they are asked for.
 
 pub const PAGE: usize = 4096;
+
+/// The answer's last 8 bytes (little-endian): the source address of the first page that
+/// may hold data past the range (0: not known; past the mapping's end: none in it).
+pub const NEXT: usize = 8;
 
 /// The length of the map of `len` bytes of pages.
 pub fn map_len(len: u64) -> usize {

@@ -3,8 +3,9 @@
  * was only read (the shared zero page); the rest never touched. Each tick it checks those
  * pages and the ones it wrote since, reads one page never touched before (zeros), writes
  * data into one more page, and prints "tick N rss KIB" (its resident memory); "BAD ..." on
- * damage.
- * usage: sparsemem [MiB] */
+ * damage. With GIB, it also reserves that many GiB it never touches but for their last
+ * page (as runtimes reserve heaps), which it checks too.
+ * usage: sparsemem [MiB [GIB]] */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,6 +38,13 @@ int main(int argc, char **argv) {
     mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     val = calloc(pages, 1);
     if (mem == MAP_FAILED || !val || pages < 128) return 2;
+    size_t far = argc > 2 ? strtoul(argv[2], NULL, 10) << 30 : 0;
+    unsigned char *reserved = NULL;
+    if (far) {
+        reserved = mmap(NULL, far, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (reserved == MAP_FAILED) return 2;
+        memset(reserved + far - PAGE, 0x5a, PAGE);
+    }
     volatile unsigned char sink = 0;
     for (size_t p = 0; p < pages; p += 64) {
         put(p, (unsigned char)(p / 64 % 250 + 1));
@@ -56,6 +64,7 @@ int main(int argc, char **argv) {
                 break;
             }
         }
+        if (reserved && (reserved[far - 1] != 0x5a || reserved[far / 2] != 0)) printf("BAD reserved memory\n");
         size_t q = (tick * 64 * 7 + 5) % pages;
         put(q, (unsigned char)(tick % 250 + 1));
         printf("tick %lu rss %ld\n", tick, rss_kib());
