@@ -330,7 +330,9 @@ impl<'a> Frozen<'a> {
             );
             let mut first = Vec::with_capacity(1);
             match migrt::dirty::existing_into(m, (from, to), false, &mut first) {
-                Ok(_) => first.first().map_or(to, |r| r.start),
+                Ok(whole) => first
+                    .first()
+                    .map_or(if whole { to } else { 0 }, |r| r.start),
                 Err(_) => 0,
             }
         });
