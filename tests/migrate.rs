@@ -1142,14 +1142,9 @@ fn a_forked_tree_s_pages_go_once_and_every_process_has_them_there() {
     let key = key(&env);
     let agent = Agent::start(&env, "agent", &key, None, &[]);
     let log = env.detach("tree", &["python3", "-c", SHARING]);
-    let ticks = |log: &Path, k: usize| numbers(log, &format!("child {k} tick "));
-    let t = Instant::now();
-    while (0..3).any(|k| ticks(&log, k).len() < 2) {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the tree does not tick"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    let child = |k: usize| format!("child {k} tick ");
+    for k in 0..3 {
+        wait_numbers(&log, &child(k), 2);
     }
     let mut args = migrate_args("tree", &agent.addr, &key).to_vec();
     args.extend(["--mode", "stop-and-copy"]);
@@ -1165,16 +1160,9 @@ fn a_forked_tree_s_pages_go_once_and_every_process_has_them_there() {
     assert!(sent < image / 2.5, "the same pages went once: {out}");
     let there = agent.session_log("tree");
     for k in 0..3 {
-        let last = *ticks(&log, k).last().unwrap();
-        let t = Instant::now();
-        while ticks(&there, k).len() < 3 {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "child {k} does not tick there"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(ticks(&there, k)[0], last + 1, "child {k} went on");
+        let last = *numbers(&log, &child(k)).last().unwrap();
+        let after = wait_numbers(&there, &child(k), 3);
+        assert_eq!(after[0], last + 1, "child {k} went on");
     }
     let text = std::fs::read_to_string(&there).unwrap();
     assert!(!text.contains("DAMAGED"), "{text}");
