@@ -345,12 +345,7 @@ fn memory_forked_freed_and_moved_during_the_post_copy_comes_out_right() {
     wait_numbers(&log, "tick ", 3);
     let o = env.run(&lazy_args("lm", &agent.addr, &key));
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let last = *numbers(&log, "tick ").last().unwrap();
-    let there = agent.session_log("lm");
-    let after = wait_numbers(&there, "tick ", 30);
-    assert_eq!(after[0], last + 1, "it went on: {after:?}");
-    let text = std::fs::read_to_string(&there).unwrap();
-    assert!(!text.contains("BAD"), "{text}");
+    assert_ticked_on(&log, &agent.session_log("lm"), 30);
     println!("{}", crate::text(&o.stdout));
 }
 
@@ -413,12 +408,7 @@ fn a_large_mapping_mostly_untouched_moves_lazily_as_what_it_holds() {
         (7.5 * 1024.0..12.0 * 1024.0).contains(&after),
         "the data pages came afterwards, nothing else: {out}"
     );
-    let last = *numbers(&log, "tick ").last().unwrap();
-    let there = agent.session_log("sp");
-    let ticks = wait_numbers(&there, "tick ", 10);
-    assert_eq!(ticks[0], last + 1, "it went on: {ticks:?}");
-    let text = std::fs::read_to_string(&there).unwrap();
-    assert!(!text.contains("BAD"), "{text}");
+    let text = assert_ticked_on(&log, &agent.session_log("sp"), 10);
     // All its memory was there when mig migrate ended: what it holds is what it used here.
     let rss: u64 = text
         .lines()

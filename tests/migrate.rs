@@ -208,12 +208,7 @@ fn precopy_changes(name: &str, env_vars: &[(&str, &str)]) {
     c.args(&args).envs(env_vars.iter().copied());
     let o = env.output(c);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let last = *numbers(&log, "tick ").last().unwrap();
-    let there = agent.session_log("lm");
-    let after = wait_numbers(&there, "tick ", 20);
-    assert_eq!(after[0], last + 1, "it went on: {after:?}");
-    let said = std::fs::read_to_string(&there).unwrap();
-    assert!(!said.contains("BAD"), "{said}");
+    assert_ticked_on(&log, &agent.session_log("lm"), 20);
 }
 
 #[test]

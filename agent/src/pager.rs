@@ -76,8 +76,8 @@ pub struct Remote {
     /// The vpid of each process, by index.
     pub vpids: Vec<i32>,
     /// A request sent before its answer was needed — the fill's next chunk, asked for
-    /// before this one is copied in, so that it comes meanwhile — and its answer (map,
-    /// pages), once another request had to be answered first.
+    /// before this one is copied in, so that it comes meanwhile — and its answer, once
+    /// another request had to be answered first.
     pub ahead: std::cell::RefCell<Option<(Ask, Option<Answer>)>>,
 }
 

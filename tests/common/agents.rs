@@ -162,6 +162,17 @@ pub fn assert_went_on(source_log: &Path, target_log: &Path) {
     assert!(!text.contains("damaged"), "{text}");
 }
 
+/// A subject printing "tick N" (and "BAD ..." on damage) went on at the target from the
+/// tick after its last here, `n` ticks, undamaged; returns the target's log.
+pub fn assert_ticked_on(source_log: &Path, target_log: &Path, n: usize) -> String {
+    let last = *numbers(source_log, "tick ").last().unwrap();
+    let after = wait_numbers(target_log, "tick ", n);
+    assert_eq!(after[0], last + 1, "it went on from {last}: {after:?}");
+    let text = std::fs::read_to_string(target_log).unwrap();
+    assert!(!text.contains("BAD"), "{text}");
+    text
+}
+
 /// A migration that failed, saying each of `needles`.
 pub fn assert_refused(o: &std::process::Output, needles: &[&str]) {
     assert!(!o.status.success(), "the migration cannot have succeeded");
