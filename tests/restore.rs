@@ -827,3 +827,38 @@ fn pager_running(img: &Path) -> bool {
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
     })
 }
+
+#[test]
+fn a_worker_forked_from_a_signal_handler_is_frozen_and_restored_like_any_other() {
+    // postgres's postmaster starts its children from its signal handlers: each lives its
+    // whole life inside the handler its parent ran.
+    let env = Env::new("handlerfork");
+    let file = env.root.join("worker.out");
+    let log = env.detach(
+        "hf",
+        &[
+            c_program("handlerfork").to_str().unwrap(),
+            file.to_str().unwrap(),
+        ],
+    );
+    wait_numbers(&log, "worker ", 3);
+    let img = env.root.join("img");
+    stop_into(&env, "hf", &img);
+    let (worker, parent) = (numbers(&log, "worker "), numbers(&log, "parent "));
+    let log2 = restore_detached(&env, &img, "after.log");
+    let after = wait_numbers(&log2, "worker ", 3);
+    wait_numbers(&log2, "parent ", 3);
+    assert_eq!(after[0], worker.last().unwrap() + 1, "the worker went on");
+    assert_eq!(
+        numbers(&log2, "parent ")[0],
+        parent.last().unwrap() + 1,
+        "the parent went on"
+    );
+    // Its file offset came back with it: each line's size check held.
+    let out = std::fs::read_to_string(&log2).unwrap();
+    assert!(!out.contains("BAD") && !out.contains("ended"), "{out}");
+    // It can be frozen again there: it journals (a table with its file), as any process.
+    let table = env.table("hf", false).to_string();
+    assert!(table.contains("worker.out"), "{table}");
+    env.stop("hf");
+}

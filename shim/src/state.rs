@@ -353,6 +353,7 @@ pub fn after_fork_child() {
     crate::ctlheap::start_again();
     crate::precopy::after_fork_child();
     crate::interpose::timers::after_fork();
+    crate::interpose::signals::after_fork();
 }
 
 /// Process exit: the slot says so, the control socket goes. Allocation-free.

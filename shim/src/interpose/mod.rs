@@ -36,7 +36,7 @@ pub mod freeze;
 mod paths;
 mod process;
 pub mod raw;
-mod signals;
+pub mod signals;
 mod sockets;
 pub mod sysv;
 mod threads;

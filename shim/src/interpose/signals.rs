@@ -57,6 +57,24 @@ pub fn in_handler() -> bool {
     IN_HANDLER.try_with(Cell::get).unwrap_or(0) > 0
 }
 
+/// In a fork child: a fork made from an app handler (postgres's postmaster starts its
+/// children from its SIGUSR1 and SIGCHLD handlers) leaves the child inside that handler for
+/// its whole life, never returning. The child is a new process with one thread, whose
+/// malloc locks glibc's fork has made fresh (a handler that interrupted malloc could not
+/// have forked: fork takes those locks); it is no longer marked as in a handler, or it
+/// would never journal and never reach a safe point to be frozen at; and the reserved
+/// signal, which every app handler runs with blocked, is let through again (unless the app
+/// asked to block it), or mig could never wake it.
+#[unsafe(link_section = ".text.hot.migshim_fork")]
+pub fn after_fork() {
+    if in_handler() {
+        let _ = IN_HANDLER.try_with(|c| c.set(0));
+        if !APP_BLOCKS.try_with(Cell::get).unwrap_or(false) {
+            hold(reserved(), false);
+        }
+    }
+}
+
 /// Runs the app's handler for `sig`, marked. A handler that leaves by siglongjmp leaves
 /// the mark set: the thread then stops journaling (reconciliation still covers it).
 extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
