@@ -454,3 +454,19 @@ fn signal_handlers_may_call_wrapped_functions_while_main_code_allocates() {
     assert!(out.status.success(), "{s}{}", text(&out.stderr));
     assert!(s.contains("handlers reported ok"), "{s}");
 }
+
+#[test]
+fn capability_calls_name_the_caller_by_its_vpid_and_work() {
+    // libcap-ng (setpriv) puts getpid() — a vpid here — in capset's header.
+    let env = Env::new("caps");
+    let mut c = env.mig();
+    c.args(["run", "--", "setpriv", "--inh-caps=-all", "--"])
+        .args(["sh", "-c", "grep CapInh /proc/self/status"]);
+    let o = env.output(c);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("CapInh:\t0000000000000000"),
+        "{}",
+        text(&o.stdout)
+    );
+}

@@ -411,6 +411,30 @@ pub unsafe extern "C" fn setpriority(which: c_int, who: libc::id_t, prio: c_int)
     real!(setpriority: fn(c_int, libc::id_t, c_int) -> c_int)(which, who_arg(which, who), prio)
 }
 
+/// capget/capset name a thread in their header (`{ u32 version; i32 pid }`): libcap and
+/// libcap-ng put getpid() there, which the kernel must get as the real one.
+unsafe fn caps(n: c_long, hdr: *mut [i32; 2], data: c_long) -> c_long {
+    if hdr.is_null() {
+        return raw_syscall(n, 0, data, 0, 0, 0, 0);
+    }
+    let mut h = std::ptr::read(hdr);
+    h[1] = to_real(h[1]);
+    let r = raw_syscall(n, (&raw mut h) as c_long, data, 0, 0, 0, 0);
+    // The kernel writes back the version it prefers when asked for one it does not know.
+    (*hdr)[0] = h[0];
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn capget(hdr: *mut [i32; 2], data: *mut c_void) -> c_int {
+    caps(libc::SYS_capget, hdr, data as c_long) as c_int
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn capset(hdr: *mut [i32; 2], data: *const c_void) -> c_int {
+    caps(libc::SYS_capset, hdr, data as c_long) as c_int
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pidfd_open(pid: pid_t, flags: libc::c_uint) -> c_int {
     real!(pidfd_open: fn(pid_t, libc::c_uint) -> c_int)(to_real(pid), flags)
@@ -491,6 +515,7 @@ pub unsafe extern "C" fn syscall(
         | libc::SYS_sched_setaffinity => {
             raw_syscall(n, to_real(pid(a1)) as c_long, a2, a3, a4, a5, a6)
         }
+        libc::SYS_capget | libc::SYS_capset => caps(n, a1 as *mut [i32; 2], a2),
         libc::SYS_wait4 => wait4(
             pid(a1),
             a2 as *mut c_int,
