@@ -862,3 +862,66 @@ fn a_worker_forked_from_a_signal_handler_is_frozen_and_restored_like_any_other()
     assert!(table.contains("worker.out"), "{table}");
     env.stop("hf");
 }
+
+/// The uid behind each line of /proc/PID/status "Uid:" (real, effective, saved, fs).
+fn uids_of(pid: i64) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|v| v.split_whitespace().map(|x| x.parse().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_worker_that_changed_user_is_checkpointed_and_comes_back_as_that_user() {
+    // As servers started by root run their workers (nginx, apache): forked, then as nobody.
+    if !is_root() {
+        println!("SKIP: needs root (the worker changes its user)");
+        return;
+    }
+    let env = Env::new("user");
+    let script = r#"
+import os, time
+if os.fork() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    for n in range(1, 100000):
+        os.write(1, f"worker {n} uid {os.getuid()} {os.geteuid()} gid {os.getgid()}\n".encode())
+        time.sleep(0.05)
+for n in range(1, 100000):
+    os.write(1, f"main {n}\n".encode())
+    time.sleep(0.05)
+"#;
+    let log = env.detach("user", &["python3", "-c", script]);
+    wait_numbers(&log, "worker ", 3);
+    let img = env.root.join("img");
+    stop_into(&env, "user", &img);
+    let last = *numbers(&log, "worker ").last().unwrap();
+    let log2 = restore_detached(&env, &img, "after.log");
+    let after = wait_numbers(&log2, "worker ", 3);
+    assert_eq!(after[0], last + 1, "the worker went on");
+    let said = std::fs::read_to_string(&log2).unwrap();
+    assert!(
+        said.lines()
+            .filter(|l| l.starts_with("worker "))
+            .all(|l| l.contains("uid 65534 65534 gid 65534")),
+        "{said}"
+    );
+    let procs = env.processes("user");
+    let pid = |i: usize| procs[i]["pid"].as_i64().unwrap();
+    assert_eq!(
+        uids_of(pid(0)),
+        [0, 0, 0, 0],
+        "the main process is root's again"
+    );
+    assert_eq!(uids_of(pid(1)), [65534; 4], "the worker is nobody's again");
+    // Its own control socket could not be made in root's session directory: it is reached
+    // another way, and checkpointed again there.
+    let img2 = env.root.join("img2");
+    ok(
+        &env,
+        &["checkpoint", "user", "--out", img2.to_str().unwrap()],
+    );
+    wait_numbers(&log2, "worker ", after.len() + 3);
+    env.stop("user");
+}

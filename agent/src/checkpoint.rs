@@ -31,8 +31,10 @@ pub fn checkpoint(session: &str, out: &Path, stop: bool, ignore_unsupported: boo
         let (mut bytes, manifest) = frozen.dump(
             |vpid| {
                 let file = migrt::image::process_file(vpid);
-                let path = out.join(&file).display().to_string();
-                Ok((file, path))
+                let path = out.join(&file);
+                let created = std::fs::File::create(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                Ok((file, path.display().to_string(), created))
             },
             stop,
         )?;

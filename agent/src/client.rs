@@ -38,6 +38,27 @@ pub struct Client {
     vpid: i32,
 }
 
+/// The control socket of a process that changed to another user (paths.rs): only taken
+/// when the process listening on it is the one asked (anyone could have taken the name).
+fn by_abstract_name(dir: &SessionDir, vpid: i32, pid: i32) -> std::io::Result<UnixStream> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(dir.ctl_abstract(vpid))?;
+    let s = UnixStream::connect_addr(&addr)?;
+    let listener = migrt::sys::getsockopt_sized(
+        std::os::fd::AsRawFd::as_raw_fd(&s),
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        std::mem::size_of::<libc::ucred>(),
+    )?;
+    // struct ucred { pid, uid, gid }: the listener's process.
+    if listener.get(..4) != Some(&pid.to_ne_bytes()[..]) {
+        return Err(std::io::Error::other(format!(
+            "another process listens on process {vpid}'s control socket name"
+        )));
+    }
+    Ok(s)
+}
+
 impl Client {
     /// Connects to process `vpid` (real pid `pid`). Its control thread is started on
     /// demand: if it is not listening yet, the session's signal wakes it — each of its
@@ -49,7 +70,7 @@ impl Client {
         let mut last_wake: Option<Instant> = None;
         let mut wakes = 0usize;
         let stream = loop {
-            match UnixStream::connect(&path) {
+            match UnixStream::connect(&path).or_else(|_| by_abstract_name(dir, vpid, pid)) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() > deadline => {
                     return Err(e).with_context(|| {
@@ -112,6 +133,13 @@ impl Client {
     /// at once.
     pub fn send(&mut self, req: &Request) -> Result<()> {
         wire::write_frame(&mut self.stream, req).map_err(|e| self.failed(e, "no request to"))
+    }
+
+    /// Sends `req` with `fd` attached (a file to write to).
+    pub fn send_with_fd(&mut self, req: &Request, fd: std::os::fd::BorrowedFd) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        wire::write_frame_with_fd(self.stream.as_raw_fd(), req, fd.as_raw_fd())
+            .map_err(|e| self.failed(e, "no request to"))
     }
 
     /// A failed exchange as an error: Gone::Ended when the control thread closed the

@@ -30,6 +30,10 @@ pub struct Frozen<'a> {
     pub compared: std::collections::HashMap<i32, migrt::rounds::Compared>,
     /// Connections to peers outside the session handed over whole (socket ids).
     handover: Vec<u64>,
+    /// mig's copies of those connections, which it put in TCP repair mode for the dump
+    /// (a process that runs as another user than root may not): let out again if the
+    /// session runs on here.
+    repairing: Vec<std::os::fd::OwnedFd>,
     /// Where each process's memory is read after a lazy migration's dump (the process
     /// itself, or a snapshot of it: a pid), read directly while that is allowed (ptrace
     /// access: same user, no stricter Yama policy).
@@ -64,6 +68,7 @@ impl<'a> Frozen<'a> {
             rounds: Default::default(),
             compared: Default::default(),
             handover: Vec::new(),
+            repairing: Vec::new(),
             snapshots: Default::default(),
             direct: crate::outgoing::reads_directly(),
             pagemaps: Default::default(),
@@ -174,11 +179,12 @@ impl<'a> Frozen<'a> {
         Ok(self.handover.len())
     }
 
-    /// Writes every process's image to the path `place(vpid)` names (a file, or a pipe
-    /// that streams it elsewhere); returns the bytes written and the session manifest.
+    /// Writes every process's image into what `place(vpid)` gives — (its file's name in
+    /// the image, a path naming it in messages, the file or pipe it goes into, handed to
+    /// the process) — and returns the bytes written and the session manifest.
     pub fn dump(
         &mut self,
-        mut place: impl FnMut(i32) -> Result<(String, String)>,
+        mut place: impl FnMut(i32) -> Result<(String, String, std::fs::File)>,
         sync: bool,
     ) -> Result<(u64, SessionManifest)> {
         let mut bytes = 0;
@@ -195,11 +201,12 @@ impl<'a> Frozen<'a> {
         // write their images meanwhile; the answers are read in order. Otherwise they are
         // dumped one after the other (a dump reads out what a pipe holds and puts it back).
         // (Once one was asked, its answer is read, even after a failure.)
+        self.repair_handed_over()?;
         let at_once = !share_a_pipe(&self.tables);
         let (mut asked, mut failed) = (Vec::new(), None);
         for k in 0..self.clients.len() {
             let vpid = self.clients[k].0;
-            let sent = place(vpid).and_then(|(file, path)| {
+            let sent = place(vpid).and_then(|(file, path, out)| {
                 let rounds = self.rounds.get(&vpid).cloned().unwrap_or_default();
                 let compared = self.compared.get(&vpid).cloned();
                 // The dump walks its memory's page tables where the rounds track it (not
@@ -209,14 +216,17 @@ impl<'a> Frozen<'a> {
                     true => None,
                     false => (self.walker.as_ref()).and_then(|w| w.start(self.tables[k].real_pid)),
                 };
-                self.clients[k].2.send(&Request::Dump {
+                let dump = Request::Dump {
                     path,
                     sync,
                     rounds,
                     handover: self.handover.clone(),
                     compared,
                     walked: helping.as_ref().map(|h| h.offer.clone()),
-                })?;
+                };
+                self.clients[k]
+                    .2
+                    .send_with_fd(&dump, std::os::fd::AsFd::as_fd(&out))?;
                 Ok((k, file, helping))
             });
             match sent {
@@ -238,6 +248,34 @@ impl<'a> Frozen<'a> {
             return Err(e);
         }
         Ok((bytes, manifest))
+    }
+
+    /// Puts the connections handed over in repair mode, through copies of their fds.
+    fn repair_handed_over(&mut self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        for t in &self.tables {
+            for f in &t.fds {
+                if let migrt::table::Object::Socket(s) = &f.object
+                    && self.handover.contains(&s.id)
+                {
+                    let copy = migrt::sys::fd_of(t.real_pid, f.fd).with_context(|| {
+                        format!("process {}: taking fd {} to hand it over", t.vpid, f.fd)
+                    })?;
+                    migrt::tcprepair::enter(copy.as_raw_fd())
+                        .with_context(|| format!("process {}: fd {}", t.vpid, f.fd))?;
+                    self.repairing.push(copy);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The connections handed over run on here: out of repair mode, with a window probe.
+    fn let_out(&mut self) {
+        use std::os::fd::AsRawFd;
+        for fd in self.repairing.drain(..) {
+            migrt::tcprepair::leave(fd.as_raw_fd(), true);
+        }
     }
 
     /// Reads the answers of the processes `asked` to dump (index, image file, mig's walk),
@@ -390,6 +428,9 @@ impl<'a> Frozen<'a> {
             Vec::new()
         };
         let last = if stop { Request::Stop } else { Request::Thaw };
+        if !stop {
+            self.let_out();
+        }
         for (vpid, _, c) in self.clients.iter_mut() {
             match c.call(&last)? {
                 Response::Done => {}
@@ -431,6 +472,7 @@ fn ask_again(
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
         if !self.released {
+            self.let_out();
             for (_, _, c) in &mut self.clients {
                 let _ = c.call(&Request::Thaw);
             }

@@ -234,9 +234,9 @@ fn transfer(
                 .position(|f| *f == file)
                 .context("a process that came meanwhile")?;
             let stream = stream_to(link, base + index as u32)?;
-            let path = stream.1.clone();
+            let into = stream.0.try_clone()?;
             streams.push(stream);
-            Ok((file, path))
+            Ok((file.clone(), file, into))
         },
         false,
     );

@@ -135,15 +135,13 @@ impl std::io::Write for Chunks {
     }
 }
 
-/// A pipe whose content goes to file `index` on the agent: (the end to write, its path
-/// for a process of ours to open, the forwarding thread).
-pub type Stream = (std::fs::File, String, std::thread::JoinHandle<Result<()>>);
+/// A pipe whose content goes to file `index` on the agent: (the end to write, the
+/// forwarding thread).
+pub type Stream = (std::fs::File, std::thread::JoinHandle<Result<()>>);
 
 pub fn stream_to(link: &Shared, index: u32) -> Result<Stream> {
-    use std::os::fd::AsRawFd;
     let (r, w) = migrt::sys::pipe()?;
     migrt::sys::grow_pipe(&w, 1 << 20);
-    let path = format!("/proc/{}/fd/{}", std::process::id(), w.as_raw_fd());
     let mut out = Chunks::new(link, index);
     let forward = std::thread::spawn(move || {
         let mut pipe = r;
@@ -168,11 +166,11 @@ pub fn stream_to(link: &Shared, index: u32) -> Result<Stream> {
             }
         }
     });
-    Ok((w, path, forward))
+    Ok((w, forward))
 }
 
 /// Ends a stream: the forwarder sees the end of the file, and says why it failed first.
-pub fn finish((w, _, t): Stream) -> Result<()> {
+pub fn finish((w, t): Stream) -> Result<()> {
     drop(w);
     t.join()
         .map_err(|_| anyhow::anyhow!("the forwarding thread failed"))?

@@ -93,6 +93,17 @@ impl SessionDir {
     pub fn ctl(&self, vpid: i32) -> PathBuf {
         self.ctl_dir().join(vpid.to_string())
     }
+    /// The abstract socket name (without its leading NUL) a process listens on when it
+    /// cannot make its socket in `ctl_dir`: it changed to a user who may not write there.
+    /// Anyone on the host's network namespace could take such a name first, so mig checks
+    /// that the process at the other end is the one it asked.
+    pub fn ctl_abstract(&self, vpid: i32) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut name = b"migshim".to_vec();
+        name.extend(self.ctl(vpid).as_os_str().as_bytes());
+        name.truncate(107);
+        name
+    }
     pub fn exec_dir(&self) -> PathBuf {
         self.0.join("exec")
     }

@@ -173,6 +173,8 @@ pub fn is_virtual(id: i32) -> bool {
 
 pub struct SessionTable {
     base: *mut u8,
+    /// The uid owning the table file: the session's owner.
+    owner: std::sync::atomic::AtomicU32,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics and the process-shared
@@ -231,17 +233,24 @@ impl SessionTable {
             .write(true)
             .open(path)
             .map_err(|e| Error::io("opening session table", path, e))?;
-        let len = f
+        Self::open_file(&f, path)
+    }
+
+    /// Maps the table open as `f` (named `path` in errors).
+    pub fn open_file(f: &std::fs::File, path: &Path) -> Result<SessionTable> {
+        use std::os::unix::fs::MetadataExt;
+        let md = f
             .metadata()
-            .map_err(|e| Error::io("reading session table", path, e))?
-            .len();
+            .map_err(|e| Error::io("reading session table", path, e))?;
+        let len = md.len();
         if len != FILE_SIZE as u64 {
             return Err(Error::BadSessionTable {
                 path: path.into(),
                 version: 0,
             });
         }
-        let t = Self::map(&f, path)?;
+        let t = Self::map(f, path)?;
+        t.owner.store(md.uid(), Release);
         let h = t.header();
         if h.magic != MAGIC || h.version != VERSION {
             return Err(Error::BadSessionTable {
@@ -271,7 +280,10 @@ impl SessionTable {
                 std::io::Error::last_os_error(),
             ));
         }
-        Ok(SessionTable { base: p.cast() })
+        Ok(SessionTable {
+            base: p.cast(),
+            owner: Default::default(),
+        })
     }
 
     /// The session's reserved real-time signal.
@@ -463,7 +475,16 @@ impl SessionTable {
                 std::io::Error::last_os_error(),
             ));
         }
+        if let Ok(md) = f.metadata() {
+            use std::os::unix::fs::MetadataExt;
+            self.owner.store(md.uid(), Release);
+        }
         Ok(())
+    }
+
+    /// The session's owner: the uid the table file belongs to.
+    pub fn owner(&self) -> u32 {
+        self.owner.load(Acquire)
     }
 
     /// Records the real pid behind a reserved vpid (parent and child both do, same value).

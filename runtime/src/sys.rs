@@ -365,6 +365,24 @@ pub fn seqpacket_pair() -> io::Result<(
     }
 }
 
+/// A copy of fd `fd` of process `pid` (pidfd_getfd: needs the right to trace it).
+pub fn fd_of(pid: i32, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: raw pidfd_open and pidfd_getfd; each fd returned is owned here alone.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(got as i32))
+    }
+}
+
 /// Sends `payload` with one fd attached (SCM_RIGHTS), or none when `fd` is negative.
 pub fn send_fd(sock: i32, payload: &[u8], fd: i32) -> io::Result<()> {
     // SAFETY: msghdr with one iovec over payload and a control buffer sized for one fd.
@@ -386,8 +404,22 @@ pub fn send_fd(sock: i32, payload: &[u8], fd: i32) -> io::Result<()> {
             (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
             std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
         }
-        if libc::sendmsg(sock, &msg, 0) < 0 {
+        let sent = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+        if sent < 0 {
             return Err(io::Error::last_os_error());
+        }
+        // The rest (a stream socket may take part of it), without the fd.
+        let mut rest = &payload[sent as usize..];
+        while !rest.is_empty() {
+            let n = libc::send(sock, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL);
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+                continue;
+            }
+            rest = &rest[n as usize..];
         }
     }
     Ok(())

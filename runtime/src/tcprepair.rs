@@ -74,16 +74,23 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
         .map_or(0, |w| u32::from_ne_bytes(w.try_into().unwrap_or_default()))
 }
 
-/// Puts socket `fd` in repair mode (and leaves it there).
+/// Puts socket `fd` in repair mode (and leaves it there). One that mig put in repair mode
+/// already (through its own copy: a process without CAP_NET_ADMIN may not) is taken as it is.
 pub fn enter(fd: i32) -> io::Result<()> {
-    tcp(fd, libc::TCP_REPAIR, 1).map_err(|e| {
-        let why = if e.raw_os_error() == Some(libc::EPERM) {
-            " (needs CAP_NET_ADMIN: run the session as root)"
-        } else {
-            ""
-        };
-        io::Error::new(e.kind(), format!("TCP repair mode refused: {e}{why}"))
-    })
+    let repairing = || tcp_bytes(fd, TCP_REPAIR_WINDOW, 20, "the window").is_ok();
+    tcp(fd, libc::TCP_REPAIR, 1)
+        .or_else(|e| match repairing() {
+            true => Ok(()),
+            false => Err(e),
+        })
+        .map_err(|e| {
+            let why = if e.raw_os_error() == Some(libc::EPERM) {
+                " (needs CAP_NET_ADMIN: run the session as root)"
+            } else {
+                ""
+            };
+            io::Error::new(e.kind(), format!("TCP repair mode refused: {e}{why}"))
+        })
 }
 
 /// Lets socket `fd` out of repair mode; with `probe` it sends a window probe at once, so

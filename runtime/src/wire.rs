@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -139,15 +139,47 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
 
 /// Sends an already encoded frame body.
 pub fn write_frame_body(w: &mut impl Write, body: &[u8]) -> Result<()> {
+    w.write_all(&framed(body))
+        .and_then(|_| w.flush())
+        .map_err(sending)
+}
+
+/// A frame whose first byte carries `fd` (SCM_RIGHTS) over unix socket `sock`: the
+/// receiver reads it with an FdReader.
+pub fn write_frame_with_fd<T: Serialize>(sock: i32, msg: &T, fd: i32) -> Result<()> {
+    crate::sys::send_fd(sock, &framed(&postcard::to_stdvec(msg)?), fd).map_err(sending)
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 4);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(body);
-    w.write_all(&out)
-        .and_then(|_| w.flush())
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => Error::Closed,
-            _ => Error::Wire(format!("sending: {e}")),
-        })
+    out
+}
+
+fn sending(e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => Error::Closed,
+        _ => Error::Wire(format!("sending: {e}")),
+    }
+}
+
+/// Reads a unix socket as a stream, keeping the fd a frame came with (the last one).
+pub struct FdReader {
+    pub sock: i32,
+    pub fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::FromRawFd;
+        let (n, fd) = crate::sys::recv_fd(self.sock, buf)?;
+        if fd >= 0 {
+            // SAFETY: the fd just received is ours alone.
+            self.fd = Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        }
+        Ok(n)
+    }
 }
 
 pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T> {

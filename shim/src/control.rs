@@ -113,22 +113,10 @@ fn listen() -> Option<i32> {
         LISTEN_FD.store(fd, Relaxed);
         fd
     };
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: as above; the path is cut to fit sun_path with its terminating zero.
-    let bound = unsafe {
-        let mut a: libc::sockaddr_un = std::mem::zeroed();
-        a.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        let n = bytes.len().min(a.sun_path.len() - 1);
-        for (d, s) in a.sun_path.iter_mut().zip(&bytes[..n]) {
-            *d = *s as libc::c_char;
-        }
-        libc::bind(
-            fd,
-            (&raw const a).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        ) == 0
-            && libc::listen(fd, 16) == 0
-    };
+    // A process that changed to another user may not make its socket in the session's
+    // directory: it listens on an abstract name instead (what mig tries next).
+    let by_path = bind_listen(fd, path.as_os_str().as_bytes(), false);
+    let bound = by_path || bind_listen(fd, &dir.ctl_abstract(v), true);
     if !bound {
         eprintln!(
             "migshim: control socket {}: {}; mig cannot reach this process",
@@ -139,11 +127,32 @@ fn listen() -> Option<i32> {
         close_real(fd);
         return None;
     }
-    if let Ok(c) = CString::new(path.as_os_str().as_bytes()) {
+    if by_path && let Ok(c) = CString::new(path.as_os_str().as_bytes()) {
         CTL_PATH.store(c.into_raw(), Release);
     }
     s.table.set_hidden(v, 1);
     Some(fd)
+}
+
+/// Binds `fd` to `name` (a path, or an abstract name) and listens.
+fn bind_listen(fd: i32, name: &[u8], abstract_name: bool) -> bool {
+    // SAFETY: the name is cut to fit sun_path (a path with its terminating zero, an
+    // abstract name after its leading zero); the address length covers what is used.
+    unsafe {
+        let mut a: libc::sockaddr_un = std::mem::zeroed();
+        a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let skip = usize::from(abstract_name);
+        let n = name.len().min(a.sun_path.len() - 1);
+        for (d, s) in a.sun_path[skip..].iter_mut().zip(&name[..n]) {
+            *d = *s as libc::c_char;
+        }
+        let len = match abstract_name {
+            true => std::mem::offset_of!(libc::sockaddr_un, sun_path) + 1 + n,
+            false => std::mem::size_of::<libc::sockaddr_un>(),
+        };
+        libc::bind(fd, (&raw const a).cast(), len as libc::socklen_t) == 0
+            && libc::listen(fd, 16) == 0
+    }
 }
 
 /// In a fork child: the parent's control thread did not come along; drop the copies of its
@@ -208,15 +217,22 @@ fn serve() {
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
             Err(_) => break, // the listener is gone (closed behind our back): stop serving
         };
-        // SAFETY: getuid cannot fail.
-        if peer_uid(conn.as_raw_fd()) != Some(unsafe { libc::getuid() }) {
+        // Only the session's owner (or root) may command it: not the user a process
+        // changed to (no more than it may trace the process).
+        let owner = shim().map(|s| s.table.owner());
+        if !peer_uid(conn.as_raw_fd()).is_some_and(|u| u == 0 || Some(u) == owner) {
             CONN_FD.store(-1, Relaxed);
             continue;
         }
+        crate::creds::open_to_mig();
         let mut session = Session::default();
-        while let Ok(req) = wire::read_frame::<Request>(&mut conn) {
+        let mut reader = wire::FdReader {
+            sock: conn.as_raw_fd(),
+            fd: None,
+        };
+        while let Ok(req) = wire::read_frame::<Request>(&mut reader) {
             let stop = matches!(req, Request::Stop);
-            let resp = session.handle(req);
+            let resp = session.handle(req, reader.fd.take());
             // A frozen app waits at most this long for mig's next word.
             let _ = conn.set_read_timeout(session.frozen.as_ref().map(|_| FROZEN_PATIENCE));
             if wire::write_frame(&mut conn, &resp).is_err() {
@@ -234,6 +250,7 @@ fn serve() {
         // mig went away (or gave up): whatever happened, the app runs on, untracked.
         crate::precopy::end();
         session.thaw();
+        crate::creds::closed_again();
         CONN_FD.store(-1, Relaxed);
     }
     // Leaked on purpose: the fd number may already be someone else's.
@@ -298,7 +315,8 @@ impl Session {
         }
     }
 
-    fn handle(&mut self, req: Request) -> Response {
+    /// Answers `req`; `fd` is the file that came with it, if any.
+    fn handle(&mut self, req: Request, fd: Option<std::os::fd::OwnedFd>) -> Response {
         match req {
             Request::Hello { .. } => Response::Hello {
                 version: PROTOCOL_VERSION,
@@ -350,25 +368,17 @@ impl Session {
                         Ok(socks) => socks,
                         Err(e) => return Response::Error(format!("writing {path}: {e}")),
                     };
-                    let frozen = &*f;
-                    let write = || {
-                        let p = std::path::Path::new(&path);
-                        crate::precopy::with_delta(compared.as_ref(), |d| {
-                            let delta = (&rounds[..], d, walked.as_ref());
-                            crate::dump::dump(s, p, frozen, &sockets, sync, delta)
-                        })
+                    // mig hands over the image's file with the request (a process that
+                    // changed to another user could not open it by its path).
+                    let Some(out) = fd else {
+                        return Response::Error(format!(
+                            "writing {path}: no file came with the request"
+                        ));
                     };
-                    // A dump that raced its own heap growth is written again (see dump.rs);
-                    // the second pass fits in the heap the first one grew.
-                    let mut result = write();
-                    for _ in 0..3 {
-                        match &result {
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                                result = write()
-                            }
-                            _ => break,
-                        }
-                    }
+                    let result = crate::precopy::with_delta(compared.as_ref(), |d| {
+                        let delta = (&rounds[..], d, walked.as_ref());
+                        crate::dump::dump(s, out.into(), &*f, &sockets, sync, delta)
+                    });
                     match result {
                         Ok(d) => {
                             if d.snapshot > 0 {
@@ -427,6 +437,7 @@ impl Session {
             Ok(parked) => {
                 let micros = t0.elapsed().as_micros() as u64;
                 freeze::keep_process_state();
+                crate::creds::keep();
                 crate::interpose::timers::keep();
                 let (table, _) = crate::reconcile::table(false);
                 let tcp: Vec<i32> = table

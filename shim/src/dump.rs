@@ -16,7 +16,6 @@ use migrt::wire::Walked;
 use std::io::{Read, Seek, SeekFrom};
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 
 /// Region names of the shim's own mappings in an image.
 pub const MIGSHIM_TABLE: &str = "[migshim-table]";
@@ -83,7 +82,7 @@ fn link(p: &str) -> Bytes {
 /// every page of it that exists is listed as kept there.
 pub fn dump(
     s: &Shim,
-    path: &Path,
+    file: std::fs::File,
     frozen: &Frozen,
     sockets: &[migrt::sockstate::SocketState],
     sync: bool,
@@ -94,7 +93,6 @@ pub fn dump(
     let in_source = rounds.iter().any(|n| n == migrt::image::SOURCE_ROUND);
     let delta = delta.filter(|_| !rounds.is_empty() && !in_source);
     let (parked, table, folded) = (&frozen.parked[..], &frozen.table, &frozen.folded);
-    let file = std::fs::File::create(path)?;
     let scratch = Scratch::new()?;
     let mut w = ImageWriter::new(&file, Kind::Process)?;
     let enc = |e: migrt::Error| std::io::Error::other(e.to_string());

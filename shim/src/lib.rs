@@ -7,6 +7,7 @@
 //! straight through to libc.
 
 mod control;
+mod creds;
 mod ctlheap;
 mod dump;
 mod interpose;

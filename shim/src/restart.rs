@@ -153,6 +153,12 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     for (start, end) in leftovers {
         crate::interpose::unmap(start as *mut u8, (end - start) as usize);
     }
+    // Its user again (the restorer's privilege was needed until here); the threads made
+    // next inherit it.
+    if let Err(e) = crate::creds::take_back() {
+        eprintln!("migshim: restore: {e}");
+        crate::interpose::raw::exit_group(1);
+    }
     // Last, the other threads: each goes straight back into its own saved context.
     for [ucontext, fs_base, vtid] in threads {
         // SAFETY: context and TLS of a thread of this very process, restored with it.
