@@ -798,11 +798,22 @@ while not os.path.exists(stop):
 print(f"done {n} worst {worst:.3f}", flush=True)
 "#;
 
+/// The directory an HTTP server of these tests serves: hello.txt, which HTTP_CLIENT asks
+/// for (readable by any user: a server's workers may run as nobody).
+fn www(env: &Env) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let www = env.scratch("www");
+    std::fs::write(www.join("hello.txt"), "hello from the session\n").unwrap();
+    for d in [&env.root, &www] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    www
+}
+
 /// python3's http.server as session "web" on host A (HTTP/1.1: connections are kept), and
 /// HTTP_CLIENT on host C requesting from it through SERVICE; (client, its log, stop file).
 fn web_and_client(env: &Env, hosts: &Hosts) -> (Child, PathBuf, PathBuf) {
-    let www = env.scratch("www");
-    std::fs::write(www.join("hello.txt"), "hello from the session\n").unwrap();
+    let www = www(env);
     let server = [
         "python3",
         "-m",
@@ -815,13 +826,19 @@ fn web_and_client(env: &Env, hosts: &Hosts) -> (Child, PathBuf, PathBuf) {
         www.to_str().unwrap(),
         "8000",
     ];
-    run_in(
-        env,
-        &hosts.names[0],
-        "web",
-        &env.root.join("web.log"),
-        &server,
-    );
+    server_and_client(env, hosts, "web", &server)
+}
+
+/// Session `name` running `server` (an HTTP server on port 8000) on host A, and
+/// HTTP_CLIENT on host C requesting from it through SERVICE; (client, its log, stop file).
+fn server_and_client(
+    env: &Env,
+    hosts: &Hosts,
+    name: &str,
+    server: &[&str],
+) -> (Child, PathBuf, PathBuf) {
+    let log = env.root.join(format!("{name}.log"));
+    run_in(env, &hosts.names[0], name, &log, server);
     let (log, stop) = (env.root.join("client.log"), env.root.join("client.stop"));
     let client = Command::new("ip")
         .args([
@@ -888,6 +905,61 @@ fn an_http_server_moves_with_its_address_and_its_client_sees_a_pause_not_an_erro
         .output()
         .unwrap();
     assert_eq!(text(&fresh.stdout), "hello from the session\n\n");
+    let (answers, worst) = client_result(client, &log, &stop);
+    println!("{out}client: {answers} answers on one connection, longest wait {worst:.3} s");
+}
+
+#[test]
+fn nginx_with_workers_as_nobody_moves_with_its_address_and_its_client_sees_a_pause_not_an_error() {
+    // Started by root, its workers run as nobody: they may neither make their control
+    // sockets in root's session directory nor put their connections in repair mode.
+    if !have("nginx") {
+        println!("SKIP: nginx is not installed");
+        return;
+    }
+    let env = Env::new("migrate-nginx");
+    let Some((hosts, agent, key)) = service_lan(&env, "x", &[]) else {
+        return;
+    };
+    let (www, root) = (www(&env), env.root.display());
+    let conf = env.root.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process on; worker_processes 2; user nobody nogroup;\n\
+             pid {root}/nginx.pid; error_log {root}/nginx-error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;\n\
+             server {{ listen 8000; root {}; }} }}\n",
+            www.display()
+        ),
+    )
+    .unwrap();
+    let nginx = [
+        "nginx",
+        "-c",
+        conf.to_str().unwrap(),
+        "-p",
+        &root.to_string(),
+    ];
+    let (client, log, stop) = server_and_client(&env, &hosts, "nginx", &nginx);
+    let before = *numbers(&log, "ok ").last().unwrap();
+    let out = migrate_with_service(&env, &hosts, "nginx", &agent, &key);
+    assert_eq!(service_holders(&hosts), vec![1], "the address moved to B");
+    assert!(env.processes("nginx").is_empty(), "gone from A");
+    wait_numbers(&log, "ok ", before as usize + 50);
+    // On B the master is root's again and its workers nobody's.
+    let uids: Vec<Vec<u32>> = agent
+        .restored_pids()
+        .iter()
+        .map(|&p| uids_of(p as i64))
+        .collect();
+    assert_eq!(uids.len(), 3, "{uids:?}");
+    assert_eq!(uids[0], [0; 4], "the master: {uids:?}");
+    assert!(
+        uids[1..].iter().all(|u| *u == [65534; 4]),
+        "the workers: {uids:?}"
+    );
     let (answers, worst) = client_result(client, &log, &stop);
     println!("{out}client: {answers} answers on one connection, longest wait {worst:.3} s");
 }

@@ -863,16 +863,6 @@ fn a_worker_forked_from_a_signal_handler_is_frozen_and_restored_like_any_other()
     env.stop("hf");
 }
 
-/// The uid behind each line of /proc/PID/status "Uid:" (real, effective, saved, fs).
-fn uids_of(pid: i64) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .map(|v| v.split_whitespace().map(|x| x.parse().unwrap()).collect())
-        .unwrap_or_default()
-}
-
 #[test]
 fn a_worker_that_changed_user_is_checkpointed_and_comes_back_as_that_user() {
     // As servers started by root run their workers (nginx, apache): forked, then as nobody.

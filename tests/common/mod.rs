@@ -452,3 +452,13 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Process `pid`'s uids (real, effective, saved, file system), from /proc.
+pub fn uids_of(pid: i64) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|v| v.split_whitespace().map(|x| x.parse().unwrap()).collect())
+        .unwrap_or_default()
+}
