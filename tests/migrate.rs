@@ -1079,6 +1079,40 @@ fn a_refused_hand_over_puts_the_address_back_and_the_connection_goes_on_here() {
     println!("client: {answers} answers on one connection, longest wait {worst:.3} s");
 }
 
+#[test]
+fn a_hand_over_that_fails_in_the_restore_there_leaves_the_connection_going_on_here() {
+    // The server holds a System V segment whose key is taken on the target (the test's
+    // hosts share one IPC namespace: the source's own segment): the restore there fails
+    // after it made the connection again. Closing that copy must end nothing for the client.
+    let env = Env::new("migrate-failover");
+    let Some((hosts, agent, key)) = service_lan(&env, "f", &[]) else {
+        return;
+    };
+    let www = www(&env);
+    let server = format!(
+        "import ctypes, functools, http.server\n\
+         libc = ctypes.CDLL(None); libc.shmat.restype = ctypes.c_void_p\n\
+         seg = libc.shmget({}, 4096, 0o1600)\n\
+         assert seg >= 0 and libc.shmat(seg, None, 0) not in (None, -1)\n\
+         h = functools.partial(http.server.SimpleHTTPRequestHandler, directory='{}')\n\
+         h.func.protocol_version = 'HTTP/1.1'\n\
+         http.server.ThreadingHTTPServer(('0.0.0.0', 8000), h).serve_forever()\n",
+        0x6d00_0000 + std::process::id() % 0x10000,
+        www.display()
+    );
+    let (client, log, stop) = server_and_client(&env, &hosts, "web", &["python3", "-c", &server]);
+    let before = *numbers(&log, "ok ").last().unwrap();
+    let mut args = migrate_args("web", &agent.addr, &key).to_vec();
+    args.extend_from_slice(&["--move-addr", SERVICE]);
+    let o = mig_in(&env, &hosts.names[0], &args);
+    assert_refused(&o, &["System V", "runs on here"]);
+    assert_eq!(service_holders(&hosts), vec![0], "the address is back on A");
+    wait_numbers(&log, "ok ", before as usize + 50);
+    assert!(agent.restored_pids().is_empty(), "nothing left on B");
+    let (answers, worst) = client_result(client, &log, &stop);
+    println!("client: {answers} answers on one connection, longest wait {worst:.3} s");
+}
+
 /// `mig` (a copy any user can reach, in `bin`) as user nobody, with runtime directory `rt`.
 fn mig_as_nobody(bin: &Path, rt: &Path) -> Command {
     let mut c = Command::new("setpriv");

@@ -864,54 +864,68 @@ fn a_worker_forked_from_a_signal_handler_is_frozen_and_restored_like_any_other()
 }
 
 #[test]
-fn a_worker_that_changed_user_is_checkpointed_and_comes_back_as_that_user() {
-    // As servers started by root run their workers (nginx, apache): forked, then as nobody.
+fn workers_that_changed_user_are_checkpointed_and_come_back_as_that_user() {
+    // As servers started by root run their workers (nginx, apache): forked, then as nobody;
+    // or as a program started as nobody (runuser, su, setpriv: they change user, then exec
+    // it — it may not open the session's table by its path).
     if !is_root() {
-        println!("SKIP: needs root (the worker changes its user)");
+        println!("SKIP: needs root (the workers change their user)");
         return;
     }
     let env = Env::new("user");
     let script = r#"
-import os, time
+import os, subprocess, sys, time
+TICK = """import os, sys, time
+for n in range(1, 100000):
+    os.write(1, f"{sys.argv[1]} {n} uid {os.getuid()} {os.geteuid()} gid {os.getgid()}\\n".encode())
+    time.sleep(0.05)
+"""
 if os.fork() == 0:
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
-    for n in range(1, 100000):
-        os.write(1, f"worker {n} uid {os.getuid()} {os.geteuid()} gid {os.getgid()}\n".encode())
-        time.sleep(0.05)
+    sys.argv[1:] = ["worker"]
+    exec(TICK)
+nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+subprocess.Popen(nobody + [sys.executable, "-c", TICK, "execd"])
 for n in range(1, 100000):
     os.write(1, f"main {n}\n".encode())
     time.sleep(0.05)
 "#;
     let log = env.detach("user", &["python3", "-c", script]);
     wait_numbers(&log, "worker ", 3);
+    wait_numbers(&log, "execd ", 3);
     let img = env.root.join("img");
     stop_into(&env, "user", &img);
-    let last = *numbers(&log, "worker ").last().unwrap();
     let log2 = restore_detached(&env, &img, "after.log");
-    let after = wait_numbers(&log2, "worker ", 3);
-    assert_eq!(after[0], last + 1, "the worker went on");
+    for who in ["worker ", "execd "] {
+        let last = *numbers(&log, who).last().unwrap();
+        assert_eq!(wait_numbers(&log2, who, 3)[0], last + 1, "{who}went on");
+    }
     let said = std::fs::read_to_string(&log2).unwrap();
     assert!(
         said.lines()
-            .filter(|l| l.starts_with("worker "))
+            .filter(|l| !l.starts_with("main "))
             .all(|l| l.contains("uid 65534 65534 gid 65534")),
         "{said}"
     );
-    let procs = env.processes("user");
-    let pid = |i: usize| procs[i]["pid"].as_i64().unwrap();
-    assert_eq!(
-        uids_of(pid(0)),
-        [0, 0, 0, 0],
-        "the main process is root's again"
+    let uids: Vec<Vec<u32>> = env
+        .processes("user")
+        .iter()
+        .map(|p| uids_of(p["pid"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(uids.len(), 3, "{uids:?}");
+    assert_eq!(uids[0], [0; 4], "the main process is root's again");
+    assert!(
+        uids[1..].iter().all(|u| *u == [65534; 4]),
+        "the workers are nobody's again: {uids:?}"
     );
-    assert_eq!(uids_of(pid(1)), [65534; 4], "the worker is nobody's again");
-    // Its own control socket could not be made in root's session directory: it is reached
-    // another way, and checkpointed again there.
+    // Their own control sockets could not be made in root's session directory: they are
+    // reached another way, and checkpointed again there.
+    let done = numbers(&log2, "execd ").len();
     let img2 = env.root.join("img2");
     ok(
         &env,
         &["checkpoint", "user", "--out", img2.to_str().unwrap()],
     );
-    wait_numbers(&log2, "worker ", after.len() + 3);
+    wait_numbers(&log2, "execd ", done + 3);
     env.stop("user");
 }

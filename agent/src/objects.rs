@@ -44,10 +44,33 @@ pub struct Policy<'a> {
 
 /// Every process's fds (by image index): (fd, close-on-exec, object).
 pub struct Objects {
+    /// (First: dropped before the fds.)
+    pub handed: Handed,
     pub fds: Vec<Vec<(i32, bool, OwnedFd)>>,
     /// Files that exist nowhere else, by their old inode: their fds and shared mappings
     /// use the same new object.
     pub by_inode: HashMap<u64, File>,
+}
+
+/// The connections a migration handed over, made again and let out of repair mode: if the
+/// restore fails they go back into it before they are closed, so that closing them ends
+/// nothing for their peers (the session goes on with them where it came from).
+#[derive(Default)]
+pub struct Handed(Vec<OwnedFd>);
+
+impl Handed {
+    /// The restore succeeded: they are the restored processes' now.
+    pub fn keep(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        for fd in &self.0 {
+            let _ = migrt::tcprepair::enter(fd.as_raw_fd());
+        }
+    }
 }
 
 fn path_of(b: &Bytes) -> &std::ffi::OsStr {
@@ -100,6 +123,12 @@ pub fn build(
         }
     }
     let sockets = sockets::build(&socks, policy.rebind)?;
+    let mut handed_over = Handed::default();
+    for id in &handed {
+        if let Some(s) = sockets.get(id) {
+            handed_over.0.push(s.try_clone()?.into());
+        }
+    }
 
     let ptys = pseudo_terminals(images)?;
     let mut pipes: HashMap<u64, (File, File)> = HashMap::new();
@@ -189,7 +218,11 @@ pub fn build(
         }
         out.push(fds);
     }
-    Ok(Objects { fds: out, by_inode })
+    Ok(Objects {
+        handed: handed_over,
+        fds: out,
+        by_inode,
+    })
 }
 
 /// The session's pseudo-terminals made anew, by their old number: (master, slave path),

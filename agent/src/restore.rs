@@ -1054,7 +1054,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
             a.stdio[2].is_some() || a.stdio[1].is_some() || a.log.is_some(),
         ],
     };
-    let objects = objects::build(&images, &manifest.shared, &policy)?;
+    let mut objects = objects::build(&images, &manifest.shared, &policy)?;
     let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
     let sysv_ids = crate::sysv::make(&images, &dir.0)?;
     let mut files = MappedFiles::new();
@@ -1172,6 +1172,10 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
         }
         if back.iter().all(|&b| b) {
             drop(hold);
+            // Its objects are the processes' now (mig's copies would keep a connection
+            // the session closes from ending).
+            objects.handed.keep();
+            drop(objects);
             break;
         }
         if let Some(st) = child.try_wait()? {

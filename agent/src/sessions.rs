@@ -197,7 +197,6 @@ pub fn create(
         };
         SessionTable::create(&dir.procs(), signal)?;
         std::fs::create_dir(dir.ctl_dir())?;
-        std::fs::create_dir(dir.exec_dir())?;
         std::fs::write(dir.meta(), serde_json::to_vec_pretty(&meta)?)?;
         return Ok(dir);
     }

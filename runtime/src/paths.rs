@@ -6,7 +6,6 @@
 //!   sessions/<name>/procs          shared process table (sessiontable.rs)
 //!   sessions/<name>/session.json   who started it, when, on which host
 //!   sessions/<name>/ctl/<vpid>     control socket of each shim process
-//!   sessions/<name>/exec/<vpid>    a process's table carried across exec
 //!   logs/<name>.log                output of a detached session
 //! ```
 
@@ -103,12 +102,6 @@ impl SessionDir {
         name.extend(self.ctl(vpid).as_os_str().as_bytes());
         name.truncate(107);
         name
-    }
-    pub fn exec_dir(&self) -> PathBuf {
-        self.0.join("exec")
-    }
-    pub fn exec_state(&self, vpid: i32) -> PathBuf {
-        self.exec_dir().join(vpid.to_string())
     }
 }
 

@@ -40,6 +40,7 @@ pub fn is_shim_fd(fd: i32) -> bool {
     fd >= 0
         && (fd == LISTEN_FD.load(Relaxed)
             || fd == CONN_FD.load(Relaxed)
+            || fd == crate::creds::table_fd()
             || crate::precopy::is_own_fd(fd))
 }
 
@@ -56,13 +57,12 @@ pub fn control_tid() -> i32 {
     TID.load(Relaxed)
 }
 
-/// The listener moved aside because the app wants its number (dup2 onto it).
-pub fn relocate_listener() {
-    let fd = LISTEN_FD.load(Relaxed);
-    if fd >= 0 {
-        let new = move_fd_high(fd);
-        LISTEN_FD.store(new, Relaxed);
+/// The shim's fd numbered `fd` moves aside because the app wants its number (dup2 onto it).
+pub fn make_room(fd: i32) {
+    if fd >= 0 && fd == LISTEN_FD.load(Relaxed) {
+        LISTEN_FD.store(move_fd_high(fd), Relaxed);
     }
+    crate::creds::make_room(fd);
 }
 
 /// Starts the control thread (once). Called from the reserved signal's handler at a point

@@ -5,10 +5,110 @@
 //! connected, put back when it leaves.
 //!
 //! The kept values live in the process's memory, so they come back with it.
+//!
+//! A process about to change its uid opens the session table while it still may: a new
+//! program it (or a child of it) starts could not open it by its path, in the owner's
+//! private directory. The fd is inherited across fork and exec (its number goes in the
+//! environment, MIGSHIM_TABLE_FD), hidden from the app like the shim's other fds.
 
 use crate::interpose::raw::syscall6;
+use std::ffi::CString;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering::*};
+
+/// The environment variable naming the held table's fd.
+pub const ENV_TABLE_FD: &str = "MIGSHIM_TABLE_FD";
+
+/// The session table held open by this process (-1: none).
+static TABLE_FD: AtomicI32 = AtomicI32::new(-1);
+
+pub fn table_fd() -> i32 {
+    TABLE_FD.load(Relaxed)
+}
+
+/// Opens `path` (the session table) read-write as a high fd that is kept across exec.
+fn open_high(path: &std::path::Path) -> Option<i32> {
+    use std::os::fd::IntoRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?
+        .into_raw_fd();
+    Some(crate::interpose::keep_across_exec(
+        crate::interpose::move_fd_high(f),
+    ))
+}
+
+/// Before the app changes its uid: hold the table (once).
+pub fn hold_table() {
+    if table_fd() >= 0 {
+        return;
+    }
+    let Some(s) = crate::state::shim() else {
+        return;
+    };
+    let Some(_busy) = crate::state::enter() else {
+        return;
+    };
+    if let Some(fd) = open_high(&s.dir().procs()) {
+        TABLE_FD.store(fd, Relaxed);
+    }
+}
+
+/// At load, when the table cannot be opened by its path: the one the program that exec'd
+/// this one held, which this one then holds.
+pub fn inherited_table() -> Option<std::mem::ManuallyDrop<std::fs::File>> {
+    use std::os::fd::FromRawFd;
+    let fd: i32 = std::env::var(ENV_TABLE_FD).ok()?.parse().ok()?;
+    // SAFETY: a raw fcntl F_GETFD only checks the number is open.
+    if unsafe {
+        syscall6(
+            libc::SYS_fcntl,
+            fd as usize,
+            libc::F_GETFD as usize,
+            0,
+            0,
+            0,
+            0,
+        )
+    } < 0
+    {
+        return None;
+    }
+    TABLE_FD.store(fd, Relaxed);
+    // SAFETY: the fd stays open (ManuallyDrop): the table's, for as long as the process.
+    Some(std::mem::ManuallyDrop::new(unsafe {
+        std::fs::File::from_raw_fd(fd)
+    }))
+}
+
+/// "MIGSHIM_TABLE_FD=N" for the environment of an exec or spawn, when the table is held.
+pub fn table_env() -> Option<CString> {
+    let fd = table_fd();
+    (fd >= 0).then(|| CString::new(format!("{ENV_TABLE_FD}={fd}")).unwrap_or_default())
+}
+
+/// The app wants the held table's number (dup2 onto it): the table moves aside.
+pub fn make_room(fd: i32) {
+    if fd >= 0 && fd == table_fd() {
+        let new = crate::interpose::keep_across_exec(crate::interpose::move_fd_high(fd));
+        TABLE_FD.store(new, Relaxed);
+    }
+}
+
+/// After a restore (still privileged): the held table open again at its number.
+pub fn hold_table_again(path: &std::path::Path) {
+    let fd = table_fd();
+    if fd < 0 {
+        return;
+    }
+    if let Some(new) = open_high(path) {
+        // SAFETY: a raw dup3 onto the number the restored process knows the table by.
+        unsafe { syscall6(libc::SYS_dup3, new as usize, fd as usize, 0, 0, 0, 0) };
+        crate::interpose::close_real(new);
+    }
+}
 
 struct Kept {
     /// real, effective, saved uid; then gid (none kept yet: empty).

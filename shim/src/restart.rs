@@ -104,6 +104,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         if let Err(e) = s.table.remap(&dir.procs()) {
             eprintln!("migshim: restore: {e}");
         }
+        crate::creds::hold_table_again(&dir.procs());
         s.table.bind(vpid(), tid);
         crate::interpose::sysv::load_ids(
             &std::fs::read_to_string(dir.0.join("sysv")).unwrap_or_default(),

@@ -205,9 +205,17 @@ pub fn init() {
         return;
     };
     let dir = SessionDir(dir.into());
+    // (A program started by a process that changed to another user may not open it by
+    // its path: then through the fd that one held, see creds.rs.)
     let table = match SessionTable::open(&dir.procs()) {
         Ok(t) => t,
-        Err(e) => return warn(&format!("session unusable: {e}")),
+        Err(e) => match crate::creds::inherited_table() {
+            Some(f) => match SessionTable::open_file(&f, &dir.procs()) {
+                Ok(t) => t,
+                Err(e) => return warn(&format!("session unusable: {e}")),
+            },
+            None => return warn(&format!("session unusable: {e}")),
+        },
     };
     // Not taken between joining the table (from then on mig may signal us) and the
     // handler (install_signal lets it through).
@@ -218,7 +226,7 @@ pub fn init() {
         Ok(v) => v,
         Err(e) => return warn(&e.to_string()),
     };
-    let journal = carried_journal(&dir, vpid);
+    let journal = carried_journal();
     let env = |k: &str, v: OsString| {
         let mut b = k.as_bytes().to_vec();
         b.extend(v.into_vec());
@@ -244,13 +252,37 @@ fn shim_table_signal() -> i32 {
     shim().map_or(0, |s| s.table.signal())
 }
 
-/// The journal an exec'ing predecessor left for us (same vpid), else an empty one.
-fn carried_journal(dir: &SessionDir, vpid: i32) -> Journal {
-    let path = dir.exec_state(vpid);
-    let Ok(bytes) = std::fs::read(&path) else {
+/// The environment variable naming the memfd an exec'ing process left its table in.
+const ENV_CARRY: &str = "MIGSHIM_CARRY";
+/// That memfd's name.
+const CARRY_NAME: &str = "migshim-carry";
+
+/// The journal the program before this one in the same process (same vpid) left in a
+/// memfd, else an empty one. (A memfd, not a file in the session's directory: that
+/// program may have changed to a user who may not write there.)
+fn carried_journal() -> Journal {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let Some(fd) = std::env::var(ENV_CARRY)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
         return Journal::default();
     };
-    let _ = std::fs::remove_file(&path);
+    // SAFETY: called from init, before the app's main: no other thread reads environ.
+    unsafe { std::env::remove_var(ENV_CARRY) };
+    let ours = std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok_and(|l| {
+        l.as_os_str()
+            .as_bytes()
+            .starts_with(format!("/memfd:{CARRY_NAME}").as_bytes())
+    });
+    if !ours {
+        return Journal::default();
+    }
+    // SAFETY: the memfd was left for this program alone; it is closed here.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut bytes = Vec::new();
+    let _ = f.read_to_end(&mut bytes);
     let base: Folded = postcard::from_bytes(&bytes).unwrap_or_default();
     let mut j = Journal::from_table(base);
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
@@ -260,16 +292,41 @@ fn carried_journal(dir: &SessionDir, vpid: i32) -> Journal {
     j
 }
 
-/// Writes this process's table where the next image will look for it after exec.
-pub fn carry_across_exec() -> Option<std::path::PathBuf> {
+/// This process's table for the program it is about to exec: a memfd kept across the exec
+/// (the fd, to close if the exec fails) and "MIGSHIM_CARRY=<fd>" for its environment.
+pub fn carry_across_exec() -> Option<(i32, CString)> {
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, IntoRawFd};
     let s = shim()?;
     let _busy = enter()?;
     let bytes = postcard::to_stdvec(journal(s).folded()).ok()?;
-    let dir = s.dir();
-    let path = dir.exec_state(vpid());
-    std::fs::create_dir_all(dir.exec_dir()).ok()?;
-    std::fs::write(&path, bytes).ok()?;
-    Some(path)
+    let name = CString::new(CARRY_NAME).ok()?;
+    // SAFETY: a raw memfd_create (the wrapper would journal it); the fd is ours.
+    let fd = unsafe {
+        crate::interpose::raw::syscall6(
+            libc::SYS_memfd_create,
+            name.as_ptr() as usize,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let fd = crate::interpose::keep_across_exec(crate::interpose::move_fd_high(fd as i32));
+    // SAFETY: the fd was just made and is owned here.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    if f.write_all(&bytes)
+        .and_then(|_| std::io::Seek::rewind(&mut f))
+        .is_err()
+    {
+        return None; // (f closes it)
+    }
+    let env = CString::new(format!("{ENV_CARRY}={fd}")).ok()?;
+    Some((f.into_raw_fd(), env))
 }
 
 thread_local! {

@@ -15,19 +15,21 @@ unsafe extern "C" {
 
 /// An environment with the session's LD_PRELOAD and MIGSHIM_SESSION in it.
 struct Env {
-    _owned: (Option<CString>, CString),
+    _owned: Vec<CString>,
     ptrs: Vec<*const c_char>,
 }
 
 /// `envp` (a NULL-terminated array, libc's contract) fixed up, or None when it already
-/// carries the session.
-unsafe fn session_env(envp: Argv) -> Option<Env> {
+/// carries the session. `more`: entries to add ("MIGSHIM_CARRY=..."); the held table's fd
+/// is added when there is one (creds.rs). Earlier values of those are dropped.
+unsafe fn session_env(envp: Argv, more: Option<CString>) -> Option<Env> {
     let s = shim()?;
     let session = s.place().env_session;
     let ours = s.env_preload.to_bytes();
     let lib = &ours[b"LD_PRELOAD=".len()..];
+    let mut owned: Vec<CString> = more.into_iter().chain(crate::creds::table_env()).collect();
     let mut entries = Vec::new();
-    let (mut preload, mut session_ok) = (None, false);
+    let (mut preload, mut session_ok, mut stale) = (None, false, false);
     let mut p = envp;
     while !p.is_null() && !(*p).is_null() {
         let e = CStr::from_ptr(*p).to_bytes();
@@ -35,48 +37,46 @@ unsafe fn session_env(envp: Argv) -> Option<Env> {
             preload = Some(v);
         } else if e.starts_with(b"MIGSHIM_SESSION=") {
             session_ok = e == session.to_bytes();
+        } else if e.starts_with(b"MIGSHIM_CARRY=") || e.starts_with(b"MIGSHIM_TABLE_FD=") {
+            stale = true;
         } else {
             entries.push(*p);
         }
         p = p.add(1);
     }
     let has_lib = preload.is_some_and(|v| v.split(|&c| c == b':' || c == b' ').any(|x| x == lib));
-    if has_lib && session_ok {
+    if has_lib && session_ok && owned.is_empty() && !stale {
         return None;
     }
-    let owned = match preload {
-        Some(v) if has_lib => CString::new([b"LD_PRELOAD=", v].concat()).ok(),
-        Some(v) if !v.is_empty() => CString::new([ours, b" ", v].concat()).ok(),
-        _ => None,
-    };
-    entries.push(
-        owned
-            .as_ref()
-            .map_or(s.env_preload.as_ptr(), |c| c.as_ptr()),
-    );
-    entries.push(session.as_ptr());
+    match preload {
+        Some(v) if has_lib => owned.extend(CString::new([b"LD_PRELOAD=", v].concat())),
+        Some(v) if !v.is_empty() => owned.extend(CString::new([ours, b" ", v].concat())),
+        _ => owned.push(s.env_preload.clone()),
+    }
+    owned.push(session);
+    entries.extend(owned.iter().map(|c| c.as_ptr()));
     entries.push(std::ptr::null());
     Some(Env {
-        _owned: (owned, session),
+        _owned: owned,
         ptrs: entries,
     })
 }
 
 /// Runs an exec call with the session's environment and the table carried; on failure the
-/// carried table is taken back.
+/// carried table is dropped.
 unsafe fn exec_with(envp: Argv, f: impl FnOnce(Argv) -> c_int) -> c_int {
     if shim().is_none() {
         return f(envp);
     }
-    let carried = state::carry_across_exec();
-    let env = session_env(envp);
+    let (carried, entry) = state::carry_across_exec().unzip();
+    let env = session_env(envp, entry);
     let sig = super::signals::reserved();
     super::signals::hold(sig, true);
     let r = f(env.as_ref().map_or(envp, |e| e.ptrs.as_ptr()));
     super::signals::hold(sig, false);
     let e = errno();
-    if let (Some(p), Some(_busy)) = (carried, state::enter()) {
-        let _ = std::fs::remove_file(p);
+    if let Some(fd) = carried {
+        super::close_real(fd);
     }
     set_errno(e);
     r
@@ -175,7 +175,7 @@ unsafe fn spawned(
     argv: Argv,
     envp: Argv,
 ) -> c_int {
-    let env = session_env(envp);
+    let env = session_env(envp, None);
     // The child starts with the reserved signal held (see signals::hold): it inherits the
     // caller's mask, or takes the one `attr` sets, with the signal added to a copy.
     let sig = super::signals::reserved();

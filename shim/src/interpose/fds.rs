@@ -4,7 +4,7 @@
 
 use super::paths::translate;
 use super::process::{to_real, to_virtual};
-use crate::control::{is_shim_fd, relocate_listener};
+use crate::control::{is_shim_fd, make_room};
 use crate::state::{errno, record, set_errno, shim};
 use libc::{FILE, c_char, c_int, c_long, c_uint, c_void, mode_t, off_t, size_t};
 use migrt::record::{BytesRef, Record};
@@ -233,8 +233,13 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     let mut r = 0;
     let mut from = first;
     if !cloexec_only {
-        // Close around the shim's own fds (all high, close-on-exec already).
-        let mut keep: Vec<c_uint> = [crate::control::listen_fd(), crate::control::conn_fd()]
+        // Close around the shim's own fds (all high).
+        let own = [
+            crate::control::listen_fd(),
+            crate::control::conn_fd(),
+            crate::creds::table_fd(),
+        ];
+        let mut keep: Vec<c_uint> = own
             .into_iter()
             .filter(|&fd| fd >= 0 && (fd as c_uint) >= first && (fd as c_uint) <= last)
             .map(|fd| fd as c_uint)
@@ -273,7 +278,7 @@ pub unsafe extern "C" fn dup(old: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     if is_shim_fd(new) {
-        relocate_listener();
+        make_room(new);
     }
     duped(old, real!(dup2: fn(c_int, c_int) -> c_int)(old, new), false)
 }
@@ -281,7 +286,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     if is_shim_fd(new) {
-        relocate_listener();
+        make_room(new);
     }
     duped(
         old,

@@ -142,6 +142,23 @@ pub fn unlink_real(path: *const libc::c_char) {
 }
 
 /// Moves a shim fd to a high number (out of the app's usual range), close-on-exec.
+/// `fd` (the shim's) with its close-on-exec flag cleared: for the next program.
+pub fn keep_across_exec(fd: i32) -> i32 {
+    // SAFETY: a raw fcntl on the shim's own fd (the wrapper would journal it).
+    unsafe {
+        raw::syscall6(
+            libc::SYS_fcntl,
+            fd as usize,
+            libc::F_SETFD as usize,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
+    fd
+}
+
 pub fn move_fd_high(fd: i32) -> i32 {
     // SAFETY: fcntl/close on an fd the shim owns.
     unsafe {

@@ -411,6 +411,32 @@ pub unsafe extern "C" fn setpriority(which: c_int, who: libc::id_t, prio: c_int)
     real!(setpriority: fn(c_int, libc::id_t, c_int) -> c_int)(which, who_arg(which, who), prio)
 }
 
+// A change of uid: the session's table is held first (creds.rs).
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setuid(uid: libc::uid_t) -> c_int {
+    crate::creds::hold_table();
+    real!(setuid: fn(libc::uid_t) -> c_int)(uid)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn seteuid(uid: libc::uid_t) -> c_int {
+    crate::creds::hold_table();
+    real!(seteuid: fn(libc::uid_t) -> c_int)(uid)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setreuid(r: libc::uid_t, e: libc::uid_t) -> c_int {
+    crate::creds::hold_table();
+    real!(setreuid: fn(libc::uid_t, libc::uid_t) -> c_int)(r, e)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setresuid(r: libc::uid_t, e: libc::uid_t, s: libc::uid_t) -> c_int {
+    crate::creds::hold_table();
+    real!(setresuid: fn(libc::uid_t, libc::uid_t, libc::uid_t) -> c_int)(r, e, s)
+}
+
 /// capget/capset name a thread in their header (`{ u32 version; i32 pid }`): libcap and
 /// libcap-ng put getpid() there, which the kernel must get as the real one.
 unsafe fn caps(n: c_long, hdr: *mut [i32; 2], data: c_long) -> c_long {
