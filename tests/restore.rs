@@ -768,6 +768,58 @@ while True:      # the parent reports what it sees there
 }
 
 #[test]
+fn shared_memory_of_a_tree_is_stored_once_and_every_process_has_it_whole_again() {
+    // postgres's buffers, a forked server's scoreboard: one object mapped by all.
+    let env = Env::new("shm-once");
+    let script = r#"
+import hashlib, mmap, os, random, time
+m = mmap.mmap(-1, 24 << 20)   # MAP_SHARED | MAP_ANONYMOUS, kept across fork
+for at in range(0, len(m), 1 << 16):   # (no 24 MiB copy in each process's heap)
+    m[at:at + (1 << 16)] = random.randbytes(1 << 16)
+want = hashlib.sha256(m).hexdigest()
+kids = 3
+for k in range(kids):
+    if os.fork() == 0:
+        break
+else:
+    k = kids
+for n in range(1, 100000):
+    ok = hashlib.sha256(m).hexdigest() == want
+    os.write(1, f"p{k} {n} {'ok' if ok else 'DAMAGED'}\n".encode())
+    time.sleep(0.1)
+"#;
+    let log = env.detach("shm", &["python3", "-c", script]);
+    for k in 0..4 {
+        wait_numbers(&log, &format!("p{k} "), 2);
+    }
+    let img = env.root.join("img");
+    let said = ok(
+        &env,
+        &[
+            "checkpoint",
+            "shm",
+            "--out",
+            img.to_str().unwrap(),
+            "--stop",
+        ],
+    );
+    env.wait_processes("shm", "the session to end", |p| p.is_empty());
+    // Once (24 MiB, and ~8 MiB of python's own per process), not once per process
+    // (96 MiB and theirs).
+    let written = agents::kib_before(&said, "written") / 1024.0;
+    assert!(written < 80.0, "{written} MiB written: {said}");
+    let log2 = restore_detached(&env, &img, "after.log");
+    for k in 0..4 {
+        let who = format!("p{k} ");
+        let last = *numbers(&log, &who).last().unwrap();
+        assert_eq!(wait_numbers(&log2, &who, 2)[0], last + 1, "{who}went on");
+    }
+    let out = std::fs::read_to_string(&log2).unwrap();
+    assert!(!out.contains("DAMAGED"), "{out}");
+    env.stop("shm");
+}
+
+#[test]
 fn a_lazy_restore_runs_at_once_and_its_memory_is_filled_in_while_it_changes_it() {
     // The subject frees, moves and forks its memory every tick, checking it each time;
     // the pager is slowed so that all of this happens while pages are still missing.

@@ -112,6 +112,14 @@ impl Client {
         Ok(self.stream.set_read_timeout(Some(d))?)
     }
 
+    /// At least `d` for an answer (a longer patience set before stays).
+    pub fn allow(&self, d: Duration) -> Result<()> {
+        match self.stream.read_timeout()? {
+            Some(now) if now >= d => Ok(()),
+            _ => self.set_patience(d),
+        }
+    }
+
     /// A call answered by Pages: `out.len()` bytes of its memory at `addr`, read into `out`.
     pub fn pages(&mut self, addr: u64, out: &mut [u8]) -> Result<()> {
         let len = out.len() as u64;

@@ -202,6 +202,12 @@ impl<'a> Frozen<'a> {
         // dumped one after the other (a dump reads out what a pipe holds and puts it back).
         // (Once one was asked, its answer is read, even after a failure.)
         self.repair_handed_over()?;
+        let maps: Vec<_> = self
+            .tables
+            .iter()
+            .map(|t| migrt::procfs::all_mappings(&t.real_pid.to_string()))
+            .collect();
+        let mut skips = migrt::image::shared_stored_before(&maps).into_iter();
         let at_once = !share_a_pipe(&self.tables);
         let (mut asked, mut failed) = (Vec::new(), None);
         for k in 0..self.clients.len() {
@@ -223,10 +229,13 @@ impl<'a> Frozen<'a> {
                     handover: self.handover.clone(),
                     compared,
                     walked: helping.as_ref().map(|h| h.offer.clone()),
+                    skip: skips.next().unwrap_or_default(),
                 };
-                self.clients[k]
-                    .2
-                    .send_with_fd(&dump, std::os::fd::AsFd::as_fd(&out))?;
+                // (A large process writing to a slow disk takes its time.)
+                let resident = sessions::resident(self.tables[k].real_pid);
+                let c = &mut self.clients[k].2;
+                c.allow(Duration::from_secs(10 + resident / (32 << 20)))?;
+                c.send_with_fd(&dump, std::os::fd::AsFd::as_fd(&out))?;
                 Ok((k, file, helping))
             });
             match sent {

@@ -500,27 +500,38 @@ fn shared_memory(
 ) -> Result<HashMap<u64, u64>> {
     use std::os::unix::fs::FileExt;
     let mut out = HashMap::new();
+    let mut made: HashMap<u64, std::fs::File> = HashMap::new();
+    // (Each image holds the pages of the part it maps, unless one before it held them:
+    // image::shared_stored_before.)
     for img in images {
         for r in img.regions.iter().filter(|r| shared_anonymous(r)) {
-            if out.contains_key(&r.inode) {
-                continue;
-            }
             // A memfd or deleted file that an fd holds too: the object made for the fd.
             if let Some(f) = by_inode.get(&r.inode) {
-                out.insert(r.inode, migrt::sys::inheritable_fd(f, FD_BASE)? as u64);
+                if let std::collections::hash_map::Entry::Vacant(v) = out.entry(r.inode) {
+                    v.insert(migrt::sys::inheritable_fd(f, FD_BASE)? as u64);
+                }
                 continue;
             }
-            let mem = migrt::sys::memfd(c"migshim-shared", false)?;
-            mem.set_len(r.offset + (r.end - r.start))?;
+            let mem = match made.entry(r.inode) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(migrt::sys::memfd(c"migshim-shared", false)?)
+                }
+            };
+            let size = r.offset + (r.end - r.start);
+            if mem.metadata()?.len() < size {
+                mem.set_len(size)?;
+            }
             region_pages(
                 img,
                 r,
                 |at, page| Ok(mem.write_all_at(page, r.offset + at)?),
             )?;
-            let fd = migrt::sys::inheritable_fd(&mem, FD_BASE)?;
-            keep.push(mem);
-            out.insert(r.inode, fd as u64);
         }
+    }
+    for (inode, mem) in made {
+        out.insert(inode, migrt::sys::inheritable_fd(&mem, FD_BASE)? as u64);
+        keep.push(mem);
     }
     Ok(out)
 }
@@ -553,11 +564,7 @@ pub fn region_pages(
 /// A MAP_SHARED mapping of no file of its own (shared anonymous memory, a memfd), System V
 /// segments aside (sysv.rs).
 fn shared_anonymous(r: &Region) -> bool {
-    !crate::sysv::is_sysv(r)
-        && r.perms.ends_with('s')
-        && (r.name.0.starts_with(b"/dev/zero")
-            || r.name.0.starts_with(b"/memfd:")
-            || r.name.0.ends_with(b" (deleted)"))
+    migrt::image::shared_anonymous(&r.perms, &r.name.0)
 }
 
 /// The mapped files opened for the restorer so far, by (name, opened for writing): one fd

@@ -244,6 +244,44 @@ pub const SOURCE_ROUND: &str = "@source";
 /// then, from the pager or from afar, is a round trip before it is back.
 pub const SMALL_REGION: u64 = 256 << 10;
 
+/// A shared mapping of memory that exists nowhere else (MAP_SHARED|MAP_ANONYMOUS, a memfd,
+/// a deleted file; not System V): the restore makes it once for all the processes that map
+/// it, from the pages their images hold of it.
+pub fn shared_anonymous(perms: &str, name: &[u8]) -> bool {
+    perms.ends_with('s')
+        && !name.starts_with(b"/SYSV")
+        && (name.starts_with(b"/dev/zero")
+            || name.starts_with(b"/memfd:")
+            || name.ends_with(b" (deleted)"))
+}
+
+/// Of each process (their mappings, in the order of their images), the ranges of shared
+/// anonymous memory whose pages an image before its own holds already — a mapping of the
+/// same object covering the same part of it — so that its image leaves them out.
+pub fn shared_stored_before(processes: &[Vec<crate::procfs::MapsLine>]) -> Vec<Vec<(u64, u64)>> {
+    // Per object (inode): the parts of it stored so far (offset ranges).
+    let mut stored: std::collections::HashMap<u64, Vec<(u64, u64)>> = Default::default();
+    processes
+        .iter()
+        .map(|maps| {
+            let mut skip = Vec::new();
+            for m in maps
+                .iter()
+                .filter(|m| shared_anonymous(&m.perms, &m.name.0))
+            {
+                let part = (m.offset, m.offset + (m.end - m.start));
+                let parts = stored.entry(m.inode).or_default();
+                if parts.iter().any(|&(s, e)| s <= part.0 && part.1 <= e) {
+                    skip.push((m.start, m.end));
+                } else {
+                    parts.push(part);
+                }
+            }
+            skip
+        })
+        .collect()
+}
+
 pub fn pageable(name: &[u8]) -> bool {
     name.first() != Some(&b'/') && name != b"[stack]"
 }

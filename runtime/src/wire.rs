@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -40,6 +40,8 @@ pub enum Request {
         /// Rounds made by hash: what mig found changed since the last one.
         compared: Option<crate::rounds::Compared>,
         walked: Option<Walked>,
+        /// Ranges of shared memory whose pages another process's image holds.
+        skip: Vec<(u64, u64)>,
     },
     /// While running: a pre-copy round — which runs of its memory to send (the first
     /// round: all it has; the next ones: what was written since the round before). Mig

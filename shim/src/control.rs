@@ -362,6 +362,7 @@ impl Session {
                 handover,
                 compared,
                 walked,
+                skip,
             } => match (&mut self.frozen, shim()) {
                 (Some(f), Some(s)) => {
                     let sockets = match crate::dump::socket_states(f, &handover) {
@@ -377,7 +378,8 @@ impl Session {
                     };
                     let result = crate::precopy::with_delta(compared.as_ref(), |d| {
                         let delta = (&rounds[..], d, walked.as_ref());
-                        crate::dump::dump(s, out.into(), &*f, &sockets, sync, delta)
+                        let what = (&sockets[..], &skip[..]);
+                        crate::dump::dump(s, out.into(), &*f, what, sync, delta)
                     });
                     match result {
                         Ok(d) => {

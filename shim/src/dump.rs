@@ -75,7 +75,8 @@ fn link(p: &str) -> Bytes {
     )
 }
 
-/// Writes the image. With pre-copy `rounds` (their files) and their `delta`, memory the
+/// Writes the image (the pages of shared memory in `theirs` left out: another process's
+/// image holds them). With pre-copy `rounds` (their files) and their `delta`, memory the
 /// rounds tracked is stored only where written since the last round; its other pages are
 /// listed as kept from the rounds (image::Precopied). With the round that stays in the
 /// source (image::SOURCE_ROUND, a lazy migration), none of the anonymous memory is stored:
@@ -84,7 +85,7 @@ pub fn dump(
     s: &Shim,
     file: std::fs::File,
     frozen: &Frozen,
-    sockets: &[migrt::sockstate::SocketState],
+    (sockets, theirs): (&[migrt::sockstate::SocketState], &[(u64, u64)]),
     sync: bool,
     (rounds, delta, walked): (&[String], Option<&Delta>, Option<&Walked>),
 ) -> std::io::Result<Dumped> {
@@ -173,6 +174,8 @@ pub fn dump(
     let mut spans: Vec<Span> = Vec::with_capacity(1 << 16);
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
+    // Shared memory another process's image holds: described, its pages left out.
+    let mine = |start: u64, end: u64| !theirs.iter().any(|&(s, e)| start >= s && end <= e);
     let identity = |m: &migrt::procfs::MapsLine| -> (u64, i64) {
         use std::os::unix::fs::MetadataExt;
         if !file_backed(m) {
@@ -204,7 +207,7 @@ pub fn dump(
                 inode: m.inode,
                 file_size,
                 file_mtime_ns,
-                stored: stored(m, &own),
+                stored: stored(m, &own) && mine(m.start, m.end),
             })
             .collect()
     };
@@ -239,7 +242,7 @@ pub fn dump(
             spans.push(Span {
                 start,
                 end,
-                stored: stored_raw(start, end, perms, name, &own),
+                stored: stored_raw(start, end, perms, name, &own) && mine(start, end),
                 file: file_name(name),
                 shared: perms.get(3) == Some(&b's'),
                 // (Not the shim's own static data: the restart path needs it at once, so it
