@@ -7,6 +7,7 @@ use common::agents::*;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -962,6 +963,164 @@ fn nginx_with_workers_as_nobody_moves_with_its_address_and_its_client_sees_a_pau
     );
     let (answers, worst) = client_result(client, &log, &stop);
     println!("{out}client: {answers} answers on one connection, longest wait {worst:.3} s");
+}
+
+/// Debian's postgres server (not on PATH): the newest version's `bin` directory.
+fn postgres_bin() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|b| b.join("postgres").exists() && b.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+#[test]
+fn postgres_run_as_its_own_user_moves_with_its_address_and_an_open_psql_session_goes_on() {
+    // A server of several processes (started from its signal handlers, sharing memory and a
+    // System V segment) that runuser starts as user postgres; a psql session on host C
+    // inserts through one connection all along.
+    let (Some(bin), true) = (postgres_bin(), have("psql") && have("runuser")) else {
+        println!("SKIP: needs postgresql (server and psql) and runuser");
+        return;
+    };
+    let env = Env::new("migrate-pg");
+    let Some((hosts, plain, key)) = service_lan(&env, "g", &[]) else {
+        return;
+    };
+    drop(plain);
+    let agent = Agent::start_apart(&env, "agent-apart", &key, (&hosts.names[1], "10.77.0.2"));
+    let data = env.scratch("pgdata");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&env.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sh = |args: &[&str]| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(args.join(" "))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+    };
+    let (d, initdb) = (data.display(), bin.join("initdb"));
+    sh(&["chown postgres", &d.to_string()]);
+    sh(&[
+        "runuser -u postgres --",
+        &initdb.display().to_string(),
+        "-A trust -U postgres -D",
+        &d.to_string(),
+        ">/dev/null",
+    ]);
+    std::fs::write(data.join("pg_hba.conf"), "host all all 0.0.0.0/0 trust\n").unwrap();
+    let (postgres, listen) = (bin.join("postgres"), format!("listen_addresses={SERVICE}"));
+    let log = env.root.join("pg.log");
+    let d = d.to_string();
+    let server = [
+        "runuser",
+        "-u",
+        "postgres",
+        "--",
+        postgres.to_str().unwrap(),
+        "-D",
+        &d,
+        "-k",
+        "",
+        "-p",
+        "5432",
+        "-c",
+        &listen,
+    ];
+    run_in(&env, &hosts.names[0], "pg", &log, &server);
+    wait_for_text(&log, "ready to accept connections");
+    let mut psql = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.names[2],
+            "psql",
+            "-h",
+            SERVICE,
+            "-U",
+            "postgres",
+        ])
+        .args(["-At", "-v", "ON_ERROR_STOP=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_psql = psql.stdin.take().unwrap();
+    let answers = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (out, answers) = (psql.stdout.take().unwrap(), answers.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                answers.lock().unwrap().push(l);
+            }
+        })
+    };
+    use std::io::Write;
+    let sent = std::cell::Cell::new(0u64);
+    let insert = |to: &mut std::process::ChildStdin| {
+        sent.set(sent.get() + 1);
+        writeln!(to, "insert into t values ({}) returning x;", sent.get()).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    writeln!(to_psql, "create table t (x int);").unwrap();
+    // (The inserts' numbers; psql also says "INSERT 0 1" for each.)
+    let answered = || {
+        let a = answers.lock().unwrap();
+        a.iter().filter(|l| l.parse::<u64>().is_ok()).count()
+    };
+    while answered() < 30 {
+        insert(&mut to_psql);
+    }
+    let out = std::thread::scope(|s| {
+        let m = s.spawn(|| migrate_with_service(&env, &hosts, "pg", &agent, &key));
+        while !m.is_finished() {
+            insert(&mut to_psql);
+        }
+        m.join().unwrap()
+    });
+    assert_eq!(service_holders(&hosts), vec![1], "the address moved to B");
+    assert!(env.processes("pg").is_empty(), "gone from A");
+    let after = sent.get() as usize;
+    while answered() < after + 30 {
+        insert(&mut to_psql);
+    }
+    writeln!(to_psql, "select 'rows', count(*) from t;").unwrap();
+    drop(to_psql);
+    let st = psql.wait().unwrap();
+    reader.join().unwrap();
+    let said = answers.lock().unwrap().clone();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut psql.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(st.success(), "psql: {err}\n{}", said.join("\n"));
+    // Every insert answered, once, in order, on the one connection; all of them stored.
+    let (numbers, sent): (Vec<u64>, u64) = (
+        said.iter().filter_map(|l| l.parse().ok()).collect(),
+        sent.get(),
+    );
+    assert_eq!(numbers, (1..=sent).collect::<Vec<_>>(), "{err}");
+    assert_eq!(said.last().unwrap(), &format!("rows|{sent}"));
+    // On B, runuser is root's again and the server's processes postgres's.
+    let uids: Vec<u32> = agent
+        .restored_pids()
+        .iter()
+        .map(|&p| uids_of(p as i64)[0])
+        .collect();
+    assert_eq!(uids[0], 0, "{uids:?}");
+    assert!(
+        uids.len() >= 6 && uids[1..].iter().all(|&u| u != 0),
+        "{uids:?}"
+    );
+    println!("{out}psql: {sent} inserts on one connection");
 }
 
 #[test]

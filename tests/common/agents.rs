@@ -33,16 +33,45 @@ impl Agent {
         more: &[&str],
         vars: &[(&str, &str)],
     ) -> Agent {
+        let inside: &[&str] = match netns {
+            Some((ns, _)) => &["ip", "netns", "exec", ns],
+            None => &[],
+        };
+        Self::spawn(
+            env,
+            (name, key),
+            inside,
+            netns.map_or("127.0.0.1", |n| n.1),
+            more,
+            vars,
+        )
+    }
+
+    /// On host `ns` (address `ip`), in an IPC namespace of its own as on another machine:
+    /// System V keys the session holds on the source are free there.
+    pub fn start_apart(env: &Env, name: &str, key: &Path, (ns, ip): (&str, &str)) -> Agent {
+        let inside = ["ip", "netns", "exec", ns, "unshare", "--ipc"];
+        Self::spawn(env, (name, key), &inside, ip, &[], &[])
+    }
+
+    /// `mig agent` on `ip` run through the command `inside` (none: here).
+    fn spawn(
+        env: &Env,
+        (name, key): (&str, &Path),
+        inside: &[&str],
+        ip: &str,
+        more: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Agent {
         let state = env.root.join(name);
-        let ip = netns.map_or("127.0.0.1", |n| n.1);
         // (In a namespace of its own any port is free.)
         let port = free_port();
         let addr = format!("{ip}:{port}");
         let log = std::fs::File::create(env.root.join(format!("{name}.log"))).unwrap();
-        let mut c = match netns {
-            Some((ns, _)) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(mig_bin());
+        let mut c = match inside.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(mig_bin());
                 c
             }
             None => Command::new(mig_bin()),
