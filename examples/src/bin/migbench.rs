@@ -3,7 +3,7 @@
 //!
 //!   cargo build --release && target/release/migbench [--runs 5]
 //!   cargo build --release && target/release/migbench --checkpoint [--runs 5] [--dir DIR]
-//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns] [--only MODE[/MiB|/tree]]...
+//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns] [--only MODE[/MiB|/tree|/shm]]...
 //!
 //! `--checkpoint`: checkpoint time, freeze time, image size and restore time (until the
 //! process runs again) of 64 MiB and 1 GiB sessions (the C counter subject), beside a
@@ -203,12 +203,28 @@ fn start_session(
 
 /// What `--migrate` moves: the counter with this many MiB, or a python3 tree of 9
 /// processes (a parent printing ticks and 8 forked children; ~10 MiB each, mostly python's
-/// many small mappings: a real program's shape, unlike the counter's one big region).
+/// many small mappings: a real program's shape, unlike the counter's one big region), or a
+/// python3 tree of 5 sharing 64 MiB of memory (as postgres's buffers: the children each
+/// write a byte of it every 10 ms).
 #[derive(Clone, Copy)]
 enum Subject {
     Counter(usize),
     Tree,
+    Shared,
 }
+
+const SHARED: &str = "import mmap, os, random, sys, time
+m = mmap.mmap(-1, 64 << 20)
+for at in range(0, len(m), 1 << 16):
+    m[at:at + (1 << 16)] = random.randbytes(1 << 16)
+for i in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        while True:
+            m[random.randrange(len(m))] = 1; time.sleep(0.01)
+c = 0
+while True:
+    c += 1; print('tick', c, flush=True); time.sleep(0.05)
+";
 
 const TREE: &str = "import os, sys, time
 for i in range(int(sys.argv[1])):
@@ -225,6 +241,7 @@ impl Subject {
         match self {
             Subject::Counter(mib) => mib.to_string(),
             Subject::Tree => "tree".into(),
+            Subject::Shared => "shm".into(),
         }
     }
 
@@ -232,6 +249,7 @@ impl Subject {
         match self {
             Subject::Counter(mib) => format!("{mib} MiB"),
             Subject::Tree => "python tree, 9 processes".into(),
+            Subject::Shared => "python tree, 5 processes sharing 64 MiB".into(),
         }
     }
 
@@ -244,9 +262,13 @@ impl Subject {
     ) {
         match self {
             Subject::Counter(mib) => drop(start_counter(on, rt, base, mib, 10)),
-            Subject::Tree => {
-                let script = base.join("migbench-tree.py");
-                std::fs::write(&script, TREE).unwrap();
+            Subject::Tree | Subject::Shared => {
+                let (text, children) = match self {
+                    Subject::Shared => (SHARED, "4"),
+                    _ => (TREE, "8"),
+                };
+                let script = base.join(self.script());
+                std::fs::write(&script, text).unwrap();
                 let log = base.join("migbench-tree.log");
                 let _ = std::fs::remove_file(&log);
                 let py = std::path::Path::new("python3");
@@ -255,17 +277,25 @@ impl Subject {
                     rt,
                     &log,
                     py,
-                    &[script.to_str().unwrap(), "8"],
+                    &[script.to_str().unwrap(), children],
                     "tick 1\n",
                 );
             }
         }
     }
 
+    /// A python subject's script file.
+    fn script(self) -> &'static str {
+        match self {
+            Subject::Shared => "migbench-shm.py",
+            _ => "migbench-tree.py",
+        }
+    }
+
     fn stop(self) {
         let pattern = match self {
             Subject::Counter(mib) => format!("counter 2 {mib}"),
-            Subject::Tree => "migbench-tree.py".into(),
+            Subject::Tree | Subject::Shared => self.script().into(),
         };
         let _ = Command::new("pkill").args(["-f", &pattern]).output();
     }
@@ -542,7 +572,13 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
     let rows = ["stop-and-copy", "precopy", "lazy"]
         .into_iter()
         .flat_map(|mode| {
-            [Subject::Counter(64), Subject::Counter(1024), Subject::Tree].map(|s| (mode, s))
+            [
+                Subject::Counter(64),
+                Subject::Counter(1024),
+                Subject::Tree,
+                Subject::Shared,
+            ]
+            .map(|s| (mode, s))
         });
     for (mode, subject) in rows.filter(|(mode, s)| {
         only.is_empty()
@@ -612,7 +648,9 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
             // (The tree's size: what was sent of it.)
             let size = match subject {
                 Subject::Counter(mib) => mib << 20,
-                Subject::Tree => (summary_mib(sent_part) * (1 << 20) as f64) as usize,
+                Subject::Tree | Subject::Shared => {
+                    (summary_mib(sent_part) * (1 << 20) as f64) as usize
+                }
             };
             wire.push(loopback_ms(size, false));
             kept.push(loopback_ms(size, true));
