@@ -820,6 +820,59 @@ for n in range(1, 100000):
 }
 
 #[test]
+fn python_multiprocessing_with_a_pool_a_lock_a_queue_and_a_shared_value_goes_on() {
+    // Its shared objects live in files made by mkstemp (O_NOFOLLOW) and deleted at once.
+    let env = Env::new("mp");
+    let script = r#"
+import multiprocessing as mp, time
+def square(x):
+    return x * x
+def bump(v, lock, q):
+    while True:
+        with lock:
+            v.value += 1
+        q.put(v.value)
+        time.sleep(0.02)
+if __name__ == "__main__":
+    v, lock, q = mp.Value("i", 0), mp.Lock(), mp.Queue()
+    mp.Process(target=bump, args=(v, lock, q), daemon=True).start()
+    with mp.Pool(3) as pool:
+        for n in range(1, 100000):
+            r = sum(pool.map(square, range(100)))
+            print(f"round {n} {r} value={v.value} queued={q.get(timeout=10)}", flush=True)
+            time.sleep(0.05)
+"#;
+    let script_file = env.root.join("mp.py");
+    std::fs::write(&script_file, script).unwrap();
+    let log = env.detach("mp", &["python3", script_file.to_str().unwrap()]);
+    wait_numbers(&log, "round ", 3);
+    let img = env.root.join("img");
+    stop_into(&env, "mp", &img);
+    let last = *numbers(&log, "round ").last().unwrap();
+    let value = |l: &str| -> u64 { ints_after(l, "value")[0] as u64 };
+    let before = std::fs::read_to_string(&log).unwrap();
+    let last_value = before
+        .lines()
+        .filter(|l| l.starts_with("round "))
+        .map(value)
+        .last()
+        .unwrap();
+    let log2 = restore_detached(&env, &img, "after.log");
+    let after = wait_numbers(&log2, "round ", 3);
+    assert_eq!(after[0], last + 1, "the pool's rounds went on");
+    let said = std::fs::read_to_string(&log2).unwrap();
+    let rounds: Vec<&str> = said.lines().filter(|l| l.starts_with("round ")).collect();
+    // The pool's answers are right, and the shared value went on counting from where it was.
+    assert!(rounds.iter().all(|l| l.contains(" 328350 ")), "{said}");
+    assert!(
+        rounds.iter().all(|l| value(l) > last_value),
+        "{last_value} then {said}"
+    );
+    assert!(!said.contains("Traceback"), "{said}");
+    env.stop("mp");
+}
+
+#[test]
 fn a_lazy_restore_runs_at_once_and_its_memory_is_filled_in_while_it_changes_it() {
     // The subject frees, moves and forks its memory every tick, checking it each time;
     // the pager is slowed so that all of this happens while pages are still missing.

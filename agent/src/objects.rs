@@ -334,11 +334,13 @@ fn content_object<'a>(
     Ok(&by_inode[&ino])
 }
 
-/// A new open of a content object with the fd's own access mode and offset.
+/// A new open of a content object with the fd's own access mode and offset. (Through its
+/// /proc/self/fd link: not with the flags that would refuse a link or make a new file —
+/// mkstemp opens with O_NOFOLLOW, and the flags stay on the open file.)
 fn reopen_content(obj: &File, f: &FdEntry) -> Result<OwnedFd> {
     let file = open_with(
         format!("/proc/self/fd/{}", obj.as_raw_fd()).as_ref(),
-        f.flags,
+        f.flags & !(libc::O_NOFOLLOW | libc::O_TMPFILE),
     )?;
     if let Object::File { offset, .. } = &f.object {
         migrt::sys::seek(file.as_raw_fd(), *offset)?;
