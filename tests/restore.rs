@@ -853,9 +853,8 @@ if __name__ == "__main__":
     let before = std::fs::read_to_string(&log).unwrap();
     let last_value = before
         .lines()
-        .filter(|l| l.starts_with("round "))
+        .rfind(|l| l.starts_with("round "))
         .map(value)
-        .last()
         .unwrap();
     let log2 = restore_detached(&env, &img, "after.log");
     let after = wait_numbers(&log2, "round ", 3);
