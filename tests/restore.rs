@@ -872,6 +872,53 @@ if __name__ == "__main__":
 }
 
 #[test]
+fn a_posix_shared_memory_object_comes_back_on_a_host_that_lacks_it() {
+    // shm_open's objects live in /dev/shm, memory of the host: they go with the image.
+    let env = Env::new("posix-shm");
+    let name = format!("migtest-{}", std::process::id());
+    let script = r#"
+import os, sys, time
+from multiprocessing import shared_memory
+s = shared_memory.SharedMemory(create=True, size=1 << 20, name=sys.argv[1])
+s.buf[:8] = b"pattern!"
+if os.fork() == 0:   # the child attaches by name and reports what the parent wrote
+    t = shared_memory.SharedMemory(name=sys.argv[1])
+    while True:
+        os.write(1, f"seen {t.buf[8]} {bytes(t.buf[:8])}\n".encode()); time.sleep(0.05)
+for n in range(1, 100000):
+    s.buf[8] = n % 256
+    os.write(1, f"wrote {n % 256}\n".encode()); time.sleep(0.05)
+"#;
+    let log = env.detach("psm", &["python3", "-c", script, &name]);
+    wait_numbers(&log, "seen ", 3);
+    let img = env.root.join("img");
+    stop_into(&env, "psm", &img);
+    let object = std::path::Path::new("/dev/shm").join(&name);
+    std::fs::remove_file(&object).unwrap(); // as on another host
+    let log2 = restore_detached(&env, &img, "after.log");
+    wait_numbers(&log2, "wrote ", 5);
+    let seen = wait_numbers(&log2, "seen ", 5);
+    let wrote = numbers(&log2, "wrote ");
+    // The child still sees the parent's writes: the object is one again, and whole.
+    assert!(
+        seen.iter().any(|s| wrote.contains(s) && *s > wrote[0]),
+        "{seen:?} {wrote:?}"
+    );
+    let said = std::fs::read_to_string(&log2).unwrap();
+    assert!(
+        said.lines()
+            .filter(|l| l.starts_with("seen "))
+            .all(|l| l.ends_with("b'pattern!'")),
+        "{said}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&object).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "made again with its mode");
+    env.stop("psm");
+    let _ = std::fs::remove_file(&object);
+}
+
+#[test]
 fn a_lazy_restore_runs_at_once_and_its_memory_is_filled_in_while_it_changes_it() {
     // The subject frees, moves and forks its memory every tick, checking it each time;
     // the pager is slowed so that all of this happens while pages are still missing.

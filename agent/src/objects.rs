@@ -73,6 +73,62 @@ impl Drop for Handed {
     }
 }
 
+/// The POSIX shared memory objects the session held that this host lacks, made again
+/// (name, owner, mode, content) before anything opens or maps them; removed again if the
+/// restore fails. (Where one exists — the same host — it is the session's, left as it is.)
+pub fn host_memory_files(images: &[ProcImage], policy: &Policy) -> Result<MadeFiles> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut made = MadeFiles::default();
+    let mut seen = Vec::new();
+    for (img, h) in images
+        .iter()
+        .flat_map(|i| i.host_files.iter().map(move |h| (i, h)))
+    {
+        if seen.contains(&h.ino) {
+            continue;
+        }
+        seen.push(h.ino);
+        let p = policy.rebind.path(&h.path.0);
+        let path = std::path::Path::new(path_of(&p));
+        let mut f = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(h.mode)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("making {p} again")),
+        };
+        made.0.push(path.to_path_buf());
+        let content = img.contents.iter().find(|(i, _)| *i == h.ino);
+        f.write_all(content.map_or(&[][..], |(_, c)| &c.0))
+            .with_context(|| format!("filling {p}"))?;
+        // (As the restorer's user it may not: the object is then the restorer's.)
+        let _ = std::os::unix::fs::fchown(&f, Some(h.uid), Some(h.gid));
+        let _ = f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(h.mode));
+    }
+    Ok(made)
+}
+
+/// POSIX shared memory objects a restore made: removed unless it succeeds.
+#[derive(Default)]
+pub struct MadeFiles(Vec<std::path::PathBuf>);
+
+impl MadeFiles {
+    pub fn keep(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for MadeFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn path_of(b: &Bytes) -> &std::ffi::OsStr {
     std::ffi::OsStr::from_bytes(&b.0)
 }
@@ -372,7 +428,11 @@ fn per_fd(o: &Object, f: &FdEntry, policy: &Policy) -> Result<Option<OwnedFd>> {
         } => {
             let p = policy.rebind.path(&path.0);
             let file = open_with(path_of(&p), f.flags).with_context(|| format!("reopening {p}"))?;
-            if !policy.allow_changed_files && p.0 == path.0 {
+            // (A POSIX shared memory object's content came with the image.)
+            if !policy.allow_changed_files
+                && p.0 == path.0
+                && !migrt::image::host_memory_file(&path.0)
+            {
                 use std::os::unix::fs::MetadataExt;
                 let md = file.metadata()?;
                 let now = md.mtime() * 1_000_000_000 + md.mtime_nsec();

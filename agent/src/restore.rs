@@ -73,8 +73,10 @@ pub struct ProcImage {
     /// Unread bytes of the pipes it reads from, by pipe id.
     pub pipes: Vec<(u64, Bytes)>,
     pub sockets: Vec<SocketState>,
-    /// Content of its memfds and deleted files, by inode.
+    /// Content of its memfds, deleted files and POSIX shared memory objects, by inode.
     pub contents: Vec<(u64, Bytes)>,
+    /// Its POSIX shared memory objects.
+    pub host_files: Vec<migrt::image::HostFile>,
     /// The pseudo-terminals whose master it holds.
     pub ptys: Vec<migrt::image::PtyState>,
     pub threads: Vec<ThreadState>,
@@ -309,6 +311,7 @@ fn read_image(path: &Path, lazy: bool, ahead: &mut ReadAhead) -> Result<ProcImag
         pipes: vec![],
         sockets: vec![],
         contents: vec![],
+        host_files: vec![],
         ptys: vec![],
         threads: vec![],
         regions: vec![],
@@ -324,6 +327,7 @@ fn read_image(path: &Path, lazy: bool, ahead: &mut ReadAhead) -> Result<ProcImag
             Tag::Pipes => img.pipes = s.decode(path)?,
             Tag::Sockets => img.sockets = s.decode(path)?,
             Tag::Contents => img.contents = s.decode(path)?,
+            Tag::HostFiles => img.host_files = s.decode(path)?,
             Tag::Ptys => img.ptys = s.decode(path)?,
             Tag::Threads => img.threads = s.decode(path)?,
             Tag::Regions => img.regions = s.decode(path)?,
@@ -626,7 +630,8 @@ fn map_regions(
                                 r.start
                             )
                         })?;
-                    if !policy.allow_changed_files {
+                    // (A POSIX shared memory object's content came with the image.)
+                    if !policy.allow_changed_files && !migrt::image::host_memory_file(&r.name.0) {
                         check_unchanged(r, &f)?;
                     }
                     let fd = migrt::sys::inheritable_fd(&f, FD_BASE)?;
@@ -1061,6 +1066,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
             a.stdio[2].is_some() || a.stdio[1].is_some() || a.log.is_some(),
         ],
     };
+    let mut made_files = objects::host_memory_files(&images, &policy)?;
     let mut objects = objects::build(&images, &manifest.shared, &policy)?;
     let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
     let sysv_ids = crate::sysv::make(&images, &dir.0)?;
@@ -1182,6 +1188,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
             // Its objects are the processes' now (mig's copies would keep a connection
             // the session closes from ending).
             objects.handed.keep();
+            made_files.keep();
             drop(objects);
             break;
         }

@@ -19,7 +19,7 @@ use std::io::{IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 8] = *b"MIGSHIM\0";
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 pub const PAGE: usize = 4096;
 const HEAD: usize = 32;
 
@@ -62,6 +62,9 @@ pub enum Tag {
     Ptys = 10,
     /// postcard(Precopied): the image's memory is partly in pre-copy rounds
     Precopied = 11,
+    /// postcard(Vec<HostFile>): the POSIX shared memory objects it holds or maps (their
+    /// content goes in Contents)
+    HostFiles = 12,
     End = 0x454e44,
 }
 
@@ -79,6 +82,7 @@ impl Tag {
             9 => Tag::Contents,
             10 => Tag::Ptys,
             11 => Tag::Precopied,
+            12 => Tag::HostFiles,
             0x454e44 => Tag::End,
             _ => return None,
         })
@@ -243,6 +247,23 @@ pub const SOURCE_ROUND: &str = "@source";
 /// process touches first is often there (its TLS, the heap's head), and a page fetched
 /// then, from the pager or from afar, is a round trip before it is back.
 pub const SMALL_REGION: u64 = 256 << 10;
+
+/// A file that is memory of this host rather than data: a POSIX shared memory object
+/// (shm_open, sem_open: /dev/shm). One the session holds or maps goes with its image, and
+/// is made again where it is missing (another host).
+pub fn host_memory_file(path: &[u8]) -> bool {
+    path.starts_with(b"/dev/shm/") && !path.ends_with(b" (deleted)")
+}
+
+/// Such a file as it was: its name and owner (its content is in Contents, by inode).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostFile {
+    pub ino: u64,
+    pub path: crate::record::Bytes,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
 
 /// A shared mapping of memory that exists nowhere else (MAP_SHARED|MAP_ANONYMOUS, a memfd,
 /// a deleted file; not System V): the restore makes it once for all the processes that map

@@ -146,8 +146,10 @@ pub fn dump(
     w.postcard(Tag::Threads, &threads).map_err(enc)?;
     w.postcard(Tag::Pipes, &pipe_contents(table)).map_err(enc)?;
     w.postcard(Tag::Sockets, &sockets).map_err(enc)?;
-    w.postcard(Tag::Contents, &file_contents(table))
-        .map_err(enc)?;
+    let (host_files, mut contents) = host_memory_files(table, s.table.mapping().0 as u64);
+    contents.extend(file_contents(table));
+    w.postcard(Tag::HostFiles, &host_files).map_err(enc)?;
+    w.postcard(Tag::Contents, &contents).map_err(enc)?;
     w.postcard(Tag::Ptys, &pty_states(table)).map_err(enc)?;
 
     // Left out: the session table and the scratch buffer, both shared mappings, which the
@@ -773,6 +775,56 @@ fn file_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
         out.push((st.st_ino, Bytes(data)));
     }
     out
+}
+
+/// The POSIX shared memory objects this process holds open or maps (image::HostFile),
+/// and their content by inode. (Not the session table, mapped at `own_table`.)
+fn host_memory_files(
+    table: &ProcessTable,
+    own_table: u64,
+) -> (Vec<migrt::image::HostFile>, Vec<(u64, Bytes)>) {
+    use migrt::table::Object;
+    use std::os::unix::fs::MetadataExt;
+    let held = table.fds.iter().filter_map(|f| match &f.object {
+        Object::File {
+            path,
+            deleted: false,
+            ..
+        } => Some(path.0.clone()),
+        _ => None,
+    });
+    let mapped = migrt::procfs::all_mappings("self")
+        .into_iter()
+        .filter(|m| m.start != own_table)
+        .map(|m| m.name.0);
+    let (mut files, mut contents) = (Vec::new(), Vec::new());
+    for path in held.chain(mapped) {
+        if !migrt::image::host_memory_file(&path) {
+            continue;
+        }
+        let name = std::ffi::OsStr::from_bytes(&path);
+        let Ok(md) = std::fs::metadata(name) else {
+            continue;
+        };
+        if files
+            .iter()
+            .any(|f: &migrt::image::HostFile| f.ino == md.ino())
+        {
+            continue;
+        }
+        let Ok(data) = std::fs::read(name) else {
+            continue;
+        };
+        files.push(migrt::image::HostFile {
+            ino: md.ino(),
+            path: Bytes(path),
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+        });
+        contents.push((md.ino(), Bytes(data)));
+    }
+    (files, contents)
 }
 
 /// prctl_mm_map's first eleven fields, from /proc/self/stat (brk: the end of [heap]).
