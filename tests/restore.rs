@@ -919,6 +919,33 @@ for n in range(1, 100000):
 }
 
 #[test]
+fn a_program_that_reserved_more_memory_than_the_host_has_restores() {
+    // MAP_NORESERVE, as runtimes and sanitizers reserve: twice the host's memory and swap.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib = |k: &str| -> u64 {
+        let l = meminfo.lines().find(|l| l.starts_with(k)).unwrap();
+        l.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let gib = (kib("MemTotal:") + kib("SwapTotal:")) / (1 << 20) * 2 + 1;
+    let env = Env::new("reserved");
+    let sparse = c_program("sparsemem");
+    let log = env.detach("res", &[sparse.to_str().unwrap(), "16", &gib.to_string()]);
+    wait_numbers(&log, "tick ", 2);
+    let img = env.root.join("img");
+    stop_into(&env, "res", &img);
+    let last = *numbers(&log, "tick ").last().unwrap();
+    let log2 = restore_detached(&env, &img, "after.log");
+    assert_eq!(
+        wait_numbers(&log2, "tick ", 2)[0],
+        last + 1,
+        "{gib} GiB reserved"
+    );
+    let out = std::fs::read_to_string(&log2).unwrap();
+    assert!(!out.contains("BAD"), "{out}");
+    env.stop("res");
+}
+
+#[test]
 fn a_lazy_restore_runs_at_once_and_its_memory_is_filled_in_while_it_changes_it() {
     // The subject frees, moves and forks its memory every tick, checking it each time;
     // the pager is slowed so that all of this happens while pages are still missing.

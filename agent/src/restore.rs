@@ -610,7 +610,11 @@ fn map_regions(
         if let Some(&fd) = shared_anonymous(r).then(|| shared.get(&r.inode)).flatten() {
             entries.push([r.start, len, p, libc::MAP_SHARED as u64, fd, r.offset, 0]);
         } else if !file {
-            entries.push([r.start, len, p, private, u64::MAX, 0, 0]);
+            // Without reserving its size: a program may have reserved more than this host
+            // has (MAP_NORESERVE does not show in /proc/PID/maps), and the pages it uses
+            // are charged as it touches them.
+            let anonymous = private | libc::MAP_NORESERVE as u64;
+            entries.push([r.start, len, p, anonymous, u64::MAX, 0, 0]);
         } else {
             // A shared writable mapping writes through to its file.
             let write = r.perms.starts_with("rw") && r.perms.ends_with('s');
