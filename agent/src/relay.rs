@@ -48,6 +48,9 @@ pub struct Relay {
     /// its memory a chunk after another, so the next chunk is asked for while the pager
     /// copies this one in (the sender reads it meanwhile).
     ahead: Option<Ask>,
+    /// The pager said it is done (perhaps before the restore was: a session that needs
+    /// nothing from the sender).
+    done: bool,
 }
 
 /// What the pager asks for: `len` bytes of process `vpid`'s memory at `addr`.
@@ -67,6 +70,7 @@ impl Relay {
             limit,
             body: Vec::new(),
             ahead: None,
+            done: false,
         }
     }
 
@@ -84,6 +88,9 @@ impl Relay {
         use std::io::{Read, Write};
         use std::os::fd::AsRawFd;
         let mut ask = [0u8; 24];
+        if self.done {
+            return Ok(true);
+        }
         loop {
             if let Some((done, _)) = restored.as_mut()
                 && done()?
@@ -123,6 +130,7 @@ impl Relay {
                 if let Some(a) = self.ahead.take() {
                     self.answer(link, a)?;
                 }
+                self.done = true;
                 return Ok(true);
             }
             if want.len == 0 || want.len > peer::CHUNK as u64 {
