@@ -253,7 +253,7 @@ fn shim_table_signal() -> i32 {
 }
 
 /// The environment variable naming the memfd an exec'ing process left its table in.
-const ENV_CARRY: &str = "MIGSHIM_CARRY";
+pub const ENV_CARRY: &str = "MIGSHIM_CARRY";
 /// That memfd's name.
 const CARRY_NAME: &str = "migshim-carry";
 

@@ -37,7 +37,13 @@ unsafe fn session_env(envp: Argv, more: Option<CString>) -> Option<Env> {
             preload = Some(v);
         } else if e.starts_with(b"MIGSHIM_SESSION=") {
             session_ok = e == session.to_bytes();
-        } else if e.starts_with(b"MIGSHIM_CARRY=") || e.starts_with(b"MIGSHIM_TABLE_FD=") {
+        } else if [state::ENV_CARRY, crate::creds::ENV_TABLE_FD]
+            .iter()
+            .any(|k| {
+                e.strip_prefix(k.as_bytes())
+                    .is_some_and(|r| r.first() == Some(&b'='))
+            })
+        {
             stale = true;
         } else {
             entries.push(*p);
