@@ -1003,6 +1003,13 @@ fn postgres_run_as_its_own_user_moves_with_its_address_and_an_open_psql_session_
     };
     drop(plain);
     let agent = Agent::start_apart(&env, "agent-apart", &key, (&hosts.names[1], "10.77.0.2"));
+    let segments = || -> Vec<PathBuf> {
+        let dir = std::fs::read_dir("/dev/shm").unwrap();
+        let mut v: Vec<PathBuf> = dir.filter_map(|e| Some(e.ok()?.path())).collect();
+        v.retain(|p| p.to_string_lossy().starts_with("/dev/shm/PostgreSQL."));
+        v
+    };
+    let others = segments();
     let data = env.scratch("pgdata");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&env.root, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -1133,6 +1140,11 @@ fn postgres_run_as_its_own_user_moves_with_its_address_and_an_open_psql_session_
         "{uids:?}"
     );
     println!("{out}psql: {sent} inserts on one connection");
+    // Killed, it leaves its dynamic shared memory behind.
+    drop(agent);
+    for p in segments().into_iter().filter(|p| !others.contains(p)) {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 #[test]
