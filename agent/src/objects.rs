@@ -52,25 +52,39 @@ pub struct Objects {
     pub by_inode: HashMap<u64, File>,
 }
 
-/// The connections a migration handed over, made again and let out of repair mode: if the
-/// restore fails they go back into it before they are closed, so that closing them ends
-/// nothing for their peers (the session goes on with them where it came from).
-#[derive(Default)]
-pub struct Handed(Vec<OwnedFd>);
+/// What a restore made that it takes back (`undo` on each) unless it succeeds.
+pub struct Undo<T> {
+    made: Vec<T>,
+    undo: fn(&T),
+}
 
-impl Handed {
-    /// The restore succeeded: they are the restored processes' now.
+impl<T> Undo<T> {
+    fn new(undo: fn(&T)) -> Undo<T> {
+        Undo {
+            made: Vec::new(),
+            undo,
+        }
+    }
+
+    /// The restore succeeded: what it made is the restored session's now.
     pub fn keep(&mut self) {
-        self.0.clear();
+        self.made.clear();
     }
 }
 
-impl Drop for Handed {
+impl<T> Drop for Undo<T> {
     fn drop(&mut self) {
-        for fd in &self.0 {
-            let _ = migrt::tcprepair::enter(fd.as_raw_fd());
-        }
+        self.made.iter().for_each(self.undo);
     }
+}
+
+/// The connections a migration handed over, made again and let out of repair mode: if the
+/// restore fails they go back into it before they are closed, so that closing them ends
+/// nothing for their peers (the session goes on with them where it came from).
+pub type Handed = Undo<OwnedFd>;
+
+fn back_into_repair(fd: &OwnedFd) {
+    let _ = migrt::tcprepair::enter(fd.as_raw_fd());
 }
 
 /// The POSIX shared memory objects the session held that this host lacks, made again
@@ -78,7 +92,7 @@ impl Drop for Handed {
 /// restore fails. (Where one exists — the same host — it is the session's, left as it is.)
 pub fn host_memory_files(images: &[ProcImage], policy: &Policy) -> Result<MadeFiles> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut made = MadeFiles::default();
+    let mut made = MadeFiles::new(remove);
     let mut seen = Vec::new();
     for (img, h) in images
         .iter()
@@ -100,7 +114,7 @@ pub fn host_memory_files(images: &[ProcImage], policy: &Policy) -> Result<MadeFi
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e).with_context(|| format!("making {p} again")),
         };
-        made.0.push(path.to_path_buf());
+        made.made.push(path.to_path_buf());
         let content = img.contents.iter().find(|(i, _)| *i == h.ino);
         f.write_all(content.map_or(&[][..], |(_, c)| &c.0))
             .with_context(|| format!("filling {p}"))?;
@@ -112,21 +126,10 @@ pub fn host_memory_files(images: &[ProcImage], policy: &Policy) -> Result<MadeFi
 }
 
 /// POSIX shared memory objects a restore made: removed unless it succeeds.
-#[derive(Default)]
-pub struct MadeFiles(Vec<std::path::PathBuf>);
+pub type MadeFiles = Undo<std::path::PathBuf>;
 
-impl MadeFiles {
-    pub fn keep(&mut self) {
-        self.0.clear();
-    }
-}
-
-impl Drop for MadeFiles {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
+fn remove(path: &std::path::PathBuf) {
+    let _ = std::fs::remove_file(path);
 }
 
 fn path_of(b: &Bytes) -> &std::ffi::OsStr {
@@ -179,10 +182,10 @@ pub fn build(
         }
     }
     let sockets = sockets::build(&socks, policy.rebind)?;
-    let mut handed_over = Handed::default();
+    let mut handed_over = Handed::new(back_into_repair);
     for id in &handed {
         if let Some(s) = sockets.get(id) {
-            handed_over.0.push(s.try_clone()?.into());
+            handed_over.made.push(s.try_clone()?.into());
         }
     }
 
