@@ -462,3 +462,18 @@ pub fn uids_of(pid: i64) -> Vec<u32> {
         .map(|v| v.split_whitespace().map(|x| x.parse().unwrap()).collect())
         .unwrap_or_default()
 }
+
+/// Asserts the first of `pids` runs as root again and the others as nobody (a server whose
+/// workers changed user, after a restore).
+pub fn assert_root_then_nobody(pids: &[i64]) {
+    let uids: Vec<Vec<u32>> = pids.iter().map(|&p| uids_of(p)).collect();
+    assert_eq!(uids.len(), 3, "{uids:?}");
+    assert_eq!(
+        uids[0], [0; 4],
+        "the first process is root's again: {uids:?}"
+    );
+    assert!(
+        uids[1..].iter().all(|u| *u == [65534; 4]),
+        "the others are nobody's again: {uids:?}"
+    );
+}
