@@ -132,6 +132,24 @@ impl Client {
         }
     }
 
+    /// The shared memory its image stores (but `skip`): its pid, the mappings, and the runs
+    /// of their pages that exist (Request::SharedMemory).
+    pub fn shared_memory(&mut self, skip: &[(u64, u64)]) -> Result<SharedMemory> {
+        let skip = skip.to_vec();
+        match self.call(&Request::SharedMemory { skip })? {
+            Response::SharedMemory {
+                pid,
+                mappings,
+                resident,
+            } => Ok(SharedMemory {
+                pid,
+                mappings,
+                resident,
+            }),
+            other => bail!("process {}: unexpected answer {other:?}", self.vpid),
+        }
+    }
+
     pub fn call(&mut self, req: &Request) -> Result<Response> {
         self.send(req)?;
         self.answer()
@@ -169,4 +187,12 @@ impl Client {
         }
         Ok(resp)
     }
+}
+
+/// The shared memory a process's image stores: its pid (to read it), its mappings, and the
+/// runs of their pages that exist.
+pub struct SharedMemory {
+    pub pid: i32,
+    pub mappings: Vec<(u64, u64)>,
+    pub resident: Vec<(u64, u64)>,
 }

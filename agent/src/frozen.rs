@@ -28,6 +28,8 @@ pub struct Frozen<'a> {
     pub rounds: std::collections::HashMap<i32, Vec<String>>,
     /// Of each process whose rounds went by hash: what changed since the last one.
     pub compared: std::collections::HashMap<i32, migrt::rounds::Compared>,
+    /// Of each process whose rounds sent shared memory: what changed of it since.
+    pub compared_shared: std::collections::HashMap<i32, migrt::rounds::Compared>,
     /// Connections to peers outside the session handed over whole (socket ids).
     handover: Vec<u64>,
     /// mig's copies of those connections, which it put in TCP repair mode for the dump
@@ -67,6 +69,7 @@ impl<'a> Frozen<'a> {
             shared: Vec::new(),
             rounds: Default::default(),
             compared: Default::default(),
+            compared_shared: Default::default(),
             handover: Vec::new(),
             repairing: Vec::new(),
             snapshots: Default::default(),
@@ -202,12 +205,7 @@ impl<'a> Frozen<'a> {
         // dumped one after the other (a dump reads out what a pipe holds and puts it back).
         // (Once one was asked, its answer is read, even after a failure.)
         self.repair_handed_over()?;
-        let maps: Vec<_> = self
-            .tables
-            .iter()
-            .map(|t| migrt::procfs::all_mappings(&t.real_pid.to_string()))
-            .collect();
-        let mut skips = migrt::image::shared_stored_before(&maps).into_iter();
+        let mut skips = self.shared_skips().into_iter();
         let at_once = !share_a_pipe(&self.tables);
         let (mut asked, mut failed) = (Vec::new(), None);
         for k in 0..self.clients.len() {
@@ -215,6 +213,7 @@ impl<'a> Frozen<'a> {
             let sent = place(vpid).and_then(|(file, path, out)| {
                 let rounds = self.rounds.get(&vpid).cloned().unwrap_or_default();
                 let compared = self.compared.get(&vpid).cloned();
+                let shared = self.compared_shared.get(&vpid).cloned().map(Box::new);
                 // The dump walks its memory's page tables where the rounds track it (not
                 // by hash): mig helps with that. (Lazily, it leaves large mappings unwalked.)
                 let lazily = rounds.iter().any(|n| n == migrt::image::SOURCE_ROUND);
@@ -228,6 +227,7 @@ impl<'a> Frozen<'a> {
                     rounds,
                     handover: self.handover.clone(),
                     compared,
+                    shared,
                     walked: helping.as_ref().map(|h| h.offer.clone()),
                     skip: skips.next().unwrap_or_default(),
                 };
@@ -325,22 +325,33 @@ impl<'a> Frozen<'a> {
         bytes
     }
 
+    /// Of each process, in the order of their images, the ranges of shared memory an image
+    /// before its own holds (image::shared_stored_before).
+    pub fn shared_skips(&self) -> Vec<Vec<(u64, u64)>> {
+        migrt::image::shared_stored_before_now(self.tables.iter().map(|t| t.real_pid))
+    }
+
+    /// The control connection to process `vpid`.
+    pub fn client(&mut self, vpid: i32) -> Result<&mut Client> {
+        (self.clients.iter_mut().find(|c| c.0 == vpid))
+            .map(|c| &mut c.2)
+            .with_context(|| format!("no process {vpid} in this session"))
+    }
+
     /// `len` bytes of process `vpid`'s memory at `addr` as it was dumped (kept here), into
     /// `buf`.
     pub fn pages(&mut self, vpid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
-        let c = self
-            .clients
-            .iter_mut()
-            .find(|c| c.0 == vpid)
-            .with_context(|| format!("no process {vpid} in this session"))?;
-        match self.snapshots.get(&vpid) {
-            Some(&pid) => {
-                crate::outgoing::read_pages(&mut self.direct, pid, (addr, buf), |a, b| {
-                    c.2.pages(a, b)
-                })
+        let snapshot = self.snapshots.get(&vpid).copied();
+        let mut direct = self.direct;
+        let c = self.client(vpid)?;
+        let read = match snapshot {
+            Some(pid) => {
+                crate::outgoing::read_pages(&mut direct, pid, (addr, buf), |a, b| c.pages(a, b))
             }
-            None => c.2.pages(addr, buf),
-        }
+            None => c.pages(addr, buf),
+        };
+        self.direct = direct;
+        read
     }
 
     /// `len` bytes of process `vpid`'s memory at `addr` as it was dumped, as a post-copy

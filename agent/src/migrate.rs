@@ -86,6 +86,7 @@ fn connect_all(live: &sessions::Live, patience: Duration, rounds: &mut Rounds) -
                     client: c,
                     files: Vec::new(),
                     hashes: None,
+                    shared: None,
                 });
             }
             Err(_) if sessions::gone(p.pid) => {}
@@ -108,8 +109,10 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32, from: usize)
             .collect();
         let first = announce(link, announced, names.clone())?;
         let (mut sent, mut ended) = (0, Vec::new());
+        let pids = rounds.clients.iter().map(|p| p.pid);
+        let skips = migrt::image::shared_stored_before_now(pids);
         for (k, p) in rounds.clients[from..].iter_mut().enumerate() {
-            match p.round(link, first + k as u32, &mut buf) {
+            match p.round(link, (first + k as u32, &skips[from + k]), &mut buf) {
                 Ok(n) => sent += n,
                 // (A process that ended meanwhile — a short-lived child — is no error; its
                 // round file is not in the image's list.)
@@ -181,6 +184,25 @@ fn compare(frozen: &mut Frozen, hashed: Vec<(i32, i32, PageHashes)>) {
         let c = h.compare(&mut buf, &mut |addr, out| reader.read(addr, out));
         frozen.compared.insert(vpid, c);
     }
+}
+
+/// Where pre-copy sent shared memory: what each process's image stores of it, frozen now,
+/// compared with what its rounds sent of it (its dump then stores only what differs).
+fn compare_shared(frozen: &mut Frozen, hashed: Vec<(i32, PageHashes)>) -> Result<()> {
+    let (vpids, skips) = (frozen.vpids(), frozen.shared_skips());
+    let mut buf = vec![0u8; migrt::rounds::RUN * migrt::image::PAGE];
+    for (vpid, mut h) in hashed {
+        let Some(k) = vpids.iter().position(|&v| v == vpid) else {
+            continue;
+        };
+        let found = frozen.client(vpid)?.shared_memory(&skips[k])?;
+        let mut through = |addr, out: &mut [u8]| frozen.pages(vpid, addr, out);
+        let mut reader = outgoing::Reader::new(found.pid, &mut through);
+        let read = &mut |addr, out: &mut [u8]| reader.read(addr, out);
+        let c = h.compare_existing(&found.mappings, &found.resident, &mut buf, read);
+        frozen.compared_shared.insert(vpid, c);
+    }
+    Ok(())
 }
 
 /// Waits until the agent has stored everything sent so far.
@@ -376,11 +398,13 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     }
     .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
     let (count, before) = (rounds.count, rounds.bytes);
-    let (mut open, mut files, mut hashed) = (Vec::new(), HashMap::new(), Vec::new());
+    let (mut open, mut files) = (Vec::new(), HashMap::new());
+    let (mut hashed, mut shared) = (Vec::new(), Vec::new());
     for p in rounds.clients {
         open.push((p.vpid, p.client));
         files.insert(p.vpid, p.files);
         hashed.extend(p.hashes.map(|h| (p.vpid, p.pid, h)));
+        shared.extend(p.shared.map(|h| (p.vpid, h)));
     }
     let walker = crate::walkhelp::Walker::new();
     let mut frozen = Frozen::freeze_with(&live, open)?;
@@ -397,6 +421,8 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         }
     }
     compare(&mut frozen, hashed);
+    compare_shared(&mut frozen, shared)
+        .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
     // Dropped before `frozen` on failure: the addresses are back before the session thaws.
     let mut moved = netaddr::Changes::default();
     let sent = transfer(

@@ -229,20 +229,28 @@ impl<'a> Reader<'a> {
 
 /// A process of the session as pre-copy sends it: its connection (its write tracking
 /// lives as long as it), its rounds' files and — where its rounds go by hash — what they
-/// sent (to compare its memory with once it is frozen).
+/// sent (to compare its memory with once it is frozen); the same of the shared memory its
+/// rounds send (always by hash: its write tracking does not see the other processes').
 pub struct Sending {
     pub vpid: i32,
     pub pid: i32,
     pub client: Client,
     pub files: Vec<String>,
     pub hashes: Option<PageHashes>,
+    pub shared: Option<PageHashes>,
 }
 
 impl Sending {
     /// Its next pre-copy round, written into file `index` on the agent; returns the bytes
-    /// written. `buf` (a multiple of the page size) holds the pages read at a time.
+    /// written. `buf` (a multiple of the page size) holds the pages read at a time. With
+    /// write tracking, the shared memory its image stores (all but `skip`) goes by hash.
     /// (MIGSHIM_PRECOPY_BY_HASH: by hash even where the kernel tracks writes.)
-    pub fn round(&mut self, link: &Shared, index: u32, buf: &mut [u8]) -> Result<u64> {
+    pub fn round(
+        &mut self,
+        link: &Shared,
+        (index, skip): (u32, &[(u64, u64)]),
+        buf: &mut [u8],
+    ) -> Result<u64> {
         let asked = std::env::var_os("MIGSHIM_PRECOPY_BY_HASH").is_some();
         let by_hash = self.hashes.is_some() || asked;
         let (pid, runs, first, by_hash) = match self.client.call(&Request::Precopy { by_hash })? {
@@ -270,6 +278,10 @@ impl Sending {
         if let Some(h) = hashes.as_mut() {
             h.covering(&runs);
         }
+        let shared = match by_hash {
+            true => None,
+            false => self.shared_round(skip, &runs)?,
+        };
         let mut w = ImageWriter::new(Chunks::new(link, index), Kind::Pages)?;
         let client = &mut self.client;
         let mut through = |addr, out: &mut [u8]| client.pages(addr, out);
@@ -288,6 +300,17 @@ impl Sending {
                 Err(e) => return Err(e.into()),
             }
         }
+        if let (Some(resident), Some(h)) = (shared, self.shared.as_mut()) {
+            let mut send = |addr, page: &[u8]| h.send(addr, page);
+            for run in resident {
+                let read = &mut |addr, out: &mut [u8]| reader.read(addr, out);
+                // (What could not be read, unmapped meanwhile, the freeze compares again.)
+                match migrt::rounds::write_run(&mut w, run, &mut send, buf, read) {
+                    Err(e) if !reader.failed => return Err(e.into()),
+                    _ => reader.failed = false,
+                }
+            }
+        }
         let bytes = w.written();
         w.finish()?.end()?;
         self.hashes = hashes;
@@ -296,5 +319,25 @@ impl Sending {
             self.client.call(&Request::Unread { ranges: unread })?;
         }
         Ok(bytes)
+    }
+
+    /// The shared memory a round sends: of what the process's image stores (all but
+    /// `skip`), the runs of pages that exist. The hashes of what was sent of it forget the
+    /// pages the round's private `runs` send (a mapping replaced by another at the place).
+    fn shared_round(
+        &mut self,
+        skip: &[(u64, u64)],
+        runs: &[(u64, u64)],
+    ) -> Result<Option<Vec<(u64, u64)>>> {
+        let found = self.client.shared_memory(skip)?;
+        if found.mappings.is_empty() && self.shared.is_none() {
+            return Ok(None);
+        }
+        let h = self.shared.get_or_insert_with(PageHashes::new);
+        let mut runs = runs.to_vec();
+        runs.sort_unstable();
+        h.forget(&runs);
+        h.keep_only(&found.mappings);
+        Ok(Some(found.resident))
     }
 }

@@ -540,7 +540,8 @@ fn shared_memory(
     Ok(out)
 }
 
-/// Calls `put(offset in the region, page)` for every page of region `r` the image stores.
+/// Calls `put(offset in the region, pages)` for the pages of region `r` the image stores,
+/// a span of consecutive ones at a time (up to a mebibyte).
 pub fn region_pages(
     img: &ProcImage,
     r: &Region,
@@ -552,14 +553,15 @@ pub fn region_pages(
         .iter()
         .map(std::fs::File::open)
         .collect::<std::io::Result<_>>()?;
-    let mut page = vec![0u8; PAGE];
+    let mut buf = vec![0u8; 1 << 20];
     for run in &img.runs {
-        for i in 0..run.pages {
-            let addr = run.addr + i * PAGE as u64;
-            if (r.start..r.end).contains(&addr) {
-                files[run.file].read_exact_at(&mut page, run.offset + i * PAGE as u64)?;
-                put(addr - r.start, &page)?;
-            }
+        let (start, end) = (run.addr, run.addr + run.pages * PAGE as u64);
+        let mut at = start.max(r.start);
+        while at < end.min(r.end) {
+            let len = (end.min(r.end) - at).min(buf.len() as u64) as usize;
+            files[run.file].read_exact_at(&mut buf[..len], run.offset + (at - start))?;
+            put(at - r.start, &buf[..len])?;
+            at += len as u64;
         }
     }
     Ok(())

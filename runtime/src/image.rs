@@ -303,6 +303,14 @@ pub fn shared_stored_before(processes: &[Vec<crate::procfs::MapsLine>]) -> Vec<V
         .collect()
 }
 
+/// shared_stored_before for the processes `pids` as they are mapped now.
+pub fn shared_stored_before_now(pids: impl Iterator<Item = i32>) -> Vec<Vec<(u64, u64)>> {
+    let maps: Vec<_> = pids
+        .map(|p| crate::procfs::all_mappings(&p.to_string()))
+        .collect();
+    shared_stored_before(&maps)
+}
+
 pub fn pageable(name: &[u8]) -> bool {
     name.first() != Some(&b'/') && name != b"[stack]"
 }

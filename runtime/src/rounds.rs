@@ -119,33 +119,101 @@ impl PageHashes {
         let mut c = Compared::default();
         for &(start, end) in &self.ranges {
             let mut changed = Vec::new();
-            let mut at = start;
-            let whole = loop {
-                if at >= end {
-                    break true;
-                }
-                let len = ((end - at) as usize).min(buf.len());
-                if read(at, &mut buf[..len]).is_err() {
-                    break false;
-                }
-                for (i, page) in buf[..len].chunks(PAGE).enumerate() {
-                    let a = at + (i * PAGE) as u64;
-                    if hash(page) != self.sent.get(&a).copied().unwrap_or(self.zero) {
-                        match changed.last_mut() {
-                            Some((_, e)) if *e == a => *e = a + PAGE as u64,
-                            _ => changed.push((a, a + PAGE as u64)),
-                        }
-                    }
-                }
-                at += len as u64;
-            };
-            if whole {
+            if self.differing((start, end), buf, read, &mut changed) {
                 c.tracked.push((start, end));
                 c.changed.extend(changed);
             }
         }
         c
     }
+
+    /// Pages of `runs` (sorted) went to the target another way (written pages of memory
+    /// whose writes are tracked): what this table says the target has there no longer holds.
+    pub fn forget(&mut self, runs: &[(u64, u64)]) {
+        if !self.sent.is_empty() {
+            self.sent.retain(|&a, _| !within(runs, a));
+        }
+    }
+
+    /// Only pages of `mappings` (sorted) are remembered: the rest is memory the round
+    /// covers no more.
+    pub fn keep_only(&mut self, mappings: &[(u64, u64)]) {
+        self.sent.retain(|&a, _| within(mappings, a));
+    }
+
+    /// Shared memory, frozen, compared with what the rounds sent of it: of `mappings`
+    /// (sorted), the pages that exist (the `resident` runs) are read, and those that differ
+    /// are changed — so are pages sent before that exist no more (they read as zero now).
+    /// (A page that exists is not read where it never did: shared memory would be given
+    /// pages by reading them.) A mapping part of which could not be read is not vouched for.
+    pub fn compare_existing(
+        &mut self,
+        mappings: &[(u64, u64)],
+        resident: &[(u64, u64)],
+        buf: &mut [u8],
+        read: Read,
+    ) -> Compared {
+        self.keep_only(mappings);
+        let mut c = Compared::default();
+        for &(start, end) in mappings {
+            let mut changed = Vec::new();
+            let here = resident.iter().filter(|r| r.0 < end && r.1 > start);
+            let whole = here
+                .map(|&(s, e)| (s.max(start), e.min(end)))
+                .all(|run| self.differing(run, buf, &mut *read, &mut changed));
+            if !whole {
+                continue;
+            }
+            let gone = self.sent.iter().filter(|&(&a, &h)| {
+                (start..end).contains(&a) && h != self.zero && !within(resident, a)
+            });
+            changed.extend(gone.map(|(&a, _)| (a, a + PAGE as u64)));
+            changed.sort_unstable();
+            c.tracked.push((start, end));
+            for (s, e) in changed {
+                match c.changed.last_mut() {
+                    Some((_, last)) if *last == s => *last = e,
+                    _ => c.changed.push((s, e)),
+                }
+            }
+        }
+        c
+    }
+
+    /// Reads `start..end` and adds the runs of pages in it that differ from what was sent
+    /// to `changed`; false if part of it could not be read.
+    fn differing(
+        &self,
+        (start, end): (u64, u64),
+        buf: &mut [u8],
+        read: Read,
+        changed: &mut Vec<(u64, u64)>,
+    ) -> bool {
+        let mut at = start;
+        while at < end {
+            let len = ((end - at) as usize).min(buf.len());
+            if read(at, &mut buf[..len]).is_err() {
+                return false;
+            }
+            for (i, page) in buf[..len].chunks(PAGE).enumerate() {
+                let a = at + (i * PAGE) as u64;
+                if hash(page) != self.sent.get(&a).copied().unwrap_or(self.zero) {
+                    match changed.last_mut() {
+                        Some((_, e)) if *e == a => *e = a + PAGE as u64,
+                        _ => changed.push((a, a + PAGE as u64)),
+                    }
+                }
+            }
+            at += len as u64;
+        }
+        true
+    }
+}
+
+/// Whether `a` lies in one of the sorted, disjoint `runs`.
+fn within(runs: &[(u64, u64)], a: u64) -> bool {
+    let k = runs.partition_point(|&(_, e)| e <= a);
+    runs.get(k).is_some_and(|&(s, _)| s <= a)
 }
 
 /// What pre-copy by hash found of a frozen process's memory: the ranges compared, and the
@@ -298,5 +366,45 @@ mod tests {
             h.compare(&mut vec![0u8; PAGE], &mut gone),
             Compared::default()
         );
+    }
+
+    #[test]
+    fn shared_memory_is_compared_where_it_exists_and_pages_gone_count_as_changed() {
+        let base = 0x80000u64;
+        let p = |i: u64| base + i * PAGE as u64;
+        let mut mem = vec![0u8; 6 * PAGE];
+        for i in [0, 1, 2, 4] {
+            mem[i * PAGE] = i as u8 + 1;
+        }
+        let mut h = PageHashes::new();
+        for i in 0..6 {
+            h.send(p(i as u64), &mem[i * PAGE..][..PAGE]);
+        }
+        // Frozen: page 1 changed, page 2 is gone (hole punched: not resident), page 5
+        // appeared; page 3 exists and is zero, as the target has it.
+        mem[PAGE] = 9;
+        mem[2 * PAGE] = 0;
+        mem[5 * PAGE] = 6;
+        let resident = [(p(0), p(2)), (p(3), p(6))];
+        let mut reads = Vec::new();
+        let mut read = |a: u64, out: &mut [u8]| {
+            reads.push(a);
+            let at = (a - base) as usize;
+            out.copy_from_slice(&mem[at..at + out.len()]);
+            Ok(())
+        };
+        let c = h.compare_existing(&[(p(0), p(6))], &resident, &mut vec![0u8; PAGE], &mut read);
+        assert_eq!(c.tracked, [(p(0), p(6))]);
+        assert_eq!(c.changed, [(p(1), p(3)), (p(5), p(6))]);
+        assert!(
+            !reads.contains(&p(2)),
+            "a page that does not exist is not read"
+        );
+        // Pages sent as written pages of tracked memory: the table forgets them; outside
+        // the mappings it keeps nothing.
+        h.forget(&[(p(4), p(5))]);
+        assert!(h.sent.contains_key(&p(0)) && !h.sent.contains_key(&p(4)));
+        h.keep_only(&[(p(0), p(1))]);
+        assert_eq!(h.sent.len(), 1);
     }
 }

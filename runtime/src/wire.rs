@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -39,6 +39,8 @@ pub enum Request {
         handover: Vec<u64>,
         /// Rounds made by hash: what mig found changed since the last one.
         compared: Option<crate::rounds::Compared>,
+        /// The shared memory the rounds sent (by hash, whoever wrote it): what changed.
+        shared: Option<Box<crate::rounds::Compared>>,
         walked: Option<Walked>,
         /// Ranges of shared memory whose pages another process's image holds.
         skip: Vec<(u64, u64)>,
@@ -50,6 +52,13 @@ pub enum Request {
     /// which way it is: where it has none, always by hash).
     Precopy {
         by_hash: bool,
+    },
+    /// Running or frozen: the shared memory this process's image stores (its shared
+    /// anonymous mappings but `skip`, which another's holds) — the mappings, and the runs
+    /// of their pages that exist (the object's pages, whoever wrote them). Pre-copy sends
+    /// it by hash: no process's write tracking sees the others' writes.
+    SharedMemory {
+        skip: Vec<(u64, u64)>,
     },
     /// After a round: ranges mig could not read whole (unmapped meanwhile): the final
     /// image stores the tracked ranges holding them whole.
@@ -118,6 +127,12 @@ pub enum Response {
         runs: Vec<(u64, u64)>,
         first: bool,
         by_hash: bool,
+    },
+    /// Its shared memory (Request::SharedMemory), and its pid for reading it.
+    SharedMemory {
+        pid: i32,
+        mappings: Vec<(u64, u64)>,
+        resident: Vec<(u64, u64)>,
     },
     /// `len` bytes follow, unframed.
     Pages {

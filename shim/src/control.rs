@@ -339,6 +339,14 @@ impl Session {
                     Err(e) => Response::Error(format!("pre-copy round: {e}")),
                 },
             },
+            Request::SharedMemory { skip } => {
+                let (mappings, resident) = crate::precopy::shared_memory(&skip);
+                Response::SharedMemory {
+                    pid: real_pid(),
+                    mappings,
+                    resident,
+                }
+            }
             Request::Unread { ranges } => {
                 crate::precopy::unread(&ranges);
                 Response::Done
@@ -361,6 +369,7 @@ impl Session {
                 rounds,
                 handover,
                 compared,
+                shared,
                 walked,
                 skip,
             } => match (&mut self.frozen, shim()) {
@@ -376,11 +385,12 @@ impl Session {
                             "writing {path}: no file came with the request"
                         ));
                     };
-                    let result = crate::precopy::with_delta(compared.as_ref(), |d| {
-                        let delta = (&rounds[..], d, walked.as_ref());
-                        let what = (&sockets[..], &skip[..]);
-                        crate::dump::dump(s, out.into(), &*f, what, sync, delta)
-                    });
+                    let result =
+                        crate::precopy::with_delta((compared.as_ref(), shared.as_deref()), |d| {
+                            let delta = (&rounds[..], d, walked.as_ref());
+                            let what = (&sockets[..], &skip[..]);
+                            crate::dump::dump(s, out.into(), &*f, what, sync, delta)
+                        });
                     match result {
                         Ok(d) => {
                             if d.snapshot > 0 {

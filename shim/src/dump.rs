@@ -285,39 +285,38 @@ pub fn dump(
         // In the source: every page is kept there.
         existing.clear();
         let whole = in_source && pageable && !shared && end - start >= UNWALKED;
-        let delta = !shared
-            && match (in_source, delta) {
-                // (A mapping holding little goes with the image: image::SMALL_REGION.)
-                (true, _) => {
-                    whole
-                        || pageable
-                            && existing_with_help(
-                                &mut help,
-                                (start, end),
-                                !file,
-                                |r, out| migrt::dirty::existing_into(&pagemap, r, file, out),
-                                &mut existing,
-                            )
-                            && existing
-                                .iter()
-                                .filter(|p| p.categories & NOT_OWN == 0)
-                                .map(|p| p.end - p.start)
-                                .sum::<u64>()
-                                > migrt::image::SMALL_REGION
-                }
-                (false, Some(d)) => {
-                    d.covers(start, end)
+        let delta = match (in_source, delta) {
+            // (A mapping holding little goes with the image: image::SMALL_REGION.)
+            (true, _) => {
+                whole
+                    || !shared
+                        && pageable
                         && existing_with_help(
                             &mut help,
                             (start, end),
-                            pageable && !file,
-                            |r, out| d.existing_into(r, file, out),
+                            !file,
+                            |r, out| migrt::dirty::existing_into(&pagemap, r, file, out),
                             &mut existing,
                         )
-                }
-                (false, None) => false,
+                        && existing
+                            .iter()
+                            .filter(|p| p.categories & NOT_OWN == 0)
+                            .map(|p| p.end - p.start)
+                            .sum::<u64>()
+                            > migrt::image::SMALL_REGION
             }
-            && kept.capacity() - kept.len() >= existing.len();
+            (false, Some(d)) => {
+                d.covers((start, end), shared)
+                    && existing_with_help(
+                        &mut help,
+                        (start, end),
+                        pageable && !file && !shared,
+                        |r, out| d.existing_into(r, (file, shared), out),
+                        &mut existing,
+                    )
+            }
+            (false, None) => false,
+        } && kept.capacity() - kept.len() >= existing.len();
         if whole {
             keep(&mut kept, start, end);
         } else if delta {

@@ -8,6 +8,7 @@
 
 use crate::interpose::real_pid;
 use migrt::dirty::{NOT_OWN, PageRegion, Tracker};
+use migrt::image::PAGE;
 use migrt::rounds::Compared;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
@@ -180,23 +181,89 @@ pub fn unread(runs: &[(u64, u64)]) {
     }
 }
 
+/// Address ranges (start, end).
+type Ranges = Vec<(u64, u64)>;
+
+/// The shared memory this process's image stores — its shared anonymous mappings but those
+/// in `skip` (another's image holds them) — and the runs of their pages that exist, as
+/// mincore says: the object's pages, whoever wrote them (this process's page tables know
+/// only its own). A mapping that goes away meanwhile is left out.
+pub fn shared_memory(skip: &[(u64, u64)]) -> (Ranges, Ranges) {
+    let table = crate::state::shim().map(|s| {
+        let (at, len) = s.table.mapping();
+        (at as u64, (at + len) as u64)
+    });
+    let candidates = migrt::procfs::all_mappings("self")
+        .into_iter()
+        .filter(|m| migrt::image::shared_anonymous(&m.perms, &m.name.0))
+        .filter(|m| crate::dump::stored(m, &[]) && Some((m.start, m.end)) != table)
+        .filter(|m| !skip.iter().any(|&(s, e)| m.start >= s && m.end <= e));
+    let (mut mappings, mut resident) = (Vec::new(), Vec::new());
+    let mut held = vec![0u8; 1 << 16];
+    for m in candidates {
+        let before = resident.len();
+        let mut at = m.start;
+        while at < m.end {
+            let pages = ((m.end - at) as usize / PAGE).min(held.len());
+            // SAFETY: mincore writes one byte per page of the range into `held`, which has
+            // room for `pages`; an address no longer mapped is an error, not a fault.
+            let ok = unsafe {
+                libc::mincore(at as *mut libc::c_void, pages * PAGE, held.as_mut_ptr()) == 0
+            };
+            if !ok {
+                break;
+            }
+            for (i, _) in held[..pages]
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| *b & 1 == 1)
+            {
+                let a = at + (i * PAGE) as u64;
+                match resident.last_mut() {
+                    Some((_, e)) if *e == a => *e = a + PAGE as u64,
+                    _ => resident.push((a, a + PAGE as u64)),
+                }
+            }
+            at += (pages * PAGE) as u64;
+        }
+        if at < m.end {
+            resident.truncate(before);
+        } else {
+            mappings.push((m.start, m.end));
+        }
+    }
+    (mappings, resident)
+}
+
 /// What the final image needs of the rounds: which of its memory they cover as a whole,
-/// and of that, which pages changed since the last round — as this process's write
-/// tracking says, checked while the app is frozen, or as mig found by hash.
-pub enum Delta<'a> {
+/// and of that, which pages changed since the last round — its private memory as this
+/// process's write tracking says, checked while the app is frozen, or as mig found by
+/// hash; its shared memory as mig found by hash.
+pub struct Delta<'a> {
+    private: Private<'a>,
+    shared: Option<&'a Compared>,
+}
+
+enum Private<'a> {
     Tracked {
         tracker: &'a Tracker,
         tracked: Vec<(u64, u64)>,
     },
     Compared(&'a Compared),
+    Not,
 }
 
 impl Delta<'_> {
-    /// Whether the mapping `start..end` lies in what the rounds cover as a whole.
-    pub fn covers(&self, start: u64, end: u64) -> bool {
-        match self {
-            Delta::Tracked { tracked, .. } => tracked.iter().any(|&(s, e)| start >= s && end <= e),
-            Delta::Compared(c) => c.covers(start, end),
+    /// Whether the mapping `start..end` (shared memory or not) lies in what the rounds
+    /// cover as a whole.
+    pub fn covers(&self, (start, end): (u64, u64), shared: bool) -> bool {
+        match (shared, &self.private) {
+            (true, _) => self.shared.is_some_and(|c| c.covers(start, end)),
+            (false, Private::Tracked { tracked, .. }) => {
+                tracked.iter().any(|&(s, e)| start >= s && end <= e)
+            }
+            (false, Private::Compared(c)) => c.covers(start, end),
+            (false, Private::Not) => false,
         }
     }
 
@@ -205,39 +272,42 @@ impl Delta<'_> {
     pub fn existing_into(
         &self,
         range: (u64, u64),
-        file_backed: bool,
+        (file_backed, shared): (bool, bool),
         out: &mut Vec<PageRegion>,
     ) -> std::io::Result<bool> {
-        match self {
-            Delta::Tracked { tracker, .. } => tracker.existing_into(range, file_backed, out),
-            Delta::Compared(c) => Ok(c.existing_into(range, out)),
+        match (shared.then_some(self.shared).flatten(), &self.private) {
+            (Some(c), _) | (None, &Private::Compared(c)) => Ok(c.existing_into(range, out)),
+            (None, Private::Tracked { tracker, .. }) => {
+                tracker.existing_into(range, file_backed, out)
+            }
+            (None, Private::Not) => Ok(false),
         }
     }
 }
 
 /// Runs `f` (the frozen process's dump) with the rounds' delta, if this process made
-/// rounds: `compared` where they were made by hash. Meanwhile the state is out of its
-/// place, unlocked: the image must show no lock held and no tracking (the restored process
-/// has neither).
-pub fn with_delta<T>(compared: Option<&Compared>, f: impl FnOnce(Option<&Delta>) -> T) -> T {
+/// rounds: `compared` where they were made by hash, `shared` what they sent of its shared
+/// memory. Meanwhile the state is out of its place, unlocked: the image must show no lock
+/// held and no tracking (the restored process has neither).
+pub fn with_delta<T>(
+    (compared, shared): (Option<&Compared>, Option<&Compared>),
+    f: impl FnOnce(Option<&Delta>) -> T,
+) -> T {
     let taken = state().take();
     let fds = FDS.each_ref().map(|f| f.swap(-1, Relaxed));
-    let r = match (compared, taken.as_ref().filter(|s| s.owner == real_pid())) {
-        (Some(c), _) => f(Some(&Delta::Compared(c))),
-        (None, Some(s)) => {
-            let tracked = s
-                .tracker
-                .ranges()
-                .iter()
-                .copied()
+    let private = match (compared, taken.as_ref().filter(|s| s.owner == real_pid())) {
+        (Some(c), _) => Private::Compared(c),
+        (None, Some(s)) => Private::Tracked {
+            tracker: &s.tracker,
+            tracked: (s.tracker.ranges().iter().copied())
                 .filter(|r| !s.tainted.contains(r))
-                .collect();
-            f(Some(&Delta::Tracked {
-                tracker: &s.tracker,
-                tracked,
-            }))
-        }
-        (None, None) => f(None),
+                .collect(),
+        },
+        (None, None) => Private::Not,
+    };
+    let r = match (&private, shared) {
+        (Private::Not, None) => f(None),
+        _ => f(Some(&Delta { private, shared })),
     };
     for (f, fd) in FDS.iter().zip(fds) {
         f.store(fd, Relaxed);
