@@ -97,8 +97,13 @@ fn connect_all(live: &sessions::Live, patience: Duration, rounds: &mut Rounds) -
 }
 
 /// Pre-copy rounds while the session runs, until one is small or stops shrinking (of the
-/// processes from index `from` on).
-fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32, from: usize) -> Result<()> {
+/// processes from index `from` on); of their shared memory only, unless `private`.
+fn precopy(
+    rounds: &mut Rounds,
+    (link, announced): (&Shared, &mut u32),
+    from: usize,
+    private: bool,
+) -> Result<()> {
     let progress = migrt::sys::isatty(2);
     let mut previous = u64::MAX;
     let mut buf = vec![0u8; migrt::rounds::RUN * migrt::image::PAGE];
@@ -112,7 +117,12 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32, from: usize)
         let pids = rounds.clients.iter().map(|p| p.pid);
         let skips = migrt::image::shared_stored_before_now(pids);
         for (k, p) in rounds.clients[from..].iter_mut().enumerate() {
-            match p.round(link, (first + k as u32, &skips[from + k]), &mut buf) {
+            match p.round(
+                link,
+                (first + k as u32, &skips[from + k]),
+                &mut buf,
+                private,
+            ) {
                 Ok(n) => sent += n,
                 // (A process that ended meanwhile — a short-lived child — is no error; its
                 // round file is not in the image's list.)
@@ -142,6 +152,16 @@ fn precopy(rounds: &mut Rounds, link: &Shared, announced: &mut u32, from: usize)
     Ok(())
 }
 
+/// Whether a process of the session maps shared anonymous memory (which its image would
+/// store).
+fn shares_memory(rounds: &Rounds) -> bool {
+    rounds.clients.iter().any(|c| {
+        let maps = migrt::procfs::all_mappings(&c.pid.to_string());
+        maps.iter()
+            .any(|m| migrt::image::shared_anonymous(&m.perms, &m.name.0))
+    })
+}
+
 /// A process forked since the rounds began has none: a freeze that catches it stores all
 /// of its memory (a child checking a big parent's memory: hundreds of MiB frozen). So
 /// pre-copy freezes at a moment without such a process holding much, if one comes soon
@@ -169,7 +189,7 @@ fn catch_up(
         }
         let from = rounds.clients.len();
         connect_all(live, patience, rounds)?;
-        precopy(rounds, link, announced, from)?;
+        precopy(rounds, (link, &mut *announced), from, true)?;
     }
     Ok(())
 }
@@ -392,8 +412,13 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     let mut rounds = Rounds::default();
     connect_all(&live, a.timeout, &mut rounds)?;
     match a.mode {
-        Mode::Precopy => precopy(&mut rounds, &link, &mut announced, 0)
+        Mode::Precopy => precopy(&mut rounds, (&link, &mut announced), 0, true)
             .and_then(|_| catch_up(&live, &mut rounds, (&link, &mut announced), a.timeout)),
+        // Lazily, shared memory goes ahead (the target cannot fetch it page by page: a
+        // fault in any process that maps it would have to be served).
+        Mode::Lazy if shares_memory(&rounds) => {
+            precopy(&mut rounds, (&link, &mut announced), 0, false)
+        }
         Mode::Lazy | Mode::StopAndCopy => Ok(()),
     }
     .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
@@ -413,11 +438,12 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
     frozen.walker = Some(walker);
     // Lazily, each process's dump keeps its anonymous memory here (in the frozen process
     // itself), to be fetched after the session runs on the target.
+    // (After the rounds of its shared memory, if any: the restore takes what it keeps of
+    // that from them, the rest from here.)
     if a.mode == Mode::Lazy {
         for v in frozen.vpids() {
-            frozen
-                .rounds
-                .insert(v, vec![migrt::image::SOURCE_ROUND.into()]);
+            let files = frozen.rounds.entry(v).or_default();
+            files.push(migrt::image::SOURCE_ROUND.into());
         }
     }
     compare(&mut frozen, hashed);

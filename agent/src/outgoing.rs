@@ -243,24 +243,29 @@ pub struct Sending {
 impl Sending {
     /// Its next pre-copy round, written into file `index` on the agent; returns the bytes
     /// written. `buf` (a multiple of the page size) holds the pages read at a time. With
-    /// write tracking, the shared memory its image stores (all but `skip`) goes by hash.
+    /// write tracking, the shared memory its image stores (all but `skip`) goes by hash;
+    /// only that unless `private` (a lazy migration sends no private memory ahead).
     /// (MIGSHIM_PRECOPY_BY_HASH: by hash even where the kernel tracks writes.)
     pub fn round(
         &mut self,
         link: &Shared,
         (index, skip): (u32, &[(u64, u64)]),
         buf: &mut [u8],
+        private: bool,
     ) -> Result<u64> {
         let asked = std::env::var_os("MIGSHIM_PRECOPY_BY_HASH").is_some();
         let by_hash = self.hashes.is_some() || asked;
-        let (pid, runs, first, by_hash) = match self.client.call(&Request::Precopy { by_hash })? {
-            Response::Round {
-                pid,
-                runs,
-                first,
-                by_hash,
-            } => (pid, runs, first, by_hash),
-            other => bail!("process {}: unexpected answer {other:?}", self.vpid),
+        let (pid, runs, first, by_hash) = match private {
+            true => match self.client.call(&Request::Precopy { by_hash })? {
+                Response::Round {
+                    pid,
+                    runs,
+                    first,
+                    by_hash,
+                } => (pid, runs, first, by_hash),
+                other => bail!("process {}: unexpected answer {other:?}", self.vpid),
+            },
+            false => (self.pid, Vec::new(), false, false),
         };
         let mut hashes = match (by_hash, self.hashes.take()) {
             (true, Some(h)) => Some(h),

@@ -210,8 +210,9 @@ struct Ahead {
 
 /// The runs of the pages an image keeps from its pre-copy rounds (files beside it, each
 /// verified; a later round's page overrides an earlier one's), their files added to `files`.
+/// (`shared`: its shared memory's mappings, in address order.)
 fn kept_runs(
-    image: &Path,
+    (image, shared): (&Path, &[(u64, u64)]),
     p: &Precopied,
     (files, checks): (&mut Vec<PathBuf>, &mut Vec<Check>),
     lazy: bool,
@@ -227,14 +228,23 @@ fn kept_runs(
                     image.display()
                 );
             }
-            // The source holds every page: one run over the whole address space.
+            // The source holds every page of its own memory: runs over the whole address
+            // space but its shared memory (which came with the image, or in rounds).
             let top = 1u64 << 47;
-            rounds.push(vec![Run {
-                addr: 0,
-                pages: top / PAGE as u64,
-                file: REMOTE,
-                offset: 0,
-            }]);
+            let mut at = 0;
+            let mut runs = Vec::new();
+            for &(start, end) in shared.iter().chain([&(top, top)]) {
+                if start > at {
+                    runs.push(Run {
+                        addr: at,
+                        pages: (start - at) / PAGE as u64,
+                        file: REMOTE,
+                        offset: at,
+                    });
+                }
+                at = at.max(end);
+            }
+            rounds.push(runs);
             continue;
         }
         if name.contains('/') || name.starts_with('.') {
@@ -337,7 +347,12 @@ fn read_image(path: &Path, lazy: bool, ahead: &mut ReadAhead) -> Result<ProcImag
     }
     let own = page_runs(path, &sections, 0, &mut img.checks)?;
     if let Some(p) = precopied {
-        img.runs = kept_runs(path, &p, (&mut img.files, &mut img.checks), lazy, ahead)?;
+        let shared: Vec<(u64, u64)> = (img.regions.iter())
+            .filter(|r| shared_anonymous(r))
+            .map(|r| (r.start, r.end))
+            .collect();
+        let files = (&mut img.files, &mut img.checks);
+        img.runs = kept_runs((path, &shared), &p, files, lazy, ahead)?;
     }
     img.runs.extend(own);
     Ok(img)

@@ -92,7 +92,7 @@ pub fn dump(
     // Kept in the source (lazy migration): only what the target's pager fills in; the
     // rest (the stack, private file mappings' changed pages) goes with the image.
     let in_source = rounds.iter().any(|n| n == migrt::image::SOURCE_ROUND);
-    let delta = delta.filter(|_| !rounds.is_empty() && !in_source);
+    let delta = delta.filter(|_| !rounds.is_empty());
     let (parked, table, folded) = (&frozen.parked[..], &frozen.table, &frozen.folded);
     let scratch = Scratch::new()?;
     let mut w = ImageWriter::new(&file, Kind::Process)?;
@@ -264,8 +264,6 @@ pub fn dump(
         let _ = std::io::Write::write_all(&mut &go, &[1]);
     }
     let mut pages = 0u64;
-    // What counts as written since: in the source, nothing (all of it stays there).
-    let written_bit = if in_source { 0 } else { WRITTEN };
     for &Span {
         start,
         end,
@@ -282,15 +280,18 @@ pub fn dump(
         };
         // Tracked by the rounds: the pages written since the last one are stored, the
         // others kept from the rounds (the shared zero page and file pages are neither).
-        // In the source: every page is kept there.
+        // In the source: every page of its own memory is kept there (shared memory goes
+        // as in pre-copy, or with the image).
         existing.clear();
-        let whole = in_source && pageable && !shared && end - start >= UNWALKED;
-        let delta = match (in_source, delta) {
+        let kept_here = in_source && !shared;
+        // What counts as written since: kept in the source, nothing (all of it stays there).
+        let written_bit = if kept_here { 0 } else { WRITTEN };
+        let whole = kept_here && pageable && end - start >= UNWALKED;
+        let delta = match (kept_here, delta) {
             // (A mapping holding little goes with the image: image::SMALL_REGION.)
             (true, _) => {
                 whole
-                    || !shared
-                        && pageable
+                    || pageable
                         && existing_with_help(
                             &mut help,
                             (start, end),
