@@ -212,7 +212,7 @@ impl<'a> Frozen<'a> {
             let vpid = self.clients[k].0;
             let sent = place(vpid).and_then(|(file, path, out)| {
                 let rounds = self.rounds.get(&vpid).cloned().unwrap_or_default();
-                let compared = self.compared.get(&vpid).cloned();
+                let compared = self.compared.get(&vpid).cloned().map(Box::new);
                 let shared = self.compared_shared.get(&vpid).cloned().map(Box::new);
                 // The dump walks its memory's page tables where the rounds track it (not
                 // by hash): mig helps with that. (Lazily, it leaves large mappings unwalked.)

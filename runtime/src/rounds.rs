@@ -119,7 +119,7 @@ impl PageHashes {
         let mut c = Compared::default();
         for &(start, end) in &self.ranges {
             let mut changed = Vec::new();
-            if self.differing((start, end), buf, read, &mut changed) {
+            if self.differing((start, end), (&mut *buf, &mut *read), false, &mut changed) {
                 c.tracked.push((start, end));
                 c.changed.extend(changed);
             }
@@ -142,10 +142,11 @@ impl PageHashes {
     }
 
     /// Shared memory, frozen, compared with what the rounds sent of it: of `mappings`
-    /// (sorted), the pages that exist (the `resident` runs) are read, and those that differ
-    /// are changed — so are pages sent before that exist no more (they read as zero now).
-    /// (A page that exists is not read where it never did: shared memory would be given
-    /// pages by reading them.) A mapping part of which could not be read is not vouched for.
+    /// (sorted), the pages that exist (the `resident` runs) are read, and those the rounds
+    /// did not send as they are now are changed (a page they never sent too: whatever a
+    /// round sent at its address before this table knew it is not it). Pages that do not
+    /// exist are neither kept nor stored (zero): they are not read either — reading would
+    /// give shared memory pages. A mapping part of which could not be read is not vouched for.
     pub fn compare_existing(
         &mut self,
         mappings: &[(u64, u64)],
@@ -154,39 +155,33 @@ impl PageHashes {
         read: Read,
     ) -> Compared {
         self.keep_only(mappings);
-        let mut c = Compared::default();
+        let (mut c, mut existing) = (Compared::default(), Vec::new());
         for &(start, end) in mappings {
             let mut changed = Vec::new();
-            let here = resident.iter().filter(|r| r.0 < end && r.1 > start);
-            let whole = here
+            let here: Vec<(u64, u64)> = (resident.iter())
+                .filter(|r| r.0 < end && r.1 > start)
                 .map(|&(s, e)| (s.max(start), e.min(end)))
-                .all(|run| self.differing(run, buf, &mut *read, &mut changed));
-            if !whole {
-                continue;
-            }
-            let gone = self.sent.iter().filter(|&(&a, &h)| {
-                (start..end).contains(&a) && h != self.zero && !within(resident, a)
-            });
-            changed.extend(gone.map(|(&a, _)| (a, a + PAGE as u64)));
-            changed.sort_unstable();
-            c.tracked.push((start, end));
-            for (s, e) in changed {
-                match c.changed.last_mut() {
-                    Some((_, last)) if *last == s => *last = e,
-                    _ => c.changed.push((s, e)),
-                }
+                .collect();
+            let whole = (here.iter())
+                .all(|&run| self.differing(run, (&mut *buf, &mut *read), true, &mut changed));
+            if whole {
+                c.tracked.push((start, end));
+                c.changed.extend(changed);
+                existing.extend(here);
             }
         }
+        c.existing = Some(existing);
         c
     }
 
     /// Reads `start..end` and adds the runs of pages in it that differ from what was sent
-    /// to `changed`; false if part of it could not be read.
+    /// to `changed` (a page never sent differs if `unknown`, else unless it is zero); false
+    /// if part of it could not be read.
     fn differing(
         &self,
         (start, end): (u64, u64),
-        buf: &mut [u8],
-        read: Read,
+        (buf, read): (&mut [u8], Read),
+        unknown: bool,
         changed: &mut Vec<(u64, u64)>,
     ) -> bool {
         let mut at = start;
@@ -197,7 +192,11 @@ impl PageHashes {
             }
             for (i, page) in buf[..len].chunks(PAGE).enumerate() {
                 let a = at + (i * PAGE) as u64;
-                if hash(page) != self.sent.get(&a).copied().unwrap_or(self.zero) {
+                let same = match self.sent.get(&a) {
+                    Some(&h) => hash(page) == h,
+                    None => !unknown && hash(page) == self.zero,
+                };
+                if !same {
                     match changed.last_mut() {
                         Some((_, e)) if *e == a => *e = a + PAGE as u64,
                         _ => changed.push((a, a + PAGE as u64)),
@@ -222,6 +221,8 @@ fn within(runs: &[(u64, u64)], a: u64) -> bool {
 pub struct Compared {
     pub tracked: Vec<(u64, u64)>,
     pub changed: Vec<(u64, u64)>,
+    /// The runs of pages that exist in the ranges compared (None: all of them).
+    pub existing: Option<Vec<(u64, u64)>>,
 }
 
 impl Compared {
@@ -230,10 +231,20 @@ impl Compared {
         self.tracked.iter().any(|&(s, e)| start >= s && end <= e)
     }
 
-    /// `start..end` as write tracking would report it: every page present, those that
-    /// changed written; appended to `out` within the room it has (nothing is allocated:
-    /// for a frozen process's dump). Ok(false) when the room did not suffice.
+    /// `start..end` as write tracking would report it: the pages that exist present, those
+    /// that changed written; appended to `out` within the room it has (nothing is
+    /// allocated: for a frozen process's dump). Ok(false) when the room did not suffice.
     pub fn existing_into(&self, (start, end): (u64, u64), out: &mut Vec<PageRegion>) -> bool {
+        match &self.existing {
+            None => self.run_into((start, end), out),
+            Some(runs) => (runs.iter())
+                .filter(|&&(s, e)| s < end && e > start)
+                .all(|&(s, e)| self.run_into((s.max(start), e.min(end)), out)),
+        }
+    }
+
+    /// existing_into for `start..end`, all of whose pages exist.
+    fn run_into(&self, (start, end): (u64, u64), out: &mut Vec<PageRegion>) -> bool {
         let mut at = start;
         let push = |out: &mut Vec<PageRegion>, s: u64, e: u64, categories: u64| {
             if s < e && out.len() < out.capacity() {
@@ -263,6 +274,13 @@ impl Compared {
 mod tests {
     use super::*;
     use crate::image::{ImageReader, Kind};
+
+    /// `range` as Compared::existing_into reports it: (start, end, categories).
+    fn categories(c: &Compared, range: (u64, u64)) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::with_capacity(8);
+        assert!(c.existing_into(range, &mut out));
+        out.iter().map(|r| (r.start, r.end, r.categories)).collect()
+    }
 
     #[test]
     fn a_run_is_written_in_pieces_without_its_zero_pages() {
@@ -347,13 +365,9 @@ mod tests {
         assert_eq!(c.tracked, [(p(0), p(4))]);
         assert_eq!(c.changed, [(p(2), p(3))]);
         // As write tracking would say it, for the part of a mapping from page 1 on.
-        let mut out = Vec::with_capacity(8);
-        assert!(c.existing_into((p(1), p(4)), &mut out));
-        let cats: Vec<(u64, u64, u64)> =
-            out.iter().map(|r| (r.start, r.end, r.categories)).collect();
         let (present, written) = (PAGE_IS_PRESENT, PAGE_IS_PRESENT | PAGE_IS_WRITTEN);
         assert_eq!(
-            cats,
+            categories(&c, (p(1), p(4))),
             [
                 (p(1), p(2), present),
                 (p(2), p(3), written),
@@ -369,7 +383,7 @@ mod tests {
     }
 
     #[test]
-    fn shared_memory_is_compared_where_it_exists_and_pages_gone_count_as_changed() {
+    fn shared_memory_is_compared_where_it_exists_and_only_pages_sent_as_they_are_are_kept() {
         let base = 0x80000u64;
         let p = |i: u64| base + i * PAGE as u64;
         let mut mem = vec![0u8; 6 * PAGE];
@@ -381,7 +395,7 @@ mod tests {
             h.send(p(i as u64), &mem[i * PAGE..][..PAGE]);
         }
         // Frozen: page 1 changed, page 2 is gone (hole punched: not resident), page 5
-        // appeared; page 3 exists and is zero, as the target has it.
+        // appeared; page 3 exists and is zero, but was never sent.
         mem[PAGE] = 9;
         mem[2 * PAGE] = 0;
         mem[5 * PAGE] = 6;
@@ -393,12 +407,25 @@ mod tests {
             out.copy_from_slice(&mem[at..at + out.len()]);
             Ok(())
         };
-        let c = h.compare_existing(&[(p(0), p(6))], &resident, &mut vec![0u8; PAGE], &mut read);
+        let mut buf = vec![0u8; PAGE];
+        let c = h.compare_existing(&[(p(0), p(6))], &resident, &mut buf, &mut read);
         assert_eq!(c.tracked, [(p(0), p(6))]);
-        assert_eq!(c.changed, [(p(1), p(3)), (p(5), p(6))]);
+        assert_eq!(c.changed, [(p(1), p(2)), (p(3), p(4)), (p(5), p(6))]);
         assert!(
             !reads.contains(&p(2)),
             "a page that does not exist is not read"
+        );
+        // As the dump sees it: pages 0 and 4 kept, 1, 3 and 5 stored, 2 neither.
+        let (present, written) = (PAGE_IS_PRESENT, PAGE_IS_PRESENT | PAGE_IS_WRITTEN);
+        assert_eq!(
+            categories(&c, (p(0), p(6))),
+            [
+                (p(0), p(1), present),
+                (p(1), p(2), written),
+                (p(3), p(4), written),
+                (p(4), p(5), present),
+                (p(5), p(6), written)
+            ]
         );
         // Pages sent as written pages of tracked memory: the table forgets them; outside
         // the mappings it keeps nothing.

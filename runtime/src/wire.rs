@@ -38,7 +38,7 @@ pub enum Request {
         rounds: Vec<String>,
         handover: Vec<u64>,
         /// Rounds made by hash: what mig found changed since the last one.
-        compared: Option<crate::rounds::Compared>,
+        compared: Option<Box<crate::rounds::Compared>>,
         /// The shared memory the rounds sent (by hash, whoever wrote it): what changed.
         shared: Option<Box<crate::rounds::Compared>>,
         walked: Option<Walked>,

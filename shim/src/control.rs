@@ -386,7 +386,7 @@ impl Session {
                         ));
                     };
                     let result =
-                        crate::precopy::with_delta((compared.as_ref(), shared.as_deref()), |d| {
+                        crate::precopy::with_delta((compared.as_deref(), shared.as_deref()), |d| {
                             let delta = (&rounds[..], d, walked.as_ref());
                             let what = (&sockets[..], &skip[..]);
                             crate::dump::dump(s, out.into(), &*f, what, sync, delta)
