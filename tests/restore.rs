@@ -632,49 +632,85 @@ os.write(1, b"all reaped\n")
     assert!(out.contains("all reaped"), "{out}");
 }
 
-#[test]
-fn a_pipe_between_processes_comes_back_with_its_unread_bytes() {
-    let env = Env::new("pipes");
+/// Runs python `script` (with `wait()`, which waits for the go file, and `read_all(fd)`)
+/// as a session of `processes` processes once it says "ready", checkpoints and restores
+/// it, lets it go on, and returns its log once it says "read:".
+fn pipe_read_after_restore(name: &str, script: &str, processes: usize) -> String {
+    let env = Env::new(name);
     let go = env.root.join("go");
-    let script = format!(
+    let prelude = format!(
         r#"
 import os, time
-r, w = os.pipe()
-if os.fork() == 0:
-    os.close(r)
-    os.write(w, b"before the checkpoint\n")
-    while not os.path.exists("{go}"):
+def wait():
+    while not os.path.exists("{}"):
         time.sleep(0.02)
-    os.write(w, b"after the restore\n")
-    os._exit(0)
-os.close(w)
-os.write(1, b"ready\n")
-while not os.path.exists("{go}"):
-    time.sleep(0.02)
-data = b""
-while True:
-    chunk = os.read(r, 100)
-    if not chunk:
-        break
-    data += chunk
-os.write(1, b"read: " + data.replace(b"\n", b"|") + b"\n")
-os.wait()
+def read_all(fd):
+    data = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return data
+        data += chunk
 "#,
-        go = go.display()
+        go.display()
     );
-    let log = env.detach("p", &["python3", "-c", &script]);
+    let log = env.detach("p", &["python3", "-c", &(prelude + script)]);
     wait_for_text(&log, "ready");
-    env.wait_processes("p", "both processes", |p| p.len() == 2);
-    std::thread::sleep(std::time::Duration::from_millis(200)); // the child has written
+    env.wait_processes("p", "its processes", |p| p.len() == processes);
+    std::thread::sleep(std::time::Duration::from_millis(200)); // what they write is written
     let img = env.root.join("img");
     stop_into(&env, "p", &img);
     let log2 = restore_detached(&env, &img, "after.log");
     std::fs::write(&go, "").unwrap();
-    let out = wait_for_text(&log2, "read:");
+    wait_for_text(&log2, "read:")
+}
+
+#[test]
+fn a_pipe_between_processes_comes_back_with_its_unread_bytes() {
+    let script = r#"
+r, w = os.pipe()
+if os.fork() == 0:
+    os.close(r)
+    os.write(w, b"before the checkpoint\n")
+    wait()
+    os.write(w, b"after the restore\n")
+    os._exit(0)
+os.close(w)
+os.write(1, b"ready\n")
+wait()
+os.write(1, b"read: " + read_all(r).replace(b"\n", b"|") + b"\n")
+os.wait()
+"#;
+    let out = pipe_read_after_restore("pipes", script, 2);
     assert!(
         out.contains("read: before the checkpoint|after the restore|"),
         "{out}"
     );
+}
+
+#[test]
+fn a_pipe_that_eight_processes_read_comes_back_with_its_unread_bytes_once() {
+    // Their images are written at once; only the first one's dump reads out what the pipe
+    // holds (and puts it back): several at once would each get part of it.
+    let script = r#"
+r, w = os.pipe()
+held = bytes(i % 251 for i in range(60000))
+os.write(w, held)
+os.close(w)
+for k in range(7):
+    if os.fork() == 0:
+        wait()
+        os._exit(0)
+os.write(1, b"ready\n")
+wait()
+data = read_all(r)
+ok = b"as held" if data == held else b"NOT as held"
+os.write(1, b"read: %d bytes, %s\n" % (len(data), ok))
+for k in range(7):
+    os.wait()
+"#;
+    let out = pipe_read_after_restore("pipes8", script, 8);
+    assert!(out.contains("read: 60000 bytes, as held"), "{out}");
 }
 
 fn bash_loop(pid_namespace: bool) {

@@ -200,13 +200,16 @@ impl<'a> Frozen<'a> {
             processes: Vec::new(),
             shared: self.shared.clone(),
         };
-        // Processes that read out no pipe or FIFO in common are asked all at once and
-        // write their images meanwhile; the answers are read in order. Otherwise they are
-        // dumped one after the other (a dump reads out what a pipe holds and puts it back).
-        // (Once one was asked, its answer is read, even after a failure.)
+        // Processes that hold no socket in common are asked all at once and write their
+        // images meanwhile; the answers are read in order. Otherwise they are dumped one
+        // after the other (a dump reads a socket's queues, a TCP one's in repair mode).
+        // (A dump reads out what a pipe holds and puts it back: of a pipe or FIFO several
+        // hold, only the first one's dump does.) (Once one was asked, its answer is read,
+        // even after a failure.)
         self.repair_handed_over()?;
         let mut skips = self.shared_skips().into_iter();
-        let at_once = !share_a_pipe(&self.tables);
+        let mut pipes_elsewhere = pipes_read_before(&self.tables).into_iter();
+        let at_once = !share_a_socket(&self.tables);
         let (mut asked, mut failed) = (Vec::new(), None);
         for k in 0..self.clients.len() {
             let vpid = self.clients[k].0;
@@ -230,6 +233,7 @@ impl<'a> Frozen<'a> {
                     shared,
                     walked: helping.as_ref().map(|h| h.offer.clone()),
                     skip: skips.next().unwrap_or_default(),
+                    pipes_elsewhere: pipes_elsewhere.next().unwrap_or_default(),
                 };
                 // (A large process writing to a slow disk takes its time.)
                 let resident = sessions::resident(self.tables[k].real_pid);
@@ -515,12 +519,30 @@ pub fn human(b: u64) -> String {
     }
 }
 
-/// Whether two of the processes would both read out what the same pipe (a read end) or
-/// FIFO (either end) holds when they dump.
-fn share_a_pipe(tables: &[migrt::table::ProcessTable]) -> bool {
-    use migrt::table::{Object, PipeEnd};
+/// Whether two of the processes hold the same socket.
+fn share_a_socket(tables: &[migrt::table::ProcessTable]) -> bool {
     let mut seen: Vec<(u64, i32)> = Vec::new();
     for t in tables {
+        for f in &t.fds {
+            if let migrt::table::Object::Socket(s) = &f.object {
+                if seen.iter().any(|&(i, v)| i == s.ino && v != t.vpid) {
+                    return true;
+                }
+                seen.push((s.ino, t.vpid));
+            }
+        }
+    }
+    false
+}
+
+/// Of each process, the pipes (read ends) and FIFOs (either end) that a process before it
+/// holds too, by inode: its dump leaves what they hold to the first one's.
+fn pipes_read_before(tables: &[migrt::table::ProcessTable]) -> Vec<Vec<u64>> {
+    use migrt::table::{Object, PipeEnd};
+    let mut seen: Vec<(u64, i32)> = Vec::new();
+    let mut out = Vec::new();
+    for t in tables {
+        let mut before = Vec::new();
         for f in &t.fds {
             let ino = match &f.object {
                 Object::Pipe {
@@ -531,11 +553,12 @@ fn share_a_pipe(tables: &[migrt::table::ProcessTable]) -> bool {
                 | Object::Fifo { ino, .. } => *ino,
                 _ => continue,
             };
-            if seen.iter().any(|&(i, v)| i == ino && v != t.vpid) {
-                return true;
+            match seen.iter().any(|&(i, v)| i == ino && v != t.vpid) {
+                true => before.push(ino),
+                false => seen.push((ino, t.vpid)),
             }
-            seen.push((ino, t.vpid));
         }
+        out.push(before);
     }
-    false
+    out
 }

@@ -44,6 +44,9 @@ pub enum Request {
         walked: Option<Walked>,
         /// Ranges of shared memory whose pages another process's image holds.
         skip: Vec<(u64, u64)>,
+        /// Pipes and FIFOs (inodes) whose unread bytes another process's image holds:
+        /// not read (the other's dump reads them meanwhile).
+        pipes_elsewhere: Vec<u64>,
     },
     /// While running: a pre-copy round — which runs of its memory to send (the first
     /// round: all it has; the next ones: what was written since the round before). Mig

@@ -372,6 +372,7 @@ impl Session {
                 shared,
                 walked,
                 skip,
+                pipes_elsewhere,
             } => match (&mut self.frozen, shim()) {
                 (Some(f), Some(s)) => {
                     let sockets = match crate::dump::socket_states(f, &handover) {
@@ -388,7 +389,7 @@ impl Session {
                     let result =
                         crate::precopy::with_delta((compared.as_deref(), shared.as_deref()), |d| {
                             let delta = (&rounds[..], d, walked.as_ref());
-                            let what = (&sockets[..], &skip[..]);
+                            let what = (&sockets[..], &skip[..], &pipes_elsewhere[..]);
                             crate::dump::dump(s, out.into(), &*f, what, sync, delta)
                         });
                     match result {

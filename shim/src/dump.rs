@@ -75,7 +75,8 @@ fn link(p: &str) -> Bytes {
     )
 }
 
-/// Writes the image (the pages of shared memory in `theirs` left out: another process's
+/// Writes the image (the pages of shared memory in `theirs`, and the unread bytes of the
+/// pipes and FIFOs `pipes_theirs`, left out: another process's
 /// image holds them). With pre-copy `rounds` (their files) and their `delta`, memory the
 /// rounds tracked is stored only where written since the last round; its other pages are
 /// listed as kept from the rounds (image::Precopied). With the round that stays in the
@@ -85,7 +86,7 @@ pub fn dump(
     s: &Shim,
     file: std::fs::File,
     frozen: &Frozen,
-    (sockets, theirs): (&[migrt::sockstate::SocketState], &[(u64, u64)]),
+    (sockets, theirs, pipes_theirs): (&[migrt::sockstate::SocketState], &[(u64, u64)], &[u64]),
     sync: bool,
     (rounds, delta, walked): (&[String], Option<&Delta>, Option<&Walked>),
 ) -> std::io::Result<Dumped> {
@@ -144,10 +145,11 @@ pub fn dump(
         })
         .collect();
     w.postcard(Tag::Threads, &threads).map_err(enc)?;
-    w.postcard(Tag::Pipes, &pipe_contents(table)).map_err(enc)?;
+    w.postcard(Tag::Pipes, &pipe_contents(table, pipes_theirs))
+        .map_err(enc)?;
     w.postcard(Tag::Sockets, &sockets).map_err(enc)?;
     let (host_files, mut contents) = host_memory_files(table, s.table.mapping().0 as u64);
-    contents.extend(file_contents(table));
+    contents.extend(file_contents(table, pipes_theirs));
     w.postcard(Tag::HostFiles, &host_files).map_err(enc)?;
     w.postcard(Tag::Contents, &contents).map_err(enc)?;
     w.postcard(Tag::Ptys, &pty_states(table)).map_err(enc)?;
@@ -581,20 +583,21 @@ impl Drop for Snapshot {
     }
 }
 
-/// The unread bytes of every pipe this process reads from: read out through a second open
-/// of the read end (the app's own flags untouched), and written straight back, in order.
-/// Every process of the session is frozen, so nothing else reads or writes meanwhile. A
-/// pipe read by several processes is in each of their images; restore takes one.
-fn pipe_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
+/// The unread bytes of every pipe this process reads from, but those another's image holds
+/// (`theirs`, inodes): read out through a second open of the read end (the app's own flags
+/// untouched), and written straight back, in order. Every process of the session is
+/// frozen, and no other dump reads this pipe, so nothing else reads or writes meanwhile.
+fn pipe_contents(table: &ProcessTable, theirs: &[u64]) -> Vec<(u64, Bytes)> {
     use migrt::table::{Object, PipeEnd};
     let mut out: Vec<(u64, Bytes)> = Vec::new();
     for f in &table.fds {
         if let Object::Pipe {
             id,
+            ino,
             end: PipeEnd::Read,
-            ..
         } = f.object
             && !out.iter().any(|(i, _)| *i == id)
+            && !theirs.contains(&ino)
         {
             out.push((id, Bytes(unread_bytes(f.fd))));
         }
@@ -735,15 +738,16 @@ impl Frozen {
 }
 
 /// The content of files that exist nowhere else — memfds and files deleted while open (read
-/// without moving the app's offset) — and what FIFOs hold unread, by inode.
-fn file_contents(table: &ProcessTable) -> Vec<(u64, Bytes)> {
+/// without moving the app's offset) — and what FIFOs hold unread (but those another's image
+/// holds, `theirs`), by inode.
+fn file_contents(table: &ProcessTable, theirs: &[u64]) -> Vec<(u64, Bytes)> {
     use migrt::table::Object;
     use std::os::unix::fs::FileExt;
     let mut out: Vec<(u64, Bytes)> = Vec::new();
     for f in &table.fds {
         // A FIFO's content is what it holds unread.
         if let Object::Fifo { ino, .. } = f.object {
-            if !out.iter().any(|(i, _)| *i == ino) {
+            if !out.iter().any(|(i, _)| *i == ino) && !theirs.contains(&ino) {
                 out.push((ino, Bytes(unread_bytes(f.fd))));
             }
             continue;
