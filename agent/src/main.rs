@@ -13,6 +13,7 @@ mod objects;
 mod outgoing;
 mod pager;
 mod peer;
+mod prebuilt;
 mod relay;
 mod restore;
 mod run;

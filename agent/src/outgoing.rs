@@ -8,7 +8,7 @@ use crate::frozen::human;
 use crate::peer::{CHUNK, Link, Msg};
 use crate::samepages::{PAGE, Part, SentPages};
 use anyhow::{Context, Result, bail};
-use migrt::image::{ImageWriter, Kind};
+use migrt::image::{ImageWriter, Kind, SharedPart, Tag};
 use migrt::rounds::PageHashes;
 use migrt::wire::{Request, Response};
 use std::io::Read;
@@ -227,6 +227,10 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The shared memory a round sends: the runs of its pages that exist, and the objects
+/// they belong to.
+type SharedRound = (Vec<(u64, u64)>, Vec<SharedPart>);
+
 /// A process of the session as pre-copy sends it: its connection (its write tracking
 /// lives as long as it), its rounds' files and — where its rounds go by hash — what they
 /// sent (to compare its memory with once it is frozen); the same of the shared memory its
@@ -288,6 +292,10 @@ impl Sending {
             false => self.shared_round(skip, &runs)?,
         };
         let mut w = ImageWriter::new(Chunks::new(link, index), Kind::Pages)?;
+        // (So that the target builds the objects as the rounds come: restore::prebuilt.)
+        if let Some((_, parts)) = shared.as_ref().filter(|s| !s.1.is_empty()) {
+            w.postcard(Tag::Shared, parts)?;
+        }
         let client = &mut self.client;
         let mut through = |addr, out: &mut [u8]| client.pages(addr, out);
         let mut reader = Reader::new(pid, &mut through);
@@ -305,7 +313,7 @@ impl Sending {
                 Err(e) => return Err(e.into()),
             }
         }
-        if let (Some(resident), Some(h)) = (shared, self.shared.as_mut()) {
+        if let (Some((resident, _)), Some(h)) = (shared, self.shared.as_mut()) {
             let mut send = |addr, page: &[u8]| h.send(addr, page);
             for run in resident {
                 let read = &mut |addr, out: &mut [u8]| reader.read(addr, out);
@@ -327,13 +335,14 @@ impl Sending {
     }
 
     /// The shared memory a round sends: of what the process's image stores (all but
-    /// `skip`), the runs of pages that exist. The hashes of what was sent of it forget the
-    /// pages the round's private `runs` send (a mapping replaced by another at the place).
+    /// `skip`), the runs of pages that exist, and the objects they belong to. The hashes
+    /// of what was sent of it forget the pages the round's private `runs` send (a mapping
+    /// replaced by another at the place).
     fn shared_round(
         &mut self,
         skip: &[(u64, u64)],
         runs: &[(u64, u64)],
-    ) -> Result<Option<Vec<(u64, u64)>>> {
+    ) -> Result<Option<SharedRound>> {
         let found = self.client.shared_memory(skip)?;
         if found.mappings.is_empty() && self.shared.is_none() {
             return Ok(None);
@@ -343,6 +352,8 @@ impl Sending {
         runs.sort_unstable();
         h.forget(&runs);
         h.keep_only(&found.mappings);
-        Ok(Some(found.resident))
+        let maps = migrt::procfs::all_mappings(&found.pid.to_string());
+        let parts = migrt::image::shared_parts(&maps, &found.mappings);
+        Ok(Some((found.resident, parts)))
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_PORT: u16 = 7070;
-const VERSION: u32 = 7;
+const VERSION: u32 = 8;
 /// No frame is larger (a chunk of image is 1 MiB).
 pub const MAX_FRAME: usize = 4 << 20;
 pub const CHUNK: usize = 1 << 20;

@@ -12,12 +12,14 @@
 //! fd kinds (issue #4: left closed).
 
 use crate::objects::{self, Objects};
+use crate::prebuilt::{Object, Prebuilt};
 use crate::run::exit_code;
 use crate::sessions;
 use crate::terminal;
 use anyhow::{Context, Result, bail};
 use migrt::image::{
-    self, PAGE, PageMap, Precopied, ProcessMeta, Region, SessionManifest, Tag, ThreadState,
+    self, PAGE, PageMap, Precopied, ProcessMeta, Region, SessionManifest, SharedPart, Tag,
+    ThreadState,
 };
 use migrt::record::Bytes;
 use migrt::sessiontable::{Kind, SessionTable};
@@ -181,8 +183,13 @@ fn page_runs(
     Ok(runs)
 }
 
-/// A pre-copy round's runs and unverified page data, sorted by address (as file 0).
-type Round = (Vec<Run>, Vec<Check>);
+/// A pre-copy round: its runs, sorted by address (as file 0), its unverified page data,
+/// and the objects its shared memory belongs to.
+struct Round {
+    runs: Vec<Run>,
+    checks: Vec<Check>,
+    shared: Vec<SharedPart>,
+}
 
 /// Reads and verifies a pre-copy round (its page data too, unless `lazy`).
 fn read_round(path: &Path, lazy: bool) -> Result<Round> {
@@ -193,19 +200,29 @@ fn read_round(path: &Path, lazy: bool) -> Result<Round> {
     let mut checks = Vec::new();
     let mut runs = page_runs(path, &sections, 0, &mut checks)?;
     runs.sort_by_key(|r| r.addr);
-    Ok((runs, checks))
+    let shared = match sections.iter().find(|s| s.tag == Tag::Shared) {
+        Some(s) => s.decode(path)?,
+        None => Vec::new(),
+    };
+    Ok(Round {
+        runs,
+        checks,
+        shared,
+    })
 }
 
 /// Rounds read ahead, by file name (`--when-told`: while the session still runs at the
 /// source, each round is read as soon as the agent has all of it).
 type ReadAhead = HashMap<String, Round>;
 
-/// What `--when-told` read before "go": the rounds, and the process images that came
-/// whole while others were still coming (a session of several processes).
+/// What `--when-told` read before "go": the rounds, the process images that came whole
+/// while others were still coming (a session of several processes), and the shared memory
+/// built from the rounds.
 #[derive(Default)]
 struct Ahead {
     rounds: ReadAhead,
     images: HashMap<String, ProcImage>,
+    shared: Prebuilt,
 }
 
 /// The runs of the pages an image keeps from its pre-copy rounds (files beside it, each
@@ -251,7 +268,11 @@ fn kept_runs(
             bail!("{}: bad pre-copy round name {name:?}", image.display());
         }
         let path = dir.join(name);
-        let (mut runs, mut more) = match ahead.remove(name) {
+        let Round {
+            mut runs,
+            checks: mut more,
+            ..
+        } = match ahead.remove(name) {
             Some(read) => read,
             None => read_round(&path, lazy)?,
         };
@@ -510,16 +531,17 @@ struct Mapped {
 
 /// Anonymous memory shared between processes (MAP_SHARED|MAP_ANONYMOUS, kept by fork):
 /// one object per mapping identity (its inode), made anew as a memfd holding the pages
-/// the first image that has it stored, and mapped shared by every process that had it.
-/// Returns inode → inheritable fd.
+/// the images store of it (or built from the rounds already: `ahead`), and mapped shared
+/// by every process that had it. Returns inode → inheritable fd.
 fn shared_memory(
     images: &[ProcImage],
     by_inode: &HashMap<u64, std::fs::File>,
     keep: &mut Vec<std::fs::File>,
+    ahead: &mut Prebuilt,
 ) -> Result<HashMap<u64, u64>> {
-    use std::os::unix::fs::FileExt;
     let mut out = HashMap::new();
-    let mut made: HashMap<u64, std::fs::File> = HashMap::new();
+    let mut made: HashMap<u64, Object> = HashMap::new();
+    let mut buf = vec![0u8; 1 << 20];
     // (Each image holds the pages of the part it maps, unless one before it held them:
     // image::shared_stored_before.)
     for img in images {
@@ -531,28 +553,55 @@ fn shared_memory(
                 }
                 continue;
             }
-            let mem = match made.entry(r.inode) {
+            let obj = match made.entry(r.inode) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(migrt::sys::memfd(c"migshim-shared", false)?)
-                }
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(ahead.take(r.inode)?),
             };
             let size = r.offset + (r.end - r.start);
-            if mem.metadata()?.len() < size {
-                mem.set_len(size)?;
+            if obj.mem.metadata()?.len() < size {
+                obj.mem.set_len(size)?;
             }
-            region_pages(
-                img,
-                r,
-                |at, page| Ok(mem.write_all_at(page, r.offset + at)?),
-            )?;
+            let files = open_all(&img.files)?;
+            for (at, file, offset, len) in region_runs(img, r) {
+                let known = ahead.index(&img.files[file]);
+                let from = (&files[file], known, offset);
+                obj.put(r.offset + at, from, len, &mut buf)?;
+            }
         }
     }
-    for (inode, mem) in made {
+    for (inode, obj) in made {
+        let mem = obj.finish()?;
         out.insert(inode, migrt::sys::inheritable_fd(&mem, FD_BASE)? as u64);
         keep.push(mem);
     }
     Ok(out)
+}
+
+fn open_all(paths: &[PathBuf]) -> Result<Vec<std::fs::File>> {
+    Ok(paths
+        .iter()
+        .map(std::fs::File::open)
+        .collect::<std::io::Result<_>>()?)
+}
+
+/// The pages of region `r` the image stores: (offset in the region, file index, offset
+/// there, length), a run of consecutive ones at a time.
+fn region_runs<'a>(
+    img: &'a ProcImage,
+    r: &'a Region,
+) -> impl Iterator<Item = (u64, usize, u64, u64)> + 'a {
+    img.runs.iter().filter_map(|run| {
+        let (start, end) = (run.addr, run.addr + run.pages * PAGE as u64);
+        let (from, to) = (start.max(r.start), end.min(r.end));
+        (from < to).then(|| {
+            (
+                from - r.start,
+                run.file,
+                run.offset + (from - start),
+                to - from,
+            )
+        })
+    })
 }
 
 /// Calls `put(offset in the region, pages)` for the pages of region `r` the image stores,
@@ -563,20 +612,15 @@ pub fn region_pages(
     mut put: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let files: Vec<std::fs::File> = img
-        .files
-        .iter()
-        .map(std::fs::File::open)
-        .collect::<std::io::Result<_>>()?;
+    let files = open_all(&img.files)?;
     let mut buf = vec![0u8; 1 << 20];
-    for run in &img.runs {
-        let (start, end) = (run.addr, run.addr + run.pages * PAGE as u64);
-        let mut at = start.max(r.start);
-        while at < end.min(r.end) {
-            let len = (end.min(r.end) - at).min(buf.len() as u64) as usize;
-            files[run.file].read_exact_at(&mut buf[..len], run.offset + (at - start))?;
-            put(at - r.start, &buf[..len])?;
-            at += len as u64;
+    for (at, file, offset, len) in region_runs(img, r) {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            files[file].read_exact_at(&mut buf[..n], offset + done)?;
+            put(at + done, &buf[..n])?;
+            done += n as u64;
         }
     }
     Ok(())
@@ -894,9 +938,9 @@ fn wait_to_go(dir: &Path, lazy: bool) -> Result<Ahead> {
                         ahead.images.insert(name.to_string(), img);
                     }
                     false => {
-                        ahead
-                            .rounds
-                            .insert(name.to_string(), read_round(&path, lazy)?);
+                        let round = read_round(&path, lazy)?;
+                        (ahead.shared).apply(&path, &round.runs, &round.shared)?;
+                        ahead.rounds.insert(name.to_string(), round);
                     }
                 }
             }
@@ -1089,7 +1133,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     };
     let mut made_files = objects::host_memory_files(&images, &policy)?;
     let mut objects = objects::build(&images, &manifest.shared, &policy)?;
-    let shared = shared_memory(&images, &objects.by_inode, &mut keep)?;
+    let shared = shared_memory(&images, &objects.by_inode, &mut keep, &mut ahead.shared)?;
     let sysv_ids = crate::sysv::make(&images, &dir.0)?;
     let mut files = MappedFiles::new();
     let mapped: Vec<Mapped> = images

@@ -19,7 +19,7 @@ use std::io::{IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 8] = *b"MIGSHIM\0";
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 pub const PAGE: usize = 4096;
 const HEAD: usize = 32;
 
@@ -65,6 +65,9 @@ pub enum Tag {
     /// postcard(Vec<HostFile>): the POSIX shared memory objects it holds or maps (their
     /// content goes in Contents)
     HostFiles = 12,
+    /// postcard(Vec<SharedPart>): in a pre-copy round, the objects its shared memory's
+    /// pages belong to
+    Shared = 13,
     End = 0x454e44,
 }
 
@@ -83,6 +86,7 @@ impl Tag {
             10 => Tag::Ptys,
             11 => Tag::Precopied,
             12 => Tag::HostFiles,
+            13 => Tag::Shared,
             0x454e44 => Tag::End,
             _ => return None,
         })
@@ -313,6 +317,40 @@ pub fn shared_stored_before_now(pids: impl Iterator<Item = i32>) -> Vec<Vec<(u64
 
 pub fn pageable(name: &[u8]) -> bool {
     name.first() != Some(&b'/') && name != b"[stack]"
+}
+
+/// Addresses [start, end) of a process mapping shared anonymous object `inode` from
+/// `offset` on (Tag::Shared).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SharedPart {
+    pub start: u64,
+    pub end: u64,
+    pub inode: u64,
+    pub offset: u64,
+}
+
+/// The parts of `maps` (a process's mappings) behind the shared anonymous memory at
+/// `ranges`.
+pub fn shared_parts(maps: &[crate::procfs::MapsLine], ranges: &[(u64, u64)]) -> Vec<SharedPart> {
+    let mut parts = Vec::new();
+    for m in maps
+        .iter()
+        .filter(|m| shared_anonymous(&m.perms, &m.name.0))
+    {
+        for &(s, e) in ranges {
+            let (start, end) = (s.max(m.start), e.min(m.end));
+            if start < end {
+                let offset = m.offset + (start - m.start);
+                parts.push(SharedPart {
+                    start,
+                    end,
+                    inode: m.inode,
+                    offset,
+                });
+            }
+        }
+    }
+    parts
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -222,6 +222,17 @@ pub fn append_range(
     Ok(())
 }
 
+/// Frees `len` bytes of file `f` at `offset` (they read as zeros again), its size kept.
+pub fn punch_hole(f: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on an open file of ours; no memory is passed.
+    match unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// An anonymous in-memory file (memfd), close-on-exec unless `inherit`.
 pub fn memfd(name: &std::ffi::CStr, inherit: bool) -> io::Result<std::fs::File> {
     let flags = if inherit { 0 } else { libc::MFD_CLOEXEC };
