@@ -200,16 +200,18 @@ impl<'a> Frozen<'a> {
             processes: Vec::new(),
             shared: self.shared.clone(),
         };
-        // Processes that hold no socket in common are asked all at once and write their
-        // images meanwhile; the answers are read in order. Otherwise they are dumped one
-        // after the other (a dump reads a socket's queues, a TCP one's in repair mode).
-        // (A dump reads out what a pipe holds and puts it back: of a pipe or FIFO several
-        // hold, only the first one's dump does.) (Once one was asked, its answer is read,
-        // even after a failure.)
+        // The processes are asked all at once and write their images meanwhile; the
+        // answers are read in order. (A dump reads out what a pipe holds and puts it back,
+        // and peeks at a socket's queues, a TCP one's in repair mode: of a pipe, FIFO or
+        // socket several hold, only the first one's dump does.) Where the same socket has
+        // different ids in different processes, they are dumped one after the other.
+        // (Once one was asked, its answer is read, even after a failure.)
         self.repair_handed_over()?;
         let mut skips = self.shared_skips().into_iter();
         let mut pipes_elsewhere = pipes_read_before(&self.tables).into_iter();
-        let at_once = !share_a_socket(&self.tables);
+        let sockets = sockets_read_before(&self.tables);
+        let at_once = sockets.is_some();
+        let mut sockets_elsewhere = sockets.unwrap_or_default().into_iter();
         let (mut asked, mut failed) = (Vec::new(), None);
         for k in 0..self.clients.len() {
             let vpid = self.clients[k].0;
@@ -231,9 +233,10 @@ impl<'a> Frozen<'a> {
                     handover: self.handover.clone(),
                     compared,
                     shared,
-                    walked: helping.as_ref().map(|h| h.offer.clone()),
+                    walked: helping.as_ref().map(|h| Box::new(h.offer.clone())),
                     skip: skips.next().unwrap_or_default(),
                     pipes_elsewhere: pipes_elsewhere.next().unwrap_or_default(),
+                    sockets_elsewhere: sockets_elsewhere.next().unwrap_or_default(),
                 };
                 // (A large process writing to a slow disk takes its time.)
                 let resident = sessions::resident(self.tables[k].real_pid);
@@ -520,39 +523,60 @@ pub fn human(b: u64) -> String {
 }
 
 /// Whether two of the processes hold the same socket.
-fn share_a_socket(tables: &[migrt::table::ProcessTable]) -> bool {
-    let mut seen: Vec<(u64, i32)> = Vec::new();
-    for t in tables {
-        for f in &t.fds {
-            if let migrt::table::Object::Socket(s) = &f.object {
-                if seen.iter().any(|&(i, v)| i == s.ino && v != t.vpid) {
-                    return true;
-                }
-                seen.push((s.ino, t.vpid));
-            }
-        }
-    }
-    false
-}
-
 /// Of each process, the pipes (read ends) and FIFOs (either end) that a process before it
 /// holds too, by inode: its dump leaves what they hold to the first one's.
 fn pipes_read_before(tables: &[migrt::table::ProcessTable]) -> Vec<Vec<u64>> {
     use migrt::table::{Object, PipeEnd};
+    held_before(tables, |o| match o {
+        Object::Pipe {
+            ino,
+            end: PipeEnd::Read,
+            ..
+        }
+        | Object::Fifo { ino, .. } => Some(*ino),
+        _ => None,
+    })
+}
+
+/// Of each process, the sockets (by id) that a process before it holds too: its dump
+/// leaves their state to the first one's. None if a socket has different ids in
+/// different processes (a restore looks its state up by id).
+fn sockets_read_before(tables: &[migrt::table::ProcessTable]) -> Option<Vec<Vec<u64>>> {
+    use migrt::table::Object;
+    let socket = |o: &Object| match o {
+        Object::Socket(s) => Some((s.ino, s.id)),
+        _ => None,
+    };
+    let all = || {
+        tables
+            .iter()
+            .flat_map(|t| &t.fds)
+            .filter_map(|f| socket(&f.object))
+    };
+    if all().any(|(ino, id)| all().any(|(i, d)| i == ino && d != id)) {
+        return None;
+    }
+    let inos = held_before(tables, |o| socket(o).map(|s| s.0));
+    let ids = tables.iter().zip(inos).map(|(t, before)| {
+        let held = t.fds.iter().filter_map(|f| socket(&f.object));
+        held.filter(|s| before.contains(&s.0))
+            .map(|s| s.1)
+            .collect()
+    });
+    Some(ids.collect())
+}
+
+/// Of each process, the objects (`key` of what its fds stand for: an inode) that a
+/// process before it holds too.
+fn held_before(
+    tables: &[migrt::table::ProcessTable],
+    key: impl Fn(&migrt::table::Object) -> Option<u64>,
+) -> Vec<Vec<u64>> {
     let mut seen: Vec<(u64, i32)> = Vec::new();
     let mut out = Vec::new();
     for t in tables {
         let mut before = Vec::new();
-        for f in &t.fds {
-            let ino = match &f.object {
-                Object::Pipe {
-                    ino,
-                    end: PipeEnd::Read,
-                    ..
-                }
-                | Object::Fifo { ino, .. } => *ino,
-                _ => continue,
-            };
+        for ino in t.fds.iter().filter_map(|f| key(&f.object)) {
             match seen.iter().any(|&(i, v)| i == ino && v != t.vpid) {
                 true => before.push(ino),
                 false => seen.push((ino, t.vpid)),
@@ -561,4 +585,51 @@ fn pipes_read_before(tables: &[migrt::table::ProcessTable]) -> Vec<Vec<u64>> {
         out.push(before);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrt::table::{FdEntry, Object, ProcessTable, SocketInfo};
+
+    fn holding(vpid: i32, sockets: &[(u64, u64)]) -> ProcessTable {
+        let fds = sockets.iter().enumerate().map(|(k, &(ino, id))| FdEntry {
+            fd: 3 + k as i32,
+            cloexec: false,
+            flags: 0,
+            journaled: true,
+            object: Object::Socket(SocketInfo {
+                id,
+                ino,
+                domain: libc::AF_UNIX,
+                ty: libc::SOCK_STREAM,
+                protocol: 0,
+                local: None,
+                peer: None,
+                listening: false,
+                peer_ino: None,
+                peer_link: None,
+            }),
+        });
+        ProcessTable {
+            vpid,
+            fds: fds.collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_socket_several_hold_is_read_by_the_first_and_different_ids_dump_in_turn() {
+        // (inode, id): a parent, a child holding two of its sockets, another one.
+        let tables = [
+            holding(1, &[(10, 1), (11, 2)]),
+            holding(2, &[(10, 1), (11, 2), (12, 3)]),
+            holding(3, &[(12, 3), (13, 4)]),
+        ];
+        let got = sockets_read_before(&tables);
+        assert_eq!(got, Some(vec![vec![], vec![1, 2], vec![3]]));
+        // The same socket under two ids: no process leaves it to another.
+        let tables = [holding(1, &[(10, 1)]), holding(2, &[(10, 5)])];
+        assert_eq!(sockets_read_before(&tables), None);
+    }
 }

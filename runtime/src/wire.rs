@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -41,12 +41,15 @@ pub enum Request {
         compared: Option<Box<crate::rounds::Compared>>,
         /// The shared memory the rounds sent (by hash, whoever wrote it): what changed.
         shared: Option<Box<crate::rounds::Compared>>,
-        walked: Option<Walked>,
+        walked: Option<Box<Walked>>,
         /// Ranges of shared memory whose pages another process's image holds.
         skip: Vec<(u64, u64)>,
         /// Pipes and FIFOs (inodes) whose unread bytes another process's image holds:
         /// not read (the other's dump reads them meanwhile).
         pipes_elsewhere: Vec<u64>,
+        /// Sockets (session-wide ids) another process's image holds the state of: not read
+        /// (the other's dump reads them meanwhile).
+        sockets_elsewhere: Vec<u64>,
     },
     /// While running: a pre-copy round — which runs of its memory to send (the first
     /// round: all it has; the next ones: what was written since the round before). Mig

@@ -373,9 +373,11 @@ impl Session {
                 walked,
                 skip,
                 pipes_elsewhere,
+                sockets_elsewhere,
             } => match (&mut self.frozen, shim()) {
                 (Some(f), Some(s)) => {
-                    let sockets = match crate::dump::socket_states(f, &handover) {
+                    let theirs = &sockets_elsewhere[..];
+                    let sockets = match crate::dump::socket_states(f, &handover, theirs) {
                         Ok(socks) => socks,
                         Err(e) => return Response::Error(format!("writing {path}: {e}")),
                     };
@@ -388,7 +390,7 @@ impl Session {
                     };
                     let result =
                         crate::precopy::with_delta((compared.as_deref(), shared.as_deref()), |d| {
-                            let delta = (&rounds[..], d, walked.as_ref());
+                            let delta = (&rounds[..], d, walked.as_deref());
                             let what = (&sockets[..], &skip[..], &pipes_elsewhere[..]);
                             crate::dump::dump(s, out.into(), &*f, what, sync, delta)
                         });

@@ -684,17 +684,19 @@ fn pty_states(table: &ProcessTable) -> Vec<migrt::image::PtyState> {
     out
 }
 
-/// Unread bytes and options of every socket this process holds (once per socket); the
-/// connections to hand over (by id) are read in repair mode, and stay in it: their fds
-/// are noted in `frozen.repaired`.
+/// Unread bytes and options of every socket this process holds (once per socket) but
+/// those another's image holds (`theirs`, by id); the connections to hand over (by id)
+/// are read in repair mode, and stay in it: their fds are noted in `frozen.repaired`.
 pub fn socket_states(
     frozen: &mut Frozen,
     handover: &[u64],
+    theirs: &[u64],
 ) -> std::io::Result<Vec<migrt::sockstate::SocketState>> {
     let mut out: Vec<migrt::sockstate::SocketState> = Vec::new();
     for f in &frozen.table.fds {
         if let migrt::table::Object::Socket(s) = &f.object
             && !out.iter().any(|o| o.id == s.id)
+            && !theirs.contains(&s.id)
         {
             let whole = handover.contains(&s.id);
             if whole {
