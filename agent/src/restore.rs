@@ -545,6 +545,7 @@ fn shared_memory(
     // (Each image holds the pages of the part it maps, unless one before it held them:
     // image::shared_stored_before.)
     for img in images {
+        let files = open_all(&img.files)?;
         for r in img.regions.iter().filter(|r| shared_anonymous(r)) {
             // A memfd or deleted file that an fd holds too: the object made for the fd.
             if let Some(f) = by_inode.get(&r.inode) {
@@ -561,7 +562,6 @@ fn shared_memory(
             if obj.mem.metadata()?.len() < size {
                 obj.mem.set_len(size)?;
             }
-            let files = open_all(&img.files)?;
             for (at, file, offset, len) in region_runs(img, r) {
                 let known = ahead.index(&img.files[file]);
                 let from = (&files[file], known, offset);
