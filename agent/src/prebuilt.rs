@@ -6,7 +6,7 @@
 //! there from the same place is not written again; pages written ahead that no image keeps
 //! any more are zeroed (a hole punched).
 
-use crate::restore::Run;
+use crate::restore::{Run, read_chunks};
 use anyhow::Result;
 use migrt::image::{PAGE, SharedPart};
 use std::collections::HashMap;
@@ -140,14 +140,9 @@ impl Object {
 
 /// Copies `len` bytes of `from` at `offset` to `to` at `at`, through `buf`.
 fn copy(from: &File, offset: u64, (to, at): (&File, u64), len: u64, buf: &mut [u8]) -> Result<()> {
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        from.read_exact_at(&mut buf[..n], offset + done)?;
-        to.write_all_at(&buf[..n], at + done)?;
-        done += n as u64;
-    }
-    Ok(())
+    read_chunks((from, offset, len), buf, |done, data| {
+        Ok(to.write_all_at(data, at + done)?)
+    })
 }
 
 #[cfg(test)]

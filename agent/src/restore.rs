@@ -611,17 +611,30 @@ pub fn region_pages(
     r: &Region,
     mut put: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    use std::os::unix::fs::FileExt;
     let files = open_all(&img.files)?;
     let mut buf = vec![0u8; 1 << 20];
     for (at, file, offset, len) in region_runs(img, r) {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            files[file].read_exact_at(&mut buf[..n], offset + done)?;
-            put(at + done, &buf[..n])?;
-            done += n as u64;
-        }
+        read_chunks((&files[file], offset, len), &mut buf, |done, data| {
+            put(at + done, data)
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads `len` bytes of `file` at `offset` a buffer `buf` at a time, calling
+/// `put(bytes before them, bytes)` with each.
+pub fn read_chunks(
+    (file, offset, len): (&std::fs::File, u64, u64),
+    buf: &mut [u8],
+    mut put: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset + done)?;
+        put(done, &buf[..n])?;
+        done += n as u64;
     }
     Ok(())
 }
