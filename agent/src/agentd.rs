@@ -57,6 +57,7 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     }
     let rt = sessions::runtime_dir()?;
     let state = a.state_dir.clone().unwrap_or_else(|| rt.clone());
+    crate::spool::sweep();
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("listening on {}", a.listen))?;
     log(format_args!(
@@ -132,6 +133,7 @@ impl Agent {
                 let mut spooled = Spooled {
                     dir: (self.state.join("incoming"))
                         .join(format!("{name}-{}-{n}", std::process::id())),
+                    in_shm: None,
                     files: Vec::new(),
                     writer: crate::spool::Writer::new(),
                 };
@@ -241,7 +243,7 @@ impl Agent {
         spooled: &mut Spooled,
         how: &Incoming,
     ) -> Result<Option<Relay>> {
-        std::fs::create_dir_all(&spooled.dir)?;
+        spooled.in_shm = crate::spool::make_dir(&spooled.dir, how.in_memory)?;
         let (dir, out) = (&spooled.dir, &mut spooled.files);
         let name = how.name;
         // The restore is started first and waits until the image is all here: what it takes
@@ -407,11 +409,17 @@ impl Agent {
         }
         // (Its exit is not waited for: it has nothing more to say.)
         restore.reap_later();
-        for h in added.added() {
-            if let Err(e) = netaddr::announce(h) {
-                log(format_args!("session {name}: {e:#}"));
+        // The neighbours hear where the addresses are now beside the sender hearing it
+        // runs here: an ARP socket's close waits for an RCU grace period (milliseconds of
+        // freeze otherwise).
+        let (homes, name) = (added.added().cloned().collect::<Vec<_>>(), name.to_string());
+        std::thread::spawn(move || {
+            for h in &homes {
+                if let Err(e) = netaddr::announce(h) {
+                    log(format_args!("session {name}: {e:#}"));
+                }
             }
-        }
+        });
         added.keep();
         Ok(pager)
     }
@@ -481,6 +489,8 @@ impl Agent {
 /// memory, a file is gone when the agent closes it.
 struct Spooled {
     dir: PathBuf,
+    /// Where `dir` links to, if it is a link (spool::make_dir).
+    in_shm: Option<PathBuf>,
     files: Vec<(Arc<std::fs::File>, String, Arrival)>,
     /// What stores the chunks as they come.
     writer: crate::spool::Writer,
@@ -491,6 +501,9 @@ impl Drop for Spooled {
         self.writer.stop();
         self.files.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(d) = &self.in_shm {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 

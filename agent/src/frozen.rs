@@ -47,6 +47,9 @@ pub struct Frozen<'a> {
     pagemaps: std::collections::HashMap<i32, Option<std::fs::File>>,
     /// Walks part of the memory of each process whose dump walks it (walkhelp.rs).
     pub walker: Option<crate::walkhelp::Walker>,
+    /// Each process's mappings as frozen, read once: several steps need them, and the map
+    /// of a process with hundreds of mappings takes a fraction of a millisecond to read.
+    maps: std::cell::OnceCell<Vec<Vec<migrt::procfs::MapsLine>>>,
 }
 
 impl<'a> Frozen<'a> {
@@ -76,6 +79,7 @@ impl<'a> Frozen<'a> {
             direct: crate::outgoing::reads_directly(),
             pagemaps: Default::default(),
             walker: None,
+            maps: Default::default(),
         };
         let mut ended: std::collections::HashMap<i32, u32> = Default::default();
         loop {
@@ -224,7 +228,8 @@ impl<'a> Frozen<'a> {
                 let lazily = rounds.iter().any(|n| n == migrt::image::SOURCE_ROUND);
                 let helping = match rounds.is_empty() || compared.is_some() || lazily {
                     true => None,
-                    false => (self.walker.as_ref()).and_then(|w| w.start(self.tables[k].real_pid)),
+                    false => (self.walker.as_ref())
+                        .and_then(|w| w.start(self.tables[k].real_pid, &self.maps()[k])),
                 };
                 let dump = Request::Dump {
                     path,
@@ -335,7 +340,14 @@ impl<'a> Frozen<'a> {
     /// Of each process, in the order of their images, the ranges of shared memory an image
     /// before its own holds (image::shared_stored_before).
     pub fn shared_skips(&self) -> Vec<Vec<(u64, u64)>> {
-        migrt::image::shared_stored_before_now(self.tables.iter().map(|t| t.real_pid))
+        migrt::image::shared_stored_before(self.maps())
+    }
+
+    fn maps(&self) -> &[Vec<migrt::procfs::MapsLine>] {
+        self.maps.get_or_init(|| {
+            let pids = self.tables.iter().map(|t| t.real_pid.to_string());
+            pids.map(|p| migrt::procfs::all_mappings(&p)).collect()
+        })
     }
 
     /// The control connection to process `vpid`.

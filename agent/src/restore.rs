@@ -972,6 +972,20 @@ struct Made {
     log: Option<(std::fs::File, PathBuf)>,
     /// The restorer, in memory.
     restorer: std::fs::File,
+    /// What writes what `mig ps` says of it (sessions::describe, `restored`).
+    describing: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Made {
+    /// Waits until what `mig ps` says of it is written (or failed: said, the restore goes
+    /// on).
+    fn described(&mut self) {
+        match self.describing.take().map(|h| h.join()) {
+            None | Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => eprintln!("mig restore: describing the session: {e:#}"),
+            Some(Err(_)) => eprintln!("mig restore: describing the session failed"),
+        }
+    }
 }
 
 impl Made {
@@ -1000,6 +1014,7 @@ impl Made {
                 dir: dir.clone(),
                 log,
                 restorer,
+                describing: None,
             })
         })();
         if made.is_err() {
@@ -1017,9 +1032,10 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         _ => None,
     };
     let result = restore_into(a, &rt, &mut made);
-    if let Some(m) = made
+    if let Some(mut m) = made
         && !(detach && result.is_ok())
     {
+        m.described();
         if result.is_err() {
             crate::sysv::remove_made(&m.dir.0);
         }
@@ -1099,21 +1115,26 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
         None => made.insert(Made::new(rt, &name, &a)?),
     };
     let (dir, table) = (&made.dir, &made.table);
-    sessions::describe(dir, &command)?;
     let rules = a.rebind.to_string();
-    std::fs::write(
-        dir.0.join("restored"),
-        format!(
-            "from {} (checkpointed on {}); rebinding: {}",
-            a.dir.display(),
-            manifest.host,
-            if rules.is_empty() {
-                "none, old bindings"
-            } else {
-                &rules
-            }
-        ),
-    )?;
+    let restored = format!(
+        "from {} (checkpointed on {}); rebinding: {}",
+        a.dir.display(),
+        manifest.host,
+        if rules.is_empty() {
+            "none, old bindings"
+        } else {
+            &rules
+        }
+    );
+    // What `mig ps` says of it, written beside the restore (the restored processes do not
+    // read it): a file made on a disk file system can wait for its journal.
+    made.describing = Some({
+        let dir = dir.clone();
+        std::thread::spawn(move || -> Result<()> {
+            sessions::describe(&dir, &command)?;
+            Ok(std::fs::write(dir.0.join("restored"), restored)?)
+        })
+    });
     for p in &images {
         let parent = parent_of(p);
         table.restore_slot(
@@ -1295,6 +1316,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
             migrt::sys::wait_readable(c, Duration::from_millis(2))?;
         }
     }
+    made.described();
     if a.detach {
         println!("{name}");
         return Ok(0);

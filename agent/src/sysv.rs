@@ -57,7 +57,11 @@ pub fn make(
         .values()
         .map(|(app, new)| format!("{app} {new}\n"))
         .collect();
-    std::fs::write(session_dir.join("sysv"), table)?;
+    // (None: no file, which reads as empty; made on a disk file system it can wait for
+    // the journal in the middle of the freeze.)
+    if !table.is_empty() {
+        std::fs::write(session_dir.join("sysv"), table)?;
+    }
     Ok(ids)
 }
 

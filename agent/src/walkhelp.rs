@@ -56,10 +56,11 @@ impl Walker {
 
     /// Has the upper half of process `pid`'s largest anonymous private mapping walked, if
     /// it is large and mig may read the process's page map (same user); None otherwise.
-    pub fn start(&self, pid: i32) -> Option<Helping> {
+    /// (`maps`: its mappings.)
+    pub fn start(&self, pid: i32, maps: &[migrt::procfs::MapsLine]) -> Option<Helping> {
         let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
-        let largest = migrt::procfs::all_mappings(&pid.to_string())
-            .into_iter()
+        let largest = maps
+            .iter()
             .filter(|m| m.inode == 0 && m.name.0.is_empty() && m.perms.starts_with("rw"))
             .filter(|m| m.perms.as_bytes().get(3) == Some(&b'p'))
             .max_by_key(|m| m.end - m.start)?;

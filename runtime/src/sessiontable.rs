@@ -52,7 +52,7 @@ fn create_in_memory(path: &Path) -> Result<std::fs::File> {
     };
     let shm = Path::new("/dev/shm");
     let parent = path.parent().unwrap_or(Path::new("."));
-    if on_tmpfs(parent) || !on_tmpfs(shm) {
+    if crate::sys::on_tmpfs(parent) || !crate::sys::on_tmpfs(shm) {
         return new(path);
     }
     // A name no one can have taken (created exclusively: an existing file or link fails).
@@ -73,18 +73,6 @@ fn create_in_memory(path: &Path) -> Result<std::fs::File> {
         return Err(Error::io("creating session table", path, e));
     }
     Ok(f)
-}
-
-fn on_tmpfs(dir: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs fills the zeroed struct given; the path is NUL-terminated.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
-    }
 }
 
 #[repr(C)]
@@ -644,7 +632,11 @@ mod tests {
         );
         // Its pages are in memory: the file itself, or the one it links to.
         let real = std::fs::canonicalize(&p).unwrap();
-        assert!(on_tmpfs(real.parent().unwrap()), "{}", real.display());
+        assert!(
+            crate::sys::on_tmpfs(real.parent().unwrap()),
+            "{}",
+            real.display()
+        );
         SessionTable::remove(&p);
         assert!(!real.exists() && std::fs::symlink_metadata(&p).is_err());
     }
