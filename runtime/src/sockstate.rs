@@ -195,16 +195,25 @@ fn peek_all(fd: i32, stream: bool) -> Vec<Bytes> {
 /// receiver's unread bytes and a sender's queue add up to what was written, whichever is
 /// captured first. A session just restored may still be pouring bytes back in.
 pub fn settle(fds: &[i32], patience: std::time::Duration) {
-    let t = std::time::Instant::now();
-    let mut last: Vec<(u32, u32)> = Vec::new();
+    use std::time::{Duration, Instant};
+    let t = Instant::now();
+    let (mut last, mut since): (Vec<(u32, u32)>, Instant) = (Vec::new(), t);
     loop {
         let now: Vec<(u32, u32)> = fds.iter().map(|&fd| sys::send_queue_sizes(fd)).collect();
-        let quiet = now.iter().all(|(all, not_sent)| all == not_sent) && now == last;
-        if quiet || t.elapsed() > patience {
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        // Looked at often (an acknowledgement comes within a fraction of a millisecond
+        // on a local link, and the session is frozen meanwhile); what is left unsent is
+        // taken as not moving once it stayed the same for a millisecond; nothing queued at
+        // all is settled at once.
+        let acked = last.iter().all(|(all, not_sent)| all == not_sent);
+        let empty = last.iter().all(|&(all, _)| all == 0);
+        let still = since.elapsed() >= Duration::from_millis(1);
+        if (acked && (empty || still)) || t.elapsed() > patience {
             return;
         }
-        last = now;
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
