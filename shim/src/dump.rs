@@ -98,6 +98,9 @@ pub fn dump(
     let scratch = Scratch::new()?;
     let mut w = ImageWriter::new(&file, Kind::Process)?;
     let enc = |e: migrt::Error| std::io::Error::other(e.to_string());
+    // (Read once for what is said of it before its pages: a map of hundreds of mappings
+    // takes a fraction of a millisecond. The page loop reads it again.)
+    let maps = migrt::procfs::all_mappings("self");
     let main = parked.iter().find(|p| p.tid == table.real_pid);
     let meta = ProcessMeta {
         restart_entry: crate::restart::migshim_restart as *const () as u64,
@@ -106,7 +109,7 @@ pub fn dump(
         tid_offset: main
             .and_then(|p| crate::interpose::freeze::tid_offset(p.fs_base, p.tid))
             .unwrap_or(0),
-        mm: mm_layout(),
+        mm: mm_layout(&maps),
         auxv: std::fs::read("/proc/self/auxv").unwrap_or_default(),
         comm: std::fs::read_to_string("/proc/self/comm")
             .unwrap_or_default()
@@ -114,7 +117,7 @@ pub fn dump(
             .to_string(),
         tty: (0..3).find_map(migrt::sys::tty_state),
         ctty_fd: crate::restart::controlling_fd(),
-        sysv: sysv_attached(),
+        sysv: sysv_attached(&maps),
         vpid: vpid(),
         parent_vpid: table.parent_vpid,
         real_pid: table.real_pid,
@@ -148,7 +151,7 @@ pub fn dump(
     w.postcard(Tag::Pipes, &pipe_contents(table, pipes_theirs))
         .map_err(enc)?;
     w.postcard(Tag::Sockets, &sockets).map_err(enc)?;
-    let (host_files, mut contents) = host_memory_files(table, s.table.mapping().0 as u64);
+    let (host_files, mut contents) = host_memory_files(table, &maps, s.table.mapping().0 as u64);
     contents.extend(file_contents(table, pipes_theirs));
     w.postcard(Tag::HostFiles, &host_files).map_err(enc)?;
     w.postcard(Tag::Contents, &contents).map_err(enc)?;
@@ -190,8 +193,17 @@ pub fn dump(
         })
     };
     let describe = |maps: &[migrt::procfs::MapsLine]| -> Vec<Region> {
+        // (A file's mappings come one after the other: it is looked at once.)
+        let mut last: Option<(&[u8], (u64, i64))> = None;
         maps.iter()
-            .map(|m| (m, identity(m)))
+            .map(|m| match last {
+                Some((name, id)) if name == &m.name.0[..] => (m, id),
+                _ => {
+                    let id = identity(m);
+                    last = Some((&m.name.0, id));
+                    (m, id)
+                }
+            })
             .map(|(m, (file_size, file_mtime_ns))| Region {
                 start: m.start,
                 end: m.end,
@@ -632,8 +644,7 @@ fn unread_bytes(fd: i32) -> Vec<u8> {
 
 /// The System V segments this process has attached (a mapping named /SYSV<key> whose
 /// inode is the segment's id).
-fn sysv_attached() -> Vec<migrt::image::SysvSegment> {
-    let maps = migrt::procfs::all_mappings("self");
+fn sysv_attached(maps: &[migrt::procfs::MapsLine]) -> Vec<migrt::image::SysvSegment> {
     migrt::procfs::sysv_segments()
         .into_iter()
         .filter(|s| {
@@ -787,6 +798,7 @@ fn file_contents(table: &ProcessTable, theirs: &[u64]) -> Vec<(u64, Bytes)> {
 /// and their content by inode. (Not the session table, mapped at `own_table`.)
 fn host_memory_files(
     table: &ProcessTable,
+    maps: &[migrt::procfs::MapsLine],
     own_table: u64,
 ) -> (Vec<migrt::image::HostFile>, Vec<(u64, Bytes)>) {
     use migrt::table::Object;
@@ -799,10 +811,10 @@ fn host_memory_files(
         } => Some(path.0.clone()),
         _ => None,
     });
-    let mapped = migrt::procfs::all_mappings("self")
-        .into_iter()
+    let mapped = maps
+        .iter()
         .filter(|m| m.start != own_table)
-        .map(|m| m.name.0);
+        .map(|m| m.name.0.clone());
     let (mut files, mut contents) = (Vec::new(), Vec::new());
     for path in held.chain(mapped) {
         if !migrt::image::host_memory_file(&path) {
@@ -833,8 +845,9 @@ fn host_memory_files(
     (files, contents)
 }
 
-/// prctl_mm_map's first eleven fields, from /proc/self/stat (brk: the end of [heap]).
-fn mm_layout() -> Vec<u64> {
+/// prctl_mm_map's first eleven fields, from /proc/self/stat (brk: the end of [heap] in
+/// `maps`).
+fn mm_layout(maps: &[migrt::procfs::MapsLine]) -> Vec<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
     let f: Vec<u64> = after
@@ -843,7 +856,7 @@ fn mm_layout() -> Vec<u64> {
         .collect();
     // Field n of stat(5) is f[n - 3].
     let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
-    let brk = migrt::procfs::all_mappings("self")
+    let brk = maps
         .iter()
         .find(|m| m.name.0 == b"[heap]")
         .map_or(field(47), |m| m.end);
