@@ -418,6 +418,12 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
 
     // 3. Every region: mapped (from a file, the image's pages lazily), or, for kind 1,
     // copied from the image into the anonymous memory already there.
+    // (Only a private mapping copied into is writable until the copies are in: each one
+    // made read-only again afterwards costs an mprotect — hundreds in a process with many
+    // libraries.)
+    let copied_into = |e: &[u64]| {
+        entries.chunks(ENTRY_WORDS).any(|c| (c[6] == 1 || c[6] == 2) && c[0] < e[0] + e[1] && e[0] < c[0] + c[1])
+    };
     for e in entries.chunks(ENTRY_WORDS).filter(|e| e[6] == 0 || e[6] == 1) {
         let (addr, len, prot, flags, fd, off) = (e[0] as usize, e[1] as usize, e[2] as usize, e[3] as usize, e[4] as i64, e[5] as usize);
         if e[6] == 1 {
@@ -425,9 +431,10 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
             continue;
         }
         let (fd, flags) = if fd < 0 { (usize::MAX, flags | MAP_ANONYMOUS) } else { (fd as usize, flags) };
-        // Private memory is writable until the copies are in; the final protection comes
-        // after. (A shared mapping is never copied into, and may come from a read-only fd.)
-        let prot = if flags & MAP_SHARED == 0 { prot | PROT_WRITE } else { prot };
+        // Private memory copied into is writable until the copies are in; the final
+        // protection comes after. (A shared mapping is never copied into, and may come
+        // from a read-only fd.)
+        let prot = if flags & MAP_SHARED == 0 && copied_into(e) { prot | PROT_WRITE } else { prot };
         let r = unsafe { sys6(SYS_MMAP, addr, len, prot, flags | MAP_FIXED, fd, off) };
         if r as usize != addr {
             die_at(b"mapping a saved region failed at", addr);
@@ -440,7 +447,7 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
         }
     }
     for e in entries.chunks(ENTRY_WORDS) {
-        if e[6] == 0 && e[2] as usize & PROT_WRITE == 0 {
+        if e[6] == 0 && e[2] as usize & PROT_WRITE == 0 && e[3] as usize & MAP_SHARED == 0 && copied_into(e) {
             unsafe { sys6(SYS_MPROTECT, e[0] as usize, e[1] as usize, e[2] as usize, 0, 0, 0) };
         }
     }
