@@ -4,7 +4,8 @@
 //! interface on the same subnet before the session is restored, then announced by a
 //! gratuitous ARP so that the neighbours send to the target from then on.
 //!
-//! Addresses are changed with iproute2's `ip` (root); IPv4 only.
+//! Addresses are read with iproute2's `ip`, and changed through rtnetlink (root); IPv4
+//! only.
 
 use anyhow::{Context, Result, bail};
 use std::net::Ipv4Addr;
@@ -96,10 +97,36 @@ pub struct Changes {
     undo: Vec<(Held, bool)>,
 }
 
-/// `ip addr add|del ADDR/PREFIX dev DEV`.
+/// What `ip addr add|del ADDR/PREFIX dev DEV` does, said to the kernel directly (rtnetlink
+/// RTM_NEWADDR / RTM_DELADDR): running `ip` took 1.5-3 ms inside the freeze.
 fn set(h: &Held, add: bool) -> Result<()> {
-    let a = format!("{}/{}", h.ip, h.prefix);
-    ip(&["addr", if add { "add" } else { "del" }, &a, "dev", &h.dev])?;
+    const IFA_ADDRESS: u16 = 1;
+    const IFA_LOCAL: u16 = 2;
+    let dev = std::ffi::CString::new(h.dev.as_bytes())?;
+    // SAFETY: dev is a valid C string.
+    let index = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("interface {}", h.dev));
+    }
+    // struct ifaddrmsg { family, prefixlen, flags, scope: u8; index: u32 }, then the
+    // attributes: the address as this end's (local) and as the peer's (address).
+    let mut req = vec![libc::AF_INET as u8, h.prefix, 0, 0];
+    req.extend_from_slice(&index.to_ne_bytes());
+    for kind in [IFA_LOCAL, IFA_ADDRESS] {
+        req.extend_from_slice(&8u16.to_ne_bytes());
+        req.extend_from_slice(&kind.to_ne_bytes());
+        req.extend_from_slice(&h.ip.octets());
+    }
+    let (msg, flags) = match add {
+        true => (
+            libc::RTM_NEWADDR,
+            libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL,
+        ),
+        false => (libc::RTM_DELADDR, libc::NLM_F_ACK),
+    };
+    migrt::sys::netlink_call(libc::NETLINK_ROUTE, msg, flags, &req)
+        .with_context(|| format!("{} {h}", if add { "adding" } else { "removing" }))?;
     Ok(())
 }
 

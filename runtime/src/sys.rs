@@ -94,6 +94,18 @@ pub fn alive(pid: i32) -> bool {
 /// Sends one netlink dump request and returns the payload of every answer message
 /// (the bytes after each `nlmsghdr`) until NLMSG_DONE.
 pub fn netlink_dump(protocol: i32, msg_type: u16, request: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+    netlink_call(protocol, msg_type, libc::NLM_F_DUMP, request)
+}
+
+/// Sends one netlink request (flags besides NLM_F_REQUEST: `flags`) and returns the
+/// payload of every answer message until NLMSG_DONE, or an acknowledgement (an
+/// NLMSG_ERROR of 0: success), or the error it says.
+pub fn netlink_call(
+    protocol: i32,
+    msg_type: u16,
+    flags: i32,
+    request: &[u8],
+) -> io::Result<Vec<Vec<u8>>> {
     const HDR: usize = 16;
     // SAFETY: plain socket creation; the fd is closed by OwnedFd below.
     let raw = unsafe {
@@ -112,7 +124,7 @@ pub fn netlink_dump(protocol: i32, msg_type: u16, request: &[u8]) -> io::Result<
     let mut msg = Vec::with_capacity(HDR + request.len());
     msg.extend_from_slice(&((HDR + request.len()) as u32).to_ne_bytes());
     msg.extend_from_slice(&msg_type.to_ne_bytes());
-    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | flags) as u16).to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
     msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
     msg.extend_from_slice(request);
@@ -140,7 +152,10 @@ pub fn netlink_dump(protocol: i32, msg_type: u16, request: &[u8]) -> io::Result<
                 libc::NLMSG_DONE => return Ok(out),
                 libc::NLMSG_ERROR => {
                     let errno = i32::from_ne_bytes(rest[HDR..HDR + 4].try_into().unwrap_or([0; 4]));
-                    return Err(io::Error::from_raw_os_error(-errno));
+                    return match errno {
+                        0 => Ok(out),
+                        _ => Err(io::Error::from_raw_os_error(-errno)),
+                    };
                 }
                 _ => out.push(rest[HDR..len].to_vec()),
             }
