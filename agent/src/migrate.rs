@@ -26,7 +26,7 @@
 use crate::client::Client;
 use crate::frozen::{Frozen, human, manifest_bytes};
 use crate::netaddr;
-use crate::outgoing::{self, Sending, Shared, Stream, announce, finish, stream_to};
+use crate::outgoing::{self, Sending, Shared, announce, finish, stream_to};
 use crate::peer::{self, CHUNK, Msg};
 use crate::sessions;
 use anyhow::{Context, Result, bail};
@@ -267,7 +267,7 @@ fn transfer(
         .collect();
     files.push("session.img".into());
     let base = announce(link, announced, files.clone())?;
-    let mut streams: Vec<Stream> = Vec::new();
+    let mut forwarders = Vec::new();
     let dumped = frozen.dump(
         |vpid| {
             let file = migrt::image::process_file(vpid);
@@ -275,15 +275,17 @@ fn transfer(
                 .iter()
                 .position(|f| *f == file)
                 .context("a process that came meanwhile")?;
-            let stream = stream_to(link, base + index as u32)?;
-            let into = stream.0.try_clone()?;
-            streams.push(stream);
+            // (The process gets the only end to write: its image is complete at the
+            // agent, and read by the restore there, once it is written, while the
+            // others are still being dumped.)
+            let (into, forwarder) = stream_to(link, base + index as u32)?;
+            forwarders.push(forwarder);
             Ok((file.clone(), file, into))
         },
         false,
     );
     // The forwarders end either way (their pipes close), and say why one failed first.
-    let finished: Vec<Result<()>> = streams.into_iter().map(finish).collect();
+    let finished: Vec<Result<()>> = forwarders.into_iter().map(finish).collect();
     finished.into_iter().collect::<Result<()>>()?;
     let (mut bytes, manifest) = dumped?;
     let session = manifest_bytes(&manifest)?;

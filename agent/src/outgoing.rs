@@ -169,9 +169,9 @@ pub fn stream_to(link: &Shared, index: u32) -> Result<Stream> {
     Ok((w, forward))
 }
 
-/// Ends a stream: the forwarder sees the end of the file, and says why it failed first.
-pub fn finish((w, t): Stream) -> Result<()> {
-    drop(w);
+/// Waits for a stream's forwarder: it ends once every end to write is closed, and says
+/// why it failed first.
+pub fn finish(t: std::thread::JoinHandle<Result<()>>) -> Result<()> {
     t.join()
         .map_err(|_| anyhow::anyhow!("the forwarding thread failed"))?
 }
