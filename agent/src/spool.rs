@@ -66,6 +66,9 @@ pub fn make_dir(dir: &Path, memory: bool) -> Result<Option<std::path::PathBuf>> 
             .create(d)
             .with_context(|| format!("making {}", d.display()))
     };
+    // (What is there already is a leftover: the name holds this agent's pid, which one
+    // killed before had too — in a container an agent may always have the same pid.)
+    let _ = std::fs::remove_dir_all(dir);
     let shm = Path::new(SHM);
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
     let (Some(name), true) = (name, memory && migrt::sys::on_tmpfs(shm)) else {
@@ -77,6 +80,7 @@ pub fn make_dir(dir: &Path, memory: bool) -> Result<Option<std::path::PathBuf>> 
         migrt::sys::getuid(),
         std::process::id()
     ));
+    let _ = std::fs::remove_dir_all(&real);
     private(&real)?;
     let linked = dir.parent().map_or(Ok(()), private).and_then(|_| {
         std::os::unix::fs::symlink(&real, dir).with_context(|| format!("making {}", dir.display()))
