@@ -216,6 +216,7 @@ impl<'a> Frozen<'a> {
         let sockets = sockets_read_before(&self.tables);
         let at_once = sockets.is_some();
         let mut sockets_elsewhere = sockets.unwrap_or_default().into_iter();
+        let mut host_files_elsewhere = host_files_before(&self.tables, self.maps()).into_iter();
         let (mut asked, mut failed) = (Vec::new(), None);
         for k in 0..self.clients.len() {
             let vpid = self.clients[k].0;
@@ -242,6 +243,7 @@ impl<'a> Frozen<'a> {
                     skip: skips.next().unwrap_or_default(),
                     pipes_elsewhere: pipes_elsewhere.next().unwrap_or_default(),
                     sockets_elsewhere: sockets_elsewhere.next().unwrap_or_default(),
+                    host_files_elsewhere: host_files_elsewhere.next().unwrap_or_default(),
                 };
                 // (A large process writing to a slow disk takes its time.)
                 let resident = sessions::resident(self.tables[k].real_pid);
@@ -548,7 +550,6 @@ pub fn human(b: u64) -> String {
     }
 }
 
-/// Whether two of the processes hold the same socket.
 /// Of each process, the pipes (read ends) and FIFOs (either end) that a process before it
 /// holds too, by inode: its dump leaves what they hold to the first one's.
 fn pipes_read_before(tables: &[migrt::table::ProcessTable]) -> Vec<Vec<u64>> {
@@ -594,6 +595,39 @@ fn sockets_read_before(tables: &[migrt::table::ProcessTable]) -> Option<Vec<Vec<
 
 /// Of each process, the objects (`key` of what its fds stand for: an inode) that a
 /// process before it holds too.
+/// Of each process, the POSIX shared memory objects (by inode) that a process before it
+/// holds or maps (`maps`) too: its dump leaves their content to the first one's.
+fn host_files_before(
+    tables: &[migrt::table::ProcessTable],
+    maps: &[Vec<migrt::procfs::MapsLine>],
+) -> Vec<Vec<u64>> {
+    use migrt::image::host_memory_file;
+    use migrt::table::Object;
+    let mut seen: Vec<u64> = Vec::new();
+    let mut out = Vec::new();
+    for (t, maps) in tables.iter().zip(maps) {
+        let held = t.fds.iter().filter_map(|f| match &f.object {
+            Object::File {
+                path,
+                ino,
+                deleted: false,
+                ..
+            } if host_memory_file(&path.0) => Some(*ino),
+            _ => None,
+        });
+        let mapped = (maps.iter())
+            .filter(|m| host_memory_file(&m.name.0))
+            .map(|m| m.inode);
+        let mut mine: Vec<u64> = held.chain(mapped).collect();
+        mine.sort_unstable();
+        mine.dedup();
+        let (before, new): (Vec<u64>, Vec<u64>) = mine.into_iter().partition(|i| seen.contains(i));
+        seen.extend(new);
+        out.push(before);
+    }
+    out
+}
+
 fn held_before(
     tables: &[migrt::table::ProcessTable],
     key: impl Fn(&migrt::table::Object) -> Option<u64>,
@@ -657,5 +691,46 @@ mod tests {
         // The same socket under two ids: no process leaves it to another.
         let tables = [holding(1, &[(10, 1)]), holding(2, &[(10, 5)])];
         assert_eq!(sockets_read_before(&tables), None);
+    }
+
+    #[test]
+    fn a_shared_memory_object_held_or_mapped_by_several_is_read_by_the_first() {
+        let file = |ino: u64, path: &str| FdEntry {
+            fd: 3,
+            cloexec: false,
+            flags: 0,
+            journaled: true,
+            object: Object::File {
+                path: path.as_bytes().into(),
+                opened_as: None,
+                offset: 0,
+                size: 0,
+                dev: 0,
+                ino,
+                mtime_ns: 0,
+                deleted: false,
+                locks: Vec::new(),
+            },
+        };
+        let mapping = |inode: u64, name: &str| migrt::procfs::MapsLine {
+            start: 0,
+            end: 4096,
+            perms: "rw-s".into(),
+            offset: 0,
+            inode,
+            name: name.as_bytes().into(),
+        };
+        // The first holds the object (and a plain file), the second maps it and another,
+        // the third holds and maps both.
+        let mut tables = [holding(1, &[]), holding(2, &[]), holding(3, &[])];
+        tables[0].fds = vec![file(7, "/dev/shm/psm"), file(8, "/etc/hosts")];
+        tables[2].fds = vec![file(7, "/dev/shm/psm")];
+        let maps = [
+            vec![],
+            vec![mapping(7, "/dev/shm/psm"), mapping(9, "/dev/shm/sem.x")],
+            vec![mapping(9, "/dev/shm/sem.x"), mapping(7, "/dev/shm/psm")],
+        ];
+        let got = host_files_before(&tables, &maps);
+        assert_eq!(got, vec![vec![], vec![7], vec![7, 9]]);
     }
 }

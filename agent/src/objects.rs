@@ -115,7 +115,10 @@ pub fn host_memory_files(images: &[ProcImage], policy: &Policy) -> Result<MadeFi
             Err(e) => return Err(e).with_context(|| format!("making {p} again")),
         };
         made.made.push(path.to_path_buf());
-        let content = img.contents.iter().find(|(i, _)| *i == h.ino);
+        // (Its content is in one image only: the first holder's, mostly this one.)
+        let mut all = images.iter().flat_map(|i| &i.contents);
+        let content = (img.contents.iter().find(|(i, _)| *i == h.ino))
+            .or_else(|| all.find(|(i, _)| *i == h.ino));
         f.write_all(content.map_or(&[][..], |(_, c)| &c.0))
             .with_context(|| format!("filling {p}"))?;
         // (As the restorer's user it may not: the object is then the restorer's.)

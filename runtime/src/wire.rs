@@ -8,7 +8,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::io::{Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Default real-time signal a session reserves (`MIGSHIM_SIGNAL` at `mig run` overrides).
 pub const DEFAULT_SIGNAL: u32 = 63;
@@ -50,6 +50,9 @@ pub enum Request {
         /// Sockets (session-wide ids) another process's image holds the state of: not read
         /// (the other's dump reads them meanwhile).
         sockets_elsewhere: Vec<u64>,
+        /// POSIX shared memory objects (inodes) another process's image holds the content
+        /// of: described, not read (every postgres process maps the same megabyte).
+        host_files_elsewhere: Vec<u64>,
     },
     /// While running: a pre-copy round — which runs of its memory to send (the first
     /// round: all it has; the next ones: what was written since the round before). Mig

@@ -374,6 +374,7 @@ impl Session {
                 skip,
                 pipes_elsewhere,
                 sockets_elsewhere,
+                host_files_elsewhere,
             } => match (&mut self.frozen, shim()) {
                 (Some(f), Some(s)) => {
                     let theirs = &sockets_elsewhere[..];
@@ -391,8 +392,13 @@ impl Session {
                     let result =
                         crate::precopy::with_delta((compared.as_deref(), shared.as_deref()), |d| {
                             let delta = (&rounds[..], d, walked.as_deref());
-                            let what = (&sockets[..], &skip[..], &pipes_elsewhere[..]);
-                            crate::dump::dump(s, out.into(), &*f, what, sync, delta)
+                            let theirs = crate::dump::Theirs {
+                                memory: &skip,
+                                pipes: &pipes_elsewhere,
+                                host_files: &host_files_elsewhere,
+                            };
+                            let (sockets, theirs) = (&sockets[..], &theirs);
+                            crate::dump::dump(s, out.into(), &*f, sockets, theirs, sync, delta)
                         });
                     match result {
                         Ok(d) => {

@@ -75,9 +75,18 @@ fn link(p: &str) -> Bytes {
     )
 }
 
-/// Writes the image (the pages of shared memory in `theirs`, and the unread bytes of the
-/// pipes and FIFOs `pipes_theirs`, left out: another process's
-/// image holds them). With pre-copy `rounds` (their files) and their `delta`, memory the
+/// What other processes' images hold, which this one's leaves out (their dumps read it
+/// meanwhile).
+pub struct Theirs<'a> {
+    /// Ranges of shared memory: their pages.
+    pub memory: &'a [(u64, u64)],
+    /// Pipes and FIFOs, by inode: their unread bytes.
+    pub pipes: &'a [u64],
+    /// POSIX shared memory objects, by inode: their content.
+    pub host_files: &'a [u64],
+}
+
+/// Writes the image (what `theirs` says another process's image holds left out). With pre-copy `rounds` (their files) and their `delta`, memory the
 /// rounds tracked is stored only where written since the last round; its other pages are
 /// listed as kept from the rounds (image::Precopied). With the round that stays in the
 /// source (image::SOURCE_ROUND, a lazy migration), none of the anonymous memory is stored:
@@ -86,7 +95,8 @@ pub fn dump(
     s: &Shim,
     file: std::fs::File,
     frozen: &Frozen,
-    (sockets, theirs, pipes_theirs): (&[migrt::sockstate::SocketState], &[(u64, u64)], &[u64]),
+    sockets: &[migrt::sockstate::SocketState],
+    theirs: &Theirs,
     sync: bool,
     (rounds, delta, walked): (&[String], Option<&Delta>, Option<&Walked>),
 ) -> std::io::Result<Dumped> {
@@ -148,11 +158,13 @@ pub fn dump(
         })
         .collect();
     w.postcard(Tag::Threads, &threads).map_err(enc)?;
-    w.postcard(Tag::Pipes, &pipe_contents(table, pipes_theirs))
+    w.postcard(Tag::Pipes, &pipe_contents(table, theirs.pipes))
         .map_err(enc)?;
     w.postcard(Tag::Sockets, &sockets).map_err(enc)?;
-    let (host_files, mut contents) = host_memory_files(table, &maps, s.table.mapping().0 as u64);
-    contents.extend(file_contents(table, pipes_theirs));
+    let own_table = s.table.mapping().0 as u64;
+    let (host_files, mut contents) =
+        host_memory_files(table, (&maps, own_table), theirs.host_files);
+    contents.extend(file_contents(table, theirs.pipes));
     w.postcard(Tag::HostFiles, &host_files).map_err(enc)?;
     w.postcard(Tag::Contents, &contents).map_err(enc)?;
     w.postcard(Tag::Ptys, &pty_states(table)).map_err(enc)?;
@@ -182,7 +194,7 @@ pub fn dump(
     let own = own.to_vec();
     let is_own = |m: &migrt::procfs::MapsLine| own.iter().any(|&(s, e)| m.start >= s && m.end <= e);
     // Shared memory another process's image holds: described, its pages left out.
-    let mine = |start: u64, end: u64| !theirs.iter().any(|&(s, e)| start >= s && end <= e);
+    let mine = |start: u64, end: u64| !(theirs.memory.iter()).any(|&(s, e)| start >= s && end <= e);
     let identity = |m: &migrt::procfs::MapsLine| -> (u64, i64) {
         use std::os::unix::fs::MetadataExt;
         if !file_backed(m) {
@@ -795,11 +807,12 @@ fn file_contents(table: &ProcessTable, theirs: &[u64]) -> Vec<(u64, Bytes)> {
 }
 
 /// The POSIX shared memory objects this process holds open or maps (image::HostFile),
-/// and their content by inode. (Not the session table, mapped at `own_table`.)
+/// and their content by inode, but of those in `theirs` (another image holds it). (Not
+/// the session table, mapped at `own_table`.)
 fn host_memory_files(
     table: &ProcessTable,
-    maps: &[migrt::procfs::MapsLine],
-    own_table: u64,
+    (maps, own_table): (&[migrt::procfs::MapsLine], u64),
+    theirs: &[u64],
 ) -> (Vec<migrt::image::HostFile>, Vec<(u64, Bytes)>) {
     use migrt::table::Object;
     use std::os::unix::fs::MetadataExt;
@@ -830,9 +843,12 @@ fn host_memory_files(
         {
             continue;
         }
-        let Ok(data) = std::fs::read(name) else {
-            continue;
-        };
+        if !theirs.contains(&md.ino()) {
+            let Ok(data) = std::fs::read(name) else {
+                continue;
+            };
+            contents.push((md.ino(), Bytes(data)));
+        }
         files.push(migrt::image::HostFile {
             ino: md.ino(),
             path: Bytes(path),
@@ -840,7 +856,6 @@ fn host_memory_files(
             uid: md.uid(),
             gid: md.gid(),
         });
-        contents.push((md.ino(), Bytes(data)));
     }
     (files, contents)
 }
