@@ -58,6 +58,9 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     let rt = sessions::runtime_dir()?;
     let state = a.state_dir.clone().unwrap_or_else(|| rt.clone());
     crate::spool::sweep();
+    // (Room for the fds of several incoming sessions: the table grown inside a freeze
+    // would wait for an RCU grace period first, this process having threads.)
+    let _ = migrt::sys::grow_fd_table(1000);
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("listening on {}", a.listen))?;
     log(format_args!(

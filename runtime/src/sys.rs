@@ -267,6 +267,22 @@ pub fn inheritable_fd(f: &std::fs::File, min: i32) -> io::Result<i32> {
     inheritable_fd_of(f.as_raw_fd(), min)
 }
 
+/// Grows this process's fd table to hold fd `fd` now. Grown when a new fd needs it, while
+/// another thread of the process runs, the kernel first waits for an RCU grace period
+/// (milliseconds, inside a freeze when it happens there).
+pub fn grow_fd_table(fd: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: a duplicate of an fd we hold, made at `fd` or above, closed at once.
+    let dup = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, fd) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the duplicate was just made here and is owned by nothing else.
+    unsafe { libc::close(dup) };
+    Ok(())
+}
+
 /// As inheritable_fd, for any fd we hold.
 pub fn inheritable_fd_of(fd: i32, min: i32) -> io::Result<i32> {
     // SAFETY: F_DUPFD on an fd we hold; the duplicate is deliberately left open for the
