@@ -78,13 +78,24 @@ impl<T> Drop for Undo<T> {
     }
 }
 
-/// The connections a migration handed over, made again and let out of repair mode: if the
-/// restore fails they go back into it before they are closed, so that closing them ends
-/// nothing for their peers (the session goes on with them where it came from).
-pub type Handed = Undo<OwnedFd>;
+/// The connections a migration handed over, made again in repair mode (with the bytes
+/// they had not sent yet), let out of it only once the restore can no longer fail before
+/// its processes run (`go_live`): if it fails they are (back) in repair mode when closed,
+/// so that closing them ends nothing for their peers, and they took in nothing from them
+/// (the session goes on with them where it came from).
+pub type Handed = Undo<(socket2::Socket, Vec<u8>)>;
 
-fn back_into_repair(fd: &OwnedFd) {
-    let _ = migrt::tcprepair::enter(fd.as_raw_fd());
+impl Handed {
+    pub fn go_live(&self) -> Result<()> {
+        for (sock, unsent) in &self.made {
+            migrt::tcprepair::go_live(sock, unsent).context("a handed-over connection")?;
+        }
+        Ok(())
+    }
+}
+
+fn back_into_repair((sock, _): &(socket2::Socket, Vec<u8>)) {
+    let _ = migrt::tcprepair::enter(sock.as_raw_fd());
 }
 
 /// The POSIX shared memory objects the session held that this host lacks, made again
@@ -187,8 +198,14 @@ pub fn build(
     let sockets = sockets::build(&socks, policy.rebind)?;
     let mut handed_over = Handed::new(back_into_repair);
     for id in &handed {
-        if let Some(s) = sockets.get(id) {
-            handed_over.made.push(s.try_clone()?.into());
+        let state = socks
+            .iter()
+            .find(|s| s.info.id == *id)
+            .and_then(|s| s.state);
+        let repair = state.and_then(|st| st.handover.as_ref());
+        if let (Some(s), Some(r)) = (sockets.get(id), repair) {
+            let unsent = migrt::tcprepair::unsent(r).to_vec();
+            handed_over.made.push((s.try_clone()?, unsent));
         }
     }
 

@@ -1270,6 +1270,8 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    // (Nothing above runs the session yet: its connections handed over go live now.)
+    objects.handed.go_live()?;
     let mut child = c.spawn().context("starting the restorer")?;
     // (The restored processes hold the pager's socket now: it ends when they all did.)
     let hold = pager.map(|p| p.hold);

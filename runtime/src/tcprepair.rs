@@ -207,8 +207,9 @@ fn fill_queue(fd: i32, queue: i32, data: &[u8]) -> io::Result<()> {
 
 /// Makes fresh TCP socket `fd` the connection `r` from `local` to `peer` again (it enters
 /// repair mode, binds, connects without a handshake, gets its queues, options and window
-/// back) and lets it out of repair mode with a window probe. Its unsent bytes are sent
-/// afterwards, as the application's.
+/// back), left in repair mode: `go_live` lets it out once nothing can fail any more. (Out
+/// of repair mode it acknowledges what its peer sends: if the restore failed then, the
+/// peer would not send that again to the session going on where it came from.)
 pub fn rebuild(
     sock: &socket2::Socket,
     r: &TcpRepair,
@@ -240,7 +241,7 @@ pub fn rebuild(
             tcp(fd, TCP_TIMESTAMP, r.timestamp as i32),
         )?;
     }
-    let sent = r.send_queue.0.len() - (r.unsent as usize).min(r.send_queue.0.len());
+    let sent = r.send_queue.0.len() - unsent(r).len();
     fill_queue(fd, RECV_QUEUE, &r.recv_queue.0)?;
     fill_queue(fd, SEND_QUEUE, &r.send_queue.0[..sent])?;
     let window: Vec<u8> = r.window.iter().flat_map(|w| w.to_ne_bytes()).collect();
@@ -248,8 +249,21 @@ pub fn rebuild(
         "setting the window",
         sys::setsockopt_bytes(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &window),
     )?;
-    leave(fd, true);
-    let mut rest = &r.send_queue.0[sent..];
+    Ok(())
+}
+
+/// The bytes of `r`'s send queue its peer was never sent.
+pub fn unsent(r: &TcpRepair) -> &[u8] {
+    let q = &r.send_queue.0;
+    &q[q.len() - (r.unsent as usize).min(q.len())..]
+}
+
+/// Lets a rebuilt connection out of repair mode with a window probe; its `unsent` bytes
+/// are sent afterwards, as the application's.
+pub fn go_live(sock: &socket2::Socket, unsent: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    leave(sock.as_raw_fd(), true);
+    let mut rest = unsent;
     while !rest.is_empty() {
         let n = sock.send(rest).map_err(|e| {
             io::Error::new(e.kind(), format!("sending the unsent bytes again: {e}"))
