@@ -977,18 +977,6 @@ struct Made {
 }
 
 impl Made {
-    /// Waits until what `mig ps` says of it is written (or failed: said, the restore goes
-    /// on).
-    fn described(&mut self) {
-        match self.describing.take().map(|h| h.join()) {
-            None | Some(Ok(Ok(()))) => {}
-            Some(Ok(Err(e))) => eprintln!("mig restore: describing the session: {e:#}"),
-            Some(Err(_)) => eprintln!("mig restore: describing the session failed"),
-        }
-    }
-}
-
-impl Made {
     fn new(rt: &Path, name: &str, a: &RestoreArgs) -> Result<Made> {
         let signal = migrt::wire::DEFAULT_SIGNAL;
         // (Its command is written once the image says it.)
@@ -1024,6 +1012,16 @@ impl Made {
             dir.remove();
         }
         made
+    }
+
+    /// Waits until what `mig ps` says of it is written (or failed: said, the restore goes
+    /// on).
+    fn described(&mut self) {
+        match self.describing.take().map(|h| h.join()) {
+            None | Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => eprintln!("mig restore: describing the session: {e:#}"),
+            Some(Err(_)) => eprintln!("mig restore: describing the session failed"),
+        }
     }
 }
 
