@@ -221,7 +221,7 @@ fn serve() {
         // changed to (no more than it may trace the process).
         let owner = shim().map(|s| s.table.owner());
         if !peer_uid(conn.as_raw_fd()).is_some_and(|u| u == 0 || Some(u) == owner) {
-            CONN_FD.store(-1, Relaxed);
+            hang_up(conn);
             continue;
         }
         crate::creds::open_to_mig();
@@ -251,7 +251,7 @@ fn serve() {
         crate::precopy::end();
         session.thaw();
         crate::creds::closed_again();
-        CONN_FD.store(-1, Relaxed);
+        hang_up(conn);
     }
     // Leaked on purpose: the fd number may already be someone else's.
     let _ = listener.into_raw_fd();
@@ -294,6 +294,14 @@ fn accept(listener: &UnixListener) -> std::io::Result<UnixStream> {
     CONN_FD.store(c, Relaxed);
     // SAFETY: c is the connection just accepted; nothing else owns it.
     Ok(unsafe { UnixStream::from_raw_fd(c) })
+}
+
+/// Closes mig's connection and forgets its number, both under the journal: a fork child
+/// made between the two would keep a copy it does not know to close.
+fn hang_up(conn: UnixStream) {
+    let _no_fork = shim().map(crate::state::journal);
+    close_real(conn.into_raw_fd());
+    CONN_FD.store(-1, Relaxed);
 }
 
 /// How long a frozen process waits for mig before it thaws on its own.

@@ -51,9 +51,11 @@ pub fn after_fork_child() {
     }
 }
 
-/// Tracking ends (the migration is over, or failed).
+/// Tracking ends (the migration is over, or failed). Under the journal, which a fork
+/// holds: a child forked between forgetting the fds and closing them would keep copies.
 pub fn end() {
     let old = state().take();
+    let _no_fork = crate::state::shim().map(crate::state::journal);
     for f in &FDS {
         f.store(-1, Relaxed);
     }
