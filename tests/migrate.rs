@@ -321,8 +321,8 @@ fn a_restore_that_fails_there_is_reported_at_once_and_the_session_runs_on_here()
     env.stop("web");
 }
 
-/// An agent whose restores wait, their session made but nothing of it running, until the
-/// returned file exists; a stop-and-copy migration of session "cnt" to it, started (and
+/// An agent whose restores wait, their session made but nothing of it running (its
+/// processes made, told nothing yet), until the returned file exists; a stop-and-copy migration of session "cnt" to it, started (and
 /// the session's log). Returns once the restore waits.
 fn held_migration(env: &Env) -> (Agent, std::process::Child, PathBuf, PathBuf) {
     let key = key(env);
@@ -355,6 +355,18 @@ fn held_migration(env: &Env) -> (Agent, std::process::Child, PathBuf, PathBuf) {
         let memfd = std::fs::read_link(std::fs::read_link(&f).unwrap()).unwrap();
         let memfd = memfd.to_string_lossy();
         assert!(memfd.starts_with("/memfd:"), "{} → {memfd}", f.display());
+    }
+    // The restored process is made, and waits to be told to go on: in recvfrom (45),
+    // still in its restart path.
+    let waiting = |p: &i32| {
+        std::fs::read_to_string(format!("/proc/{p}/syscall")).is_ok_and(|s| s.starts_with("45 "))
+    };
+    while !agent.restored_pids().iter().any(waiting) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no restored process waits"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
     (agent, m, log, go)
 }

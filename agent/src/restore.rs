@@ -25,6 +25,7 @@ use migrt::record::Bytes;
 use migrt::sessiontable::{Kind, SessionTable};
 use migrt::sockstate::SocketState;
 use migrt::table::{Folded, ProcessTable};
+use migrt::wire::{RESTART_BACK, RESTART_GO, RESTART_READY};
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -400,11 +401,53 @@ fn hand_down(objects: &Objects) -> Result<Vec<(std::os::unix::net::UnixStream, u
             migrt::sys::send_fd(ours.as_raw_fd(), &msg, obj.as_raw_fd())?;
         }
         migrt::sys::send_fd(ours.as_raw_fd(), &[], -1)?;
+        ours.set_nonblocking(true)?;
         let fd = migrt::sys::inheritable_fd_of(theirs.as_raw_fd(), FD_BASE)?;
         drop(theirs);
         out.push((ours, fd as u64));
     }
     Ok(out)
+}
+
+/// Waits until every restored process said `what` on its channel (one byte each, see
+/// `migrt::wire::RESTART_READY`): fails when the restorer ends first or after 10 s.
+fn hear_all(
+    channels: &[(std::os::unix::net::UnixStream, u64)],
+    what: u8,
+    restorer: &mut std::process::Child,
+    log: Option<&Path>,
+) -> Result<()> {
+    let t = Instant::now();
+    let mut heard = vec![false; channels.len()];
+    loop {
+        for ((c, _), h) in channels.iter().zip(&mut heard) {
+            let mut byte = [0u8];
+            *h |= std::io::Read::read(&mut &*c, &mut byte).is_ok_and(|n| n == 1 && byte[0] == what);
+        }
+        // (Woken by the first process not heard yet saying so, else soon, to look at the
+        // others and at the restorer.)
+        let Some((c, _)) = channels
+            .iter()
+            .zip(&heard)
+            .find(|(_, h)| !**h)
+            .map(|(c, _)| c)
+        else {
+            return Ok(());
+        };
+        if let Some(st) = restorer.try_wait()? {
+            let log = log.map(|l| format!("; its log, {}, may say why", l.display()));
+            bail!(
+                "the restore failed (restorer exit code {}){}",
+                exit_code(st),
+                log.unwrap_or_default()
+            );
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = restorer.kill();
+            bail!("the restored process did not come back within 10 s");
+        }
+        migrt::sys::wait_readable(c, Duration::from_millis(2))?;
+    }
 }
 
 /// Per process, the fd (inherited by the restorer) of the terminal it takes as its
@@ -1261,6 +1304,14 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     if !a.detach {
         terminal::restore_modes(&images);
     }
+    let mut child = c.spawn().context("starting the restorer")?;
+    // (The restored processes hold the pager's socket now: it ends when they all did.)
+    let hold = pager.map(|p| p.hold);
+    // 4. Each process says when it is ready (nothing of its restart can fail any more);
+    // none runs app code until all are and its connections handed over are live. Then
+    // running again once each says it is back (its threads and timers again).
+    let log = detach_log.as_ref().map(|l| l.1.as_path());
+    hear_all(&channels, RESTART_READY, &mut child, log)?;
     // (MIGSHIM_RESTORE_PAUSE=FILE, for the tests: the restore waits here, its session
     // made but nothing of it running yet, until FILE exists.)
     if let Some(f) = std::env::var_os("MIGSHIM_RESTORE_PAUSE") {
@@ -1268,57 +1319,17 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    // (Nothing above runs the session yet: its connections handed over go live now.)
     objects.handed.go_live()?;
-    let mut child = c.spawn().context("starting the restorer")?;
-    // (The restored processes hold the pager's socket now: it ends when they all did.)
-    let hold = pager.map(|p| p.hold);
-    // 4. Running again once each process says it is back (a byte on its channel, sent
-    // when it has its command line, its threads and its timers again).
-    let t = Instant::now();
-    let mut back = vec![false; channels.len()];
     for (c, _) in &channels {
-        c.set_nonblocking(true)?;
+        std::io::Write::write_all(&mut &*c, &[RESTART_GO]).context("a restored process")?;
     }
-    loop {
-        for (k, (c, _)) in channels.iter().enumerate() {
-            let mut byte = [0u8];
-            back[k] |= std::io::Read::read(&mut &*c, &mut byte).is_ok_and(|n| n == 1);
-        }
-        if back.iter().all(|&b| b) {
-            drop(hold);
-            // Its objects are the processes' now (mig's copies would keep a connection
-            // the session closes from ending).
-            objects.handed.keep();
-            made_files.keep();
-            drop(objects);
-            break;
-        }
-        if let Some(st) = child.try_wait()? {
-            let log = detach_log
-                .as_ref()
-                .map(|l| format!("; its log, {}, may say why", l.1.display()));
-            bail!(
-                "the restore failed (restorer exit code {}){}",
-                exit_code(st),
-                log.unwrap_or_default()
-            );
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            bail!("the restored process did not come back within 10 s");
-        }
-        // (Woken by the first process not back yet saying so, else soon, to look at
-        // the others and at the restorer.)
-        if let Some((c, _)) = channels
-            .iter()
-            .zip(&back)
-            .find(|(_, b)| !**b)
-            .map(|(c, _)| c)
-        {
-            migrt::sys::wait_readable(c, Duration::from_millis(2))?;
-        }
-    }
+    hear_all(&channels, RESTART_BACK, &mut child, log)?;
+    drop(hold);
+    // Its objects are the processes' now (mig's copies would keep a connection the
+    // session closes from ending).
+    objects.handed.keep();
+    made_files.keep();
+    drop(objects);
     made.described();
     if a.detach {
         println!("{name}");

@@ -17,6 +17,14 @@ pub const DEFAULT_SIGNAL: u32 = 63;
 pub const WAKE: usize = 0x6d69_6701;
 const MAX_FRAME: usize = 256 << 20;
 
+/// A restored process and `mig restore`, on the channel its objects came through (one
+/// byte each): the process says READY once nothing of its restart can fail any more,
+/// runs no app code until told GO (sent when all of the session's are ready), and says
+/// BACK when its threads and timers are back.
+pub const RESTART_READY: u8 = 1;
+pub const RESTART_GO: u8 = 2;
+pub const RESTART_BACK: u8 = 3;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
     Hello {

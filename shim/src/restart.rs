@@ -16,6 +16,7 @@
 use crate::interpose::raw::syscall6;
 use crate::state::{shim, vpid};
 use migrt::paths::SessionDir;
+use migrt::wire::{RESTART_BACK, RESTART_GO, RESTART_READY};
 use std::os::unix::ffi::OsStrExt;
 
 struct Args<'a> {
@@ -160,6 +161,13 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         eprintln!("migshim: restore: {e}");
         crate::interpose::raw::exit_group(1);
     }
+    // Nothing of the app has run yet: mig restore hears this process is ready and says go
+    // once all of the session's are (and its connections are out of repair mode). If it
+    // cannot (it is gone: killed, or it gave up), this restore was abandoned and the
+    // process must not run on.
+    if !say(channel, RESTART_READY) || !heard_go(channel) {
+        crate::interpose::raw::exit_group(128 + libc::SIGKILL);
+    }
     // Last, the other threads: each goes straight back into its own saved context.
     for [ucontext, fs_base, vtid] in threads {
         // SAFETY: context and TLS of a thread of this very process, restored with it.
@@ -175,25 +183,8 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     }
     // Its POSIX timers (some notify the threads just made).
     crate::interpose::timers::restore();
-    // mig restore hears it is back (its command line shown, its threads running). If it
-    // cannot (mig restore is gone: it was killed, or gave up), this restore was abandoned
-    // and the process must not run on.
-    // SAFETY: a one-byte send on the channel mig handed down, then its close.
-    let ready = [1u8];
-    let sent = unsafe {
-        syscall6(
-            libc::SYS_sendto,
-            channel as usize,
-            ready.as_ptr() as usize,
-            1,
-            libc::MSG_NOSIGNAL as usize,
-            0,
-            0,
-        )
-    };
-    if sent != 1 {
-        crate::interpose::raw::exit_group(128 + libc::SIGKILL);
-    }
+    // mig restore hears it is back (its threads running, its timers set).
+    say(channel, RESTART_BACK);
     crate::interpose::close_real(channel);
     crate::ctlheap::restarting(false);
     crate::state::leave_to(was_busy);
@@ -201,6 +192,47 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
     // SAFETY: ucontext is the main thread's signal frame, restored with its stack.
     unsafe {
         std::arch::asm!("mov rsp, {uc}", "mov eax, 15", "syscall", uc = in(reg) ucontext, options(noreturn));
+    }
+}
+
+/// Sends one byte on the channel; whether it went.
+fn say(channel: i32, byte: u8) -> bool {
+    // SAFETY: a one-byte send from a local on the channel mig handed down.
+    let sent = unsafe {
+        syscall6(
+            libc::SYS_sendto,
+            channel as usize,
+            (&raw const byte) as usize,
+            1,
+            libc::MSG_NOSIGNAL as usize,
+            0,
+            0,
+        )
+    };
+    sent == 1
+}
+
+/// Waits for mig restore's go; false when the channel ended (or said something else).
+fn heard_go(channel: i32) -> bool {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: a one-byte receive into a local from the channel mig handed down.
+        let n = unsafe {
+            syscall6(
+                libc::SYS_recvfrom,
+                channel as usize,
+                (&raw mut byte) as usize,
+                1,
+                0,
+                0,
+                0,
+            )
+        };
+        match n {
+            n if n == -(libc::EINTR as isize) => continue,
+            1 => return byte == RESTART_GO,
+            _ => return false,
+        }
     }
 }
 
