@@ -196,21 +196,23 @@ fn catch_up(
 
 /// Where pre-copy went by hash: each such process's memory, frozen now, compared with what
 /// its rounds sent (its dump then stores only what differs).
-fn compare(frozen: &mut Frozen, hashed: Vec<(i32, i32, PageHashes)>) {
-    let mut buf = vec![0u8; migrt::rounds::RUN * migrt::image::PAGE];
+fn compare(frozen: &mut Frozen, hashed: Vec<(i32, i32, PageHashes)>, buf: &mut [u8]) {
     for (vpid, pid, h) in hashed {
         let mut through = |addr, out: &mut [u8]| frozen.pages(vpid, addr, out);
         let mut reader = outgoing::Reader::new(pid, &mut through);
-        let c = h.compare(&mut buf, &mut |addr, out| reader.read(addr, out));
+        let c = h.compare(buf, &mut |addr, out| reader.read(addr, out));
         frozen.compared.insert(vpid, c);
     }
 }
 
 /// Where pre-copy sent shared memory: what each process's image stores of it, frozen now,
 /// compared with what its rounds sent of it (its dump then stores only what differs).
-fn compare_shared(frozen: &mut Frozen, hashed: Vec<(i32, PageHashes)>) -> Result<()> {
+fn compare_shared(
+    frozen: &mut Frozen,
+    hashed: Vec<(i32, PageHashes)>,
+    buf: &mut [u8],
+) -> Result<()> {
     let (vpids, skips) = (frozen.vpids(), frozen.shared_skips());
-    let mut buf = vec![0u8; migrt::rounds::RUN * migrt::image::PAGE];
     for (vpid, mut h) in hashed {
         let Some(k) = vpids.iter().position(|&v| v == vpid) else {
             continue;
@@ -219,7 +221,7 @@ fn compare_shared(frozen: &mut Frozen, hashed: Vec<(i32, PageHashes)>) -> Result
         let mut through = |addr, out: &mut [u8]| frozen.pages(vpid, addr, out);
         let mut reader = outgoing::Reader::new(found.pid, &mut through);
         let read = &mut |addr, out: &mut [u8]| reader.read(addr, out);
-        let c = h.compare_existing(&found.mappings, &found.resident, &mut buf, read);
+        let c = h.compare_existing(&found.mappings, &found.resident, buf, read);
         frozen.compared_shared.insert(vpid, c);
     }
     Ok(())
@@ -434,6 +436,12 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
         shared.extend(p.shared.map(|h| (p.vpid, h)));
     }
     let walker = crate::walkhelp::Walker::new();
+    // (The comparisons' buffer, written through now: 4 MiB of fresh memory cost ~2 ms of
+    // page faults here, too much to spend frozen.)
+    let mut buf = match hashed.is_empty() && shared.is_empty() {
+        true => Vec::new(),
+        false => vec![1u8; migrt::rounds::RUN * migrt::image::PAGE],
+    };
     let mut frozen = Frozen::freeze_with(&live, open)?;
     let stopped = frozen.at.elapsed();
     frozen.rounds = files;
@@ -448,8 +456,8 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
             files.push(migrt::image::SOURCE_ROUND.into());
         }
     }
-    compare(&mut frozen, hashed);
-    compare_shared(&mut frozen, shared)
+    compare(&mut frozen, hashed, &mut buf);
+    compare_shared(&mut frozen, shared, &mut buf)
         .map_err(|e| e.context(format!("session {} runs on here", live.name())))?;
     // Dropped before `frozen` on failure: the addresses are back before the session thaws.
     let mut moved = netaddr::Changes::default();
