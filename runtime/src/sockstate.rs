@@ -7,6 +7,7 @@
 //! forged without privileges, and UDP may lose datagrams anyway).
 
 use crate::record::Bytes;
+use crate::sockaddr::SockAddr;
 use crate::sys;
 use serde::{Deserialize, Serialize};
 
@@ -189,6 +190,20 @@ fn peek_all(fd: i32, stream: bool) -> Vec<Bytes> {
     out
 }
 
+/// Whether a connection to `peer` can have its other end in the session too, so that
+/// both ends' queues are captured and must be `settle`d first: `peer` is a loopback
+/// address or one of `local` (this host's). (A connection to elsewhere is captured whole
+/// at this end, in TCP repair mode, or not at all.)
+pub fn peer_may_be_here(peer: Option<&SockAddr>, local: &[std::net::IpAddr]) -> bool {
+    use std::net::IpAddr;
+    let ip = match peer {
+        Some(SockAddr::V4 { ip, .. }) => IpAddr::from(*ip),
+        Some(SockAddr::V6 { ip, .. }) => IpAddr::from(*ip).to_canonical(),
+        _ => return false,
+    };
+    ip.is_loopback() || local.contains(&ip)
+}
+
 /// Waits (at most `patience`) until the TCP sockets `fds` (of a frozen session) have no
 /// data on the way: every byte they sent acknowledged — so in its receiver's queue — and
 /// what is left unsent no longer moving (the peer's window is full). Only then do a
@@ -241,6 +256,35 @@ mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::{UnixDatagram, UnixStream};
+
+    #[test]
+    fn only_connections_that_can_end_in_the_session_are_settled() {
+        let local = [std::net::IpAddr::from([10, 78, 0, 1])];
+        let v4 = |ip| Some(SockAddr::V4 { ip, port: 80 });
+        let mapped = |v4: [u8; 4]| {
+            let mut ip = [0u8; 16];
+            ip[10..12].copy_from_slice(&[0xff, 0xff]);
+            ip[12..].copy_from_slice(&v4);
+            Some(SockAddr::V6 { ip, port: 80 })
+        };
+        let mut v6_loopback = [0u8; 16];
+        v6_loopback[15] = 1;
+        let here = |p: Option<SockAddr>| peer_may_be_here(p.as_ref(), &local);
+        assert!(here(v4([127, 0, 0, 1])));
+        assert!(here(v4([127, 1, 2, 3])));
+        assert!(here(v4([10, 78, 0, 1])));
+        assert!(here(mapped([10, 78, 0, 1])));
+        assert!(here(mapped([127, 0, 0, 1])));
+        assert!(here(Some(SockAddr::V6 {
+            ip: v6_loopback,
+            port: 80
+        })));
+        assert!(!here(v4([10, 78, 0, 2])));
+        assert!(!here(mapped([10, 78, 0, 2])));
+        assert!(!here(None));
+        // (This host's own, as getifaddrs lists them: loopback's at least.)
+        assert!(sys::local_addresses().iter().any(|a| a.is_loopback()));
+    }
 
     /// A plain unix socket's state.
     fn unix(fd: i32, id: u64, ty: i32) -> SocketState {

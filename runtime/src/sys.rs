@@ -551,6 +551,37 @@ pub fn recv_peek(fd: i32, buf: &mut [u8]) -> Option<usize> {
 
 /// A TCP socket's send queue: (bytes not yet acknowledged by its peer (SIOCOUTQ), of
 /// which not even sent yet (SIOCOUTQNSD)).
+/// The addresses of this host's (network namespace's) interfaces.
+pub fn local_addresses() -> Vec<std::net::IpAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs makes a list that is only read here, each address as its family
+    // says, and freed once.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut p = list;
+        while let Some(i) = p.as_ref() {
+            match i.ifa_addr.as_ref().map(|a| a.sa_family as i32) {
+                Some(libc::AF_INET) => {
+                    let a = &*i.ifa_addr.cast::<libc::sockaddr_in>();
+                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))));
+                }
+                Some(libc::AF_INET6) => {
+                    let a = &*i.ifa_addr.cast::<libc::sockaddr_in6>();
+                    out.push(IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+            p = i.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
 pub fn send_queue_sizes(fd: i32) -> (u32, u32) {
     const SIOCOUTQNSD: libc::c_ulong = 0x894b;
     let (mut all, mut unsent): (libc::c_int, libc::c_int) = (0, 0);

@@ -18,6 +18,8 @@ use crate::interpose::{
     block_all_signals, close_real, freeze, move_fd_high, peer_uid, raw, real_pid, real_tid,
 };
 use crate::state::{CTL_PATH, enter_forever, shim, vpid};
+use migrt::sockstate::peer_may_be_here;
+use migrt::sys::local_addresses;
 use migrt::wire::{self, PROTOCOL_VERSION, Request, Response};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
@@ -469,12 +471,15 @@ impl Session {
                 crate::creds::keep();
                 crate::interpose::timers::keep();
                 let (table, _) = crate::reconcile::table(false);
+                // (Connections to elsewhere are not waited for: see peer_may_be_here.)
+                let local = std::cell::OnceCell::new();
                 let tcp: Vec<i32> = table
                     .fds
                     .iter()
                     .filter(|f| {
                         matches!(&f.object, migrt::table::Object::Socket(s)
-                            if s.domain != libc::AF_UNIX && s.ty == libc::SOCK_STREAM && !s.listening)
+                            if s.domain != libc::AF_UNIX && s.ty == libc::SOCK_STREAM && !s.listening
+                                && peer_may_be_here(s.peer.as_ref(), local.get_or_init(local_addresses)))
                     })
                     .map(|f| f.fd)
                     .collect();
