@@ -38,6 +38,9 @@ static RESTORER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/migrestore"))
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
 /// The fds handed to the restorer sit at or above this number.
 const FD_BASE: i32 = 900;
+/// How many of them the fd table has room for before the restore starts (with room for
+/// more, the kernel rounds up to a power of two: 16384 fds, 128 KiB).
+const FDS_AHEAD: i32 = 8192;
 /// Regions the restorer does not recreate: the kernel's (the new host's vDSO block is moved
 /// there instead) and the shim's checkpoint scratch buffer.
 const SPECIAL: [&[u8]; 5] = [
@@ -1041,8 +1044,9 @@ impl Made {
             let restorer = migrt::sys::memfd(c"migrestore", false)?;
             std::io::Write::write_all(&mut &restorer, RESTORER)?;
             // (Where the restorer's fds go, FD_BASE on, before another thread runs here:
-            // the description's. Seen: 12 ms inside the freeze.)
-            migrt::sys::grow_fd_table(FD_BASE)?;
+            // the description's. Seen: 12 ms inside the freeze; postgres's 8 processes
+            // take ~300.)
+            migrt::sys::grow_fd_table(FD_BASE + FDS_AHEAD)?;
             Ok(Made {
                 table: SessionTable::open(&dir.procs())?,
                 dir: dir.clone(),

@@ -267,11 +267,25 @@ pub fn inheritable_fd(f: &std::fs::File, min: i32) -> io::Result<i32> {
     inheritable_fd_of(f.as_raw_fd(), min)
 }
 
-/// Grows this process's fd table to hold fd `fd` now. Grown when a new fd needs it, while
-/// another thread of the process runs, the kernel first waits for an RCU grace period
+/// Grows this process's fd table to hold fd `fd` now (its soft limit on open files raised
+/// for it, as far as the hard limit allows). Grown when a new fd needs it, while another
+/// thread of the process runs, the kernel first waits for an RCU grace period
 /// (milliseconds, inside a freeze when it happens there).
 pub fn grow_fd_table(fd: i32) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit of this process's own limit, through a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur <= fd as u64 {
+            lim.rlim_cur = lim.rlim_max.min(fd as u64 + 1);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    let fd = fd.min(lim.rlim_cur.saturating_sub(1).min(i32::MAX as u64) as i32);
     let null = std::fs::File::open("/dev/null")?;
     // SAFETY: a duplicate of an fd we hold, made at `fd` or above, closed at once.
     let dup = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, fd) };
