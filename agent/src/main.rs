@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod elf;
 mod frozen;
+mod inherit;
 mod inspect;
 mod migrate;
 mod netaddr;

@@ -884,6 +884,8 @@ struct Links<'a> {
     ctty: u64,
     /// The pager's socket and this process's index for it (u64::MAX: no pager).
     pager: [u64; 2],
+    /// Whether it forks its children once its memory is in place (inherit.rs).
+    forks_late: bool,
 }
 
 fn write_plan(
@@ -900,6 +902,7 @@ fn write_plan(
         sysv,
         ctty,
         pager,
+        ..
     } = *l;
     let size_of = |n: &[u8]| {
         img.regions
@@ -943,7 +946,8 @@ fn write_plan(
 
     let head = 16u64;
     let t = &img.table;
-    let leads = (t.sid == m.vpid) as u64 | ((t.pgid == m.vpid) as u64) << 1;
+    let leads =
+        (t.sid == m.vpid) as u64 | ((t.pgid == m.vpid) as u64) << 1 | (l.forks_late as u64) << 2;
     let children_at = head + entries.len() as u64 * 7;
     let args_at = (children_at + children.len() as u64) * 8;
     let mut words: Vec<u64> = vec![
@@ -1218,13 +1222,28 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     let shared = shared_memory(&images, &objects.by_inode, &mut keep, &mut ahead.shared)?;
     let sysv_ids = crate::sysv::make(&images, &dir.0)?;
     let mut files = MappedFiles::new();
-    let mapped: Vec<Mapped> = images
+    let mut mapped: Vec<Mapped> = images
         .iter()
         .map(|i| {
             let opened = (&mut keep, &mut files);
             map_regions(i, &policy, &shared, opened, (lazy, a.when_told))
         })
         .collect::<Result<_>>()?;
+    // A child takes over from its parent what it has alike, where that is worth forking
+    // it late (inherit.rs; not lazily: the pager fills each process's memory itself).
+    let mut forks_late = vec![false; images.len()];
+    if !lazy {
+        let plain: Vec<Vec<[u64; 7]>> = mapped.iter().map(|m| m.entries.clone()).collect();
+        for (k, img) in images.iter().enumerate() {
+            if let Some(p) = vpids.iter().position(|&v| v == parent_of(img)) {
+                let mut marked = plain[k].clone();
+                if crate::inherit::mark(&mut marked, &plain[p]) >= crate::inherit::WORTH {
+                    mapped[k].entries = marked;
+                    forks_late[p] = true;
+                }
+            }
+        }
+    }
     let mut plans = Vec::new();
     for _ in &images {
         let f = migrt::sys::memfd(c"migshim-plan", false)?;
@@ -1272,6 +1291,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
             sysv: &crate::sysv::attachments(i, &sysv_ids),
             ctty: cttys[k],
             pager: [pager_fd, k as u64],
+            forks_late: forks_late[k],
         };
         write_plan(i, &mapped[k].entries, &plans[k].0, &links)?;
     }

@@ -4,7 +4,8 @@
 //! Signal-handler-grade code: no std, no allocation, no libc, raw system calls only; it
 //! applies its own relocations first (a static-pie has no loader to do it). It:
 //!   1. reads the restore plan `mig` prepared (fd in argv[1]), and forks one restorer per
-//!      child process, each with that child's plan;
+//!      child process, each with that child's plan — after step 3 instead where the plan
+//!      says its children take over some of its memory (the rest of them then drop);
 //!   2. checks that none of the saved regions overlaps where the kernel put the restorer
 //!      (its code, stack, vDSO); if one does, it runs itself again for another random layout;
 //!   3. maps every saved region at its address — page data straight from the image file
@@ -16,11 +17,15 @@
 //! Plan (little-endian u64 words): magic, entry count, restart entry, offset of the
 //! restart arguments in the plan, fs_base, restart stack, vvar target, the three expected
 //! block sizes, the number of child processes and the word offset of their plan fds, the
-//! leadership flags (1: session leader, 2: process group leader), the fd of the terminal a
+//! leadership flags (1: session leader, 2: process group leader, 4: forks its children once
+//! its memory is in place), the fd of the terminal a
 //! session leader takes as its controlling terminal (or u64::MAX), the pager's socket for a
 //! lazy restore (or u64::MAX) and the process's index for it, then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
 //! 0 map, 1 copy from fd into the memory mapped before, 2 the same copy left to the pager,
-//! 3 a range the pager fills: registered with a userfaultfd, which goes to the pager).
+//! 3 a range the pager fills: registered with a userfaultfd, which goes to the pager; 4 pages
+//! of the parent's to drop, in a child forked from it), kind bit 256 marking what a child
+//! forked from its parent takes over: a mapping left as it is, a copy made only where the
+//! pages differ (agent/src/inherit.rs).
 //!
 //! Lazy restore: the kind-3 ranges are registered for missing-page faults with a fresh
 //! userfaultfd, sent to the pager (`mig restore`'s helper), which serves each fault from the
@@ -34,6 +39,7 @@ use core::arch::{asm, naked_asm};
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
 const HEAD_WORDS: usize = 16;
 const ENTRY_WORDS: usize = 7;
+const PAGE: usize = 4096;
 const MAX_ATTEMPTS: u8 = 16;
 
 const SYS_READ: usize = 0;
@@ -74,6 +80,17 @@ const MAP_FIXED: usize = 0x10;
 const MAP_ANONYMOUS: usize = 0x20;
 const MREMAP_MAYMOVE: usize = 1;
 const MREMAP_FIXED: usize = 2;
+const SYS_MUNMAP: usize = 11;
+const MADV_DONTNEED: usize = 4;
+/// A bit of an entry's kind: made alike by the parent's restorer (left as it is by a child
+/// forked from it; as if unmarked otherwise).
+const INHERIT: u64 = 1 << 8;
+/// An entry's kind: pages of the parent's this child has not (dropped when inheriting).
+const DROP: u64 = 4;
+/// (What an entry taken over from the parent is to do: a mapping, nothing; a copy, write
+/// the pages that differ.)
+const DONE: u64 = u64::MAX;
+const CHANGED: u64 = u64::MAX - 1;
 
 unsafe fn sys6(n: usize, a: usize, b: usize, c: usize, d: usize, e: usize, f: usize) -> isize {
     let r: isize;
@@ -226,6 +243,7 @@ impl Range {
 }
 
 /// What the kernel mapped for the restorer, read from /proc/self/maps.
+#[derive(Clone, Copy)]
 struct Own {
     ranges: [Range; 64],
     n: usize,
@@ -295,7 +313,7 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
     };
     let plan_fd = arg(1).iter().fold(0usize, |a, &c| a * 10 + (c - b'0') as usize);
     let attempt = arg(2)[0].wrapping_sub(b'a');
-    unsafe { restore(plan_fd, attempt, *argv, envp) }
+    unsafe { restore(plan_fd, attempt, *argv, envp, None) }
 }
 
 /// Copies `len` bytes of saved pages from `fd` at `off` into the memory at `addr`.
@@ -310,6 +328,50 @@ fn copy_in(addr: usize, len: usize, fd: usize, off: usize) {
             die_at(b"reading saved pages failed at", addr + done);
         }
         done += n as usize;
+    }
+}
+
+/// As copy_in, into memory taken over from the parent: only the pages that differ from
+/// what is there are written (the others stay shared with the parent).
+fn copy_changed(addr: usize, len: usize, fd: usize, off: usize) {
+    const WORDS: usize = PAGE / 8;
+    let mut buf = [0u64; 16 * WORDS];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() * 8);
+        let mut got = 0;
+        while got < n {
+            let r = unsafe { sys6(SYS_PREAD64, fd, buf.as_mut_ptr() as usize + got, n - got, off + done + got, 0, 0) };
+            if r <= 0 {
+                die_at(b"reading saved pages failed at", addr + done + got);
+            }
+            got += r as usize;
+        }
+        for (i, saved) in buf[..n / 8].chunks(WORDS).enumerate() {
+            let at = (addr + done + i * PAGE) as *mut u64;
+            // SAFETY: a page of a private mapping of this process, writable while copied into.
+            unsafe {
+                if (0..WORDS).any(|j| core::ptr::read_volatile(at.add(j)) != saved[j]) {
+                    memcpy(at.cast(), saved.as_ptr().cast(), PAGE);
+                }
+            }
+        }
+        done += n;
+    }
+}
+
+/// Forks one restorer per child process of plan `w`, each of which becomes that child
+/// (`from`: what it has of this one, when this one's memory is in place).
+unsafe fn fork_children(w: &[u64], argv0: *const u8, envp: *const *const u8, from: Option<Inherited>) {
+    let (nchildren, at) = (w[10] as usize, w[11] as usize);
+    for &child in w.get(at..at + nchildren).unwrap_or(&[]) {
+        let pid = unsafe { sys6(SYS_CLONE, SIGCHLD, 0, 0, 0, 0, 0) };
+        if pid < 0 {
+            die(b"cannot fork a child process");
+        }
+        if pid == 0 {
+            unsafe { restore(child as usize, 0, argv0, envp, from) };
+        }
     }
 }
 
@@ -341,9 +403,19 @@ unsafe fn hand_to_pager(entries: &[u64], sock: u64, index: u64) -> bool {
     ok
 }
 
-/// Becomes the process of plan `plan_fd` (after forking one restorer per child process,
-/// so that the restored tree has its real parent-child links).
-unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *const u8) -> ! {
+/// What a child's restorer forked once its parent's memory was in place has of it: the
+/// parent's plan entries (for the mappings it drops or keeps) and what the kernel mapped
+/// for the first restorer (the same here).
+#[derive(Clone, Copy)]
+struct Inherited<'a> {
+    entries: &'a [u64],
+    own: &'a Own,
+}
+
+/// Becomes the process of plan `plan_fd`, forking one restorer per child process, so that
+/// the restored tree has its real parent-child links — once its own memory is in place,
+/// unless restored lazily, so that a child takes over what it has alike (`from`).
+unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *const u8, from: Option<Inherited>) -> ! {
     // 1. The plan, read into fresh memory.
     let mut st = [0u64; 18];
     if unsafe { sys6(SYS_FSTAT, plan_fd, st.as_mut_ptr() as usize, 0, 0, 0, 0) } < 0 {
@@ -365,8 +437,13 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
     let entries = &w[HEAD_WORDS..HEAD_WORDS + count * ENTRY_WORDS];
 
     // 2. Room: no saved region may land on the restorer, its stack or its vDSO block.
+    // (A child forked from its parent's restorer has the same; its maps list the parent's
+    // regions too.)
     let mut mapsbuf = [0u8; 8192];
-    let own = own_mappings(&mut mapsbuf);
+    let own = match &from {
+        Some(f) => *f.own,
+        None => own_mappings(&mut mapsbuf),
+    };
     let plan_range = Range(plan as usize, plan as usize + size);
     let clash = entries.chunks(ENTRY_WORDS).any(|e| {
         let r = Range(e[0] as usize, (e[0] + e[1]) as usize);
@@ -404,15 +481,28 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
     } else if w[12] & 2 != 0 {
         unsafe { sys6(SYS_SETPGID, 0, 0, 0, 0, 0, 0) };
     }
-    // The children first: each forked restorer becomes one of them (and forks its own).
-    let (nchildren, at) = (w[10] as usize, w[11] as usize);
-    for &child in w.get(at..at + nchildren).unwrap_or(&[]) {
-        let pid = unsafe { sys6(SYS_CLONE, SIGCHLD, 0, 0, 0, 0, 0) };
-        if pid < 0 {
-            die(b"cannot fork a child process");
-        }
-        if pid == 0 {
-            unsafe { restore(child as usize, 0, argv0, envp) };
+    // The children first, unless the plan says they take over some of this memory (never
+    // lazily: a userfaultfd registered before a fork would hand the pager the child as
+    // the parent's fork).
+    let late = w[12] & 4 != 0 && w[14] == u64::MAX;
+    if !late {
+        unsafe { fork_children(w, argv0, envp, None) };
+    }
+
+    // A child forked from its parent's restorer takes over what its plan marks (INHERIT)
+    // and drops the rest of the parent's mappings; one that was not ignores the marks.
+    let inheriting = from.is_some();
+    let kind = |e: &[u64]| match (e[6] & INHERIT != 0, e[6] & !INHERIT) {
+        (false, k) => k,
+        (true, k) if !inheriting => k,
+        (true, 1) => CHANGED,
+        (true, _) => DONE,
+    };
+    if let Some(f) = &from {
+        for p in f.entries.chunks(ENTRY_WORDS).filter(|p| p[6] & !INHERIT == 0) {
+            if !entries.chunks(ENTRY_WORDS).any(|e| e[6] == INHERIT && e[0] == p[0] && e[1] == p[1]) {
+                unsafe { sys6(SYS_MUNMAP, p[0] as usize, p[1] as usize, 0, 0, 0, 0) };
+            }
         }
     }
 
@@ -422,22 +512,33 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
     // made read-only again afterwards costs an mprotect — hundreds in a process with many
     // libraries.)
     let copied_into = |e: &[u64]| {
-        entries.chunks(ENTRY_WORDS).any(|c| (c[6] == 1 || c[6] == 2) && c[0] < e[0] + e[1] && e[0] < c[0] + c[1])
+        entries.chunks(ENTRY_WORDS).any(|c| matches!(kind(c), 1 | 2 | CHANGED) && c[0] < e[0] + e[1] && e[0] < c[0] + c[1])
     };
-    for e in entries.chunks(ENTRY_WORDS).filter(|e| e[6] == 0 || e[6] == 1) {
+    let writable_first = |e: &[u64]| e[3] as usize & MAP_SHARED == 0 && e[2] as usize & PROT_WRITE == 0 && copied_into(e);
+    for e in entries.chunks(ENTRY_WORDS) {
         let (addr, len, prot, flags, fd, off) = (e[0] as usize, e[1] as usize, e[2] as usize, e[3] as usize, e[4] as i64, e[5] as usize);
-        if e[6] == 1 {
-            copy_in(addr, len, fd as usize, off);
-            continue;
-        }
-        let (fd, flags) = if fd < 0 { (usize::MAX, flags | MAP_ANONYMOUS) } else { (fd as usize, flags) };
-        // Private memory copied into is writable until the copies are in; the final
-        // protection comes after. (A shared mapping is never copied into, and may come
-        // from a read-only fd.)
-        let prot = if flags & MAP_SHARED == 0 && copied_into(e) { prot | PROT_WRITE } else { prot };
-        let r = unsafe { sys6(SYS_MMAP, addr, len, prot, flags | MAP_FIXED, fd, off) };
-        if r as usize != addr {
-            die_at(b"mapping a saved region failed at", addr);
+        match kind(e) {
+            1 => copy_in(addr, len, fd as usize, off),
+            CHANGED => copy_changed(addr, len, fd as usize, off),
+            DROP => unsafe {
+                sys6(SYS_MADVISE, addr, len, MADV_DONTNEED, 0, 0, 0);
+            },
+            // (Taken over, in its final protection: writable while copied into.)
+            DONE if e[6] == INHERIT && writable_first(e) => unsafe {
+                sys6(SYS_MPROTECT, addr, len, prot | PROT_WRITE, 0, 0, 0);
+            },
+            0 => {
+                let (fd, flags) = if fd < 0 { (usize::MAX, flags | MAP_ANONYMOUS) } else { (fd as usize, flags) };
+                // Private memory copied into is writable until the copies are in; the final
+                // protection comes after. (A shared mapping is never copied into, and may
+                // come from a read-only fd.)
+                let prot = if writable_first(e) { prot | PROT_WRITE } else { prot };
+                let r = unsafe { sys6(SYS_MMAP, addr, len, prot, flags | MAP_FIXED, fd, off) };
+                if r as usize != addr {
+                    die_at(b"mapping a saved region failed at", addr);
+                }
+            }
+            _ => {}
         }
     }
     // The pages left to the pager: it takes them, or they are copied now.
@@ -447,9 +548,13 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
         }
     }
     for e in entries.chunks(ENTRY_WORDS) {
-        if e[6] == 0 && e[2] as usize & PROT_WRITE == 0 && e[3] as usize & MAP_SHARED == 0 && copied_into(e) {
+        if e[6] & !INHERIT == 0 && writable_first(e) {
             unsafe { sys6(SYS_MPROTECT, e[0] as usize, e[1] as usize, e[2] as usize, 0, 0, 0) };
         }
+    }
+    if late {
+        let from = Inherited { entries, own: &own };
+        unsafe { fork_children(w, argv0, envp, Some(from)) };
     }
 
     // 4. This host's vDSO block where the image had it (same layout, or refuse).
