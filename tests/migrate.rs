@@ -53,6 +53,28 @@ fn a_session_migrates_to_an_agent_and_goes_on_there() {
     );
 }
 
+#[test]
+fn a_forked_tree_migrates_sharing_what_its_processes_had_alike() {
+    let env = Env::new("migrate-cow");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    let log = env.detach("cow", &["python3", "-c", COW_TREE]);
+    for k in 0..4 {
+        wait_numbers(&log, &format!("p{k} "), 2);
+    }
+    let here = env.processes("cow");
+    let before = pss_mib(
+        &here
+            .iter()
+            .map(|p| p["pid"].as_i64().unwrap() as i32)
+            .collect::<Vec<_>>(),
+    );
+    let o = migrate(&env, "cow", &agent.addr, &key);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    tree_went_on(&log, &agent.session_log("cow"), 4);
+    assert_shares_again(before, pss_mib(&agent.restored_pids()));
+}
+
 /// The session runs on here, counting, after a failed migration.
 fn assert_runs_on_here(env: &Env, log: &Path) {
     counts_on_undamaged(log, 3);

@@ -851,14 +851,7 @@ for n in range(1, 100000):
 /// Restores `img` (a tree of `n` processes printing "pK N ok" lines into `log`, or
 /// "DAMAGED"): each goes on from its last number, undamaged.
 fn restored_tree_goes_on(env: &Env, img: &Path, log: &Path, n: usize) {
-    let log2 = restore_detached(env, img, "after.log");
-    for k in 0..n {
-        let who = format!("p{k} ");
-        let last = *numbers(log, &who).last().unwrap();
-        assert_eq!(wait_numbers(&log2, &who, 2)[0], last + 1, "{who}went on");
-    }
-    let out = std::fs::read_to_string(&log2).unwrap();
-    assert!(!out.contains("DAMAGED"), "{out}");
+    tree_went_on(log, &restore_detached(env, img, "after.log"), n);
 }
 
 #[test]
@@ -867,57 +860,21 @@ fn a_forked_tree_comes_back_sharing_what_its_processes_had_alike() {
     // copy-on-write, each with pages of its own. Restored, they share it again (not a copy
     // each), and each still sees its own pages, and not the others'.
     let env = Env::new("cow-tree");
-    let script = r#"
-import mmap, os, time, zlib
-buf = bytearray(range(256)) * (48 << 12)    # 48 MiB, written before the forks
-m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)
-m[:128 << 12] = bytes(range(256)) * (2 << 10)
-kids = 3
-for k in range(kids):
-    if os.fork() == 0:
-        break
-else:
-    k = kids
-for p in range(k * 64, k * 64 + 16):        # pages unlike everyone else's
-    buf[p * 4096] = 200 + k
-m[(130 + k) << 12] = 1 + k                  # a page only it has (the parent: 133)
-if k == kids:
-    m[200 << 12:210 << 12] = b"p" * (10 << 12)   # pages the children do not have
-want = zlib.crc32(buf) ^ zlib.crc32(m)
-for n in range(1, 100000):
-    ok = zlib.crc32(buf) ^ zlib.crc32(m) == want
-    os.write(1, f"p{k} {n} {'ok' if ok else 'DAMAGED'}\n".encode())
-    time.sleep(0.1)
-"#;
-    let log = env.detach("cow", &["python3", "-c", script]);
+    let log = env.detach("cow", &["python3", "-c", COW_TREE]);
     for k in 0..4 {
         wait_numbers(&log, &format!("p{k} "), 2);
     }
-    let pss = |env: &Env| -> f64 {
-        let kib: u64 = (env.processes("cow").iter())
-            .map(|p| {
-                let f = format!("/proc/{}/smaps_rollup", p["pid"]);
-                let text = std::fs::read_to_string(f).unwrap_or_default();
-                let line = text.lines().find(|l| l.starts_with("Pss:")).unwrap_or("");
-                line.split_whitespace()
-                    .nth(1)
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0)
-            })
-            .sum();
-        kib as f64 / 1024.0
+    let pids = |env: &Env| -> Vec<i32> {
+        let ps = env.processes("cow");
+        ps.iter()
+            .map(|p| p["pid"].as_i64().unwrap() as i32)
+            .collect()
     };
-    let before = pss(&env);
+    let before = pss_mib(&pids(&env));
     let img = env.root.join("img");
     stop_into(&env, "cow", &img);
     restored_tree_goes_on(&env, &img, &log, 4);
-    // (A copy each: ~4 x 56 MiB.)
-    let after = pss(&env);
-    println!("proportional set size of the tree: {before:.1} MiB before, {after:.1} MiB restored");
-    assert!(
-        after < before * 1.3 + 8.0,
-        "{before:.1} MiB before, {after:.1} MiB restored"
-    );
+    assert_shares_again(before, pss_mib(&pids(&env)));
     env.stop("cow");
 }
 

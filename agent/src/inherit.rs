@@ -17,6 +17,9 @@ pub const INHERIT: u64 = 1 << 8;
 /// An entry's kind: pages of the parent's that the child has not (`madvise(DONTNEED)`:
 /// zero again, or the file's again).
 pub const DROP: u64 = 4;
+use crate::restore::{ProcImage, REMOTE};
+use migrt::image::{PAGE, Region};
+
 /// The kinds of entries `mark` reads: mapping, and copy into it.
 const MAP: u64 = 0;
 const COPY: u64 = 1;
@@ -28,6 +31,33 @@ type Entry = [u64; 7];
 /// of them has at least this much (forking a process with its memory in place costs
 /// ~1 ms; writing 4 MiB of fresh pages, ~2).
 pub const WORTH: u64 = 4 << 20;
+
+/// Whether `child` has WORTH or more of its pages to take over from `parent` (in private
+/// mappings alike in both), all of them here (a lazy migration leaves pages at its source:
+/// those the pager fetches for each process apart).
+pub fn worth_it(child: &ProcImage, parent: &ProcImage) -> bool {
+    if [child, parent]
+        .iter()
+        .any(|i| i.runs.iter().any(|r| r.file == REMOTE))
+    {
+        return false;
+    }
+    let alike: Vec<&Region> = (child.regions.iter())
+        .filter(|r| r.perms.ends_with('p'))
+        .filter(|r| {
+            parent.regions.iter().any(|p| {
+                (p.start, p.end, p.offset) == (r.start, r.end, r.offset)
+                    && (&p.perms, &p.name) == (&r.perms, &r.name)
+            })
+        })
+        .collect();
+    let inside = |a: u64| alike.iter().any(|r| a >= r.start && a < r.end);
+    let pages: u64 = (child.runs.iter())
+        .filter(|run| inside(run.addr))
+        .map(|run| run.pages)
+        .sum();
+    pages * PAGE as u64 >= WORTH
+}
 
 /// Marks in `child`'s entries what it can take over from `parent`'s (both as
 /// restore::map_regions made them, with copies only, not lazily); returns the bytes of its

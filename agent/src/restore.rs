@@ -97,7 +97,7 @@ pub struct ProcImage {
 
 /// The `file` of a run whose pages are still in a lazy migration's source (at their own
 /// address there).
-const REMOTE: usize = usize::MAX;
+pub const REMOTE: usize = usize::MAX;
 
 /// Pages that follow each other both in memory and in file `file` of a ProcImage.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1222,25 +1222,32 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     let shared = shared_memory(&images, &objects.by_inode, &mut keep, &mut ahead.shared)?;
     let sysv_ids = crate::sysv::make(&images, &dir.0)?;
     let mut files = MappedFiles::new();
-    let mut mapped: Vec<Mapped> = images
-        .iter()
-        .map(|i| {
+    // A child takes over from its parent what it has alike, where that is worth forking
+    // it late (inherit.rs). The pager would fill each process's memory on its own: lazily,
+    // such a parent and child are copied in first instead.
+    let parent_at = |img: &ProcImage| vpids.iter().position(|&v| v == parent_of(img));
+    let mut paged = vec![lazy; images.len()];
+    for (k, img) in images.iter().enumerate() {
+        if let Some(p) =
+            parent_at(img).filter(|&p| lazy && crate::inherit::worth_it(img, &images[p]))
+        {
+            (paged[k], paged[p]) = (false, false);
+        }
+    }
+    let mut mapped: Vec<Mapped> = (images.iter().zip(&paged))
+        .map(|(i, &paged)| {
             let opened = (&mut keep, &mut files);
-            map_regions(i, &policy, &shared, opened, (lazy, a.when_told))
+            map_regions(i, &policy, &shared, opened, (paged, a.when_told))
         })
         .collect::<Result<_>>()?;
-    // A child takes over from its parent what it has alike, where that is worth forking
-    // it late (inherit.rs; not lazily: the pager fills each process's memory itself).
     let mut forks_late = vec![false; images.len()];
-    if !lazy {
-        let plain: Vec<Vec<[u64; 7]>> = mapped.iter().map(|m| m.entries.clone()).collect();
-        for (k, img) in images.iter().enumerate() {
-            if let Some(p) = vpids.iter().position(|&v| v == parent_of(img)) {
-                let mut marked = plain[k].clone();
-                if crate::inherit::mark(&mut marked, &plain[p]) >= crate::inherit::WORTH {
-                    mapped[k].entries = marked;
-                    forks_late[p] = true;
-                }
+    let plain: Vec<Vec<[u64; 7]>> = mapped.iter().map(|m| m.entries.clone()).collect();
+    for (k, img) in images.iter().enumerate() {
+        if let Some(p) = parent_at(img).filter(|&p| !paged[k] && !paged[p]) {
+            let mut marked = plain[k].clone();
+            if crate::inherit::mark(&mut marked, &plain[p]) >= crate::inherit::WORTH {
+                mapped[k].entries = marked;
+                forks_late[p] = true;
             }
         }
     }

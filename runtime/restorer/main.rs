@@ -481,10 +481,10 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
     } else if w[12] & 2 != 0 {
         unsafe { sys6(SYS_SETPGID, 0, 0, 0, 0, 0, 0) };
     }
-    // The children first, unless the plan says they take over some of this memory (never
-    // lazily: a userfaultfd registered before a fork would hand the pager the child as
-    // the parent's fork).
-    let late = w[12] & 4 != 0 && w[14] == u64::MAX;
+    // The children first, unless the plan says they take over some of this memory (then
+    // none of it is the pager's: a range registered before a fork would hand the pager
+    // the child as the parent's fork).
+    let late = w[12] & 4 != 0;
     if !late {
         unsafe { fork_children(w, argv0, envp, None) };
     }

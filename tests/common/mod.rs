@@ -477,3 +477,65 @@ pub fn assert_root_then_nobody(pids: &[i64]) {
         "the others are nobody's again: {uids:?}"
     );
 }
+
+/// A forked tree of 4 ("pK N ok" lines, or "DAMAGED"): a prefork server whose workers
+/// share 48 MiB the parent wrote before forking them, copy-on-write, each with pages of
+/// its own, and pages only the parent has.
+pub const COW_TREE: &str = r#"
+import mmap, os, time, zlib
+buf = bytearray(range(256)) * (48 << 12)    # 48 MiB, written before the forks
+m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)
+m[:128 << 12] = bytes(range(256)) * (2 << 10)
+kids = 3
+for k in range(kids):
+    if os.fork() == 0:
+        break
+else:
+    k = kids
+for p in range(k * 64, k * 64 + 16):        # pages unlike everyone else's
+    buf[p * 4096] = 200 + k
+m[(130 + k) << 12] = 1 + k                  # a page only it has (the parent: 133)
+if k == kids:
+    m[200 << 12:210 << 12] = b"p" * (10 << 12)   # pages the children do not have
+want = zlib.crc32(buf) ^ zlib.crc32(m)
+for n in range(1, 100000):
+    ok = zlib.crc32(buf) ^ zlib.crc32(m) == want
+    os.write(1, f"p{k} {n} {'ok' if ok else 'DAMAGED'}\n".encode())
+    time.sleep(0.1)
+"#;
+
+/// A tree of `n` processes printing "pK N ok" lines (or "DAMAGED") into `before` went on
+/// in `after`: each from its last number, undamaged.
+pub fn tree_went_on(before: &Path, after: &Path, n: usize) {
+    for k in 0..n {
+        let who = format!("p{k} ");
+        let last = *numbers(before, &who).last().unwrap();
+        assert_eq!(wait_numbers(after, &who, 2)[0], last + 1, "{who}went on");
+    }
+    let out = std::fs::read_to_string(after).unwrap();
+    assert!(!out.contains("DAMAGED"), "{out}");
+}
+
+/// The proportional set size of processes `pids` together, in MiB (what they share
+/// counted once).
+pub fn pss_mib(pids: &[i32]) -> f64 {
+    let kib: u64 = (pids.iter())
+        .map(|p| {
+            let text = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"));
+            let text = text.unwrap_or_default();
+            let line = text.lines().find(|l| l.starts_with("Pss:")).unwrap_or("");
+            let kib = line.split_whitespace().nth(1).and_then(|n| n.parse().ok());
+            kib.unwrap_or(0)
+        })
+        .sum();
+    kib as f64 / 1024.0
+}
+
+/// COW_TREE, brought back, shares its memory again: not a copy each (~4 x 56 MiB).
+pub fn assert_shares_again(before: f64, after: f64) {
+    println!("proportional set size of the tree: {before:.1} MiB before, {after:.1} MiB after");
+    assert!(
+        after < before * 1.3 + 8.0,
+        "{before:.1} MiB before, {after:.1} MiB after"
+    );
+}
