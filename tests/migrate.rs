@@ -55,7 +55,24 @@ fn a_session_migrates_to_an_agent_and_goes_on_there() {
 
 #[test]
 fn a_forked_tree_migrates_sharing_what_its_processes_had_alike() {
-    let env = Env::new("migrate-cow");
+    let (before, after) = migrate_cow_tree("migrate-cow", &[]);
+    assert_shares_again(before, after);
+}
+
+#[test]
+fn with_no_sharing_a_forked_tree_is_paged_in_process_by_process() {
+    // (A shorter freeze; a copy each.)
+    let (before, after) = migrate_cow_tree("migrate-cow-apart", &["--no-sharing"]);
+    assert!(
+        after > before * 2.5,
+        "{before:.1} MiB before, {after:.1} MiB after"
+    );
+}
+
+/// COW_TREE migrated to an agent (`mig migrate` with `more`): it goes on there; the
+/// proportional set size of the tree here before, and there after (MiB).
+fn migrate_cow_tree(tag: &str, more: &[&str]) -> (f64, f64) {
+    let env = Env::new(tag);
     let key = key(&env);
     let agent = Agent::start(&env, "agent", &key, None, &[]);
     let log = env.detach("cow", &["python3", "-c", COW_TREE]);
@@ -69,10 +86,13 @@ fn a_forked_tree_migrates_sharing_what_its_processes_had_alike() {
             .map(|p| p["pid"].as_i64().unwrap() as i32)
             .collect::<Vec<_>>(),
     );
-    let o = migrate(&env, "cow", &agent.addr, &key);
+    let mut args = migrate_args("cow", &agent.addr, &key).to_vec();
+    args.extend_from_slice(more);
+    let o = env.run(&args);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    println!("{}", text(&o.stdout));
     tree_went_on(&log, &agent.session_log("cow"), 4);
-    assert_shares_again(before, pss_mib(&agent.restored_pids()));
+    (before, pss_mib(&agent.restored_pids()))
 }
 
 /// The session runs on here, counting, after a failed migration.

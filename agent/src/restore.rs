@@ -59,6 +59,8 @@ pub struct RestoreArgs {
     pub allow_changed_files: bool,
     /// Memory filled in after the process runs again (pager.rs).
     pub lazy: bool,
+    /// With `lazy`: even what a forked tree shares (inherit.rs).
+    pub no_sharing: bool,
     /// With `lazy`: where the pages kept in a lazy migration's source are asked for.
     pub pages_from: Option<std::os::fd::OwnedFd>,
     /// Started before the image is all there: wait for a line `go` on stdin first. (The
@@ -1227,9 +1229,10 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     // such a parent and child are copied in first instead.
     let parent_at = |img: &ProcImage| vpids.iter().position(|&v| v == parent_of(img));
     let mut paged = vec![lazy; images.len()];
+    let sharing = lazy && !a.no_sharing;
     for (k, img) in images.iter().enumerate() {
         if let Some(p) =
-            parent_at(img).filter(|&p| lazy && crate::inherit::worth_it(img, &images[p]))
+            parent_at(img).filter(|&p| sharing && crate::inherit::worth_it(img, &images[p]))
         {
             (paged[k], paged[p]) = (false, false);
         }
