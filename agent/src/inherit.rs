@@ -32,9 +32,16 @@ type Entry = [u64; 7];
 /// ~1 ms; writing 4 MiB of fresh pages, ~2).
 pub const WORTH: u64 = 4 << 20;
 
-/// Whether `child` has WORTH or more of its pages to take over from `parent` (in private
-/// mappings alike in both), all of them here (a lazy migration leaves pages at its source:
-/// those the pager fetches for each process apart).
+/// In a lazy restore (a migration's), what a child must have alike with its parent for
+/// the two to be copied in before they run rather than paged in after: that wait is part
+/// of the freeze (a tree of 4 python processes sharing 48 MiB: ~17 -> ~95 ms here), so
+/// only large sharing is worth it (a prefork server's preloaded application, not the
+/// few MiB of an interpreter's own every child has alike).
+const WORTH_COPYING_FIRST: u64 = 16 << 20;
+
+/// Whether `child` has WORTH_COPYING_FIRST or more of its pages to take over from
+/// `parent` (in private mappings alike in both), all of them here (a lazy migration leaves
+/// pages at its source: those the pager fetches for each process apart).
 pub fn worth_it(child: &ProcImage, parent: &ProcImage) -> bool {
     if [child, parent]
         .iter()
@@ -56,7 +63,7 @@ pub fn worth_it(child: &ProcImage, parent: &ProcImage) -> bool {
         .filter(|run| inside(run.addr))
         .map(|run| run.pages)
         .sum();
-    pages * PAGE as u64 >= WORTH
+    pages * PAGE as u64 >= WORTH_COPYING_FIRST
 }
 
 /// Marks in `child`'s entries what it can take over from `parent`'s (both as
