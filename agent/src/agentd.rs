@@ -580,8 +580,30 @@ impl Restore {
     }
 
     /// The next line it printed, if one has come; an error with what it said if it ended
-    /// without one.
+    /// without one. (Once it has ended, its output is read once more: its last line may
+    /// have come just after the read before.)
     fn line(&mut self) -> Result<Option<String>> {
+        use std::io::Read;
+        for _ in 0..2 {
+            if let Some(l) = self.printed()? {
+                return Ok(Some(l));
+            }
+            if self.child()?.try_wait()?.is_none() {
+                return Ok(None);
+            }
+        }
+        let child = self.child()?;
+        let status = child.wait()?;
+        let mut why = String::new();
+        child.stderr.take().map(|mut e| e.read_to_string(&mut why));
+        match why.trim() {
+            "" => bail!("mig restore ended ({status}) without the session back"),
+            why => bail!("{why}"),
+        }
+    }
+
+    /// The next whole line of what it printed so far, if any.
+    fn printed(&mut self) -> Result<Option<String>> {
         use std::io::Read;
         let child = self.child.as_mut().context("mig restore is gone")?;
         let out = child.stdout.as_mut().context("mig restore's output")?;
@@ -594,21 +616,11 @@ impl Restore {
                 Err(e) => return Err(e).context("reading mig restore's output"),
             }
         }
-        if let Some(end) = self.said.iter().position(|&b| b == b'\n') {
+        let line = self.said.iter().position(|&b| b == b'\n').map(|end| {
             let line: Vec<u8> = self.said.drain(..=end).collect();
-            return Ok(Some(String::from_utf8_lossy(&line).trim().to_string()));
-        }
-        match child.try_wait()? {
-            None => Ok(None),
-            Some(status) => {
-                let mut why = String::new();
-                child.stderr.take().map(|mut e| e.read_to_string(&mut why));
-                match why.trim() {
-                    "" => bail!("mig restore ended ({status}) without the session back"),
-                    why => bail!("{why}"),
-                }
-            }
-        }
+            String::from_utf8_lossy(&line).trim().to_string()
+        });
+        Ok(line)
     }
 
     /// It said the session is back: it ends by itself, reaped by a thread of its own.
