@@ -110,7 +110,10 @@ impl Agent {
                 lazy,
                 resident,
             } => {
-                let homes = match self.admit(&name, uid, lazy).and_then(|_| homes(&moving)) {
+                let admitted = (self.admit(&name, uid, lazy))
+                    .and_then(|_| allowed_restore_args(&restore_args))
+                    .and_then(|_| homes(&moving));
+                let homes = match admitted {
                     Ok(h) => h,
                     Err(e) => return refuse(&mut link, format!("session {name}: {e:#}")),
                 };
@@ -671,6 +674,21 @@ struct Incoming<'a> {
 
 /// Whether the peer at the other end of `stream` has closed it (nothing is expected from
 /// it now).
+/// What a sender may ask of the restore here: the rebinding rules and --no-sharing, as
+/// `mig migrate` passes them; nothing else (`--stdout FILE` from a peer would have the
+/// restore write where this agent may).
+fn allowed_restore_args(args: &[String]) -> Result<()> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--map-path" | "--map-port" | "--map-addr" if it.next().is_some() => {}
+            "--no-sharing" => {}
+            other => bail!("restore argument {other:?} is not one a sender may give"),
+        }
+    }
+    Ok(())
+}
+
 fn gone(stream: &std::net::TcpStream) -> bool {
     migrt::sys::wait_readable(stream, Duration::ZERO).unwrap_or(true)
         && stream.peek(&mut [0u8]).map_or(true, |n| n == 0)
@@ -715,4 +733,32 @@ fn homes(moving: &[String]) -> Result<Vec<netaddr::Held>> {
 fn refuse(link: &mut Link, why: String) -> Result<()> {
     log(format_args!("refused: {why}"));
     link.send(&Msg::Refused(why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sender_may_give_the_restore_its_rebinding_rules_and_nothing_else() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = args(&[
+            "--map-port",
+            "80=8080",
+            "--map-path",
+            "/a=/b",
+            "--no-sharing",
+        ]);
+        assert!(allowed_restore_args(&ok).is_ok());
+        assert!(allowed_restore_args(&[]).is_ok());
+        for bad in [
+            &["--stdout", "/etc/passwd"][..],
+            &["--map-port"][..],
+            &["--allow-changed-files"][..],
+            &["--lazy", "--pages-from", "3"][..],
+        ] {
+            let e = allowed_restore_args(&args(bad)).unwrap_err();
+            assert!(e.to_string().contains("not one a sender may give"), "{e}");
+        }
+    }
 }
