@@ -9,6 +9,7 @@
 //! Every refusal is logged with its reason and sent to the peer.
 
 use crate::netaddr;
+use crate::owner::Owner;
 use crate::peer::{self, Link, Msg};
 use crate::relay::{self, Relay};
 use crate::sessions;
@@ -110,10 +111,11 @@ impl Agent {
                 lazy,
                 resident,
             } => {
-                let admitted = (self.admit(&name, uid, lazy))
-                    .and_then(|_| allowed_restore_args(&restore_args))
-                    .and_then(|_| homes(&moving));
-                let homes = match admitted {
+                let admitted = (self.admit(&name, uid, lazy, &moving)).and_then(|owner| {
+                    allowed_restore_args(&restore_args)?;
+                    Ok((owner, homes(&moving)?))
+                });
+                let (owner, homes) = match admitted {
                     Ok(h) => h,
                     Err(e) => return refuse(&mut link, format!("session {name}: {e:#}")),
                 };
@@ -129,6 +131,11 @@ impl Agent {
                 }
                 let how = Incoming {
                     name: &name,
+                    rt: match &owner {
+                        Some(o) => o.runtime_dir(),
+                        None => sessions::runtime_dir()?,
+                    },
+                    owner,
                     restore_args: &restore_args,
                     homes: &homes,
                     lazy,
@@ -192,26 +199,38 @@ impl Agent {
     }
 
     /// Whether a session of this name and owner may come (lazily: whether its memory can
-    /// be filled in here after it runs).
-    fn admit(&self, name: &str, uid: u32, lazy: bool) -> Result<()> {
+    /// be filled in here after it runs; `moving`: the addresses that move with it). Root
+    /// takes other users' sessions too: their owner, whom it restores them as.
+    fn admit(&self, name: &str, uid: u32, lazy: bool, moving: &[String]) -> Result<Option<Owner>> {
         migrt::paths::validate_name(name)?;
         if lazy && !crate::pager::available() {
             bail!(
                 "a lazy migration needs a userfaultfd that handles faults in system calls and reports forks on this host (an agent running as root); use --mode precopy"
             );
         }
-        if uid != migrt::sys::getuid() {
-            bail!(
-                "the session belongs to uid {uid}; this agent runs as uid {} and restores only its own user's sessions",
+        let owner = match uid == migrt::sys::getuid() {
+            true => None,
+            false if migrt::sys::getuid() != 0 => bail!(
+                "the session belongs to uid {uid}; this agent runs as uid {} and restores only its own user's sessions (an agent running as root restores anyone's, as them)",
                 migrt::sys::getuid()
+            ),
+            false => Some(Owner::lookup(uid)?),
+        };
+        if owner.is_some() && !moving.is_empty() {
+            bail!(
+                "addresses move only with sessions of this agent's own user: the restore of another user's session may not make connections in TCP repair mode"
             );
         }
-        if let Ok(rt) = sessions::runtime_dir()
+        let rt = match &owner {
+            Some(o) => Ok(o.runtime_dir()),
+            None => sessions::runtime_dir(),
+        };
+        if let Ok(rt) = rt
             && sessions::find(&rt, name).is_ok()
         {
             bail!("a session named {name} runs here already");
         }
-        Ok(())
+        Ok(owner)
     }
 
     /// A lazily restored session's memory, fetched from the sender while it runs here: the
@@ -249,7 +268,7 @@ impl Agent {
         spooled: &mut Spooled,
         how: &Incoming,
     ) -> Result<Option<Relay>> {
-        spooled.in_shm = crate::spool::make_dir(&spooled.dir, how.in_memory)?;
+        spooled.in_shm = crate::spool::make_dir(&spooled.dir, how.in_memory, how.owner.as_ref())?;
         let (dir, out) = (&spooled.dir, &mut spooled.files);
         let name = how.name;
         // The restore is started first and waits until the image is all here: what it takes
@@ -281,7 +300,7 @@ impl Agent {
                 bail!("bad image file names {files:?}");
             }
             for f in files {
-                let file = crate::spool::create(dir, f, how.in_memory)?;
+                let file = crate::spool::create(dir, f, how.in_memory, how.owner.as_ref())?;
                 out.push((Arc::new(file), f.clone(), Arrival::Coming));
             }
             Ok(())
@@ -403,7 +422,7 @@ impl Agent {
                 let back = &mut || restore.back();
                 if let Err(e) = r.run(link, Some((back, said)), self.timeout / 3) {
                     drop(restore);
-                    end_session(name);
+                    end_session(&how.rt, name);
                     return Err(e);
                 }
             }
@@ -437,12 +456,19 @@ impl Agent {
         dir: &Path,
         how: &Incoming,
     ) -> Result<(Restore, Option<std::os::unix::net::UnixStream>)> {
-        let rt = sessions::runtime_dir()?;
-        let logf = migrt::paths::logs_dir(&rt).join(format!("{}.log", how.name));
+        let logf = migrt::paths::logs_dir(&how.rt).join(format!("{}.log", how.name));
         let mut restore = std::process::Command::new(std::env::current_exe()?);
+        restore.arg("restore");
+        // (Another user's restore runs as them, in the image's directory.)
+        match &how.owner {
+            Some(owner) => {
+                let opened = std::fs::File::open(dir)
+                    .with_context(|| format!("opening {}", dir.display()))?;
+                owner.apply(restore.arg("."), opened.into());
+            }
+            None => _ = restore.arg(dir),
+        }
         restore
-            .arg("restore")
-            .arg(dir)
             // (Lazily: it runs as soon as its image is here; pages follow from the files.)
             .args([
                 "--detach",
@@ -662,6 +688,10 @@ impl Drop for Restore {
 /// What comes with an incoming session.
 struct Incoming<'a> {
     name: &'a str,
+    /// The runtime directory it goes to: its owner's.
+    rt: PathBuf,
+    /// Its owner, where that is not this agent's user.
+    owner: Option<Owner>,
     restore_args: &'a [String],
     homes: &'a [netaddr::Held],
     lazy: bool,
@@ -697,7 +727,7 @@ fn gone(stream: &std::net::TcpStream) -> bool {
 /// Gives up a session restored here: its processes end, the addresses that came with it
 /// go back to the sender.
 fn abandon(how: &Incoming) {
-    end_session(how.name);
+    end_session(&how.rt, how.name);
     for h in how.homes {
         let mut undo = netaddr::Changes::default();
         let _ = undo.remove(h);
@@ -705,9 +735,10 @@ fn abandon(how: &Incoming) {
     }
 }
 
-/// Ends every process of a session restored here (its memory cannot be completed).
-fn end_session(name: &str) {
-    if let Ok(live) = sessions::runtime_dir().and_then(|rt| sessions::find(&rt, name)) {
+/// Ends every process of a session restored here, in runtime directory `rt` (its memory
+/// cannot be completed).
+fn end_session(rt: &Path, name: &str) {
+    if let Ok(live) = sessions::find(rt, name) {
         for p in live.processes() {
             // SAFETY: kill takes plain values.
             unsafe { libc::kill(p.pid, libc::SIGKILL) };

@@ -12,6 +12,7 @@ mod migrate;
 mod netaddr;
 mod objects;
 mod outgoing;
+mod owner;
 mod pager;
 mod peer;
 mod prebuilt;

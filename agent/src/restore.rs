@@ -532,6 +532,7 @@ fn start_pager(
                 libc::setsid();
             }
             drop(hold);
+            crate::owner::drop_lent_capabilities();
             if let Some(f) = log {
                 // SAFETY: dup2 onto our own stderr.
                 unsafe { libc::dup2(f.as_raw_fd(), 2) };
@@ -1339,6 +1340,8 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
         terminal::restore_modes(&images);
     }
     let mut child = c.spawn().context("starting the restorer")?;
+    // (It needed them; nothing after it does.)
+    crate::owner::drop_lent_capabilities();
     // (The restored processes hold the pager's socket now: it ends when they all did.)
     let hold = pager.map(|p| p.hold);
     // 4. Each process says when it is ready (nothing of its restart can fail any more);

@@ -4,11 +4,13 @@
 //! directory. On this machine kind, writing a gibibyte into ext4's page cache took 2.5 s
 //! of CPU, into memory 0.4 s: the agent's writes were most of a pre-copy migration's time.
 
+use crate::owner::Owner;
 use anyhow::{Context, Result};
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Memory kept free beside the image and the restored session.
@@ -59,12 +61,18 @@ fn cgroup_room() -> Option<u64> {
 /// Makes `dir`, where an incoming image is kept: in memory, a link to a directory in
 /// /dev/shm where that is a tmpfs (returned), made before the image comes — on a disk file
 /// system, making the process images' links in `dir` itself waited for the journal inside
-/// the freeze (~1 ms each on ext4).
-pub fn make_dir(dir: &Path, memory: bool) -> Result<Option<std::path::PathBuf>> {
+/// the freeze (~1 ms each on ext4). Another user's image (`owner`, whose restore reads it)
+/// is kept in a directory they may search but not change.
+pub fn make_dir(dir: &Path, memory: bool, owner: Option<&Owner>) -> Result<Option<PathBuf>> {
     let private = |d: &Path| {
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(d)
             .with_context(|| format!("making {}", d.display()))
+    };
+    let searchable = |d: &Path| match owner {
+        Some(_) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("opening {} to its owner", d.display())),
+        None => Ok(()),
     };
     // (What is there already is a leftover: the name holds this agent's pid, which one
     // killed before had too — in a container an agent may always have the same pid.)
@@ -73,6 +81,7 @@ pub fn make_dir(dir: &Path, memory: bool) -> Result<Option<std::path::PathBuf>> 
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
     let (Some(name), true) = (name, memory && migrt::sys::on_tmpfs(shm)) else {
         private(dir)?;
+        searchable(dir)?;
         return Ok(None);
     };
     let real = shm.join(format!(
@@ -82,9 +91,12 @@ pub fn make_dir(dir: &Path, memory: bool) -> Result<Option<std::path::PathBuf>> 
     ));
     let _ = std::fs::remove_dir_all(&real);
     private(&real)?;
-    let linked = dir.parent().map_or(Ok(()), private).and_then(|_| {
-        std::os::unix::fs::symlink(&real, dir).with_context(|| format!("making {}", dir.display()))
-    });
+    let linked = searchable(&real)
+        .and_then(|_| dir.parent().map_or(Ok(()), private))
+        .and_then(|_| {
+            std::os::unix::fs::symlink(&real, dir)
+                .with_context(|| format!("making {}", dir.display()))
+        });
     if let Err(e) = linked {
         let _ = std::fs::remove_dir_all(&real);
         return Err(e);
@@ -114,21 +126,34 @@ pub fn sweep() {
 }
 
 /// Creates image file `name` in `dir` (in memory: a symlink there to the memfd, which lives
-/// as long as the returned File).
-pub fn create(dir: &Path, name: &str, memory: bool) -> Result<std::fs::File> {
+/// as long as the returned File). Another user's (`owner`) is a file of theirs (in memory:
+/// in /dev/shm, where `dir` leads), which their restore may open.
+pub fn create(
+    dir: &Path,
+    name: &str,
+    memory: bool,
+    owner: Option<&Owner>,
+) -> Result<std::fs::File> {
     let path = dir.join(name);
-    let made = if memory {
+    let made = if memory && owner.is_none() {
         migrt::sys::memfd(&CString::new(name)?, false).and_then(|f| {
             let fd = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
             std::os::unix::fs::symlink(fd, &path).map(|_| f)
         })
     } else {
         // (Read too: pages sent once are copied from where they came first.)
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true),
+            0o600,
+        )
+        .open(&path)
+        .and_then(|f| match owner {
+            Some(o) => std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid)).map(|_| f),
+            None => Ok(f),
+        })
     };
     made.with_context(|| format!("image file {name}"))
 }

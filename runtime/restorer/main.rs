@@ -11,7 +11,9 @@
 //!   3. maps every saved region at its address — page data straight from the image file
 //!      (MAP_PRIVATE: lazy, copy-on-write), libraries from their files, the rest anonymous;
 //!   4. moves this host's [vvar] [vvar_vclock] [vdso] block to where the image had it;
-//!   5. sets the TLS base and jumps, on the saved thread's stack, into the restored shim's
+//!   5. drops any capability lent to the restore (a restorer not running as root has none
+//!      of its own);
+//!   6. sets the TLS base and jumps, on the saved thread's stack, into the restored shim's
 //!      restart path, which does the rest.
 //!
 //! Plan (little-endian u64 words): magic, entry count, restart entry, offset of the
@@ -62,6 +64,9 @@ const SYS_IOCTL: usize = 16;
 const SYS_SENDMSG: usize = 46;
 const SYS_GETPID: usize = 39;
 const SYS_USERFAULTFD: usize = 323;
+const SYS_GETUID: usize = 102;
+const SYS_CAPSET: usize = 126;
+const CAP_VERSION_3: u32 = 0x2008_0522;
 const O_CLOEXEC: usize = 0o2000000;
 const O_NONBLOCK: usize = 0o4000;
 const UFFDIO_API: usize = 0xc018_aa3f;
@@ -417,6 +422,20 @@ struct Inherited<'a> {
 /// Becomes the process of plan `plan_fd`, forking one restorer per child process, so that
 /// the restored tree has its real parent-child links — once its own memory is in place,
 /// unless restored lazily, so that a child takes over what it has alike (`from`).
+/// A restorer not running as root has no capability of its own: whatever it has was lent
+/// for the restore (root's sessions keep theirs, and lose them where the restart path
+/// changes user). Cleared from every set (the ambient one goes with the permitted).
+unsafe fn drop_lent_capabilities() {
+    if unsafe { sys6(SYS_GETUID, 0, 0, 0, 0, 0, 0) } == 0 {
+        return;
+    }
+    let head = [CAP_VERSION_3, 0];
+    let none = [0u32; 6];
+    if unsafe { sys6(SYS_CAPSET, head.as_ptr() as usize, none.as_ptr() as usize, 0, 0, 0, 0) } < 0 {
+        die(b"cannot drop the capabilities lent to the restore");
+    }
+}
+
 unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *const u8, from: Option<Inherited>) -> ! {
     // 1. The plan, read into fresh memory.
     let mut st = [0u64; 18];
@@ -580,7 +599,11 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
         }
     }
 
-    // 5. TLS, stack, and into the shim.
+    // 5. No capability a user's restore was lent (a root agent restoring another user's
+    // session lends CAP_SYS_PTRACE, for the userfaultfd) goes on into the program.
+    unsafe { drop_lent_capabilities() };
+
+    // 6. TLS, stack, and into the shim.
     let (entry, args, fs, stack) = (w[2] as usize, plan as usize + w[3] as usize, w[4] as usize, w[5] as usize);
     unsafe {
         sys6(SYS_ARCH_PRCTL, ARCH_SET_FS, fs, 0, 0, 0, 0);

@@ -27,7 +27,12 @@ pub fn runtime_dir() -> PathBuf {
             return d.join("migshim");
         }
     }
-    PathBuf::from(format!("/tmp/migshim-{}", crate::sys::getuid()))
+    shared_tmp_runtime_dir(crate::sys::getuid())
+}
+
+/// User `uid`'s runtime directory where nothing else names one.
+pub fn shared_tmp_runtime_dir(uid: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/migshim-{uid}"))
 }
 
 /// Creates `dir` (and parents) with mode 0700 and checks that it is ours and private.

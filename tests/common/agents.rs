@@ -55,7 +55,7 @@ impl Agent {
     }
 
     /// `mig agent` on `ip` run through the command `inside` (none: here).
-    fn spawn(
+    pub fn spawn(
         env: &Env,
         (name, key): (&str, &Path),
         inside: &[&str],
