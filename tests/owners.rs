@@ -149,6 +149,25 @@ fn a_session_of_nobody_moves(tag: &str, mode: &str) {
             "{set}: nothing lent to the restore is left"
         );
     }
+    // nobody asking the agent from here sees it.
+    let o = mig_as_nobody(
+        &env,
+        here,
+        Some(&rt),
+        &[
+            "ps",
+            "--host",
+            &agent.addr,
+            "--key",
+            their_key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        text(&o.stdout).contains(&name),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
     // Theirs to command: nobody checkpoints it there.
     let img = home.join("img");
     let o = mig_as_nobody(

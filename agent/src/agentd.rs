@@ -98,8 +98,15 @@ impl Agent {
         stream.set_nodelay(true)?;
         let mut link = peer::accept(stream, &self.key)?;
         match link.recv()? {
-            Msg::Ps { json } => {
-                let rt = sessions::runtime_dir()?;
+            Msg::Ps { json, uid } => {
+                // (Root's answer: the asker's sessions, which it restored as them.)
+                let rt = match uid != migrt::sys::getuid() && migrt::sys::getuid() == 0 {
+                    true => match Owner::lookup(uid) {
+                        Ok(o) => o.runtime_dir(),
+                        Err(e) => return refuse(&mut link, format!("{e:#}")),
+                    },
+                    false => sessions::runtime_dir()?,
+                };
                 link.send(&Msg::Sessions(crate::show::ps(&sessions::list(&rt), json)?))?;
                 Ok(())
             }

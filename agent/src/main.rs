@@ -117,7 +117,8 @@ enum Cmd {
     Ps {
         #[arg(long)]
         json: bool,
-        /// Ask the agent on HOST[:PORT] instead (its sessions).
+        /// Ask the agent on HOST[:PORT] instead (its sessions; an agent running as root
+        /// answers with yours there).
         #[arg(long, value_name = "HOST[:PORT]")]
         host: Option<String>,
         /// The agents' shared key (default: $MIGSHIM_KEY, else ~/.config/migshim/agent.key).
@@ -324,9 +325,13 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
         } => {
             let key = peer::read_key(&peer::key_path(key.as_deref()))?;
             let mut link = peer::connect(&host, &key, std::time::Duration::from_secs(10))?;
-            link.send(&peer::Msg::Ps { json })?;
+            link.send(&peer::Msg::Ps {
+                json,
+                uid: migrt::sys::getuid(),
+            })?;
             match link.recv()? {
                 peer::Msg::Sessions(text) => print!("{text}"),
+                peer::Msg::Refused(why) => anyhow::bail!("the agent at {host} refused: {why}"),
                 other => anyhow::bail!("the agent at {host} said {other:?}"),
             }
             Ok(0)

@@ -39,10 +39,11 @@ pub enum Msg {
     Welcome {
         mac: [u8; 32],
     },
-    /// What sessions run on the agent's host (`mig ps --host [--json]`): as `mig ps` prints
-    /// them there.
+    /// What sessions of user `uid` (the asker) run on the agent's host (`mig ps --host
+    /// [--json]`): as `mig ps` prints them there.
     Ps {
         json: bool,
+        uid: u32,
     },
     Sessions(String),
     /// A session would come: its name, owner, the rebinding rules for the restore
@@ -411,7 +412,13 @@ mod tests {
             let (s, _) = l.accept().unwrap();
             let mut link = accept(s, &k2).unwrap();
             let m = link.recv().unwrap();
-            assert!(matches!(m, Msg::Ps { json: false }));
+            assert!(matches!(
+                m,
+                Msg::Ps {
+                    json: false,
+                    uid: 7
+                }
+            ));
             // (Pages are sent without a copy, and read as any frame.)
             let mut body = Vec::new();
             let pages = Msg::Pages {
@@ -436,7 +443,11 @@ mod tests {
             assert!(accept(s, &k2).is_err());
         });
         let mut link = connect(&format!("127.0.0.1:{port}"), &key, Duration::from_secs(5)).unwrap();
-        link.send(&Msg::Ps { json: false }).unwrap();
+        link.send(&Msg::Ps {
+            json: false,
+            uid: 7,
+        })
+        .unwrap();
         let pages = Msg::Pages {
             vpid: 4200001,
             addr: 0x7f00_0000_0000,
