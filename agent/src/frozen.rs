@@ -421,13 +421,7 @@ impl<'a> Frozen<'a> {
                 addr + len,
                 (addr + len).saturating_add(1 << 40).min(USER_END),
             );
-            let mut first = Vec::with_capacity(1);
-            match migrt::dirty::existing_into(m, (from, to), false, &mut first) {
-                Ok(whole) => first
-                    .first()
-                    .map_or(if whole { to } else { 0 }, |r| r.start),
-                Err(_) => 0,
-            }
+            migrt::dirty::first_existing(m, (from, to)).map_or(0, |first| first.unwrap_or(to))
         });
         let ranges: Vec<(u64, u64)> = match walked {
             true => found

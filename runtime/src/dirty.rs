@@ -183,7 +183,7 @@ impl Tracker {
                 start,
                 end,
                 only(PM_SCAN_WP_MATCHING),
-                &mut [],
+                (&mut [], 0),
             )?;
         }
         Ok(())
@@ -247,6 +247,18 @@ pub fn existing_into(
     out: &mut Vec<PageRegion>,
 ) -> io::Result<bool> {
     Ok(scan_into(pagemap, start, end, existing(file_backed, 0), out)? >= end)
+}
+
+/// Where the first page of `start..end` that exists is (asked through `pagemap` as by
+/// `existing_into`), if one does. The walk stops at it: a walk for the whole region that
+/// page begins would go on through all of a mapping whose pages all exist.
+pub fn first_existing(
+    pagemap: &std::fs::File,
+    (start, end): (u64, u64),
+) -> io::Result<Option<u64>> {
+    let mut one = [PageRegion::default()];
+    let (n, _) = scan(pagemap, start, end, existing(false, 0), (&mut one, 1))?;
+    Ok((n > 0).then_some(one[0].start))
 }
 
 /// What a walk of part of a frozen process's memory found, written by another process
@@ -321,7 +333,7 @@ fn scan_into(
         // SAFETY: the kernel writes at most room.len() regions into the spare capacity,
         // and says how many; only those are counted in.
         let room = unsafe { std::slice::from_raw_parts_mut(room.as_mut_ptr().cast(), room.len()) };
-        let (n, walked) = scan(pagemap, at, end, q, room)?;
+        let (n, walked) = scan(pagemap, at, end, q, (room, 0))?;
         // SAFETY: n regions were written just past the old length.
         unsafe { out.set_len(out.len() + n) };
         if walked <= at {
@@ -332,13 +344,14 @@ fn scan_into(
     Ok(at)
 }
 
-/// One PAGEMAP_SCAN call: (regions filled, where the walk stopped).
+/// One PAGEMAP_SCAN call, into `out` (and no more than `max_pages` pages, if not 0):
+/// (regions filled, where the walk stopped).
 fn scan(
     pagemap: &std::fs::File,
     start: u64,
     end: u64,
     q: Query,
-    out: &mut [PageRegion],
+    (out, max_pages): (&mut [PageRegion], u64),
 ) -> io::Result<(usize, u64)> {
     let mut arg = PmScanArg {
         size: std::mem::size_of::<PmScanArg>() as u64,
@@ -348,7 +361,7 @@ fn scan(
         walk_end: 0,
         vec: out.as_mut_ptr() as u64,
         vec_len: out.len() as u64,
-        max_pages: 0,
+        max_pages,
         category_inverted: 0,
         // (Protecting again only what is reported.)
         category_mask: if q.flags & PM_SCAN_WP_MATCHING != 0 {
@@ -383,11 +396,9 @@ impl Drop for Tracker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn writes_are_seen_once_and_tracking_starts_again() {
-        const PAGE: usize = 4096;
-        let len = 64 * PAGE;
-        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
+    /// A fresh private anonymous mapping of `len` bytes (the test unmaps it).
+    fn anonymous(len: usize) -> *mut u8 {
+        // SAFETY: mmap of new memory, checked.
         let mem = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -397,8 +408,38 @@ mod tests {
                 -1,
                 0,
             )
-        } as *mut u8;
-        assert_ne!(mem as isize, -1);
+        };
+        assert_ne!(mem, libc::MAP_FAILED);
+        mem.cast()
+    }
+
+    #[test]
+    fn the_first_existing_page_is_found_past_empty_ones() {
+        const PAGE: usize = 4096;
+        let len = 32 * PAGE;
+        let mem = anonymous(len);
+        let (start, end) = (mem as u64, mem as u64 + len as u64);
+        let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+        match first_existing(&pagemap, (start, end)) {
+            Ok(none) => assert_eq!(none, None, "nothing touched yet"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        }
+        // SAFETY: pages 5.. of the mapping.
+        unsafe { std::ptr::write_bytes(mem.add(5 * PAGE), 1, len - 5 * PAGE) };
+        let first = first_existing(&pagemap, (start, end)).unwrap();
+        assert_eq!(first, Some(start + 5 * PAGE as u64));
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(mem.cast(), len) };
+    }
+
+    #[test]
+    fn writes_are_seen_once_and_tracking_starts_again() {
+        const PAGE: usize = 4096;
+        let len = 64 * PAGE;
+        let mem = anonymous(len);
         let start = mem as u64;
         // SAFETY: within the mapping.
         unsafe { std::ptr::write_bytes(mem, 1, len) };
