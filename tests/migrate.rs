@@ -1485,7 +1485,14 @@ fn python_tree_moves(name: &str, script: &str, who: &[String], mode: &str) -> St
     for w in who {
         let last = *numbers(&log, w).last().unwrap();
         let after = wait_numbers(&there, w, 3);
-        assert_eq!(after[0], last + 1, "{w}went on: {out}");
+        let logs = [&log, &there].map(|l| std::fs::read_to_string(l).unwrap_or_default());
+        assert_eq!(
+            after[0],
+            last + 1,
+            "{w}went on: {out}\nhere:\n{}\nthere:\n{}",
+            logs[0],
+            logs[1]
+        );
     }
     let text = std::fs::read_to_string(&there).unwrap();
     assert!(!text.contains("DAMAGED"), "{text}");

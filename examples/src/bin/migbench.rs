@@ -292,8 +292,10 @@ impl Subject {
         }
     }
 
+    /// Ends the subject (the counter of any size if given size 0).
     fn stop(self) {
         let pattern = match self {
+            Subject::Counter(0) => "counter 2 ".into(),
             Subject::Counter(mib) => format!("counter 2 {mib}"),
             Subject::Tree | Subject::Shared => self.script().into(),
         };
@@ -555,7 +557,7 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
         .unwrap()
         .port();
     let to = format!("{}:{port}", if netns { "10.78.0.2" } else { "127.0.0.1" });
-    let mut agent = in_ns(dst, &mig)
+    let agent = in_ns(dst, &mig)
         .args(["agent", "--listen", &to, "--key"])
         .arg(&key)
         .arg("--state-dir")
@@ -564,6 +566,13 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // (Ended however the benchmark ends: a failed run leaves nothing running.)
+    let _leftovers = Leftovers {
+        agent,
+        mig: mig.clone(),
+        dirs: [rt.clone(), state.join("run")],
+        state: state.clone(),
+    };
     std::thread::sleep(std::time::Duration::from_millis(300));
     println!(
         "| mode | session | frozen | (stopping / image / restore there) | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback | loopback into fresh memory | total ÷ that |"
@@ -672,11 +681,29 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
             ""
         }
     );
-    let _ = agent.kill();
-    let _ = agent.wait();
-    clear(&mig, &rt);
-    clear(&mig, &state.join("run"));
-    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// What a migration benchmark leaves: its agent, the subject (wherever it runs), the
+/// runtime directories and the agent's state; ended and removed when dropped.
+struct Leftovers {
+    agent: std::process::Child,
+    mig: std::path::PathBuf,
+    dirs: [std::path::PathBuf; 2],
+    state: std::path::PathBuf,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+        for s in [Subject::Counter(0), Subject::Tree, Subject::Shared] {
+            s.stop();
+        }
+        for d in &self.dirs {
+            clear(&self.mig, d);
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
 }
 
 /// Removes runtime directory `rt`, its ended sessions cleared away by `mig ps` first (their
