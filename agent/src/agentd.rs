@@ -6,7 +6,8 @@
 //! the stream's MAC before anything is used), restored with `mig restore --detach`, and
 //! its files removed again; the sender hears "running" or why not. Limits: how many
 //! sessions may come in at once, how large one may be, how long the peer may stay silent.
-//! Every refusal is logged with its reason and sent to the peer.
+//! Every refusal is logged with its reason and sent to the peer. An agent running as root
+//! takes other users' sessions too, and restores each as its owner (owner.rs).
 
 use crate::netaddr;
 use crate::owner::Owner;
