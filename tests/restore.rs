@@ -1161,3 +1161,57 @@ for n in range(1, 100000):
     wait_numbers(&log2, "execd ", done + 3);
     env.stop("user");
 }
+
+/// Two children that end at once; the parent waits for them only once `sys.argv[1]`
+/// exists — the first with waitpid, the second with waitid for any child — and says what
+/// it got.
+const ENDED_UNWAITED: &str = r#"
+import os, sys, time
+kids = []
+for code in (7, 9):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(code)
+    kids.append(pid)
+n = 0
+while not os.path.exists(sys.argv[1]):
+    n += 1
+    print(f"tick {n}", flush=True)
+    time.sleep(0.05)
+p, st = os.waitpid(kids[0], 0)
+print(f"waitpid {p == kids[0]} {os.waitstatus_to_exitcode(st)}", flush=True)
+info = os.waitid(os.P_ALL, 0, os.WEXITED)
+print(f"waitid {info.si_pid == kids[1]} {info.si_status}", flush=True)
+child = os.fork()
+if child == 0:
+    os._exit(0)
+print(f"new child {child not in kids}", flush=True)
+os.waitpid(child, 0)
+while True:
+    n += 1
+    print(f"tick {n}", flush=True)
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn children_that_ended_unwaited_are_waited_for_after_the_restore() {
+    // Frozen between its children's exit and its wait: they are no processes (zombies), and
+    // no restore can make them again; its waits answer them as the kernel would have.
+    let env = Env::new("restore-zombies");
+    let go = env.root.join("go");
+    let log = env.detach(
+        "z",
+        &["python3", "-c", ENDED_UNWAITED, go.to_str().unwrap()],
+    );
+    wait_numbers(&log, "tick ", 3);
+    let img = env.root.join("img");
+    stop_into(&env, "z", &img);
+    let there = restore_detached(&env, &img, "z2");
+    wait_numbers(&there, "tick ", 2);
+    std::fs::write(&go, "").unwrap();
+    let text = wait_for_text(&there, "new child");
+    assert!(text.contains("waitpid True 7"), "{text}");
+    assert!(text.contains("waitid True 9"), "{text}");
+    assert!(text.contains("new child True"), "{text}");
+    env.stop("z2");
+}

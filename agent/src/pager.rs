@@ -739,7 +739,10 @@ pub fn serve(
             });
             let filled = result.unwrap_or_else(|e| {
                 // Its memory cannot be completed: it must not run on with zeros instead.
-                eprintln!("mig restore: lazy restore: {e}; process {} ended", s.pid);
+                // (Unless it ended by itself: a child the app forked and that exited.)
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    eprintln!("mig restore: lazy restore: {e}; process {} ended", s.pid);
+                }
                 if s.pid > 0 {
                     // SAFETY: kill takes plain values.
                     unsafe { libc::kill(s.pid, libc::SIGKILL) };

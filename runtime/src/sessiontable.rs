@@ -148,6 +148,10 @@ pub struct Entry {
     pub hidden: u32,
 }
 
+/// The real pid of a restored slot whose process is not here (above any pid Linux gives:
+/// signalling or waiting for it finds no process).
+pub const NO_PROCESS: i32 = i32::MAX;
+
 /// Kinds of kernel objects that get a session-unique id.
 #[derive(Clone, Copy, Debug)]
 pub enum ObjectKind {
@@ -419,6 +423,22 @@ impl SessionTable {
 
     /// Takes slot `vid` for a process being restored (its real pid comes with `bind`).
     pub fn restore_slot(&self, vid: i32, kind: Kind, parent: i32) -> Result<()> {
+        self.restore_slot_as(vid, (kind, parent), (0, State::Running))
+    }
+
+    /// Takes slot `vid` for a child of `parent` that had ended, not waited for, where the
+    /// session was frozen: no process here has its id, which stays taken until it is
+    /// waited for (its real pid is one no process has).
+    pub fn restore_ended(&self, vid: i32, parent: i32) -> Result<()> {
+        self.restore_slot_as(vid, (Kind::Process, parent), (NO_PROCESS, State::Exited))
+    }
+
+    fn restore_slot_as(
+        &self,
+        vid: i32,
+        (kind, parent): (Kind, i32),
+        (real, state): (i32, State),
+    ) -> Result<()> {
         if !is_virtual(vid) {
             return Err(Error::TableFull(0));
         }
@@ -426,9 +446,9 @@ impl SessionTable {
         self.with_lock(|| {
             let s = self.slot(i);
             s.kind.store(kind as u32, Relaxed);
-            s.real.store(0, Relaxed);
+            s.real.store(real, Relaxed);
             s.parent.store(parent, Relaxed);
-            s.state.store(State::Running as u32, Release);
+            s.state.store(state as u32, Release);
             let used = &self.header().used;
             if (used.load(Acquire) as usize) <= i {
                 used.store(i as u32 + 1, Release);

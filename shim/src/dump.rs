@@ -100,6 +100,8 @@ pub fn dump(
     sync: bool,
     (rounds, delta, walked): (&[String], Option<&Delta>, Option<&Walked>),
 ) -> std::io::Result<Dumped> {
+    // (Before any memory is read: the note goes with it.)
+    crate::zombies::note(&s.table, crate::state::vpid());
     // Kept in the source (lazy migration): only what the target's pager fills in; the
     // rest (the stack, private file mappings' changed pages) goes with the image.
     let in_source = rounds.iter().any(|n| n == migrt::image::SOURCE_ROUND);

@@ -15,6 +15,7 @@ mod precopy;
 mod reconcile;
 mod restart;
 mod state;
+mod zombies;
 
 /// The shim's own allocations: libc's malloc, but the control thread's own region for its
 /// (ctlheap.rs).

@@ -128,6 +128,7 @@ pub unsafe extern "C" fn migshim_restart(args: *const u8) -> ! {
         while pending() && t.elapsed() < std::time::Duration::from_secs(5) {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
+        crate::zombies::restored(&s.table, me);
     }
     crate::interpose::freeze::restore_process_state();
     rejoin_group();

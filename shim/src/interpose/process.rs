@@ -147,7 +147,7 @@ fn reported(real: pid_t, status: c_int) -> pid_t {
     match s.table.vid_of(real) {
         Some(v) => {
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-                s.table.set_state(v, State::Reaped, status);
+                reap(v, status);
             }
             v
         }
@@ -155,10 +155,19 @@ fn reported(real: pid_t, status: c_int) -> pid_t {
     }
 }
 
+fn reap(vpid: pid_t, status: c_int) {
+    if let Some(s) = shim() {
+        s.table.set_state(vpid, State::Reaped, status);
+    }
+}
+
 /// A wait for a child that a restore gave a new real pid: the kernel restarts the
 /// interrupted call with the old one and answers ECHILD; translated again, it goes on.
+/// So does one for a child that had ended unwaited (zombies.rs), now answered here.
 fn rewait(pid: pid_t, tried: pid_t, r: isize) -> bool {
-    r == -1 && state::errno() == libc::ECHILD && pid_arg(pid) != tried
+    r == -1
+        && state::errno() == libc::ECHILD
+        && (pid_arg(pid) != tried || crate::zombies::take(pid, true).is_some())
 }
 
 #[unsafe(no_mangle)]
@@ -171,6 +180,16 @@ pub unsafe extern "C" fn wait4(
     let real = real!(wait4: fn(pid_t, *mut c_int, c_int, *mut libc::rusage) -> pid_t);
     let mut st = 0;
     let r = loop {
+        if let Some((v, st)) = crate::zombies::take(pid, false) {
+            if !status.is_null() {
+                *status = st;
+            }
+            if !ru.is_null() {
+                *ru = std::mem::zeroed();
+            }
+            reap(v, st);
+            return v;
+        }
         let tried = pid_arg(pid);
         let r = real(tried, &mut st, options, ru);
         if !rewait(pid, tried, r as isize) {
@@ -214,10 +233,30 @@ pub unsafe extern "C" fn waitid(
         _ => id,
     };
     let f = real!(waitid: fn(libc::idtype_t, libc::id_t, *mut libc::siginfo_t, c_int) -> c_int);
+    // (As waitpid takes it: a process group is the kernel's to answer.)
+    let pid = match idtype {
+        libc::P_ALL => -1,
+        libc::P_PID => id as pid_t,
+        _ => -2,
+    };
+    let keep = options & libc::WNOWAIT != 0;
     let r = loop {
+        let noted = (options & libc::WEXITED != 0)
+            .then(|| crate::zombies::take(pid, keep))
+            .flatten();
+        if let Some((v, st)) = noted {
+            if !info.is_null() {
+                answer_ended(info, v, st);
+            }
+            if !keep {
+                reap(v, st);
+            }
+            return 0;
+        }
         let tried = translate();
         let r = f(idtype, tried, info, options);
-        if !(r == -1 && state::errno() == libc::ECHILD && translate() != tried) {
+        let noted = || options & libc::WEXITED != 0 && crate::zombies::take(pid, true).is_some();
+        if !(r == -1 && state::errno() == libc::ECHILD && (translate() != tried || noted())) {
             break r;
         }
     };
@@ -242,6 +281,23 @@ pub unsafe extern "C" fn waitid(
         }
     }
     r
+}
+
+/// Fills `info` as waitid does for child `vpid` that ended with wait status `status`.
+unsafe fn answer_ended(info: *mut libc::siginfo_t, vpid: pid_t, status: c_int) {
+    // SAFETY: the caller's siginfo buffer; the fields at their x86-64 offsets.
+    unsafe {
+        *info = std::mem::zeroed();
+        (*info).si_signo = libc::SIGCHLD;
+        let (code, value) = match (libc::WIFEXITED(status), libc::WCOREDUMP(status)) {
+            (true, _) => (libc::CLD_EXITED, libc::WEXITSTATUS(status)),
+            (false, true) => (libc::CLD_DUMPED, libc::WTERMSIG(status)),
+            (false, false) => (libc::CLD_KILLED, libc::WTERMSIG(status)),
+        };
+        (*info).si_code = code;
+        *info.cast::<u8>().add(SI_PID).cast::<pid_t>() = vpid;
+        *info.cast::<u8>().add(SI_STATUS).cast::<c_int>() = value;
+    }
 }
 
 // ---- signals ---------------------------------------------------------------------------
