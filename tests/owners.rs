@@ -63,10 +63,14 @@ impl Theirs<'_> {
 
 impl Drop for Theirs<'_> {
     fn drop(&mut self) {
-        for pid in self.pids() {
+        let pids = self.pids();
+        for &pid in &pids {
             // SAFETY: kill takes plain values.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        wait_gone(&pids);
+        // (Listing clears the ended session away, its table in /dev/shm with it.)
+        self.pids();
         let _ = std::fs::remove_file(their_log(&self.2));
     }
 }
