@@ -1162,22 +1162,30 @@ for n in range(1, 100000):
     env.stop("user");
 }
 
+/// Python that ticks ("tick N", every 50 ms) while `sys.argv[1]` does not exist (forever
+/// with `go=None`), then does the script's next step.
+const TICKS: &str = r#"
+import os, signal, sys, time
+n = 0
+def ticks(go=sys.argv[1]):
+    global n
+    while go is None or not os.path.exists(go):
+        n += 1
+        print(f"tick {n}", flush=True)
+        time.sleep(0.05)
+"#;
+
 /// Two children that end at once; the parent waits for them only once `sys.argv[1]`
 /// exists — the first with waitpid, the second with waitid for any child — and says what
 /// it got.
 const ENDED_UNWAITED: &str = r#"
-import os, sys, time
 kids = []
 for code in (7, 9):
     pid = os.fork()
     if pid == 0:
         os._exit(code)
     kids.append(pid)
-n = 0
-while not os.path.exists(sys.argv[1]):
-    n += 1
-    print(f"tick {n}", flush=True)
-    time.sleep(0.05)
+ticks()
 p, st = os.waitpid(kids[0], 0)
 print(f"waitpid {p == kids[0]} {os.waitstatus_to_exitcode(st)}", flush=True)
 info = os.waitid(os.P_ALL, 0, os.WEXITED)
@@ -1187,10 +1195,7 @@ if child == 0:
     os._exit(0)
 print(f"new child {child not in kids}", flush=True)
 os.waitpid(child, 0)
-while True:
-    n += 1
-    print(f"tick {n}", flush=True)
-    time.sleep(0.05)
+ticks(None)
 "#;
 
 #[test]
@@ -1201,7 +1206,12 @@ fn children_that_ended_unwaited_are_waited_for_after_the_restore() {
     let go = env.root.join("go");
     let log = env.detach(
         "z",
-        &["python3", "-c", ENDED_UNWAITED, go.to_str().unwrap()],
+        &[
+            "python3",
+            "-c",
+            &format!("{TICKS}{ENDED_UNWAITED}"),
+            go.to_str().unwrap(),
+        ],
     );
     wait_numbers(&log, "tick ", 3);
     let img = env.root.join("img");
@@ -1214,4 +1224,62 @@ fn children_that_ended_unwaited_are_waited_for_after_the_restore() {
     assert!(text.contains("waitid True 9"), "{text}");
     assert!(text.contains("new child True"), "{text}");
     env.stop("z2");
+}
+
+/// Twenty children that end while SIGCHLD is ignored; once `sys.argv[1]` exists, the
+/// parent says whether it has a child to wait for.
+const REAPED_BY_THE_KERNEL: &str = r#"
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+for _ in range(20):
+    if os.fork() == 0:
+        os._exit(3)
+time.sleep(0.3)
+ticks()
+try:
+    os.wait()
+    print("a child to wait for", flush=True)
+except ChildProcessError:
+    print("no child to wait for", flush=True)
+ticks(None)
+"#;
+
+#[test]
+fn children_the_kernel_reaped_itself_cost_the_freeze_nothing_and_stay_gone() {
+    // SIGCHLD ignored: the kernel reaps the children as they end, and nobody waits for
+    // them. The dump must not wait for them to become waitable (it once did, 100 ms each:
+    // two seconds frozen here), and no restore makes them waitable.
+    let env = Env::new("restore-reaped");
+    let go = env.root.join("go");
+    let log = env.detach(
+        "r",
+        &[
+            "python3",
+            "-c",
+            &format!("{TICKS}{REAPED_BY_THE_KERNEL}"),
+            go.to_str().unwrap(),
+        ],
+    );
+    wait_numbers(&log, "tick ", 3);
+    let img = env.root.join("img");
+    let out = ok(
+        &env,
+        &["checkpoint", "r", "--out", img.to_str().unwrap(), "--stop"],
+    );
+    let frozen: f64 = out
+        .split("frozen ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no freeze time in: {out}"));
+    assert!(
+        frozen < 1000.0,
+        "frozen {frozen} ms for 20 reaped children: {out}"
+    );
+    env.wait_processes("r", "the session to end", |p| p.is_empty());
+    let there = restore_detached(&env, &img, "r2");
+    wait_numbers(&there, "tick ", 2);
+    std::fs::write(&go, "").unwrap();
+    let text = wait_for_text(&there, "child to wait for");
+    assert!(text.contains("no child to wait for"), "{text}");
+    env.stop("r2");
 }

@@ -44,13 +44,15 @@ pub fn note(table: &SessionTable, me: i32) {
         // One that is ending (its slot says so) may not be waitable yet: the kernel waits
         // for its other threads (the shim's) to go first — up to ~12 ms seen, with both
         // CPUs busy freezing.
+        // One the kernel reaped itself (SIGCHLD ignored, SA_NOCLDWAIT) is no child any more:
+        // nothing to wait for, and no time of the freeze spent on it.
         let t = std::time::Instant::now();
         let mut got = ended(e.real);
-        while got.is_none() && e.state == State::Exited && t.elapsed() < ENDING {
+        while got == Child::Running && e.state == State::Exited && t.elapsed() < ENDING {
             std::thread::sleep(std::time::Duration::from_millis(1));
             got = ended(e.real);
         }
-        if let Some(status) = got {
+        if let Child::Ended(status) = got {
             let free = NOTED.iter().find(|n| n.load(Acquire) == 0);
             if let Some(n) = free {
                 n.store(pack(e.vid, status), Release);
@@ -59,8 +61,17 @@ pub fn note(table: &SessionTable, me: i32) {
     }
 }
 
-/// The wait status of child `real` if it has ended (left to be waited for: WNOWAIT).
-fn ended(real: i32) -> Option<i32> {
+#[derive(PartialEq)]
+enum Child {
+    /// Ended, with this wait status, and waits to be waited for.
+    Ended(i32),
+    Running,
+    /// Not (or no longer) a child to wait for: reaped already.
+    Gone,
+}
+
+/// Whether child `real` has ended (left to be waited for: WNOWAIT).
+fn ended(real: i32) -> Child {
     // SAFETY: siginfo_t is plain data; waitid fills it (or leaves si_pid 0).
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
@@ -79,10 +90,13 @@ fn ended(real: i32) -> Option<i32> {
     };
     // SAFETY: filled by the kernel for a child that changed state.
     let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if r != 0 || pid != real {
-        return None;
+    if r != 0 {
+        return Child::Gone;
     }
-    Some(match info.si_code {
+    if pid != real {
+        return Child::Running;
+    }
+    Child::Ended(match info.si_code {
         libc::CLD_EXITED => (status & 0xff) << 8,
         libc::CLD_DUMPED => (status & 0x7f) | 0x80,
         _ => status & 0x7f,
