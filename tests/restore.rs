@@ -1283,3 +1283,71 @@ fn children_the_kernel_reaped_itself_cost_the_freeze_nothing_and_stay_gone() {
     assert!(text.contains("no child to wait for"), "{text}");
     env.stop("r2");
 }
+
+/// A thread and a child process per round, each ended and waited for before the next;
+/// three threads live throughout. Every 200 rounds: "tick ROUND HIGHEST" (the highest id
+/// given in those rounds, less the first virtual id's base); "collision" if a new id was
+/// one a living thread or the process itself has.
+const A_THREAD_AND_A_CHILD_PER_ROUND: &str = r#"
+import os, threading, time
+BASE = 4200000
+keep = [os.getpid()]
+for _ in range(3):
+    threading.Thread(target=lambda: keep.append(threading.get_native_id()) or time.sleep(1e9), daemon=True).start()
+time.sleep(0.1)
+ids = []
+n = 0
+while True:
+    n += 1
+    t = threading.Thread(target=lambda: ids.append(threading.get_native_id()))
+    t.start()
+    t.join()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    ids.append(pid)
+    if ids[-1] in keep or ids[-2] in keep:
+        print("collision", flush=True)
+    if n % 200 == 0:
+        print(f"tick {n} {max(ids) - BASE}", flush=True)
+        ids.clear()
+"#;
+
+#[test]
+fn ids_of_ended_threads_and_children_are_given_again_before_and_after_a_restore() {
+    // A server starting a thread or a process per request: the ids of those that ended
+    // are given again (after about a thousand others), so the table does not fill up.
+    let env = Env::new("restore-reuse");
+    let log = env.detach("reuse", &["python3", "-c", A_THREAD_AND_A_CHILD_PER_ROUND]);
+    let before = wait_numbers(&log, "tick ", 5);
+    let img = env.root.join("img");
+    stop_into(&env, "reuse", &img);
+    let there = restore_detached(&env, &img, "reuse2");
+    let after = wait_numbers(&there, "tick ", 5);
+    assert!(
+        after[0] > *before.last().unwrap(),
+        "{before:?} then {after:?}"
+    );
+    let text = format!(
+        "{}{}",
+        std::fs::read_to_string(&log).unwrap(),
+        std::fs::read_to_string(&there).unwrap()
+    );
+    assert!(!text.contains("collision"), "{text}");
+    // 2,000 threads and 2,000 processes before the checkpoint, as many after: the ids
+    // stay within the first ~1,100.
+    let highest = text
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("tick ")?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0u32);
+    assert!(highest < 1100, "ids up to {highest}: {text}");
+    env.stop("reuse2");
+}

@@ -22,13 +22,21 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 
 /// First virtual id minus one; above the kernel's PID_MAX_LIMIT (1 << 22).
 pub const VPID_BASE: i32 = 4_200_000;
-/// Processes and threads one session can ever have had.
+/// Processes and threads one session can have at once (ended ones' slots are taken
+/// again: see `reusable`).
 pub const MAX_SLOTS: usize = 1 << 18;
+/// Slots handed out before any is taken again. A freed id is given again only once the
+/// search for free slots has gone round to it (as the kernel cycles through its pids), so
+/// that an id kept after its thread or process ended names nobody rather than a newcomer,
+/// for a while.
+const REUSE_FROM: usize = 1024;
+/// Slots one allocation looks at for a free one before it takes a new slot instead.
+const REUSE_PROBES: usize = 64;
 /// Kernel objects (sockets, pipes) that can hold a session-unique id.
 pub const MAX_OBJECTS: usize = 1 << 16;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"MIGSESS\0");
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const HEADER_SIZE: usize = 4096;
 const SLOTS_OFF: usize = HEADER_SIZE;
 const OBJECTS_OFF: usize = SLOTS_OFF + MAX_SLOTS * std::mem::size_of::<Slot>();
@@ -81,11 +89,16 @@ struct Header {
     version: u32,
     _pad: u32,
     lock: libc::pthread_mutex_t,
-    /// Slots handed out so far; slot 0 is never used.
+    /// The slots handed out so far end here (ended ones are taken again); slot 0 is never
+    /// used.
     used: AtomicU32,
     /// The real-time signal reserved for the shim in this session.
     signal: AtomicU32,
     next_object: AtomicU64,
+    /// Slots handed out (new or again) so far: each slot's `born`.
+    born: AtomicU64,
+    /// Where the search for a slot to take again goes on (an index less one).
+    cursor: AtomicU32,
 }
 
 #[repr(C)]
@@ -100,7 +113,9 @@ struct Slot {
     status: AtomicI32,
     /// Threads of this process that belong to the shim (its control thread), not the app.
     hidden: AtomicU32,
-    _pad: [u32; 2],
+    /// When it was handed out (the header's count then): of the slots that had a real
+    /// id, the newest is the one with the highest.
+    born: AtomicU64,
 }
 
 #[repr(C)]
@@ -361,13 +376,19 @@ impl SessionTable {
     /// The newest slot of `kind` whose process or thread has real id `real` and is running
     /// (or, with `exited`, has exited but not been reaped).
     fn find(&self, real: i32, kind: Kind, exited: bool) -> Option<usize> {
-        (1..self.used()).rev().find(|&i| {
-            let s = self.slot(i);
+        self.newest(|s| {
             let st = s.state.load(Acquire);
             (st == State::Running as u32 || (exited && st == State::Exited as u32))
                 && s.real.load(Relaxed) == real
                 && s.kind.load(Relaxed) == kind as u32
         })
+    }
+
+    /// The slot handed out last of those `pick` takes.
+    fn newest(&self, pick: impl Fn(&Slot) -> bool) -> Option<usize> {
+        (1..self.used())
+            .filter(|&i| pick(self.slot(i)))
+            .max_by_key(|&i| self.slot(i).born.load(Acquire))
     }
 
     /// The virtual id of the calling process or thread (real id `real`, alive), registering
@@ -398,21 +419,75 @@ impl SessionTable {
         })
     }
 
-    /// Takes the next slot (under the lock).
+    /// Takes a slot (under the lock): one to take again, else the next new one.
     fn allocate(&self, real: i32, kind: Kind, parent: i32) -> Result<i32> {
-        let i = self.header().used.load(Acquire) as usize;
-        if i >= MAX_SLOTS {
-            return Err(Error::TableFull(i));
-        }
+        let used = self.header().used.load(Acquire) as usize;
+        let i = match self.reusable(used) {
+            Some(i) => i,
+            None if used >= MAX_SLOTS => return Err(Error::TableFull(used)),
+            None => used,
+        };
         let s = self.slot(i);
         s.kind.store(kind as u32, Relaxed);
         s.real.store(real, Relaxed);
         s.parent.store(parent, Relaxed);
         s.status.store(0, Relaxed);
         s.hidden.store(0, Relaxed);
+        self.stamp(s);
         s.state.store(State::Running as u32, Release);
-        self.header().used.store(i as u32 + 1, Release);
+        if i == used {
+            self.header().used.store(i as u32 + 1, Release);
+        }
         Ok(VPID_BASE + i as i32)
+    }
+
+    fn stamp(&self, s: &Slot) {
+        s.born
+            .store(self.header().born.fetch_add(1, AcqRel) + 1, Release);
+    }
+
+    /// A slot whose id can be given again (under the lock), once `used` slots are
+    /// REUSE_FROM or more: among the next REUSE_PROBES from where the last search ended.
+    /// Without this a server starting a thread or a process per request filled the table
+    /// (and every lookup, which goes through it, got slower with each request).
+    fn reusable(&self, used: usize) -> Option<usize> {
+        if used < REUSE_FROM {
+            return None;
+        }
+        let cursor = &self.header().cursor;
+        let start = cursor.load(Relaxed) as usize;
+        let found = (0..REUSE_PROBES)
+            .map(|n| (start + n) % (used - 1))
+            .find(|&at| self.ended_for_good(at + 1));
+        let next = found.map_or(start + REUSE_PROBES, |at| at + 1) % (used - 1);
+        cursor.store(next as u32, Relaxed);
+        found.map(|at| at + 1)
+    }
+
+    /// Whether nothing names slot `i` any more: free, or a thread that ended, or a process
+    /// that was waited for, whose id no process group still has (kernel: its pid is not
+    /// given again then either) and no process or thread of the session has as its parent
+    /// (a restore would make it theirs). A session whose leader is gone is not seen, if
+    /// no group has its id.
+    fn ended_for_good(&self, i: usize) -> bool {
+        let s = self.slot(i);
+        match State::from_u32(s.state.load(Acquire)) {
+            State::Free => true,
+            State::Reaped if s.kind.load(Relaxed) == Kind::Thread as u32 => true,
+            State::Reaped => {
+                let (real, vid) = (s.real.load(Relaxed), VPID_BASE + i as i32);
+                !crate::sys::group_exists(real)
+                    && !(1..self.used()).any(|j| {
+                        let c = self.slot(j);
+                        c.parent.load(Relaxed) == vid
+                            && matches!(
+                                State::from_u32(c.state.load(Acquire)),
+                                State::Running | State::Exited
+                            )
+                    })
+            }
+            State::Running | State::Exited => false,
+        }
     }
 
     /// A vpid for a process about to be forked by `parent`: taken before the fork, so that
@@ -448,6 +523,7 @@ impl SessionTable {
             s.kind.store(kind as u32, Relaxed);
             s.real.store(real, Relaxed);
             s.parent.store(parent, Relaxed);
+            self.stamp(s);
             s.state.store(state as u32, Release);
             let used = &self.header().used;
             if (used.load(Acquire) as usize) <= i {
@@ -526,10 +602,8 @@ impl SessionTable {
     /// Virtual id of real pid/tid `real`: a running one first, else the newest that had it
     /// (a process group whose leader has exited keeps the leader's id).
     pub fn vid_of(&self, real: i32) -> Option<i32> {
-        let n = self.used();
         let newest = |running: bool| {
-            (1..n).rev().find(|&i| {
-                let s = self.slot(i);
+            self.newest(|s| {
                 let st = s.state.load(Acquire);
                 s.real.load(Relaxed) == real
                     && if running {
@@ -659,6 +733,69 @@ mod tests {
         );
         SessionTable::remove(&p);
         assert!(!real.exists() && std::fs::symlink_metadata(&p).is_err());
+    }
+
+    #[test]
+    fn ended_ids_are_given_again_once_the_search_comes_round_to_them() {
+        let p = tmp("reuse");
+        let t = SessionTable::create(&p, 63).unwrap();
+        let root = t.register(100, Kind::Process, 0).unwrap();
+        // A thread per request, each ending before the next: the table stays as large as
+        // REUSE_FROM, and an id comes back only after about that many others.
+        let mut last_use = std::collections::HashMap::new();
+        for n in 0..10 * REUSE_FROM {
+            let v = t.register(1000 + n as i32, Kind::Thread, root).unwrap();
+            if let Some(before) = last_use.insert(v, n) {
+                assert!(
+                    n - before >= REUSE_FROM - 2,
+                    "{v} again after {}",
+                    n - before
+                );
+            }
+            t.set_state(v, State::Reaped, 0);
+        }
+        assert!(t.used() <= REUSE_FROM + 1, "{} slots", t.used());
+        // Of the slots that had a real id, the one handed out last answers for it, where
+        // it lies in the table.
+        let high = VPID_BASE + t.used() as i32 - 1;
+        let again = t
+            .register(t.get(high).unwrap().real, Kind::Thread, root)
+            .unwrap();
+        assert!(again < high);
+        t.set_state(again, State::Reaped, 0);
+        assert_eq!(t.vid_of(t.get(high).unwrap().real), Some(again));
+        SessionTable::remove(&p);
+    }
+
+    #[test]
+    fn a_process_waited_for_keeps_its_id_while_a_group_or_a_child_has_it() {
+        let p = tmp("reuse-procs");
+        let t = SessionTable::create(&p, 63).unwrap();
+        let root = t.register(100, Kind::Process, 0).unwrap();
+        // Our own process group exists; pid 4194303 (PID_MAX_LIMIT - 1) is not one here.
+        let group = t
+            .register(unsafe { libc::getpgrp() }, Kind::Process, root)
+            .unwrap();
+        let parent = t.register(4_194_303, Kind::Process, root).unwrap();
+        let child = t.register(4_194_302, Kind::Process, parent).unwrap();
+        let gone = t.register(4_194_301, Kind::Process, root).unwrap();
+        for v in [group, parent, gone] {
+            t.set_state(v, State::Reaped, 0);
+        }
+        let mut given = std::collections::HashSet::new();
+        for n in 0..3 * REUSE_FROM {
+            let v = t.reserve(root).unwrap();
+            given.insert(v);
+            t.bind(v, 2000 + n as i32);
+            t.set_state(v, State::Reaped, 0);
+        }
+        assert!(given.contains(&gone));
+        assert!(!given.contains(&group) && !given.contains(&parent) && !given.contains(&child));
+        // Once its child is waited for too, the parent's id is free.
+        t.set_state(child, State::Reaped, 0);
+        let again: Vec<_> = (0..REUSE_FROM).map(|_| t.reserve(root).unwrap()).collect();
+        assert!(again.contains(&parent) && again.contains(&child));
+        SessionTable::remove(&p);
     }
 
     #[test]

@@ -85,10 +85,20 @@ pub fn hostname() -> String {
 
 /// Whether a process with this real pid exists (and we may see it).
 pub fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence and permission.
-    pid > 0
-        && (unsafe { libc::kill(pid, 0) } == 0
-            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+    pid > 0 && signal_reaches(pid)
+}
+
+/// Whether a process group with this real id exists.
+pub fn group_exists(pgid: i32) -> bool {
+    pgid > 0 && signal_reaches(-pgid)
+}
+
+/// Whether kill(`target`, 0) finds someone (allowed to signal or not).
+fn signal_reaches(target: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission. (In the shim this is its
+    // own kill, which passes real ids through as they are.)
+    (unsafe { libc::kill(target, 0) } == 0)
+        || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Sends one netlink dump request and returns the payload of every answer message
