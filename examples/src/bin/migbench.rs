@@ -90,6 +90,13 @@ fn worker() {
             libc::waitpid(c, std::ptr::null_mut(), 0);
         })),
     );
+    // A long-running server's: a thread per request, after 50,000 requests.
+    let start_join = || std::thread::spawn(|| ()).join().unwrap();
+    (0..50_000).for_each(|_| start_join());
+    out.insert(
+        "thread start+join after 50,000".into(),
+        json!(time(2_000, 7, start_join)),
+    );
     out.insert(
         "exec /bin/true".into(),
         json!(time(60, 5, || {
