@@ -457,3 +457,22 @@ fn children_that_end_while_their_pages_come_read_them_right_and_leave_no_word() 
     let there = assert_ticked_on(&log, &agent.session_log("kids"), 20);
     assert!(!there.contains("mig restore:"), "{there}");
 }
+
+#[test]
+fn a_daemon_whose_parent_ended_moves_lazily_with_its_worker() {
+    // Made there beside the session's first process (not its child), its memory and its
+    // worker's fetched by the pager as everyone's.
+    if !userfaultfd() {
+        return;
+    }
+    let env = Env::new("lazy-daemon");
+    let key = key(&env);
+    let agent = Agent::start(&env, "agent", &key, None, &[]);
+    let log = env.detach("d", &["python3", "-c", DAEMON]);
+    for k in 0..3 {
+        wait_numbers(&log, &format!("p{k} "), 3);
+    }
+    let o = env.run(&lazy_args("d", &agent.addr, &key));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    tree_went_on(&log, &agent.session_log("d"), 3);
+}

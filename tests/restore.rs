@@ -1351,3 +1351,19 @@ fn ids_of_ended_threads_and_children_are_given_again_before_and_after_a_restore(
     assert!(highest < 1100, "ids up to {highest}: {text}");
     env.stop("reuse2");
 }
+
+#[test]
+fn a_daemon_whose_parent_ended_comes_back_beside_the_session_first_process() {
+    // It forked twice: its parent ended, and it is nobody's child in the session. Before,
+    // the restore refused such an image ("the image's processes form 2 trees, not one").
+    let env = Env::new("restore-daemon");
+    let log = env.detach("d", &["python3", "-c", DAEMON]);
+    for k in 0..3 {
+        wait_numbers(&log, &format!("p{k} "), 3);
+    }
+    let img = env.root.join("img");
+    stop_into(&env, "d", &img);
+    let there = restore_detached(&env, &img, "d2");
+    tree_went_on(&log, &there, 3);
+    env.stop("d2");
+}

@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 static RESTORER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/migrestore"));
 
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"MIGPLAN1");
+/// Marks a child's plan fd in its parent's plan: an orphan, made the parent's sibling.
+const ORPHAN: u64 = 1 << 63;
 /// The fds handed to the restorer sit at or above this number.
 const FD_BASE: i32 = 900;
 /// How many of them the fd table has room for before the restore starts (with room for
@@ -421,6 +423,8 @@ fn hear_all(
     what: u8,
     restorer: &mut std::process::Child,
     log: Option<&Path>,
+    vpids: &[i32],
+    table: &SessionTable,
 ) -> Result<()> {
     let t = Instant::now();
     let mut heard = vec![false; channels.len()];
@@ -431,12 +435,7 @@ fn hear_all(
         }
         // (Woken by the first process not heard yet saying so, else soon, to look at the
         // others and at the restorer.)
-        let Some((c, _)) = channels
-            .iter()
-            .zip(&heard)
-            .find(|(_, h)| !**h)
-            .map(|(c, _)| c)
-        else {
+        let Some(k) = heard.iter().position(|h| !h) else {
             return Ok(());
         };
         if let Some(st) = restorer.try_wait()? {
@@ -448,11 +447,37 @@ fn hear_all(
             );
         }
         if t.elapsed() > Duration::from_secs(10) {
+            let stuck = where_it_waits(vpids[k], table);
             let _ = restorer.kill();
-            bail!("the restored process did not come back within 10 s");
+            bail!("the restored process did not come back within 10 s ({stuck})");
         }
-        migrt::sys::wait_readable(c, Duration::from_millis(2))?;
+        migrt::sys::wait_readable(&channels[k].0, Duration::from_millis(2))?;
     }
+}
+
+/// Where restored process `vpid` waits: each thread's state and system call, for an error.
+fn where_it_waits(vpid: i32, table: &SessionTable) -> String {
+    let Some(pid) = table.real_of(vpid).filter(|&p| p > 0) else {
+        return format!("process {vpid} never started");
+    };
+    let threads = migrt::procfs::list_tasks(&pid.to_string())
+        .into_iter()
+        .map(|tid| {
+            let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}"));
+            let stat = read("stat").unwrap_or_default();
+            let state = stat.rfind(')').and_then(|at| stat.get(at + 2..at + 3));
+            let call = read("syscall").unwrap_or_default();
+            let call = call.split_whitespace().next().unwrap_or("-");
+            let wchan = read("wchan").unwrap_or_default();
+            format!(
+                "thread {tid} {} in system call {call} ({wchan})",
+                state.unwrap_or("?")
+            )
+        });
+    format!(
+        "process {vpid}, pid {pid}: {}",
+        threads.collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// Per process, the fd (inherited by the restorer) of the terminal it takes as its
@@ -1145,7 +1170,10 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
         }
     }
     // The tree: one root (its parent outside the session), every other process under a
-    // process of the image.
+    // process of the image — or an orphan: its parent had ended (init or a subreaper
+    // had taken it; a daemon that forked twice), and the root's restorer makes it its
+    // sibling instead of its child. (With the first process gone, the lowest vpid of
+    // those is the root.)
     let vpids: Vec<i32> = images.iter().map(|i| i.meta.vpid).collect();
     let parent_of = |i: &ProcImage| {
         manifest
@@ -1157,8 +1185,11 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     let roots: Vec<usize> = (0..images.len())
         .filter(|&k| !vpids.contains(&parent_of(&images[k])))
         .collect();
-    let [root] = roots[..] else {
-        bail!("the image's processes form {} trees, not one", roots.len());
+    let Some(root) = roots.iter().copied().min_by_key(|&k| {
+        let i = &images[k];
+        (parent_of(i) != 0, i.meta.vpid)
+    }) else {
+        bail!("the image holds no process");
     };
     let img = &images[root];
 
@@ -1290,9 +1321,11 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
         .chain(pager.iter().map(|p| p.sock.as_raw_fd() as u64))
         .collect();
     for (k, i) in images.iter().enumerate() {
+        let orphans = roots.iter().filter(|&&c| k == root && c != root);
         let children: Vec<u64> = (0..images.len())
             .filter(|&c| parent_of(&images[c]) == i.meta.vpid)
             .map(|c| plans[c].1)
+            .chain(orphans.map(|&c| plans[c].1 | ORPHAN))
             .collect();
         let links = Links {
             session_dir: &dir.0,
@@ -1348,7 +1381,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     // none runs app code until all are and its connections handed over are live. Then
     // running again once each says it is back (its threads and timers again).
     let log = detach_log.as_ref().map(|l| l.1.as_path());
-    hear_all(&channels, RESTART_READY, &mut child, log)?;
+    hear_all(&channels, RESTART_READY, &mut child, log, &vpids, table)?;
     // (MIGSHIM_RESTORE_PAUSE=FILE, for the tests: the restore waits here, its session
     // made but nothing of it running yet, until FILE exists.)
     if let Some(f) = std::env::var_os("MIGSHIM_RESTORE_PAUSE") {
@@ -1360,7 +1393,7 @@ fn restore_into(mut a: RestoreArgs, rt: &Path, made: &mut Option<Made>) -> Resul
     for (c, _) in &channels {
         std::io::Write::write_all(&mut &*c, &[RESTART_GO]).context("a restored process")?;
     }
-    hear_all(&channels, RESTART_BACK, &mut child, log)?;
+    hear_all(&channels, RESTART_BACK, &mut child, log, &vpids, table)?;
     drop(hold);
     // Its objects are the processes' now (mig's copies would keep a connection the
     // session closes from ending).

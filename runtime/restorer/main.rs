@@ -18,8 +18,8 @@
 //!
 //! Plan (little-endian u64 words): magic, entry count, restart entry, offset of the
 //! restart arguments in the plan, fs_base, restart stack, vvar target, the three expected
-//! block sizes, the number of child processes and the word offset of their plan fds, the
-//! leadership flags (1: session leader, 2: process group leader, 4: forks its children once
+//! block sizes, the number of child processes and the word offset of their plan fds (bit 63
+//! set: an orphan, see fork_children), the leadership flags (1: session leader, 2: process group leader, 4: forks its children once
 //! its memory is in place), the fd of the terminal a
 //! session leader takes as its controlling terminal (or u64::MAX), the pager's socket for a
 //! lazy restore (or u64::MAX) and the process's index for it, then 7 words per entry (addr, len, prot, flags, fd, offset, kind:
@@ -76,6 +76,10 @@ const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_FEATURES: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6);
 const TIOCSCTTY: usize = 0x540E;
 const SIGCHLD: usize = 17;
+const CLONE_PARENT: usize = 0x8000;
+const EINVAL: isize = 22;
+/// Marks a child's plan fd: an orphan (see fork_children).
+const ORPHAN: u64 = 1 << 63;
 const SYS_EXIT_GROUP: usize = 231;
 const SYS_ARCH_PRCTL: usize = 158;
 const ARCH_SET_FS: usize = 0x1002;
@@ -367,17 +371,30 @@ fn copy_changed(addr: usize, len: usize, fd: usize, off: usize) {
     }
 }
 
-/// Forks one restorer per child process of plan `w`, each of which becomes that child
-/// (`from`: what it has of this one, when this one's memory is in place).
-unsafe fn fork_children(w: &[u64], argv0: *const u8, envp: *const *const u8, from: Option<Inherited>) {
+/// Forks one restorer per child process of plan `w` that `which` takes (told whether it
+/// is an orphan), each of which becomes that child (`from`: what it has of this one, when
+/// this one's memory is in place). An orphan (its parent had ended where it ran) is made
+/// this process's sibling, where the kernel allows (not from a PID namespace's first
+/// process: its child then).
+unsafe fn fork_children(w: &[u64], argv0: *const u8, envp: *const *const u8, from: Option<Inherited>, which: impl Fn(bool) -> bool) {
     let (nchildren, at) = (w[10] as usize, w[11] as usize);
     for &child in w.get(at..at + nchildren).unwrap_or(&[]) {
-        let pid = unsafe { sys6(SYS_CLONE, SIGCHLD, 0, 0, 0, 0, 0) };
+        let orphan = child & ORPHAN != 0;
+        if !which(orphan) {
+            continue;
+        }
+        let mut pid = -EINVAL;
+        if orphan {
+            pid = unsafe { sys6(SYS_CLONE, SIGCHLD | CLONE_PARENT, 0, 0, 0, 0, 0) };
+        }
+        if pid == -EINVAL {
+            pid = unsafe { sys6(SYS_CLONE, SIGCHLD, 0, 0, 0, 0, 0) };
+        }
         if pid < 0 {
             die(b"cannot fork a child process");
         }
         if pid == 0 {
-            unsafe { restore(child as usize, 0, argv0, envp, from) };
+            unsafe { restore((child & !ORPHAN) as usize, 0, argv0, envp, from) };
         }
     }
 }
@@ -506,9 +523,7 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
     // none of it is the pager's: a range registered before a fork would hand the pager
     // the child as the parent's fork).
     let late = w[12] & 4 != 0;
-    if !late {
-        unsafe { fork_children(w, argv0, envp, None) };
-    }
+    unsafe { fork_children(w, argv0, envp, None, |orphan| orphan || !late) };
 
     // A child forked from its parent's restorer takes over what its plan marks (INHERIT)
     // and drops the rest of the parent's mappings; one that was not ignores the marks.
@@ -575,7 +590,7 @@ unsafe fn restore(plan_fd: usize, attempt: u8, argv0: *const u8, envp: *const *c
     }
     if late {
         let from = Inherited { entries, own: &own };
-        unsafe { fork_children(w, argv0, envp, Some(from)) };
+        unsafe { fork_children(w, argv0, envp, Some(from), |orphan| !orphan) };
     }
 
     // 4. This host's vDSO block where the image had it (same layout, or refuse).

@@ -504,6 +504,31 @@ for n in range(1, 100000):
     time.sleep(0.1)
 "#;
 
+/// A daemon that forked twice beside its starter: "pK N ok" lines (or "DAMAGED") from the
+/// starter (p0), the daemon (p1: a session of its own, its parent ended, so not p0's
+/// child) and the daemon's worker (p2: its child), each checking 8 MiB of its own.
+pub const DAEMON: &str = r#"
+import os, time, zlib
+root = os.getpid()
+k = 0
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    k, daemon = 1, os.getpid()
+    if os.fork() == 0:
+        k = 2
+else:
+    os.wait()
+buf = bytearray([k]) * (8 << 20)
+want = zlib.crc32(buf)
+for n in range(1, 100000):
+    ok = zlib.crc32(buf) == want
+    ok = ok and (k != 1 or os.getppid() != root) and (k != 2 or os.getppid() == daemon)
+    os.write(1, f"p{k} {n} {'ok' if ok else 'DAMAGED'}\n".encode())
+    time.sleep(0.1)
+"#;
+
 /// A tree of `n` processes printing "pK N ok" lines (or "DAMAGED") into `before` went on
 /// in `after`: each from its last number, undamaged.
 pub fn tree_went_on(before: &Path, after: &Path, n: usize) {
