@@ -234,6 +234,26 @@ fn exec_keeps_vpid_and_table() {
 }
 
 #[test]
+fn table_answers_while_processes_start_exec_and_end() {
+    // A shell starting short-lived programs all the time: a child listed may exec (its
+    // control thread closes the connection: its new program is asked again) or end
+    // (left out) while `mig table` asks it; neither is an error.
+    let env = Env::new("churn");
+    let churn = "while :; do sh -c 'exec /bin/true'; /bin/true; done";
+    env.detach("churn", &["sh", "-c", churn]);
+    env.wait_processes("churn", "a child of the shell", |p| p.len() > 1);
+    for _ in 0..40 {
+        let t = env.table("churn", false);
+        let procs = t["processes"].as_array().unwrap();
+        assert!(
+            procs.iter().any(|p| p["vpid"] == VPID_BASE + 1),
+            "the shell is listed: {procs:#?}"
+        );
+    }
+    env.stop("churn");
+}
+
+#[test]
 fn pids_outside_the_session_pass_through() {
     let env = Env::new("outside");
     let me = std::process::id();

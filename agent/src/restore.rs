@@ -455,10 +455,18 @@ fn hear_all(
     }
 }
 
-/// Where restored process `vpid` waits: each thread's state and system call, for an error.
+/// Where restored process `vpid` waits: each thread's state, system call (with the
+/// mapping its first argument points into: a futex's, say) and program counter, for an
+/// error.
 fn where_it_waits(vpid: i32, table: &SessionTable) -> String {
     let Some(pid) = table.real_of(vpid).filter(|&p| p > 0) else {
         return format!("process {vpid} never started");
+    };
+    let maps = migrt::procfs::all_mappings(&pid.to_string());
+    // An address as "0x...: NAME+OFFSET" (the offset in the file a code address lies in).
+    let place = |a: u64| match maps.iter().find(|m| (m.start..m.end).contains(&a)) {
+        Some(m) => format!("{a:#x}: {}+{:#x}", m.name.lossy(), a - m.start + m.offset),
+        None => format!("{a:#x}"),
     };
     let threads = migrt::procfs::list_tasks(&pid.to_string())
         .into_iter()
@@ -466,12 +474,21 @@ fn where_it_waits(vpid: i32, table: &SessionTable) -> String {
             let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}"));
             let stat = read("stat").unwrap_or_default();
             let state = stat.rfind(')').and_then(|at| stat.get(at + 2..at + 3));
+            // "NR ARG1 .. ARG6 SP PC" while in a system call.
             let call = read("syscall").unwrap_or_default();
-            let call = call.split_whitespace().next().unwrap_or("-");
+            let f: Vec<&str> = call.split_whitespace().collect();
+            let hex = |s: &&str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+            let at = match (f.get(1).and_then(hex), f.get(8).and_then(hex)) {
+                (Some(arg), Some(pc)) => {
+                    format!(", first argument {}, pc {}", place(arg), place(pc))
+                }
+                _ => String::new(),
+            };
             let wchan = read("wchan").unwrap_or_default();
             format!(
-                "thread {tid} {} in system call {call} ({wchan})",
-                state.unwrap_or("?")
+                "thread {tid} {} in system call {} ({wchan}{at})",
+                state.unwrap_or("?"),
+                f.first().unwrap_or(&"-")
             )
         });
     format!(

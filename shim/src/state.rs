@@ -16,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering::*};
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 pub struct Shim {
     pub table: SessionTable,
@@ -24,8 +24,11 @@ pub struct Shim {
     /// "LD_PRELOAD=<this library>", put back into the environment of an exec or spawn
     /// that dropped it, so the session follows.
     pub env_preload: CString,
-    /// Where the session lives on this host (changes when the process is restored).
-    place: RwLock<Place>,
+    /// Where the session lives on this host: set at load, replaced when the process is
+    /// restored (the old one is leaked: a reader may still use it). Not behind a lock: a
+    /// fork while another thread read it (the control thread starting) would leave the
+    /// child's copy of the lock held for good, and the child's next restore waiting on it.
+    place: AtomicPtr<Place>,
 }
 
 #[derive(Clone)]
@@ -47,17 +50,19 @@ impl Place {
 }
 
 impl Shim {
-    pub fn place(&self) -> Place {
-        self.place.read().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn place(&self) -> &'static Place {
+        // SAFETY: always a leaked Box (init, move_to), never freed.
+        unsafe { &*self.place.load(Acquire) }
     }
 
     pub fn dir(&self) -> SessionDir {
-        self.place().dir
+        self.place().dir.clone()
     }
 
     /// After a restore: the session's directory on this host.
     pub fn move_to(&self, dir: SessionDir) {
-        *self.place.write().unwrap_or_else(|p| p.into_inner()) = Place::new(dir);
+        let new = Box::into_raw(Box::new(Place::new(dir)));
+        self.place.store(new, Release);
     }
 }
 
@@ -235,7 +240,7 @@ pub fn init() {
     let shim = Shim {
         table,
         env_preload: env("LD_PRELOAD=", crate::interpose::own_path()),
-        place: RwLock::new(Place::new(dir)),
+        place: AtomicPtr::new(Box::into_raw(Box::new(Place::new(dir)))),
         journal: Mutex::new(journal),
     };
     if SHIM.set(shim).is_err() {

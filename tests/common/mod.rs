@@ -258,7 +258,12 @@ impl Drop for Env {
         kill_sessions(&self.rt);
         // (Session tables may live in /dev/shm, linked from their session's directory.)
         remove_tables(&self.root, 6);
-        let _ = std::fs::remove_dir_all(&self.root);
+        // A failed test's logs (its sessions', its agents') are kept for a look.
+        if std::thread::panicking() {
+            eprintln!("kept {} (the test failed)", self.root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
 

@@ -24,7 +24,7 @@ struct Env {
 /// is added when there is one (creds.rs). Earlier values of those are dropped.
 unsafe fn session_env(envp: Argv, more: Option<CString>) -> Option<Env> {
     let s = shim()?;
-    let session = s.place().env_session;
+    let session = s.place().env_session.clone();
     let ours = s.env_preload.to_bytes();
     let lib = &ours[b"LD_PRELOAD=".len()..];
     let mut owned: Vec<CString> = more.into_iter().chain(crate::creds::table_env()).collect();
