@@ -1288,6 +1288,21 @@ fn children_the_kernel_reaped_itself_cost_the_freeze_nothing_and_stay_gone() {
 /// three threads live throughout. Every 200 rounds: "tick ROUND HIGHEST" (the highest id
 /// given in those rounds, less the first virtual id's base); "collision" if a new id was
 /// one a living thread or the process itself has.
+/// "tick N ID" lines: the ids handed out stay within the first ~1,100.
+fn assert_ids_stay_low(text: &str) {
+    let highest = (text.lines())
+        .filter_map(|l| {
+            l.strip_prefix("tick ")?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0u32);
+    assert!(highest < 1100, "ids up to {highest}: {text}");
+}
+
 const A_THREAD_AND_A_CHILD_PER_ROUND: &str = r#"
 import os, threading, time
 BASE = 4200000
@@ -1337,19 +1352,56 @@ fn ids_of_ended_threads_and_children_are_given_again_before_and_after_a_restore(
     assert!(!text.contains("collision"), "{text}");
     // 2,000 threads and 2,000 processes before the checkpoint, as many after: the ids
     // stay within the first ~1,100.
-    let highest = text
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("tick ")?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0u32);
-    assert!(highest < 1100, "ids up to {highest}: {text}");
+    assert_ids_stay_low(&text);
     env.stop("reuse2");
+}
+
+/// A parent whose child starts a thread and is killed outright, then waited for, round
+/// after round; "tick N ID" every 100 rounds (ID: the last child's, less 4200000).
+const KILLS_ITS_CHILDREN: &str = r#"
+import os, threading, time
+n = 0
+while True:
+    n += 1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        threading.Thread(target=time.sleep, args=(1e9,), daemon=True).start()
+        os.write(w, b"x")
+        time.sleep(1e9)
+    os.read(r, 1)
+    os.close(r)
+    os.close(w)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    if n % 100 == 0:
+        print(f"tick {n} {pid - 4200000}", flush=True)
+"#;
+
+#[test]
+fn children_killed_outright_are_waited_for_after_restores_and_their_ids_given_again() {
+    // Three ways this went wrong: a checkpoint between the kill and the wait missed the
+    // dying child (its slot cannot say it ended), and waitpid said ECHILD after the restore
+    // (python: ChildProcessError); one before the kill brought the child back, the parent
+    // killed it at once, and the restore failed ("did not come back"), as it waited for the
+    // child to say it was back; and the thread of each killed child kept its id, and its
+    // process's, for good (the table grew by two per round).
+    let env = Env::new("restore-kills");
+    let mut log = env.detach("k", &["python3", "-c", KILLS_ITS_CHILDREN]);
+    let mut text = String::new();
+    for i in 0..4 {
+        let last = *wait_numbers(&log, "tick ", 2).last().unwrap();
+        let img = env.root.join(format!("img{i}"));
+        stop_into(&env, "k", &img);
+        text += &std::fs::read_to_string(&log).unwrap();
+        log = restore_detached(&env, &img, &format!("k{i}.log"));
+        let after = wait_numbers(&log, "tick ", 2);
+        assert!(after[0] > last, "ticks {last} then {after:?}");
+    }
+    text += &std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("Error"), "{text}");
+    assert_ids_stay_low(&text);
+    env.stop("k");
 }
 
 #[test]

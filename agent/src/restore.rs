@@ -417,7 +417,9 @@ fn hand_down(objects: &Objects) -> Result<Vec<(std::os::unix::net::UnixStream, u
 }
 
 /// Waits until every restored process said `what` on its channel (one byte each, see
-/// `migrt::wire::RESTART_READY`): fails when the restorer ends first or after 10 s.
+/// `migrt::wire::RESTART_READY`): fails when the restorer ends first or after 10 s. Once
+/// told to go, the session's programs run: one may end another (a parent killing its
+/// child) before it says it is back, and one gone then counts as heard.
 fn hear_all(
     channels: &[(std::os::unix::net::UnixStream, u64)],
     what: u8,
@@ -432,6 +434,11 @@ fn hear_all(
         for ((c, _), h) in channels.iter().zip(&mut heard) {
             let mut byte = [0u8];
             *h |= std::io::Read::read(&mut &*c, &mut byte).is_ok_and(|n| n == 1 && byte[0] == what);
+        }
+        if what == RESTART_BACK {
+            for (v, h) in vpids.iter().zip(&mut heard) {
+                *h |= table.real_of(*v).is_some_and(crate::sessions::gone);
+            }
         }
         // (Woken by the first process not heard yet saying so, else soon, to look at the
         // others and at the restorer.)

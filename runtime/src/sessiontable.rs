@@ -464,22 +464,26 @@ impl SessionTable {
         found.map(|at| at + 1)
     }
 
-    /// Whether nothing names slot `i` any more: free, or a thread that ended, or a process
-    /// that was waited for, whose id no process group still has (kernel: its pid is not
-    /// given again then either) and no process or thread of the session has as its parent
-    /// (a restore would make it theirs). A session whose leader is gone is not seen, if
-    /// no group has its id.
+    /// Whether nothing names slot `i` any more: free, or a thread that ended (or whose
+    /// process was waited for: one killed outright never says its threads ended), or a
+    /// process that was waited for, whose id no process group still has (kernel: its pid is
+    /// not given again then either) and no process of the session has as its parent (a
+    /// restore would make it theirs). A session whose leader is gone is not seen, if no
+    /// group has its id.
     fn ended_for_good(&self, i: usize) -> bool {
         let s = self.slot(i);
+        let thread = s.kind.load(Relaxed) == Kind::Thread as u32;
         match State::from_u32(s.state.load(Acquire)) {
             State::Free => true,
-            State::Reaped if s.kind.load(Relaxed) == Kind::Thread as u32 => true,
+            State::Reaped if thread => true,
+            State::Running | State::Exited if thread => self.reaped_process(s.parent.load(Relaxed)),
             State::Reaped => {
                 let (real, vid) = (s.real.load(Relaxed), VPID_BASE + i as i32);
                 !crate::sys::group_exists(real)
                     && !(1..self.used()).any(|j| {
                         let c = self.slot(j);
                         c.parent.load(Relaxed) == vid
+                            && c.kind.load(Relaxed) == Kind::Process as u32
                             && matches!(
                                 State::from_u32(c.state.load(Acquire)),
                                 State::Running | State::Exited
@@ -487,6 +491,16 @@ impl SessionTable {
                     })
             }
             State::Running | State::Exited => false,
+        }
+    }
+
+    /// Whether `vid` is a process that was waited for (so none of its threads runs).
+    fn reaped_process(&self, vid: i32) -> bool {
+        let i = (vid - VPID_BASE) as usize;
+        is_virtual(vid) && i < self.used() && {
+            let p = self.slot(i);
+            p.kind.load(Relaxed) == Kind::Process as u32
+                && State::from_u32(p.state.load(Acquire)) == State::Reaped
         }
     }
 
@@ -791,6 +805,19 @@ mod tests {
         }
         assert!(given.contains(&gone));
         assert!(!given.contains(&group) && !given.contains(&parent) && !given.contains(&child));
+        // Threads of a process killed outright stay "running" in the table: once the
+        // process is waited for, their ids and its own are given again too.
+        let killed = t.register(4_194_300, Kind::Process, root).unwrap();
+        let its_thread = t.register(4_194_299, Kind::Thread, killed).unwrap();
+        t.set_state(killed, State::Reaped, 0);
+        let mut given = std::collections::HashSet::new();
+        for n in 0..2 * REUSE_FROM {
+            let v = t.reserve(root).unwrap();
+            given.insert(v);
+            t.bind(v, 3000 + n as i32);
+            t.set_state(v, State::Reaped, 0);
+        }
+        assert!(given.contains(&killed) && given.contains(&its_thread));
         // Once its child is waited for too, the parent's id is free.
         t.set_state(child, State::Reaped, 0);
         let again: Vec<_> = (0..REUSE_FROM).map(|_| t.reserve(root).unwrap()).collect();

@@ -41,14 +41,17 @@ pub fn note(table: &SessionTable, me: i32) {
             && e.real != migrt::sessiontable::NO_PROCESS
     });
     for e in children {
-        // One that is ending (its slot says so) may not be waitable yet: the kernel waits
-        // for its other threads (the shim's) to go first — up to ~12 ms seen, with both
-        // CPUs busy freezing.
+        // One that is ending (its slot says so, or it was killed outright: its slot cannot
+        // say) may not be waitable yet: the kernel waits for its other threads to go first
+        // — up to ~12 ms seen, with both CPUs busy freezing.
         // One the kernel reaped itself (SIGCHLD ignored, SA_NOCLDWAIT) is no child any more:
         // nothing to wait for, and no time of the freeze spent on it.
         let t = std::time::Instant::now();
         let mut got = ended(e.real);
-        while got == Child::Running && e.state == State::Exited && t.elapsed() < ENDING {
+        while got == Child::Running
+            && (e.state == State::Exited || killed(e.real))
+            && t.elapsed() < ENDING
+        {
             std::thread::sleep(std::time::Duration::from_millis(1));
             got = ended(e.real);
         }
@@ -59,6 +62,27 @@ pub fn note(table: &SessionTable, me: i32) {
             }
         }
     }
+}
+
+/// Whether process `real` is being killed (SIGKILL pending) or is already a zombie.
+fn killed(real: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{real}/status")) else {
+        return false;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let pending = |name| {
+        field(name)
+            .and_then(|m| u64::from_str_radix(m, 16).ok())
+            .is_some_and(|m| m & 1 << (libc::SIGKILL - 1) != 0)
+    };
+    field("State:").is_some_and(|s| s.starts_with(['Z', 'X']))
+        || pending("SigPnd:")
+        || pending("ShdPnd:")
 }
 
 #[derive(PartialEq)]
