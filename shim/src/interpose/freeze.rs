@@ -136,6 +136,8 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
     let me = super::real_tid();
     let t0 = Instant::now();
     let mut asked: Vec<(i32, usize)> = Vec::new();
+    // Threads seen with the freeze signal blocked, and since when (all along).
+    let mut blocking: Vec<(i32, Instant)> = Vec::new();
     loop {
         let tasks: Vec<i32> = migrt::procfs::list_tasks("self")
             .into_iter()
@@ -178,8 +180,18 @@ pub fn freeze(sig: i32, deadline: Duration) -> Result<Vec<Parked>, String> {
         }
         // A thread that keeps the freeze signal blocked (libc's own helper threads block
         // every signal: glibc's SIGEV_THREAD timer thread does) never parks: say so soon.
-        // (glibc blocks all signals for short moments too, e.g. in pthread_create.)
-        let blocked = waiting.iter().find(|&&(t, _)| blocks_signal(t, sig));
+        // glibc blocks all signals for short moments too (e.g. in pthread_create): only a
+        // thread seen blocking it all along for 200 ms counts (once, on a loaded machine, a
+        // moment's block met a slow freeze).
+        blocking.retain(|(t, _)| waiting.iter().any(|w| w.0 == *t) && blocks_signal(*t, sig));
+        for &(t, _) in &waiting {
+            if !blocking.iter().any(|b| b.0 == t) && blocks_signal(t, sig) {
+                blocking.push((t, Instant::now()));
+            }
+        }
+        let blocked = blocking
+            .iter()
+            .find(|(_, since)| since.elapsed() > Duration::from_millis(200));
         if let Some(&(t, _)) = blocked.filter(|_| t0.elapsed() > Duration::from_millis(300)) {
             thaw();
             return Err(format!(
