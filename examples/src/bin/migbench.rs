@@ -3,7 +3,7 @@
 //!
 //!   cargo build --release && target/release/migbench [--runs 5]
 //!   cargo build --release && target/release/migbench --checkpoint [--runs 5] [--dir DIR]
-//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns] [--only MODE[/MiB|/tree|/shm]]...
+//!   cargo build --release && target/release/migbench --migrate [--runs 5] [--dir DIR] [--netns] [--link-rate RATE] [--only MODE[/MiB|/tree|/shm]]...
 //!
 //! `--checkpoint`: checkpoint time, freeze time, image size and restore time (until the
 //! process runs again) of 64 MiB and 1 GiB sessions (the C counter subject), beside a
@@ -475,56 +475,116 @@ fn summary_mib(s: &str) -> f64 {
     }
 }
 
-/// Time to send `n` bytes over a loopback TCP connection (1 MiB writes), in ms. `keep`:
-/// the receiver keeps all it receives, in memory it maps for it (as a target host must),
-/// else it reads into one reused buffer.
-fn loopback_ms(n: usize, keep: bool) -> f64 {
+/// What the receiving end of a reference transfer does with the bytes.
+#[derive(Clone, Copy, PartialEq)]
+enum Receiver {
+    /// Reads them into one reused buffer.
+    Discards,
+    /// Keeps them all, in memory it maps for them (as a target host must: a session's
+    /// gibibyte has to land in memory the target did not use before).
+    Keeps,
+    /// Keeps them, and both ends run a keyed BLAKE3 over them, as `mig` and the agent run
+    /// the stream's MAC: the least a migration checked end to end does.
+    KeepsChecked,
+}
+
+/// Time to send `n` bytes over TCP (1 MiB writes), in ms: over loopback, or (`hosts`) from
+/// network namespace `hosts[0]` to `hosts[1]` over the benchmark's veth pair.
+fn transfer_ms(n: usize, how: Receiver, hosts: Option<[&'static str; 2]>) -> f64 {
     use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
+    let checked = how == Receiver::KeepsChecked;
+    let mac = || blake3::Hasher::new_keyed(&[7; 32]);
+    let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
+        enter(hosts.map(|h| h[1]));
+        let ip = hosts.map_or("127.0.0.1", |_| "10.78.0.2");
+        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+        tx.send(l.local_addr().unwrap()).unwrap();
         let (mut s, _) = l.accept().unwrap();
-        let mut buf = vec![0u8; if keep { n } else { 1 << 20 }];
-        let mut at = 0;
+        let mut buf = vec![
+            0u8;
+            if how == Receiver::Discards {
+                1 << 20
+            } else {
+                n
+            }
+        ];
+        let (mut at, mut h) = (0, mac());
         loop {
             let end = (at + (1 << 20)).min(buf.len());
             match s.read(&mut buf[at..end]).unwrap() {
                 0 => break,
-                k => at = if keep { at + k } else { 0 },
+                k if checked => {
+                    h.update(&buf[at..at + k]);
+                    at += k
+                }
+                k => at = if how == Receiver::Keeps { at + k } else { 0 },
             }
         }
+        h.finalize()
     });
-    let chunk = vec![1u8; 1 << 20];
+    let addr = rx.recv().unwrap();
     let t = Instant::now();
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    for _ in 0..n / chunk.len() {
-        s.write_all(&chunk).unwrap();
-    }
-    drop(s);
-    reader.join().unwrap();
+    let sender = std::thread::spawn(move || {
+        enter(hosts.map(|h| h[0]));
+        let chunk = vec![1u8; 1 << 20];
+        let (mut s, mut h) = (std::net::TcpStream::connect(addr).unwrap(), mac());
+        for _ in 0..n / chunk.len() {
+            if checked {
+                h.update(&chunk);
+            }
+            s.write_all(&chunk).unwrap();
+        }
+        h.finalize()
+    });
+    let sent = sender.join().unwrap();
+    assert!(
+        reader.join().unwrap() == sent,
+        "the checked transfer came damaged"
+    );
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// Two network namespaces joined by a veth pair (10.78.0.1 and .2), removed when dropped.
+/// Moves this thread into network namespace `ns` (one `ip netns add` made), if given.
+fn enter(ns: Option<&str>) {
+    use std::os::fd::AsRawFd;
+    if let Some(ns) = ns {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        // SAFETY: a plain system call on an fd held open for it; it changes only the
+        // calling thread's network namespace (the sockets it makes after).
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    }
+}
+
+/// Two network namespaces joined by a veth pair (10.78.0.1 and .2), removed when dropped;
+/// with a rate (`--link-rate`, as tc writes it: `10gbit`), each end sends at most that.
 struct TwoHosts;
 
 const HOSTS: [&str; 2] = ["migbench-a", "migbench-b"];
 
 impl TwoHosts {
-    fn new() -> TwoHosts {
+    fn new(rate: Option<&str>) -> TwoHosts {
         drop(TwoHosts); // (leftovers of an interrupted run)
         let [a, b] = HOSTS;
+        // (A token bucket: the burst is what may go at once, above a jiffy's worth.)
+        let shape = match rate {
+            Some(r) => format!(
+                " && ip netns exec {a} tc qdisc add dev veth0 root tbf rate {r} burst 16mb latency 50ms \
+                 && ip netns exec {b} tc qdisc add dev veth0 root tbf rate {r} burst 16mb latency 50ms"
+            ),
+            None => String::new(),
+        };
         let script = format!(
             "ip netns add {a} && ip netns add {b} && \
              ip link add veth0 netns {a} type veth peer name veth0 netns {b} && \
              ip -n {a} addr add 10.78.0.1/24 dev veth0 && ip -n {b} addr add 10.78.0.2/24 dev veth0 && \
              ip -n {a} link set veth0 up && ip -n {b} link set veth0 up && \
-             ip -n {a} link set lo up && ip -n {b} link set lo up"
+             ip -n {a} link set lo up && ip -n {b} link set lo up{shape}"
         );
         let o = Command::new("sh").args(["-c", &script]).output().unwrap();
         assert!(
             o.status.success(),
-            "--netns needs root and iproute2: {}",
+            "--netns needs root and iproute2 (--link-rate: tc's tbf): {}",
             String::from_utf8_lossy(&o.stderr)
         );
         TwoHosts
@@ -540,13 +600,19 @@ impl Drop for TwoHosts {
 }
 
 /// `--migrate`: a session writing 10 MiB/s of its memory migrated to an agent on this host
-/// (`--netns`: from one network namespace to another), per mode and size: freeze and total
-/// time, bytes sent and pre-copy rounds (lazy: how long the source served pages after the
-/// session ran on the target), beside a plain loopback transfer of the session's size, and
-/// one whose receiver keeps it (in fresh memory: what a target must at least do).
+/// (`--netns`: from one network namespace to another, over a veth pair limited to `rate`
+/// if given), per mode and size: freeze and total time, bytes sent and pre-copy rounds
+/// (lazy: how long the source served pages after the session ran on the target), beside
+/// transfers of the session's size between the same ends (Receiver): plain, into fresh
+/// memory, and into fresh memory checked by a MAC at both ends.
 /// `only`: the rows to run ("MODE" or "MODE/MiB", e.g. `lazy/1024`), all when empty.
-fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]) {
-    let hosts = netns.then(TwoHosts::new);
+fn migrate_bench(
+    runs: usize,
+    base: &std::path::Path,
+    (netns, rate): (bool, Option<&str>),
+    only: &[&str],
+) {
+    let hosts = netns.then(|| TwoHosts::new(rate));
     let (src, dst) = match hosts {
         Some(_) => (Some(HOSTS[0]), Some(HOSTS[1])),
         None => (None, None),
@@ -582,9 +648,11 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
     };
     std::thread::sleep(std::time::Duration::from_millis(300));
     println!(
-        "| mode | session | frozen | (stopping / image / restore there) | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback | loopback into fresh memory | total ÷ that |"
+        "| mode | session | frozen | (stopping / image / restore there) | total | sent (frozen) | rounds / post-copy | loopback transfer of the session | total ÷ loopback | loopback into fresh memory | total ÷ that | the same, MAC'd at both ends | total ÷ that |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     let rows = ["stop-and-copy", "precopy", "lazy"]
         .into_iter()
         .flat_map(|mode| {
@@ -601,8 +669,11 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
             || only.contains(mode)
             || only.contains(&format!("{mode}/{}", s.key()).as_str())
     }) {
-        let (mut frozen, mut total, mut sent, mut rounds, mut wire, mut kept) =
-            (vec![], vec![], String::new(), String::new(), vec![], vec![]);
+        let (mut frozen, mut total, mut sent) = (vec![], vec![], String::new());
+        // Pre-copy rounds, or (post-copy) ms the source was kept after the session ran on.
+        let (mut rounds, mut post) = (vec![], false);
+        // The reference transfers, per Receiver.
+        let mut wire: [Vec<f64>; 3] = Default::default();
         let mut parts: [Vec<f64>; 3] = Default::default();
         for _ in 0..runs {
             subject.start((&mig, src), &rt, base);
@@ -640,8 +711,9 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
             // "N pre-copy round(s)", lazily followed by "post-copy: X after it ran there,
             // kept here Y ms".
             let tail = s.rsplit("total ").next().unwrap();
-            rounds = match tail.find("kept here ") {
-                Some(i) => format!("{} ms", summary_ms(&tail[i..], "kept here ")),
+            post = tail.contains("kept here ");
+            rounds.push(match tail.find("kept here ") {
+                Some(i) => summary_ms(&tail[i..], "kept here "),
                 None => tail
                     .split(", ")
                     .nth(1)
@@ -649,8 +721,9 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
                     .split(' ')
                     .next()
                     .unwrap()
-                    .into(),
-            };
+                    .parse()
+                    .unwrap(),
+            });
             subject.stop();
             // Gone from the agent too before the next run.
             while Command::new(&mig)
@@ -668,24 +741,38 @@ fn migrate_bench(runs: usize, base: &std::path::Path, netns: bool, only: &[&str]
                     (summary_mib(sent_part) * (1 << 20) as f64) as usize
                 }
             };
-            wire.push(loopback_ms(size, false));
-            kept.push(loopback_ms(size, true));
+            let ends = hosts.as_ref().map(|_| HOSTS);
+            for (w, how) in
+                wire.iter_mut()
+                    .zip([Receiver::Discards, Receiver::Keeps, Receiver::KeepsChecked])
+            {
+                w.push(transfer_ms(size, how, ends));
+            }
         }
-        let (f, t, w, k) = (median(frozen), median(total), median(wire), median(kept));
+        let (f, t) = (median(frozen), median(total));
         let [stop, image, there] = parts.map(median);
+        let rounds = match (post, median(rounds)) {
+            (true, ms) => format!("{ms:.1} ms"),
+            (false, n) => format!("{n}"),
+        };
+        let refs: String = wire
+            .map(median)
+            .iter()
+            .map(|w| format!(" {w:.1} ms | {:.2} |", t / w))
+            .collect();
         println!(
-            "| {mode} | {} | {f:.1} ms | {stop:.1} / {image:.1} / {there:.1} ms | {t:.1} ms | {sent} | {rounds} | {w:.1} ms | {:.2} | {k:.1} ms | {:.2} |",
+            "| {mode} | {} | {f:.1} ms | {stop:.1} / {image:.1} / {there:.1} ms | {t:.1} ms | {sent} | {rounds} |{refs}",
             subject.label(),
-            t / w,
-            t / k
         );
     }
     println!(
         "\n(median of {runs} migrations per row, agent at {to}{})",
-        if netns {
-            ", in another network namespace"
-        } else {
-            ""
+        match (netns, rate) {
+            (true, Some(r)) => format!(
+                ", in another network namespace; the reference transfers between the same namespaces, over the same veth pair limited to {r}"
+            ),
+            (true, None) => ", in another network namespace; the reference transfers between the same namespaces, over the same veth pair".into(),
+            _ => String::new(),
         }
     );
 }
@@ -747,7 +834,13 @@ fn main() {
             .filter(|w| w[0] == "--only")
             .map(|w| w[1].as_str())
             .collect();
-        return migrate_bench(runs, &dir, args.iter().any(|a| a == "--netns"), &only);
+        let rate = args
+            .iter()
+            .position(|a| a == "--link-rate")
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str);
+        let netns = rate.is_some() || args.iter().any(|a| a == "--netns");
+        return migrate_bench(runs, &dir, (netns, rate), &only);
     }
     let exe = std::env::current_exe().unwrap();
     let mut native = Vec::new();
