@@ -222,6 +222,8 @@ pub fn init() {
             None => return warn(&format!("session unusable: {e}")),
         },
     };
+    // (While the process has one thread.)
+    crate::interpose::reserve_high_fds();
     // Not taken between joining the table (from then on mig may signal us) and the
     // handler (install_signal lets it through).
     crate::interpose::hold_signal(table.signal(), true);
@@ -412,6 +414,7 @@ pub fn after_fork_child() {
     VPID.store(v, Relaxed);
     let _ = VTID.try_with(|c| c.set(v));
     crate::control::after_fork();
+    crate::interpose::reserve_high_fds();
     crate::ctlheap::start_again();
     crate::precopy::after_fork_child();
     crate::interpose::timers::after_fork();

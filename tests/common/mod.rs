@@ -192,12 +192,16 @@ impl Env {
     }
 
     /// Kills every process of the session and waits until `mig ps` no longer lists it.
+    /// (Each time round: a child forked after one listing, before its parent was killed,
+    /// is in the next.)
     pub fn stop(&self, session: &str) {
-        for p in self.processes(session) {
-            // SAFETY: signalling a process of our own test session.
-            unsafe { libc::kill(p["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
-        }
-        self.wait_processes(session, "the session to end", |p| p.is_empty());
+        self.wait_processes(session, "the session to end", |p| {
+            for p in p {
+                // SAFETY: signalling a process of our own test session.
+                unsafe { libc::kill(p["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
+            }
+            p.is_empty()
+        });
     }
 }
 

@@ -141,7 +141,6 @@ pub fn unlink_real(path: *const libc::c_char) {
     unsafe { libc::unlink(path) };
 }
 
-/// Moves a shim fd to a high number (out of the app's usual range), close-on-exec.
 /// `fd` (the shim's) with its close-on-exec flag cleared: for the next program.
 pub fn keep_across_exec(fd: i32) -> i32 {
     // SAFETY: a raw fcntl on the shim's own fd (the wrapper would journal it).
@@ -159,25 +158,92 @@ pub fn keep_across_exec(fd: i32) -> i32 {
     fd
 }
 
+/// Where the shim's own fds go: high, out of the app's usual range, yet under the soft
+/// RLIMIT_NOFILE and select()'s 1024.
+fn high_fds() -> i32 {
+    // SAFETY: getrlimit fills the rlimit it is given.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        match raw::syscall6(
+            libc::SYS_getrlimit,
+            libc::RLIMIT_NOFILE as usize,
+            (&raw mut lim) as usize,
+            0,
+            0,
+            0,
+            0,
+        ) {
+            0 => lim.rlim_cur.min(1024) as i32 - 64,
+            _ => 0,
+        }
+    }
+}
+
+/// Moves a shim fd to a high number (out of the app's usual range), close-on-exec.
 pub fn move_fd_high(fd: i32) -> i32 {
     // SAFETY: fcntl/close on an fd the shim owns.
     unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            (lim.rlim_cur.min(1024) as i32 - 64).max(fd + 1)
-        } else {
-            fd + 1
-        };
         let new = real!(fcntl: fn(libc::c_int, libc::c_int, libc::c_long) -> libc::c_int)(
             fd,
             libc::F_DUPFD_CLOEXEC,
-            top as libc::c_long,
+            high_fds().max(fd + 1) as libc::c_long,
         );
         if new < 0 {
             return fd;
         }
         close_real(fd);
         new
+    }
+}
+
+/// Grows this process's fd table to reach the shim's high fds now, while the process has
+/// one thread (at its start, in a fork child). Grown later — by the control thread's first
+/// fd, with the app's threads sharing the table — the kernel waits for an RCU grace period
+/// before it swaps the table, and holds every thread's new fds meanwhile (expand_fdtable's
+/// synchronize_rcu): 10-17 ms here, most of the time `mig`'s first request to a process
+/// used to take.
+#[unsafe(link_section = ".text.hot.migshim_fork")]
+pub fn reserve_high_fds() {
+    let top = high_fds();
+    if top <= 64 {
+        return; // (within the table every process starts with)
+    }
+    let fcntl = |fd: i32| {
+        // SAFETY: a raw fcntl(F_DUPFD_CLOEXEC): a new fd at `top` or above, if `fd` is open.
+        unsafe {
+            raw::syscall6(
+                libc::SYS_fcntl,
+                fd as usize,
+                libc::F_DUPFD_CLOEXEC as usize,
+                top as usize,
+                0,
+                0,
+                0,
+            )
+        }
+    };
+    // A copy of any open fd does; one of the standard three, else the root directory.
+    let copy = (0..3).map(fcntl).find(|&r| r >= 0).or_else(|| {
+        // SAFETY: a raw openat of a NUL-terminated path, O_PATH: nothing is read.
+        let root = unsafe {
+            raw::syscall6(
+                libc::SYS_openat,
+                libc::AT_FDCWD as usize,
+                c"/".as_ptr() as usize,
+                (libc::O_PATH | libc::O_CLOEXEC) as usize,
+                0,
+                0,
+                0,
+            )
+        };
+        (root >= 0).then(|| {
+            let r = fcntl(root as i32);
+            raw::close(root as i32);
+            r
+        })
+    });
+    if let Some(fd) = copy.filter(|&r| r >= 0) {
+        raw::close(fd as i32);
     }
 }
 

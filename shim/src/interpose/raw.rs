@@ -44,6 +44,12 @@ pub fn sigmask(how: i32, set: u64) {
     };
 }
 
+/// close(2) of an fd the shim owns (the wrapper would journal it).
+pub fn close(fd: i32) {
+    // SAFETY: close takes one integer.
+    unsafe { syscall6(libc::SYS_close, fd as usize, 0, 0, 0, 0, 0) };
+}
+
 /// exit_group: ends every thread of the process.
 pub fn exit_group(status: i32) -> ! {
     // SAFETY: exit_group takes one integer and does not return.
