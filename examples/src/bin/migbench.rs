@@ -90,6 +90,18 @@ fn worker() {
             libc::waitpid(c, std::ptr::null_mut(), 0);
         })),
     );
+    // A child that starts a thread (under the shim, its control thread starts then too).
+    out.insert(
+        "fork+wait, the child starting a thread".into(),
+        json!(time(50, 5, || unsafe {
+            let c = libc::fork();
+            if c == 0 {
+                std::thread::spawn(|| ()).join().unwrap();
+                libc::_exit(0);
+            }
+            libc::waitpid(c, std::ptr::null_mut(), 0);
+        })),
+    );
     // A long-running server's: a thread per request, after 50,000 requests.
     let start_join = || std::thread::spawn(|| ()).join().unwrap();
     (0..50_000).for_each(|_| start_join());
