@@ -8,12 +8,14 @@
 //! The app may change its memory meanwhile: what it frees (madvise, munmap) must read as
 //! zero afterwards, not be filled; what it moves (mremap) is followed; a process it forks
 //! gets a userfaultfd of its own (its missing pages are the same as the parent's) and is
-//! filled too. The kernel reports all four, and holds the process until the pager has read
-//! the report.
+//! filled too, once it has lived a while (most such children end at once). The kernel
+//! reports all four, and holds the process until the pager has read the report.
 //!
 //! After a lazy migration (`mig migrate --mode lazy`), most pages are not in any file: they
 //! are still in the frozen source (runs with fd -1, their offset the source address), and
 //! come through the agent, which fetches them over the link (`Remote`).
+//! What one process fetches from there is given to the others of the same image that miss
+//! it (a child forked meanwhile misses what its parent missed then).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -221,7 +223,25 @@ struct Space {
     then: std::cell::Cell<Option<Ask>>,
     /// Where the source said the next page with data may be, past what it sent last.
     data_next: std::cell::Cell<u64>,
+    /// Pages read that a copy could not place yet (the app's memory was changing), kept
+    /// for the next try, and where the source said the next page with data may be.
+    held: Option<(Pages, u64)>,
+    /// When the background fill may begin (a child forked meanwhile: once it has lived a
+    /// while, see CHILD_GRACE).
+    fill_from: std::time::Instant,
+    /// What it fetched from the source since the pager last offered it to the others (see
+    /// `offer`).
+    fresh: Vec<Pages>,
 }
+
+/// Saved pages read: their image address, data, and which of them have data (None: all).
+type Pages = (u64, Vec<u8>, Option<Vec<u8>>);
+
+/// A child the app forks while pages are missing is filled only once it has lived this
+/// long; until then only its faults are answered. Most such children end at once (a
+/// `fork` + `exec`, a short-lived worker): filling each from the start cost, for a python
+/// process forking every few ms, 1.9 GiB fetched for 20 MiB of memory.
+const CHILD_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Address ranges, merged: start → end.
 #[derive(Default, Clone)]
@@ -301,6 +321,9 @@ impl Space {
             ahead: (0, 0),
             then: std::cell::Cell::new(None),
             data_next: std::cell::Cell::new(0),
+            held: None,
+            fill_from: std::time::Instant::now(),
+            fresh: Vec::new(),
         }
     }
 
@@ -370,17 +393,47 @@ impl Space {
     }
 
     fn copy_range(
-        &self,
+        &mut self,
         run: &Run,
         a: u64,
         len: u64,
         buf: &mut Vec<u8>,
     ) -> std::io::Result<Copied> {
-        buf.resize(len as usize, 0);
-        let map = self.read(run, a, len, buf)?;
-        let pages = (len / PAGE) as usize;
+        // (Read again, pages from the source would take another round trip, during which
+        // the app may change its memory again — a parent forking every few ms did, and the
+        // fill never ended.)
+        let map = match self.held.take() {
+            Some(((at, data, map), next)) if at == a && data.len() as u64 == len => {
+                *buf = data;
+                self.data_next.set(next);
+                map
+            }
+            held => {
+                self.held = held;
+                buf.resize(len as usize, 0);
+                self.read(run, a, len, buf)?
+            }
+        };
+        if let Copied::Later = self.place(a, buf, &map)? {
+            // (What was placed already is found there next time: EEXIST.)
+            let next = self.data_next.get();
+            self.held = Some(((a, std::mem::take(buf), map), next));
+            return Ok(Copied::Later);
+        }
+        // (Only where another space has the same image: `serve` holds one count of it, each
+        // space one.)
+        if run.fd < 0 && Rc::strong_count(&self.runs) > 2 {
+            self.fresh.push((a, buf.clone(), map));
+        }
+        Ok(Copied::Done)
+    }
+
+    /// Copies `data`, the saved pages of image range `a..` (`map`: which of them have
+    /// data; None: all), to where they are now.
+    fn place(&self, a: u64, data: &[u8], map: &Option<Vec<u8>>) -> std::io::Result<Copied> {
+        let pages = data.len() / PAGE as usize;
         let all = [(0, pages, true)];
-        let runs: Box<dyn Iterator<Item = (usize, usize, bool)>> = match &map {
+        let runs: Box<dyn Iterator<Item = (usize, usize, bool)>> = match map {
             Some(map) => Box::new(crate::sparse::runs(map, pages)),
             None => Box::new(all.into_iter()),
         };
@@ -395,13 +448,25 @@ impl Space {
                 let Some(Some(x)) = follow(&self.changes, a + at, step) else {
                     continue;
                 };
-                match uffd_copy(&self.uffd, x, buf[at as usize..].as_ptr(), step)? {
-                    Copied::Later => return Ok(Copied::Later),
-                    Copied::Done => {}
+                if let Copied::Later = uffd_copy(&self.uffd, x, data[at as usize..].as_ptr(), step)?
+                {
+                    return Ok(Copied::Later);
                 }
             }
         }
         Ok(Copied::Done)
+    }
+
+    /// Pages another space of the same image fetched from the source (`fresh`), placed
+    /// here too where this space still misses all of them: a child the app forked misses
+    /// what its parent missed then, and what one fetches the other would fetch again.
+    fn offer(&mut self, (a, data, map): &Pages) {
+        let end = a + data.len() as u64;
+        if self.fetched.missing(*a, end) == Some((*a, end))
+            && let Ok(Copied::Done) = self.place(*a, data, map)
+        {
+            self.fetched.add(*a, end);
+        }
     }
 
     /// Answers a fault at `x` (where the app is now).
@@ -538,6 +603,7 @@ impl Space {
                         child.changes = self.changes.clone();
                         child.remote = self.remote.clone();
                         child.fetched = self.fetched.clone();
+                        child.fill_from += CHILD_GRACE;
                         forks.push(child);
                     }
                     EVENT_REMAP => self.changes.push(Change::Moved {
@@ -688,10 +754,15 @@ pub fn serve(
         // Wait only when there is nothing to fill (or until the next chunk is due).
         let timeout = match spaces.is_empty() || hold.is_some() {
             true => -1,
-            false => pause
-                .saturating_sub(filled_at.elapsed())
-                .max(quiet.saturating_sub(faulted_at.elapsed()))
-                .as_millis() as i32,
+            false => {
+                let now = std::time::Instant::now();
+                let first = spaces.iter().map(|s| s.fill_from).min().unwrap_or(now);
+                pause
+                    .saturating_sub(filled_at.elapsed())
+                    .max(quiet.saturating_sub(faulted_at.elapsed()))
+                    .max(first.saturating_duration_since(now))
+                    .as_millis() as i32
+            }
         };
         // SAFETY: polls is a valid array of pollfds.
         unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as _, timeout) };
@@ -724,6 +795,8 @@ pub fn serve(
         if fill_now {
             filled_at = std::time::Instant::now();
         }
+        // What the spaces fetched from the source this time round, and whose image it is.
+        let mut fresh = Vec::new();
         let mut i = 0;
         while i < spaces.len() {
             let s = &mut spaces[i];
@@ -732,11 +805,12 @@ pub fn serve(
                 if faults {
                     faulted_at = std::time::Instant::now();
                 }
-                match fill_now && !faults {
+                match fill_now && !faults && s.fill_from <= std::time::Instant::now() {
                     true => s.fill(&mut buf),
                     false => Ok(false),
                 }
             });
+            fresh.extend(s.fresh.drain(..).map(|f| (s.runs.clone(), f)));
             let filled = result.unwrap_or_else(|e| {
                 // Its memory cannot be completed: it must not run on with zeros instead.
                 // (Unless it ended by itself: a child the app forked and that exited.)
@@ -762,6 +836,11 @@ pub fn serve(
             }
         }
         spaces.extend(forks);
+        for (runs, piece) in &fresh {
+            for s in spaces.iter_mut().filter(|s| Rc::ptr_eq(&s.runs, runs)) {
+                s.offer(piece);
+            }
+        }
     }
     // An answer still coming is read (the agent must not find the pager gone mid-answer),
     // then the agent told that this is the end: a pager killed midway only closes its
