@@ -73,6 +73,8 @@ pub fn start() {
     if shim().is_none() || STARTED.swap(true, AcqRel) {
         return;
     }
+    // (Before there is one more thread.)
+    crate::interpose::reserve_high_fds();
     // The shim's own thread: the pthread_create wrapper must not make it an app thread.
     let _busy = crate::state::enter();
     let spawned = std::thread::Builder::new()

@@ -414,7 +414,6 @@ pub fn after_fork_child() {
     VPID.store(v, Relaxed);
     let _ = VTID.try_with(|c| c.set(v));
     crate::control::after_fork();
-    crate::interpose::reserve_high_fds();
     crate::ctlheap::start_again();
     crate::precopy::after_fork_child();
     crate::interpose::timers::after_fork();

@@ -196,13 +196,13 @@ pub fn move_fd_high(fd: i32) -> i32 {
     }
 }
 
-/// Grows this process's fd table to reach the shim's high fds now, while the process has
-/// one thread (at its start, in a fork child). Grown later — by the control thread's first
-/// fd, with the app's threads sharing the table — the kernel waits for an RCU grace period
-/// before it swaps the table, and holds every thread's new fds meanwhile (expand_fdtable's
-/// synchronize_rcu): 10-17 ms here, most of the time `mig`'s first request to a process
-/// used to take.
-#[unsafe(link_section = ".text.hot.migshim_fork")]
+/// Grows this process's fd table to reach the shim's high fds now, while the process most
+/// likely has one thread: at its start, and before its control thread or its first thread
+/// starts (a fork child has a table only as large as its open fds need). Grown later — by
+/// the control thread's first fd, with other threads sharing the table — the kernel waits
+/// for an RCU grace period before it swaps the table, and holds every thread's new fds
+/// meanwhile (expand_fdtable's synchronize_rcu): 10-17 ms here, most of the time `mig`'s
+/// first request to a process used to take. (Not in every fork child: 5-8 µs a fork.)
 pub fn reserve_high_fds() {
     let top = high_fds();
     if top <= 64 {

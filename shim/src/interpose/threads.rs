@@ -31,6 +31,11 @@ pub unsafe extern "C" fn pthread_create(
     let Some(_busy) = shim().and_then(|_| state::enter()) else {
         return real(thread, attr, f as *const c_void, arg);
     };
+    // (The control thread comes next: its fds' room is made while this may still be the
+    // only thread, see reserve_high_fds.)
+    if !crate::control::started() {
+        super::reserve_high_fds();
+    }
     let start = Box::into_raw(Box::new(Start { f, arg }));
     let r = real(thread, attr, trampoline as *const c_void, start.cast());
     if r != 0 {
